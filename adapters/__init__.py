@@ -1,0 +1,1 @@
+"""Everything about adapters: format, validation, registry, store, cache tiers, sources, training."""

@@ -1,0 +1,1 @@
+"""The serving process: engine, model files, (later) scheduler, transports, metrics, config."""

@@ -1,0 +1,92 @@
+"""Attention over the paged KV cache for a batch that mixes prefill chunks and decode tokens.
+
+The batch's tokens are flat (`[num_tokens, ...]`), sequence after sequence. Sequences with one new
+token (decode) are attended together in one padded call; each sequence with several new tokens
+(a prefill chunk) gets its own call over its whole context. All index tensors are built once per
+step (`AttentionBatch.build`) and shared by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AttentionGroup:
+    """Sequences attended in one call: queries [G, Q], context rows [G, K] into the flat KV storage."""
+
+    query_index: torch.Tensor
+    """[G * Q] positions of the group's queries in the flat batch."""
+    context_rows: torch.Tensor
+    """[G, K] KV storage rows of each sequence's context (padding repeats a valid row)."""
+    masks: dict[int | None, torch.Tensor]
+    """Sliding window (None: full causal) -> bool [G, 1, Q, K], True where a query may attend."""
+    num_queries: int
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    """Where this step's new keys/values go, and how each sequence's queries see its context."""
+
+    write_rows: torch.Tensor
+    """[num_tokens] KV storage row of each new token."""
+    groups: tuple[AttentionGroup, ...]
+
+    @staticmethod
+    def build(sequences: list[tuple[int, int, list[int]]], windows: set[int | None],
+              device: torch.device) -> AttentionBatch:
+        """`sequences`: per sequence (context length before this step, new tokens, storage rows of the
+        full context including the new tokens), in batch order. `windows`: the sliding windows in use."""
+        write_rows: list[int] = []
+        decode: list[tuple[int, int, list[int]]] = []  # (first query, start position, rows)
+        prefill: list[tuple[int, int, list[int]]] = []
+        offset = 0
+        for start, count, rows in sequences:
+            write_rows.extend(rows[start:start + count])
+            (decode if count == 1 else prefill).append((offset, start, rows))
+            offset += count
+        groups = []
+        if decode:
+            groups.append(_group([d[0] for d in decode], 1, [d[1] for d in decode], [d[2] for d in decode],
+                                 windows, device))
+        for first, start, rows in prefill:
+            groups.append(_group([first], len(rows) - start, [start], [rows], windows, device))
+        return AttentionBatch(torch.tensor(write_rows, dtype=torch.long, device=device), tuple(groups))
+
+
+def _group(first_queries: list[int], num_queries: int, starts: list[int], rows: list[list[int]],
+           windows: set[int | None], device: torch.device) -> AttentionGroup:
+    context = max(len(r) for r in rows)
+    query_index = torch.tensor([f + q for f in first_queries for q in range(num_queries)], device=device)
+    context_rows = torch.tensor([r + [r[0]] * (context - len(r)) for r in rows], device=device)  # [G, K]
+    query_pos = torch.tensor(starts, device=device)[:, None] + torch.arange(num_queries, device=device)  # [G, Q]
+    key_pos = torch.arange(context, device=device)  # [K]
+    lengths = torch.tensor([len(r) for r in rows], device=device)  # [G]
+    visible = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < lengths[:, None, None])
+    masks = {}
+    for window in windows:
+        mask = visible if window is None else visible & (query_pos[:, :, None] - key_pos[None, None, :] < window)
+        masks[window] = mask.unsqueeze(1)  # [G, 1, Q, K]
+    return AttentionGroup(query_index, context_rows, masks, num_queries)
+
+
+def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: AttentionBatch,
+                    window: int | None) -> torch.Tensor:
+    """q: [num_tokens, heads, head_dim]; keys/values: one layer's storage [rows, kv_heads, head_dim],
+    already holding this step's tokens. Returns [num_tokens, heads, head_dim]."""
+    out = torch.empty_like(q)
+    for group in batch.groups:
+        num_seqs, context = group.context_rows.shape
+        q_g = q.index_select(0, group.query_index).view(num_seqs, group.num_queries, *q.shape[1:])
+        rows = group.context_rows.view(-1)
+        k_g = keys.index_select(0, rows).view(num_seqs, context, *keys.shape[1:])  # [G, K, kv_heads, D]
+        v_g = values.index_select(0, rows).view(num_seqs, context, *values.shape[1:])
+        attended = F.scaled_dot_product_attention(
+            q_g.transpose(1, 2), k_g.transpose(1, 2), v_g.transpose(1, 2),
+            attn_mask=group.masks[window], enable_gqa=True,
+        )  # [G, heads, Q, D]
+        out.index_copy_(0, group.query_index, attended.transpose(1, 2).reshape(-1, *q.shape[1:]))
+    return out

@@ -1,0 +1,214 @@
+"""`Engine`: owns the model, the KV cache and the adapter slots; runs one batched step at a time.
+
+The engine knows nothing about tokenization, transports or files: it takes token ids and adapter
+tensors, and returns token ids. Which sequences run in a step, and how many of their pending
+tokens (chunked prefill), is the caller's choice (the scheduler, or `generate` for simple use).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from loraplex.server.engine.attention import AttentionBatch
+from loraplex.server.engine.kv_cache import OutOfBlocks, PagedKVCache
+from loraplex.server.engine.lora import NO_ADAPTER, LoraBatch, lora_grouped, lora_reference
+from loraplex.server.engine.model import DecoderModel, LoraWeights, StepMetadata
+from loraplex.server.engine.sampling import sample
+from loraplex.server.engine.sequence import FinishReason, SamplingParams, SequenceState, TokenEvent
+from loraplex.server.engine.spec import ModelSpec
+
+LORA_OPS = {"grouped": lora_grouped, "reference": lora_reference}
+
+
+class EngineConfig(BaseModel):
+    """Sizes and numerics of one engine, fixed at start-up."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    device: str = "cpu"
+    """Torch device the model, slots and cache live on ("cpu", "cuda", "cuda:1")."""
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """Activation/compute dtype; None picks bfloat16 on CUDA and float32 on CPU."""
+    quantize: bool = True
+    """Store base projections in NF4 (False serves dense weights, for debugging)."""
+    num_slots: int = Field(default=32, ge=1, le=4096)
+    """Adapter slots in device memory: the most distinct adapters one step can serve."""
+    max_rank: int = Field(default=64, ge=1, le=1024)
+    """Largest LoRA rank a slot holds."""
+    kv_cache_bytes: int = Field(default=512 * 2**20, ge=1)
+    """Memory budget of the paged KV cache (keys and values of all layers)."""
+    block_size: int = Field(default=16, ge=1, le=1024)
+    """Token positions per KV block."""
+    max_model_len: int | None = Field(default=None, ge=2)
+    """Longest sequence (prompt + output); None uses the model's max_position_embeddings."""
+    lora_impl: Literal["grouped", "reference"] = "grouped"
+    """LoRA op: the grouped fast path, or the plain reference (the test oracle)."""
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.compute_dtype is not None:
+            return getattr(torch, self.compute_dtype)
+        return torch.bfloat16 if torch.device(self.device).type == "cuda" else torch.float32
+
+
+class Engine:
+    """One NF4 base model, `num_slots` adapter slots, one paged KV cache."""
+
+    def __init__(self, spec: ModelSpec, weights: Iterable[tuple[str, torch.Tensor]], config: EngineConfig) -> None:
+        self.spec = spec
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = config.torch_dtype()
+        self.model = DecoderModel.from_weights(
+            spec, iter(weights), dtype=self.dtype, device=self.device, quantize=config.quantize,
+            num_slots=config.num_slots, max_rank=config.max_rank,
+        )
+        self.model.lora_op = LORA_OPS[config.lora_impl]
+        num_blocks = PagedKVCache.blocks_for_budget(
+            config.kv_cache_bytes, spec.num_layers, config.block_size, spec.num_kv_heads, spec.head_dim, self.dtype,
+        )
+        self.cache = PagedKVCache(spec.num_layers, num_blocks, config.block_size, spec.num_kv_heads,
+                                  spec.head_dim, self.dtype, self.device)
+        self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
+        self.slot_ranks = [0] * config.num_slots
+        self._windows = set(spec.sliding_windows)
+        self._seq_ids: Iterator[int] = itertools.count()
+
+    # -- adapter slots ---------------------------------------------------------------------------
+
+    def set_slot(self, slot: int, weights: LoraWeights) -> None:
+        """Copy an adapter into device slot `slot` (no reallocation); untargeted projections add zero."""
+        self._check_slot(slot)
+        self.model.set_slot(slot, weights)
+        self.slot_ranks[slot] = max((a.shape[0] for a, _, _ in weights.values()), default=0)
+
+    def reset_slot(self, slot: int) -> None:
+        self._check_slot(slot)
+        self.model.reset_slot(slot)
+        self.slot_ranks[slot] = 0
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.config.num_slots:
+            raise ValueError(f"slot {slot} outside [0, {self.config.num_slots})")
+
+    # -- sequences -------------------------------------------------------------------------------
+
+    def add_sequence(self, prompt_ids: Sequence[int], sampling: SamplingParams, slot: int = NO_ADAPTER) -> SequenceState:
+        """A new sequence (nothing is computed or allocated until it is stepped)."""
+        if not prompt_ids:
+            raise ValueError("prompt must hold at least one token")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in max_model_len={self.max_model_len}")
+        if any(not 0 <= t < self.spec.vocab_size for t in prompt_ids):
+            raise ValueError(f"prompt token ids must lie in [0, {self.spec.vocab_size})")
+        if slot != NO_ADAPTER:
+            self._check_slot(slot)
+        generator = None
+        if not sampling.greedy:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(sampling.seed if sampling.seed is not None else random.getrandbits(63))
+        return SequenceState(next(self._seq_ids), list(prompt_ids), sampling, slot, generator=generator)
+
+    def release(self, seq: SequenceState) -> None:
+        """Free a sequence's KV blocks (finished, cancelled, or preempted: it then recomputes from scratch)."""
+        self.cache.release(seq.block_table)
+        seq.num_computed = 0
+
+    # -- the step --------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, batch: Sequence[tuple[SequenceState, int]]) -> list[TokenEvent]:
+        """Run `count` pending tokens of each (sequence, count) through the model in one forward pass.
+
+        A sequence whose pending tokens are all computed by this step gets its next token sampled and
+        reported; a partial prefill chunk reports nothing. Finished sequences release their KV blocks.
+        Raises OutOfBlocks (changing nothing) when the cache cannot hold the step.
+        """
+        self._reserve_blocks(batch)
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slot_ids: list[int] = []
+        attention_seqs: list[tuple[int, int, list[int]]] = []
+        logits_index: list[int] = []
+        sampled: list[SequenceState] = []
+        for seq, count in batch:
+            start = seq.num_computed
+            token_ids.extend(seq.token_ids[start:start + count])
+            positions.extend(range(start, start + count))
+            slot_ids.extend([seq.slot] * count)
+            attention_seqs.append((start, count, self.cache.rows(seq.block_table, 0, start + count)))
+            if start + count == seq.num_tokens:
+                logits_index.append(len(token_ids) - 1)
+                sampled.append(seq)
+        device = self.device
+        position_tensor = torch.tensor(positions, device=device)
+        cos, sin = self.model.rotary(position_tensor)
+        meta = StepMetadata(
+            cos=cos, sin=sin,
+            attention=AttentionBatch.build(attention_seqs, self._windows, device),
+            lora=LoraBatch.build(slot_ids, self.slot_ranks, device),
+            logits_index=torch.tensor(logits_index, dtype=torch.long, device=device),
+        )
+        logits = self.model(torch.tensor(token_ids, device=device), meta, self.cache)  # [len(sampled), vocab]
+        for seq, count in batch:
+            seq.num_computed += count
+        if not sampled:
+            return []
+        tokens, logprobs = sample(logits, [s.sampling for s in sampled], [s.token_ids for s in sampled],
+                                  [s.generator for s in sampled])
+        events = []
+        for seq, token, logprob in zip(sampled, tokens, logprobs, strict=True):
+            seq.output_ids.append(token)
+            seq.finish_reason = self._finish_reason(seq, token)
+            if seq.finished:
+                self.release(seq)
+            events.append(TokenEvent(seq.seq_id, token, logprob, seq.finish_reason))
+        return events
+
+    def _reserve_blocks(self, batch: Sequence[tuple[SequenceState, int]]) -> None:
+        needed = 0
+        for seq, count in batch:
+            if seq.finished or not 1 <= count <= seq.num_pending:
+                raise ValueError(f"sequence {seq.seq_id}: cannot run {count} of {seq.num_pending} pending tokens")
+            needed += max(0, self.cache.blocks_needed(seq.num_computed + count) - len(seq.block_table))
+        if needed > self.cache.free_blocks:
+            raise OutOfBlocks(f"step needs {needed} KV blocks, {self.cache.free_blocks} free")
+        for seq, count in batch:
+            self.cache.grow(seq.block_table, seq.num_computed + count)
+
+    def _finish_reason(self, seq: SequenceState, token: int) -> FinishReason | None:
+        params = seq.sampling
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.spec.eos_token_ids):
+            return FinishReason.STOP
+        if len(seq.output_ids) >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    # -- convenience -----------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams],
+                 slots: Sequence[int] | None = None, max_step_tokens: int = 2048) -> list[list[int]]:
+        """Run prompts to completion together (prefill chunked to `max_step_tokens` per step).
+
+        For tests, benchmarks and offline use; serving goes through the scheduler.
+        """
+        params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
+        slots = [NO_ADAPTER] * len(prompts) if slots is None else slots
+        seqs = [self.add_sequence(p, s, slot) for p, s, slot in zip(prompts, params, slots, strict=True)]
+        running = list(seqs)
+        while running:
+            budget, batch = max_step_tokens, []
+            for seq in running:
+                count = min(seq.num_pending, budget)
+                if count == 0:
+                    break
+                batch.append((seq, count))
+                budget -= count
+            self.step(batch)
+            running = [s for s in running if not s.finished]
+        return [s.output_ids for s in seqs]

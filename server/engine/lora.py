@@ -1,0 +1,166 @@
+"""Multi-LoRA slot buffers and the batched LoRA op.
+
+Every base projection carries fixed-shape slot buffers sized at start-up:
+
+    A:     [num_slots, max_rank, in_features]
+    B:     [num_slots, out_features, max_rank]
+    scale: [num_slots]
+
+An adapter of rank r occupies rows/columns [:r] of one slot; the rest stays zero, so a hot-swap is a
+copy into preallocated memory, never a reallocation. The op every implementation computes is
+
+    y[i] += (x[i] @ A[s_i].T) @ B[s_i].T * scale[s_i]      for every token i with slot s_i >= 0
+
+and tokens with slot -1 (the base model alone) are left untouched. `lora_reference` states that
+semantics in plain torch and is the test oracle; `lora_grouped` is the fast path for batches with
+many distinct adapters and must match it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NO_ADAPTER = -1
+
+
+class LoraSlots(torch.nn.Module):
+    """The slot buffers of one projection (see the module docstring for the layout)."""
+
+    def __init__(self, num_slots: int, max_rank: int, in_features: int, out_features: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.max_rank = max_rank
+        self.register_buffer("A", torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device))
+        self.register_buffer("B", torch.zeros(num_slots, out_features, max_rank, dtype=dtype, device=device))
+        self.register_buffer("scale", torch.zeros(num_slots, dtype=dtype, device=device))
+
+    def set_slot(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
+        """Copy one adapter's weights into `slot`: lora_a [r, in], lora_b [out, r], r <= max_rank."""
+        rank = lora_a.shape[0]
+        if rank > self.max_rank:
+            raise ValueError(f"adapter rank {rank} exceeds the configured max_rank {self.max_rank}")
+        if lora_a.shape[1] != self.A.shape[2] or lora_b.shape != (self.B.shape[1], rank):
+            raise ValueError(
+                f"LoRA shapes A{tuple(lora_a.shape)} B{tuple(lora_b.shape)} do not fit a projection "
+                f"with in_features={self.A.shape[2]}, out_features={self.B.shape[1]}"
+            )
+        self.A[slot, :rank].copy_(lora_a)
+        self.A[slot, rank:].zero_()
+        self.B[slot, :, :rank].copy_(lora_b)
+        self.B[slot, :, rank:].zero_()
+        self.scale[slot] = scale
+
+    def reset_slot(self, slot: int) -> None:
+        """Clear `slot`: it then adds exactly zero."""
+        self.A[slot].zero_()
+        self.B[slot].zero_()
+        self.scale[slot] = 0.0
+
+    def resident_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.A, self.B, self.scale))
+
+
+@dataclass(frozen=True)
+class LoraBatch:
+    """Per-step LoRA metadata, built once and shared by every projection of every layer.
+
+    Tokens are grouped by slot: group g holds the tokens of slot `group_slots[g]`, padded to the
+    longest group so that the whole batch is two batched matmuls per projection.
+    """
+
+    slot_ids: torch.Tensor
+    """[num_tokens] slot of each token, NO_ADAPTER for base-only tokens (used by the reference op)."""
+    group_slots: torch.Tensor
+    """[num_groups] distinct slots present in the batch."""
+    gather_index: torch.Tensor
+    """[num_groups * group_len] token index per padded group position (padding repeats a valid token)."""
+    valid_positions: torch.Tensor | None
+    """[num_lora_tokens] padded positions that hold real tokens; None when nothing is padded."""
+    token_index: torch.Tensor
+    """[num_lora_tokens] token each valid padded position writes back to."""
+    group_len: int
+    rank: int
+    """Largest rank among the groups' adapters: slot buffers are read only up to this rank."""
+
+    @property
+    def empty(self) -> bool:
+        return self.group_slots.numel() == 0
+
+    @staticmethod
+    def build(slot_ids: list[int], slot_ranks: list[int], device: torch.device) -> LoraBatch:
+        """Group `slot_ids` (one per token, host list) by slot; `slot_ranks[s]` is slot s's rank."""
+        tokens_by_slot: dict[int, list[int]] = {}
+        for token, slot in enumerate(slot_ids):
+            if slot != NO_ADAPTER:
+                tokens_by_slot.setdefault(slot, []).append(token)
+        group_len = max((len(tokens) for tokens in tokens_by_slot.values()), default=0)
+        gather, valid, writes = [], [], []
+        for tokens in tokens_by_slot.values():
+            base = len(gather)
+            valid.extend(range(base, base + len(tokens)))
+            writes.extend(tokens)
+            gather.extend(tokens + [tokens[0]] * (group_len - len(tokens)))
+        padded = len(gather) != len(writes)
+
+        def as_index(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        return LoraBatch(
+            slot_ids=as_index(slot_ids),
+            group_slots=as_index(list(tokens_by_slot)),
+            gather_index=as_index(gather),
+            valid_positions=as_index(valid) if padded else None,
+            token_index=as_index(writes),
+            group_len=group_len,
+            rank=max((slot_ranks[s] for s in tokens_by_slot), default=0),
+        )
+
+
+def lora_reference(y: torch.Tensor, x: torch.Tensor, slots: LoraSlots, batch: LoraBatch) -> torch.Tensor:
+    """Plain-torch statement of the op: y[i] += (x[i] @ A[s_i].T) @ B[s_i].T * scale[s_i].
+
+    x: [num_tokens, in], y: [num_tokens, out]; returns y (updated in place). Uses the full max_rank
+    (zero padding adds nothing) and one gathered weight matrix per token: slow, obviously right.
+    """
+    rows = (batch.slot_ids != NO_ADAPTER).nonzero().squeeze(1)  # [n]
+    if rows.numel() == 0:
+        return y
+    row_slots = batch.slot_ids[rows]  # [n]
+    hidden = torch.einsum("ni,nri->nr", x[rows], slots.A[row_slots])  # [n, max_rank]
+    delta = torch.einsum("nr,nor->no", hidden, slots.B[row_slots])  # [n, out]
+    y[rows] += delta * slots.scale[row_slots].unsqueeze(1)
+    return y
+
+
+def lora_grouped(y: torch.Tensor, x: torch.Tensor, slots: LoraSlots, batch: LoraBatch) -> torch.Tensor:
+    """Same result as `lora_reference`, as two batched matmuls over the batch's distinct slots.
+
+    Reads each present adapter's weights once, only up to the batch's largest rank.
+    """
+    if batch.empty:
+        return y
+    num_groups, rank = batch.group_slots.numel(), batch.rank
+    x_groups = x.index_select(0, batch.gather_index).view(num_groups, batch.group_len, -1)  # [G, L, in]
+    a_groups = slots.A[:, :rank].index_select(0, batch.group_slots)  # [G, r, in]
+    hidden = torch.bmm(x_groups, a_groups.transpose(1, 2))  # [G, L, r]
+    hidden *= slots.scale.index_select(0, batch.group_slots).view(num_groups, 1, 1)
+    b_groups = slots.B[:, :, :rank].index_select(0, batch.group_slots)  # [G, out, r]
+    delta = torch.bmm(hidden, b_groups.transpose(1, 2)).view(num_groups * batch.group_len, -1)  # [G*L, out]
+    if batch.valid_positions is not None:
+        delta = delta.index_select(0, batch.valid_positions)  # [num_lora_tokens, out]
+    return y.index_add_(0, batch.token_index, delta)
+
+
+class MultiLoraLinear(torch.nn.Module):
+    """One projection of the served model: `y = base_nf4(x) + lora(x, slot_ids)`."""
+
+    def __init__(self, base: torch.nn.Module, slots: LoraSlots) -> None:
+        super().__init__()
+        self.base = base
+        self.slots = slots
+
+    def forward(self, x: torch.Tensor, lora: LoraBatch, lora_op=lora_grouped) -> torch.Tensor:
+        """x: [num_tokens, in] -> [num_tokens, out]."""
+        return lora_op(self.base(x), x, self.slots, lora)

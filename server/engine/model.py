@@ -1,0 +1,188 @@
+"""A compact Llama-family decoder over flat token batches (gpt-fast style).
+
+One class serves llama, mistral, qwen2 and qwen3: the differences are fields of `ModelSpec`. Every
+projection is `y = base_nf4(x) + lora(x, slot_ids)`; tokens of all sequences in a step are one flat
+`[num_tokens, hidden]` tensor, with per-step metadata (`StepMetadata`) built once and shared by all
+layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from loraplex.server.engine.attention import AttentionBatch, paged_attention
+from loraplex.server.engine.kv_cache import PagedKVCache
+from loraplex.server.engine.lora import LoraBatch, LoraSlots, MultiLoraLinear, lora_grouped
+from loraplex.server.engine.nf4 import BaseLinear
+from loraplex.server.engine.spec import PROJECTIONS, ModelSpec
+
+#: One adapter's weights as the engine takes them: (layer, projection) -> (A [r, in], B [out, r], scale).
+LoraWeights = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]
+
+LoraOp = Callable[[torch.Tensor, torch.Tensor, LoraSlots, LoraBatch], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StepMetadata:
+    """Everything a forward pass needs besides the token ids, built once per step."""
+
+    cos: torch.Tensor
+    """[num_tokens, head_dim] rotary cos per token (attention scaling applied)."""
+    sin: torch.Tensor
+    attention: AttentionBatch
+    lora: LoraBatch
+    logits_index: torch.Tensor
+    """[num_outputs] flat positions whose logits are wanted (each sequence's last new token)."""
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32, as the reference implementation does."""
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (half-split layout). x: [num_tokens, heads, head_dim]; cos/sin: [num_tokens, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+class DecoderLayer(torch.nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int, projections: dict[str, MultiLoraLinear],
+                 norms: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.spec = spec
+        self.layer = layer
+        self.window = spec.sliding_windows[layer]
+        self.proj = torch.nn.ModuleDict(projections)
+        self.norms = norms  # input_layernorm, post_attention_layernorm[, q_norm, k_norm]: [dim]
+
+    def forward(self, hidden: torch.Tensor, meta: StepMetadata, cache: PagedKVCache, lora_op: LoraOp) -> torch.Tensor:
+        """hidden: [num_tokens, hidden_size] -> same shape."""
+        spec, proj, eps = self.spec, self.proj, self.spec.rms_norm_eps
+        x = rms_norm(hidden, self.norms["input_layernorm"], eps)
+        q = proj["q_proj"](x, meta.lora, lora_op).view(-1, spec.num_heads, spec.head_dim)
+        k = proj["k_proj"](x, meta.lora, lora_op).view(-1, spec.num_kv_heads, spec.head_dim)
+        v = proj["v_proj"](x, meta.lora, lora_op).view(-1, spec.num_kv_heads, spec.head_dim)
+        if spec.qk_norm:
+            q = rms_norm(q, self.norms["q_norm"], eps)
+            k = rms_norm(k, self.norms["k_norm"], eps)
+        q, k = rotate(q, meta.cos, meta.sin), rotate(k, meta.cos, meta.sin)
+        keys, values = cache.keys[self.layer], cache.values[self.layer]  # [rows, kv_heads, head_dim]
+        keys.index_copy_(0, meta.attention.write_rows, k)
+        values.index_copy_(0, meta.attention.write_rows, v)
+        attended = paged_attention(q, keys, values, meta.attention, self.window)  # [num_tokens, heads, head_dim]
+        hidden = hidden + proj["o_proj"](attended.flatten(1), meta.lora, lora_op)
+        x = rms_norm(hidden, self.norms["post_attention_layernorm"], eps)
+        gated = F.silu(proj["gate_proj"](x, meta.lora, lora_op)) * proj["up_proj"](x, meta.lora, lora_op)
+        return hidden + proj["down_proj"](gated, meta.lora, lora_op)
+
+
+class DecoderModel(torch.nn.Module):
+    """The served model: embeddings, decoder layers with multi-LoRA projections, final norm, lm_head."""
+
+    def __init__(self, spec: ModelSpec, embed: torch.Tensor, layers: list[DecoderLayer], final_norm: torch.Tensor,
+                 lm_head: torch.Tensor, inv_freq: torch.Tensor) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed = embed  # [vocab, hidden]
+        self.layers = torch.nn.ModuleList(layers)
+        self.final_norm = final_norm  # [hidden]
+        self.lm_head = lm_head  # [vocab, hidden]; the same tensor as embed when tied
+        self.inv_freq = inv_freq  # [head_dim // 2] float32
+        self.lora_op: LoraOp = lora_grouped
+
+    @classmethod
+    def from_weights(cls, spec: ModelSpec, weights: Iterator[tuple[str, torch.Tensor]], *, dtype: torch.dtype,
+                     device: torch.device, quantize: bool, num_slots: int, max_rank: int) -> DecoderModel:
+        """Build from (Hugging Face parameter name, tensor) pairs, quantizing projections as they arrive.
+
+        Each tensor is moved to `device` and cast to `dtype` first, so NF4 blocks are computed from the
+        same values a transformers model loaded in `dtype` would quantize.
+        """
+        tensors: dict[str, torch.Tensor] = {}
+        bases: dict[tuple[int, str], BaseLinear] = {}
+        biases: dict[tuple[int, str], torch.Tensor] = {}
+        for name, tensor in weights:
+            tensor = tensor.to(device=device, dtype=dtype)
+            parts = name.split(".")
+            if len(parts) == 6 and parts[4] in PROJECTIONS:  # model.layers.{i}.{self_attn|mlp}.{proj}.{weight|bias}
+                key = (int(parts[2]), parts[4])
+                if parts[5] == "weight":
+                    bases[key] = BaseLinear(tensor, dtype, quantize)  # quantized now: no dense copy kept
+                else:
+                    biases[key] = tensor
+            else:
+                tensors[name] = tensor
+        for key, bias in biases.items():
+            bases[key].bias = bias
+        missing = [f"model.layers.{layer}.{proj}" for layer in range(spec.num_layers) for proj in PROJECTIONS
+                   if (layer, proj) not in bases]
+        if missing:
+            raise ValueError(f"checkpoint lacks projection weights, e.g. {missing[0]}")
+        layers = []
+        for layer in range(spec.num_layers):
+            projections = {}
+            for proj in PROJECTIONS:
+                in_features, out_features = spec.projection_shape(proj)
+                slots = LoraSlots(num_slots, max_rank, in_features, out_features, dtype, device)
+                projections[proj] = MultiLoraLinear(bases[(layer, proj)], slots)
+            norm_names = ["input_layernorm", "post_attention_layernorm"]
+            norm_names += ["self_attn.q_norm", "self_attn.k_norm"] if spec.qk_norm else []
+            norms = {n.split(".")[-1]: _take(tensors, f"model.layers.{layer}.{n}.weight") for n in norm_names}
+            layers.append(DecoderLayer(spec, layer, projections, norms))
+        embed = _take(tensors, "model.embed_tokens.weight")
+        lm_head = embed if spec.tie_word_embeddings else _take(tensors, "lm_head.weight")
+        inv_freq = torch.tensor(spec.rope_inv_freq, dtype=torch.float32, device=device)
+        return cls(spec, embed, layers, _take(tensors, "model.norm.weight"), lm_head, inv_freq)
+
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [num_tokens] -> cos, sin: [num_tokens, head_dim] in the compute dtype."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [num_tokens, head_dim // 2]
+        angles = torch.cat((freqs, freqs), dim=-1)
+        scaling = self.spec.rope_attention_scaling
+        return (angles.cos() * scaling).to(self.embed.dtype), (angles.sin() * scaling).to(self.embed.dtype)
+
+    def forward(self, token_ids: torch.Tensor, meta: StepMetadata, cache: PagedKVCache) -> torch.Tensor:
+        """token_ids: [num_tokens] -> logits [num_outputs, vocab] (float32) at `meta.logits_index`."""
+        hidden = F.embedding(token_ids, self.embed)  # [num_tokens, hidden]
+        for layer in self.layers:
+            hidden = layer(hidden, meta, cache, self.lora_op)
+        hidden = rms_norm(hidden.index_select(0, meta.logits_index), self.final_norm, self.spec.rms_norm_eps)
+        return F.linear(hidden, self.lm_head).float()  # [num_outputs, vocab]
+
+    def projections(self) -> Iterator[tuple[int, str, MultiLoraLinear]]:
+        for layer in self.layers:
+            for name, projection in layer.proj.items():
+                yield layer.layer, name, projection
+
+    def set_slot(self, slot: int, weights: LoraWeights) -> None:
+        """Load one adapter into `slot` of every projection; projections it does not target are cleared."""
+        for layer, name, projection in self.projections():
+            if (layer, name) in weights:
+                lora_a, lora_b, scale = weights[(layer, name)]
+                projection.slots.set_slot(slot, lora_a, lora_b, scale)
+            else:
+                projection.slots.reset_slot(slot)
+
+    def reset_slot(self, slot: int) -> None:
+        for _, _, projection in self.projections():
+            projection.slots.reset_slot(slot)
+
+    def base_linear_bytes(self) -> int:
+        """Resident bytes of the base projections' weights (NF4 data and quantization state)."""
+        return sum(p.base.resident_bytes() for _, _, p in self.projections())
+
+    def lora_slot_bytes(self) -> int:
+        return sum(p.slots.resident_bytes() for _, _, p in self.projections())
+
+
+def _take(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    if name not in tensors:
+        raise ValueError(f"checkpoint lacks tensor {name}")
+    return tensors.pop(name)

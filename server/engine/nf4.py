@@ -1,0 +1,57 @@
+"""Base-model linear projections: bitsandbytes NF4 weights (or dense ones, for debugging)."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
+import torch
+
+#: NF4 quantization settings; the training sidecar and the parity tests' references use the same.
+NF4_BLOCKSIZE = 64
+NF4_DOUBLE_QUANT = True
+
+
+class BaseLinear(torch.nn.Module):
+    """`y = x @ W.T + b` with W stored as bitsandbytes NF4 (double-quantized, blocksize 64).
+
+    With `quantize=False` W stays dense in the compute dtype (a debugging aid). The bias, when the
+    architecture has one, stays in the compute dtype either way.
+    """
+
+    def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype, quantize: bool,
+                 bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.compute_dtype = compute_dtype
+        self.bias = None if bias is None else bias.to(compute_dtype)
+        if quantize:
+            packed, state = bnbf.quantize_4bit(
+                weight, blocksize=NF4_BLOCKSIZE, compress_statistics=NF4_DOUBLE_QUANT, quant_type="nf4",
+            )
+            self.packed_weight: torch.Tensor | None = packed  # [in * out / 2, 1] uint8
+            self.quant_state: bnbf.QuantState | None = state
+            self.quant_state.dtype = compute_dtype  # dequantize straight into the compute dtype
+            self.dense_weight: torch.Tensor | None = None
+        else:
+            self.packed_weight = None
+            self.quant_state = None
+            self.dense_weight = weight.to(compute_dtype)  # [out, in]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [num_tokens, in] -> [num_tokens, out]."""
+        if self.dense_weight is not None:
+            return torch.nn.functional.linear(x, self.dense_weight, self.bias)
+        return bnb.matmul_4bit(x, self.packed_weight.t(), quant_state=self.quant_state, bias=self.bias)
+
+    def resident_bytes(self) -> int:
+        """Bytes this projection's weight keeps in memory (packed data plus quantization state)."""
+        if self.dense_weight is not None:
+            return self.dense_weight.numel() * self.dense_weight.element_size()
+        state = self.quant_state
+        total = self.packed_weight.numel() * self.packed_weight.element_size()
+        total += state.absmax.numel() * state.absmax.element_size() + state.code.numel() * state.code.element_size()
+        if state.nested:
+            nested = state.state2
+            total += nested.absmax.numel() * nested.absmax.element_size()
+            total += nested.code.numel() * nested.code.element_size()
+        return total

@@ -1,0 +1,97 @@
+"""Per-sequence state and the engine's input/output records (token ids only, no text)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from loraplex.server.engine.lora import NO_ADAPTER
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen and when a sequence stops."""
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    """0 means greedy (argmax)."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 keeps all."""
+    top_p: float = 1.0
+    """Keep the smallest set of tokens whose probability reaches top_p; 1.0 keeps all."""
+    repetition_penalty: float = 1.0
+    """> 1 discourages tokens already in the prompt or output (CTRL-style, as transformers)."""
+    seed: int | None = None
+    """Same seed, same prompt, same adapter -> same output, whatever else is in the batch."""
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        checks = {
+            "max_new_tokens": self.max_new_tokens >= 1,
+            "temperature": self.temperature >= 0.0,
+            "top_k": self.top_k >= 0,
+            "top_p": 0.0 < self.top_p <= 1.0,
+            "repetition_penalty": self.repetition_penalty > 0.0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid sampling parameter {bad[0]}={getattr(self, bad[0])!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"
+    """EOS or a stop token was produced (it is the last event's token)."""
+    LENGTH = "length"
+    """max_new_tokens or the model's context length was reached."""
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token of one sequence."""
+
+    seq_id: int
+    token_id: int
+    logprob: float
+    """Log-probability of the token under the model's (unprocessed) distribution."""
+    finish_reason: FinishReason | None
+
+
+@dataclass(eq=False)
+class SequenceState:
+    """One sequence's state across steps; the engine owns its KV blocks while it runs."""
+
+    seq_id: int
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    slot: int = NO_ADAPTER
+    """Device adapter slot, or NO_ADAPTER for the base model."""
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    """Tokens whose keys/values are in the cache."""
+    block_table: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens still to run through the model before the next token can be sampled."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
