@@ -90,6 +90,7 @@ def read_lora_weights(folder: Path, dtype: torch.dtype = torch.float32) -> LoraW
         if set(pair) != {"A", "B"}:
             raise AdapterFormatError(f"layer {layer} {proj} has lora_{''.join(pair)} but not both A and B")
         rank = pair["A"].shape[0]
-        module_path = f"model.layers.{layer}.{'mlp' if proj in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{proj}"
+        block = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+        module_path = f"model.layers.{layer}.{block}.{proj}"
         weights[(layer, proj)] = (pair["A"], pair["B"], config.scale(module_path, rank))
     return weights

@@ -8,13 +8,14 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    BitsAndBytesConfig,
     LlamaConfig,
     MistralConfig,
     PretrainedConfig,
     Qwen2Config,
     Qwen3Config,
 )
+
+from loraplex.adapters.bnb_compat import nf4_config, use_portable_nf4_path
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -89,27 +90,6 @@ def write_adapter(base_folder: Path, spec: AdapterSpec, folder: Path, seed: int)
     return folder
 
 
-def nf4_config(compute_dtype: torch.dtype = torch.float32) -> BitsAndBytesConfig:
-    """The quantization loraplex applies, as a transformers config (for references and training)."""
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
-
-
-def _use_portable_nf4_path(model: torch.nn.Module) -> None:
-    """Keep bitsandbytes on its portable NF4 path (dequantize + matmul) on every CPU.
-
-    On CPUs with AVX512-BF16, bnb's Linear4bit repacks weights for a CPU kernel and rounds the
-    absmax statistics to bfloat16 on the way, which changes the numerics machine by machine (and
-    fails for small layers). loraplex and the reference must compute the same NF4 weights, so the
-    reference takes the path every machine has.
-    """
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-
-
 def reference_generate(base_folder: Path, adapters: dict[str, Path], rows: list[tuple[list[int], str | None]],
                        max_new_tokens: int, quantized: bool) -> list[tuple[list[int], torch.Tensor]]:
     """transformers + PEFT, each row run alone with its adapter (None: adapters disabled).
@@ -125,7 +105,7 @@ def reference_generate(base_folder: Path, adapters: dict[str, Path], rows: list[
         model.load_adapter(adapters[name], adapter_name=name)
     model.eval()
     if quantized:
-        _use_portable_nf4_path(model)
+        use_portable_nf4_path(model)
     results = []
     for prompt, adapter in rows:
         inputs = torch.tensor([prompt])

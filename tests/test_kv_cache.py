@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from loraplex.adapters.peft_format import read_lora_weights
 from loraplex.server.engine import Engine, EngineConfig, FinishReason, SamplingParams, SequenceState
 from loraplex.server.engine.kv_cache import OutOfBlocks, PagedKVCache

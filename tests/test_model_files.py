@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, GPT2Config
+
 from loraplex.adapters.peft_format import AdapterFormatError, read_adapter_config, read_lora_weights
 from loraplex.server.engine import Engine, EngineConfig
 from loraplex.server.model_files import UnsupportedModel, iter_weights, model_spec
-from safetensors.torch import load_file, save_file
 from support import ARCHITECTURES, MIXED_ADAPTERS, AdapterSpec, tiny_config, write_adapter, write_tiny_model
-from transformers import AutoModelForCausalLM, GPT2Config
 
 
 class _CreatesMarkerWhenUnpickled:

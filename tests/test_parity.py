@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import ARCHITECTURES, MIXED_ADAPTERS, reference_generate, write_adapter, write_tiny_model
 
 from loraplex.adapters.peft_format import read_lora_weights
 from loraplex.server.engine import Engine, EngineConfig, SamplingParams
 from loraplex.server.model_files import iter_weights, model_spec
+from support import ARCHITECTURES, MIXED_ADAPTERS, reference_generate, write_adapter, write_tiny_model
 
 NEW_TOKENS = 16
 #: (prompt length, adapter index into MIXED_ADAPTERS or None for the base), one row each.
@@ -44,7 +44,7 @@ def tiny_setup(request, tmp_path_factory):
     return arch, base, adapters, rows
 
 
-def run_engine(base: Path, adapters: dict[str, Path], rows, quantize: bool, lora_impl: str = "grouped"):
+def run_engine(base: Path, adapters: dict[str, Path], rows, quantize: bool, lora_impl: str = "auto"):
     engine = Engine(model_spec(base), iter_weights(base),
                     EngineConfig(quantize=quantize, num_slots=8, max_rank=64, block_size=4,
                                  kv_cache_bytes=4 * 2**20, lora_impl=lora_impl))
@@ -83,9 +83,10 @@ def test_mixed_batch_matches_peft_nf4(tiny_setup):
     assert_parity(tiny_setup, quantize=True, tolerance=1e-3)
 
 
-def test_grouped_lora_matches_reference_op(tiny_setup):
+@pytest.mark.parametrize("lora_impl", ["grouped", "cpu_kernel"])
+def test_fast_lora_paths_match_reference_op(tiny_setup, lora_impl):
     _, base, adapters, rows = tiny_setup
-    grouped_tokens, grouped_logits = run_engine(base, adapters, rows, quantize=True, lora_impl="grouped")
+    fast_tokens, fast_logits = run_engine(base, adapters, rows, quantize=True, lora_impl=lora_impl)
     reference_tokens, reference_logits = run_engine(base, adapters, rows, quantize=True, lora_impl="reference")
-    assert grouped_tokens == reference_tokens
-    assert relative_error(grouped_logits, reference_logits) < 1e-5
+    assert fast_tokens == reference_tokens
+    assert relative_error(fast_logits, reference_logits) < 1e-5

@@ -8,10 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from loraplex.server.engine import Engine, EngineConfig, FinishReason, SamplingParams
-from loraplex.server.engine.sampling import apply_repetition_penalty, filter_top_k_top_p, sample
-from loraplex.server.model_files import iter_weights, model_spec
-from support import write_tiny_model
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -19,6 +15,11 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+from loraplex.server.engine import Engine, EngineConfig, FinishReason, SamplingParams
+from loraplex.server.engine.sampling import apply_repetition_penalty, filter_top_k_top_p, sample
+from loraplex.server.model_files import iter_weights, model_spec
+from support import write_tiny_model
 
 VOCAB = 96
 

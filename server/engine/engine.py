@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from loraplex.server.engine import lora_cpu
 from loraplex.server.engine.attention import AttentionBatch
 from loraplex.server.engine.kv_cache import OutOfBlocks, PagedKVCache
 from loraplex.server.engine.lora import NO_ADAPTER, LoraBatch, lora_grouped, lora_reference
@@ -23,7 +24,7 @@ from loraplex.server.engine.sampling import sample
 from loraplex.server.engine.sequence import FinishReason, SamplingParams, SequenceState, TokenEvent
 from loraplex.server.engine.spec import ModelSpec
 
-LORA_OPS = {"grouped": lora_grouped, "reference": lora_reference}
+LORA_OPS = {"grouped": lora_grouped, "reference": lora_reference, "cpu_kernel": lora_cpu.lora_cpu}
 
 
 class EngineConfig(BaseModel):
@@ -47,8 +48,10 @@ class EngineConfig(BaseModel):
     """Token positions per KV block."""
     max_model_len: int | None = Field(default=None, ge=2)
     """Longest sequence (prompt + output); None uses the model's max_position_embeddings."""
-    lora_impl: Literal["grouped", "reference"] = "grouped"
-    """LoRA op: the grouped fast path, or the plain reference (the test oracle)."""
+    lora_impl: Literal["auto", "cpu_kernel", "grouped", "reference"] = "auto"
+    """LoRA op: "cpu_kernel" (compiled per-token kernel + BLAS, float32 on CPU), "grouped" (batched
+    matmuls over gathered slots, any device), "reference" (the plain test oracle); "auto" picks
+    cpu_kernel where it applies and compiles, else grouped."""
 
     def torch_dtype(self) -> torch.dtype:
         if self.compute_dtype is not None:
@@ -68,7 +71,8 @@ class Engine:
             spec, iter(weights), dtype=self.dtype, device=self.device, quantize=config.quantize,
             num_slots=config.num_slots, max_rank=config.max_rank,
         )
-        self.model.lora_op = LORA_OPS[config.lora_impl]
+        self.lora_impl = self._pick_lora_impl()
+        self.model.lora_op = LORA_OPS[self.lora_impl]
         num_blocks = PagedKVCache.blocks_for_budget(
             config.kv_cache_bytes, spec.num_layers, config.block_size, spec.num_kv_heads, spec.head_dim, self.dtype,
         )
@@ -78,6 +82,14 @@ class Engine:
         self.slot_ranks = [0] * config.num_slots
         self._windows = set(spec.sliding_windows)
         self._seq_ids: Iterator[int] = itertools.count()
+
+    def _pick_lora_impl(self) -> str:
+        fits_kernel = self.device.type == "cpu" and self.dtype == torch.float32
+        if self.config.lora_impl == "cpu_kernel" and not (fits_kernel and lora_cpu.available()):
+            raise ValueError("lora_impl='cpu_kernel' needs float32 on the CPU and a C++ compiler")
+        if self.config.lora_impl != "auto":
+            return self.config.lora_impl
+        return "cpu_kernel" if fits_kernel and lora_cpu.available() else "grouped"
 
     # -- adapter slots ---------------------------------------------------------------------------
 
@@ -98,7 +110,8 @@ class Engine:
 
     # -- sequences -------------------------------------------------------------------------------
 
-    def add_sequence(self, prompt_ids: Sequence[int], sampling: SamplingParams, slot: int = NO_ADAPTER) -> SequenceState:
+    def add_sequence(self, prompt_ids: Sequence[int], sampling: SamplingParams,
+                     slot: int = NO_ADAPTER) -> SequenceState:
         """A new sequence (nothing is computed or allocated until it is stepped)."""
         if not prompt_ids:
             raise ValueError("prompt must hold at least one token")

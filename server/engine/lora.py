@@ -2,14 +2,16 @@
 
 Every base projection carries fixed-shape slot buffers sized at start-up:
 
-    A:     [num_slots, max_rank, in_features]
-    B:     [num_slots, out_features, max_rank]
+    A:     [num_slots, max_rank, in_features]    (PEFT's lora_A, rows [:r])
+    B:     [num_slots, max_rank, out_features]   (PEFT's lora_B transposed, rows [:r])
     scale: [num_slots]
 
-An adapter of rank r occupies rows/columns [:r] of one slot; the rest stays zero, so a hot-swap is a
+B is kept transposed so that both halves of a rank-r adapter are contiguous row blocks: the
+expand step is then r contiguous axpys per token (or one plain matmul per group) with no strided
+reads. An adapter of rank r occupies rows [:r] of one slot; the rest stays zero, so a hot-swap is a
 copy into preallocated memory, never a reallocation. The op every implementation computes is
 
-    y[i] += (x[i] @ A[s_i].T) @ B[s_i].T * scale[s_i]      for every token i with slot s_i >= 0
+    y[i] += (x[i] @ A[s_i].T) @ B[s_i] * scale[s_i]      for every token i with slot s_i >= 0
 
 and tokens with slot -1 (the base model alone) are left untouched. `lora_reference` states that
 semantics in plain torch and is the test oracle; `lora_grouped` is the fast path for batches with
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 import torch
 
 NO_ADAPTER = -1
+#: Groups with at least this many tokens are computed with matmuls rather than per-token kernels.
+LARGE_GROUP = 64
 
 
 class LoraSlots(torch.nn.Module):
@@ -33,30 +37,38 @@ class LoraSlots(torch.nn.Module):
         super().__init__()
         self.max_rank = max_rank
         self.register_buffer("A", torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device))
-        self.register_buffer("B", torch.zeros(num_slots, out_features, max_rank, dtype=dtype, device=device))
+        self.register_buffer("B", torch.zeros(num_slots, max_rank, out_features, dtype=dtype, device=device))
         self.register_buffer("scale", torch.zeros(num_slots, dtype=dtype, device=device))
+        self.scales: list[float] = [0.0] * num_slots  # host copy of `scale`, read without a device sync
 
-    def set_slot(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
-        """Copy one adapter's weights into `slot`: lora_a [r, in], lora_b [out, r], r <= max_rank."""
+    def check_fits(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+        """Raise ValueError unless lora_a [r, in] and lora_b [out, r] fit a slot (r <= max_rank)."""
         rank = lora_a.shape[0]
         if rank > self.max_rank:
             raise ValueError(f"adapter rank {rank} exceeds the configured max_rank {self.max_rank}")
-        if lora_a.shape[1] != self.A.shape[2] or lora_b.shape != (self.B.shape[1], rank):
+        if lora_a.shape[1] != self.A.shape[2] or tuple(lora_b.shape) != (self.B.shape[2], rank):
             raise ValueError(
                 f"LoRA shapes A{tuple(lora_a.shape)} B{tuple(lora_b.shape)} do not fit a projection "
-                f"with in_features={self.A.shape[2]}, out_features={self.B.shape[1]}"
+                f"with in_features={self.A.shape[2]}, out_features={self.B.shape[2]}"
             )
+
+    def set_slot(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
+        """Copy one adapter's weights into `slot`: lora_a [r, in], lora_b [out, r] (PEFT layout)."""
+        self.check_fits(lora_a, lora_b)
+        rank = lora_a.shape[0]
         self.A[slot, :rank].copy_(lora_a)
         self.A[slot, rank:].zero_()
-        self.B[slot, :, :rank].copy_(lora_b)
-        self.B[slot, :, rank:].zero_()
+        self.B[slot, :rank].copy_(lora_b.T)
+        self.B[slot, rank:].zero_()
         self.scale[slot] = scale
+        self.scales[slot] = scale
 
     def reset_slot(self, slot: int) -> None:
         """Clear `slot`: it then adds exactly zero."""
         self.A[slot].zero_()
         self.B[slot].zero_()
         self.scale[slot] = 0.0
+        self.scales[slot] = 0.0
 
     def resident_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.A, self.B, self.scale))
@@ -83,6 +95,14 @@ class LoraBatch:
     group_len: int
     rank: int
     """Largest rank among the groups' adapters: slot buffers are read only up to this rank."""
+    large_groups: tuple[tuple[int, int, torch.Tensor | None], ...]
+    """(slot, rank, token index or None for "all tokens, in order") of groups of >= LARGE_GROUP tokens."""
+    small_tokens: torch.Tensor
+    """[n] tokens of the other groups, for per-token kernels."""
+    small_slots: torch.Tensor
+    """[n] slot of each of `small_tokens`."""
+    slot_ranks: torch.Tensor
+    """[num_slots] rank of each slot's adapter."""
 
     @property
     def empty(self) -> bool:
@@ -103,6 +123,14 @@ class LoraBatch:
             writes.extend(tokens)
             gather.extend(tokens + [tokens[0]] * (group_len - len(tokens)))
         padded = len(gather) != len(writes)
+        large, small_tokens, small_slots = [], [], []
+        for slot, tokens in tokens_by_slot.items():
+            if len(tokens) >= LARGE_GROUP:
+                whole = tokens == list(range(len(slot_ids)))
+                large.append((slot, slot_ranks[slot], None if whole else torch.tensor(tokens, device=device)))
+            else:
+                small_tokens.extend(tokens)
+                small_slots.extend([slot] * len(tokens))
 
         def as_index(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
@@ -115,11 +143,15 @@ class LoraBatch:
             token_index=as_index(writes),
             group_len=group_len,
             rank=max((slot_ranks[s] for s in tokens_by_slot), default=0),
+            large_groups=tuple(large),
+            small_tokens=as_index(small_tokens),
+            small_slots=as_index(small_slots),
+            slot_ranks=as_index(slot_ranks),
         )
 
 
 def lora_reference(y: torch.Tensor, x: torch.Tensor, slots: LoraSlots, batch: LoraBatch) -> torch.Tensor:
-    """Plain-torch statement of the op: y[i] += (x[i] @ A[s_i].T) @ B[s_i].T * scale[s_i].
+    """Plain-torch statement of the op: y[i] += (x[i] @ A[s_i].T) @ B[s_i] * scale[s_i].
 
     x: [num_tokens, in], y: [num_tokens, out]; returns y (updated in place). Uses the full max_rank
     (zero padding adds nothing) and one gathered weight matrix per token: slow, obviously right.
@@ -129,7 +161,7 @@ def lora_reference(y: torch.Tensor, x: torch.Tensor, slots: LoraSlots, batch: Lo
         return y
     row_slots = batch.slot_ids[rows]  # [n]
     hidden = torch.einsum("ni,nri->nr", x[rows], slots.A[row_slots])  # [n, max_rank]
-    delta = torch.einsum("nr,nor->no", hidden, slots.B[row_slots])  # [n, out]
+    delta = torch.einsum("nr,nro->no", hidden, slots.B[row_slots])  # [n, out]
     y[rows] += delta * slots.scale[row_slots].unsqueeze(1)
     return y
 
@@ -146,8 +178,8 @@ def lora_grouped(y: torch.Tensor, x: torch.Tensor, slots: LoraSlots, batch: Lora
     a_groups = slots.A[:, :rank].index_select(0, batch.group_slots)  # [G, r, in]
     hidden = torch.bmm(x_groups, a_groups.transpose(1, 2))  # [G, L, r]
     hidden *= slots.scale.index_select(0, batch.group_slots).view(num_groups, 1, 1)
-    b_groups = slots.B[:, :, :rank].index_select(0, batch.group_slots)  # [G, out, r]
-    delta = torch.bmm(hidden, b_groups.transpose(1, 2)).view(num_groups * batch.group_len, -1)  # [G*L, out]
+    b_groups = slots.B[:, :rank].index_select(0, batch.group_slots)  # [G, r, out]
+    delta = torch.bmm(hidden, b_groups).view(num_groups * batch.group_len, -1)  # [G*L, out]
     if batch.valid_positions is not None:
         delta = delta.index_select(0, batch.valid_positions)  # [num_lora_tokens, out]
     return y.index_add_(0, batch.token_index, delta)

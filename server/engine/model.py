@@ -162,7 +162,15 @@ class DecoderModel(torch.nn.Module):
                 yield layer.layer, name, projection
 
     def set_slot(self, slot: int, weights: LoraWeights) -> None:
-        """Load one adapter into `slot` of every projection; projections it does not target are cleared."""
+        """Load one adapter into `slot` of every projection; projections it does not target are cleared.
+
+        Every module is checked before anything is written, so a refused adapter leaves the slot as it was.
+        """
+        projections = {(layer, name): p for layer, name, p in self.projections()}
+        for key, (lora_a, lora_b, _) in weights.items():
+            if key not in projections:
+                raise ValueError(f"adapter targets layer {key[0]} {key[1]}, which the model does not have")
+            projections[key].slots.check_fits(lora_a, lora_b)
         for layer, name, projection in self.projections():
             if (layer, name) in weights:
                 lora_a, lora_b, scale = weights[(layer, name)]

@@ -1,0 +1,216 @@
+"""Engine throughput with many adapters vs the base alone vs transformers + PEFT (issue: engine core).
+
+One process, one run, modes measured side by side:
+  (a) base only            (b) 32 requests on one adapter     (c) 32 distinct r=16 all-linear adapters
+  (d) 32 adapters, ranks 8/16/32/64                          (e) transformers + PEFT generate(adapter_names=...)
+It also measures memory bandwidth and matmul rate to compute the physical floor of (c)'s LoRA work.
+
+    python benchmarks/engine_throughput.py            # SmolLM2-135M-Instruct, NF4 (the default model)
+    python benchmarks/engine_throughput.py --tiny     # a random tiny llama, for a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from loraplex.adapters.bnb_compat import nf4_config, use_portable_nf4_path
+from loraplex.adapters.peft_format import read_lora_weights
+from loraplex.server.default_model import default_model_path
+from loraplex.server.engine import Engine, EngineConfig, SamplingParams
+from loraplex.server.engine.spec import PROJECTIONS
+from loraplex.server.model_files import iter_weights, model_spec
+
+RESULTS = Path(__file__).parent / "results" / "engine_throughput.json"
+NUM_REQUESTS, PROMPT_LEN, NEW_TOKENS = 32, 64, 64
+MIXED_RANKS = (8, 16, 32, 64)
+
+
+def tiny_model(folder: Path) -> Path:
+    config = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=640, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    return folder
+
+
+def write_adapters(base_folder: Path, folder: Path, ranks: list[int]) -> list[Path]:
+    """PEFT LoRA adapters on all linear layers with random non-zero weights, one folder each."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
+    names = [f"adapter{i:02d}_r{r}" for i, r in enumerate(ranks)]
+    configs = [LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(PROJECTIONS), init_lora_weights=False)
+               for r in ranks]
+    model = get_peft_model(base, configs[0], adapter_name=names[0])
+    for name, config in zip(names[1:], configs[1:], strict=True):
+        model.add_adapter(name, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.05)
+    model.save_pretrained(folder)
+    return [folder / name for name in names]
+
+
+def measure_bandwidth() -> float:
+    """Bytes/s of a large copy (read + write counted)."""
+    src = torch.ones(64 * 2**20)  # 256 MiB
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / best
+
+
+def measure_matmul_rate() -> float:
+    """FLOP/s of a large float32 matmul."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * 1024**3 / best
+
+
+def run_engine(engine: Engine, prompts: list[list[int]], slots: list[int]) -> dict:
+    """Time one batch of requests; returns tokens/s and the mean decode step time."""
+    sampling = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    seqs = [engine.add_sequence(p, sampling, s) for p, s in zip(prompts, slots, strict=True)]
+    start = time.perf_counter()
+    engine.step([(s, s.num_pending) for s in seqs])
+    prefill = time.perf_counter() - start
+    step_times = []
+    while not seqs[0].finished:
+        step_start = time.perf_counter()
+        engine.step([(s, 1) for s in seqs])
+        step_times.append(time.perf_counter() - step_start)
+    total = time.perf_counter() - start
+    return {"tokens_per_s": NUM_REQUESTS * NEW_TOKENS / total, "prefill_s": prefill,
+            "decode_step_s": sorted(step_times)[len(step_times) // 2]}
+
+
+def run_peft(base_folder: Path, adapter_folders: list[Path], prompts: list[list[int]], dtype: torch.dtype,
+             device: str) -> dict:
+    """transformers + PEFT on the same NF4 base: one generate() with a different adapter per row."""
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=dtype, quantization_config=nf4_config(dtype),
+                                                device_map=device)
+    names = [f.name for f in adapter_folders]
+    model = PeftModel.from_pretrained(base, adapter_folders[0], adapter_name=names[0])
+    for folder, name in zip(adapter_folders[1:], names[1:], strict=True):
+        model.load_adapter(folder, adapter_name=name)
+    model.eval()
+    use_portable_nf4_path(model)  # the NF4 numerics every CPU gets (see bnb_compat)
+    inputs = torch.tensor(prompts, device=device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), adapter_names=names,
+                       max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    return {"tokens_per_s": NUM_REQUESTS * NEW_TOKENS / (time.perf_counter() - start)}
+
+
+def lora_floor(adapters: list[dict], bandwidth: float, matmul_rate: float) -> dict:
+    """Physical floor of one decode step's LoRA work in mode (c): every adapter's weights read once,
+    plus the FLOPs of x@A and h@B for one token per adapter."""
+    weight_bytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size()
+                       for w in adapters for a, b, _ in w.values())
+    flops = sum(2 * a.shape[0] * (a.shape[1] + b.shape[0]) for w in adapters for a, b, _ in w.values())
+    return {"adapter_bytes": weight_bytes, "flops": flops,
+            "floor_s": weight_bytes / bandwidth + flops / matmul_rate}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="random tiny llama instead of SmolLM2")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip-peft", action="store_true", help="leave out mode (e)")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
+    base_folder = tiny_model(workdir / "base") if args.tiny else default_model_path()
+    spec = model_spec(base_folder)
+    distinct = write_adapters(base_folder, workdir / "r16", [16] * NUM_REQUESTS)
+    mixed = write_adapters(base_folder, workdir / "mixed", [MIXED_RANKS[i % 4] for i in range(NUM_REQUESTS)])
+    engine = Engine(spec, iter_weights(base_folder),
+                    EngineConfig(device=args.device, num_slots=2 * NUM_REQUESTS, max_rank=max(MIXED_RANKS),
+                                 kv_cache_bytes=512 * 2**20))
+    dtype = engine.dtype
+    distinct_weights = [read_lora_weights(f, dtype) for f in distinct]
+    for slot, weights in enumerate(distinct_weights):
+        engine.set_slot(slot, weights)
+    for slot, folder in enumerate(mixed, start=NUM_REQUESTS):
+        engine.set_slot(slot, read_lora_weights(folder, dtype))
+
+    generator = torch.Generator().manual_seed(0)
+    prompts = torch.randint(100, spec.vocab_size, (NUM_REQUESTS, PROMPT_LEN), generator=generator).tolist()
+    modes = {
+        "a_base": [-1] * NUM_REQUESTS,
+        "b_one_adapter": [0] * NUM_REQUESTS,
+        "c_distinct_r16": list(range(NUM_REQUESTS)),
+        "d_mixed_ranks": list(range(NUM_REQUESTS, 2 * NUM_REQUESTS)),
+    }
+    run_engine(engine, prompts[:4], [-1] * 4)  # warm-up
+    results: dict[str, dict] = {}
+    for _ in range(2):  # two rounds, interleaved; keep each mode's best
+        for mode, slots in modes.items():
+            run = run_engine(engine, prompts, slots)
+            if mode not in results or run["tokens_per_s"] > results[mode]["tokens_per_s"]:
+                results[mode] = run
+    if not args.skip_peft:
+        results["e_peft"] = run_peft(base_folder, distinct, prompts, dtype, args.device)
+
+    bandwidth, matmul_rate = measure_bandwidth(), measure_matmul_rate()
+    floor = lora_floor(distinct_weights, bandwidth, matmul_rate)
+    base_bytes = engine.model.base_linear_bytes()
+    bf16_bytes = sum(2 * p.base.in_features * p.base.out_features for _, _, p in engine.model.projections())
+    tps = {mode: r["tokens_per_s"] for mode, r in results.items()}
+    ratios = {
+        "shared_vs_base": tps["b_one_adapter"] / tps["a_base"],
+        "distinct_vs_base": tps["c_distinct_r16"] / tps["a_base"],
+        "mixed_ranks_vs_base": tps["d_mixed_ranks"] / tps["a_base"],
+        "lora_overhead_vs_floor": (results["c_distinct_r16"]["decode_step_s"] - results["a_base"]["decode_step_s"])
+        / floor["floor_s"],
+        "nf4_linear_bytes_vs_bf16": base_bytes / bf16_bytes,
+    }
+    if "e_peft" in tps:
+        ratios["distinct_vs_peft"] = tps["c_distinct_r16"] / tps["e_peft"]
+
+    print(f"\nmodel: {'tiny llama' if args.tiny else 'SmolLM2-135M-Instruct'}  device: {args.device}  "
+          f"dtype: {dtype}  lora: {engine.lora_impl}  threads: {torch.get_num_threads()}")
+    print(f"{NUM_REQUESTS} requests x {PROMPT_LEN} prompt + {NEW_TOKENS} new tokens")
+    print(f"{'mode':<18}{'tokens/s':>10}{'vs base':>9}{'decode step ms':>16}")
+    for mode, r in results.items():
+        step = f"{r['decode_step_s'] * 1e3:.1f}" if "decode_step_s" in r else "-"
+        print(f"{mode:<18}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / tps['a_base']:>9.2f}{step:>16}")
+    print(f"bandwidth {bandwidth / 1e9:.1f} GB/s, matmul {matmul_rate / 1e9:.1f} GFLOP/s; (c) LoRA floor "
+          f"{floor['floor_s'] * 1e3:.1f} ms/step ({floor['adapter_bytes'] / 2**20:.0f} MiB of adapters)")
+    print(f"NF4 base linear bytes {base_bytes / 2**20:.1f} MiB = {ratios['nf4_linear_bytes_vs_bf16']:.3f}x bf16")
+    for name, value in ratios.items():
+        print(f"  {name:<26}{value:8.3f}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({
+        "model": "tiny" if args.tiny else "SmolLM2-135M-Instruct", "device": args.device, "dtype": str(dtype),
+        "lora_impl": engine.lora_impl,
+        "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+        "tokens_per_s": tps, "ratios": ratios, "modes": results, "floor": floor,
+        "bandwidth_bytes_per_s": bandwidth, "matmul_flops_per_s": matmul_rate,
+        "nf4_linear_bytes": base_bytes, "bf16_linear_bytes": bf16_bytes,
+    }, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
