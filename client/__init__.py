@@ -1,0 +1,1 @@
+"""Python client (sync + asyncio, streaming) and the `loraplex` CLI."""
