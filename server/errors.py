@@ -1,0 +1,37 @@
+"""Why the server refuses a request, independent of the transport.
+
+The scheduler, the request decoding and auth raise these; each transport maps the classes to its
+own status codes (gRPC: server/interceptor.py). Messages are shown to the caller as they are.
+"""
+
+
+class RequestError(Exception):
+    """A request the server refuses; the message says what to change."""
+
+
+class InvalidRequest(RequestError):
+    """A field is malformed or out of bounds; the message starts with the field's name."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class AdapterNotFound(RequestError):
+    """The request names an adapter the server does not have."""
+
+
+class Overloaded(RequestError):
+    """The waiting queue is full; retry later."""
+
+
+class ShuttingDown(RequestError):
+    """The server is draining and takes no new requests."""
+
+
+class Unauthenticated(RequestError):
+    """No API key, or an unknown one."""
+
+
+class PermissionDenied(RequestError):
+    """The API key is valid but may not do this (scope, or an adapter outside its allow-list)."""

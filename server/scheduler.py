@@ -1,0 +1,318 @@
+"""The scheduler: single owner of the engine; continuous batching on a dedicated thread.
+
+Transports call `submit(Request)` on the asyncio event loop and iterate the returned
+`RequestStream`; the engine runs on the scheduler's own thread, so no handler ever waits on torch.
+Events cross back with one `loop.call_soon_threadsafe` per step.
+
+Policy, each step (`_plan`):
+  1. Running sequences are scheduled first: decodes (one token each), then unfinished prefills in
+     chunks, in admission order, all within `max_step_tokens`.
+  2. When the KV pool cannot hold a running sequence's next tokens, the most recently admitted
+     running sequences are preempted (blocks freed, recomputed from scratch later; the oldest always
+     progress) and go back to the front of their adapter's waiting queue.
+  3. Remaining budget admits waiting requests while `max_running` and free KV blocks allow,
+     round-robin across adapters (FIFO within one adapter), so one busy adapter cannot starve others.
+`submit` refuses with Overloaded once `max_waiting` requests wait, and with InvalidRequest a request
+that could never fit the KV pool alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from loraplex.server.adapter_slots import AdapterLease, AdapterResolver
+from loraplex.server.engine import Engine, SamplingParams, SequenceState, TokenEvent
+from loraplex.server.errors import InvalidRequest, Overloaded, ShuttingDown
+
+log = logging.getLogger(__name__)
+
+
+class SchedulerConfig(BaseModel):
+    """Batching limits, fixed at start-up."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    max_running: int = Field(default=64, ge=1, le=4096)
+    """Most sequences in one engine step (the batch size)."""
+    max_waiting: int = Field(default=256, ge=0, le=1_000_000)
+    """Most requests waiting for admission; a submit beyond it is refused (RESOURCE_EXHAUSTED)."""
+    max_step_tokens: int = Field(default=512, ge=1, le=1_048_576)
+    """Token budget of one engine step (decodes plus prefill chunks)."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a transport asks for: token ids only, no text and no tensors."""
+
+    adapter: str
+    """Adapter name; "" is the base model."""
+    prompt_ids: list[int]
+    sampling: SamplingParams
+
+
+@dataclass(eq=False)
+class _Entry:
+    seq: SequenceState
+    lease: AdapterLease
+    stream: RequestStream
+    cancelled: bool = False
+
+
+@dataclass
+class SchedulerStats:
+    """Counters since start (read without the lock: approximate while running)."""
+
+    admitted: int = 0
+    preempted: int = 0
+    cancelled: int = 0
+    finished: int = 0
+    steps: int = 0
+
+
+class RequestStream:
+    """One request's token events, in order; the last one has `finish_reason` set.
+
+    Iterate it on the event loop that submitted it. `cancel()` (idempotent) stops generation and
+    frees the request's KV blocks on the scheduler thread; iteration then ends without a final event.
+    """
+
+    def __init__(self, scheduler: Scheduler, lease: AdapterLease, prompt_tokens: int,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.lease = lease
+        self.prompt_tokens = prompt_tokens
+        self._scheduler = scheduler
+        self._loop = loop
+        self._queue: asyncio.Queue[TokenEvent | BaseException | None] = asyncio.Queue()
+        self._entry: _Entry | None = None
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        while True:
+            item = await self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+
+    def cancel(self) -> None:
+        self._scheduler._cancel(self._entry)
+
+    def _put(self, item: TokenEvent | BaseException | None) -> None:
+        self._queue.put_nowait(item)
+
+
+class Scheduler:
+    """Owns `engine` and routes its events to request streams; see the module docstring for the policy."""
+
+    def __init__(self, engine: Engine, adapters: AdapterResolver, config: SchedulerConfig) -> None:
+        self.engine = engine
+        self.adapters = adapters
+        self.config = config
+        self.stats = SchedulerStats()
+        self._cond = threading.Condition()
+        self._waiting: OrderedDict[str, deque[_Entry]] = OrderedDict()
+        self._running: list[_Entry] = []
+        self._accepting = True
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="loraplex-scheduler", daemon=True)
+
+    # -- event-loop side -------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> RequestStream:
+        """Queue a request; call on the asyncio loop that will iterate the returned stream.
+
+        Raises AdapterNotFound, InvalidRequest (prompt or max_new_tokens), Overloaded, ShuttingDown.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            seq = self.engine.add_sequence(request.prompt_ids, request.sampling)
+        except ValueError as exc:
+            raise InvalidRequest("prompt", str(exc)) from exc
+        self._check_fits_alone(seq)
+        with self._cond:
+            if not self._accepting:
+                raise ShuttingDown("the server is shutting down and takes no new requests")
+            if self.num_waiting >= self.config.max_waiting:
+                raise Overloaded(f"{self.num_waiting} requests are waiting (max_waiting={self.config.max_waiting})")
+            lease = self.adapters.acquire(request.adapter)
+            seq.slot = lease.slot
+            stream = RequestStream(self, lease, len(request.prompt_ids), loop)
+            entry = _Entry(seq, lease, stream)
+            stream._entry = entry
+            self._waiting.setdefault(lease.name, deque()).append(entry)
+            self._cond.notify()
+        return stream
+
+    def _check_fits_alone(self, seq: SequenceState) -> None:
+        longest = min(seq.num_tokens + seq.sampling.max_new_tokens, self.engine.max_model_len)
+        needed, pool = self.engine.cache.blocks_needed(longest), self.engine.cache.num_blocks
+        if needed > pool:
+            raise InvalidRequest("max_new_tokens", f"prompt plus max_new_tokens needs {needed} KV blocks; "
+                                 f"the whole cache holds {pool}: ask for fewer tokens")
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(queue) for queue in self._waiting.values())
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def _cancel(self, entry: _Entry) -> None:
+        with self._cond:
+            if entry.cancelled or entry.seq.finished:
+                return
+            entry.cancelled = True
+            name = entry.lease.name
+            if entry in self._waiting.get(name, ()):  # waiting entries hold no KV blocks
+                self._waiting[name].remove(entry)
+                if not self._waiting[name]:
+                    del self._waiting[name]
+                self._retire(entry, None)
+            self._cond.notify()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop_accepting(self) -> None:
+        """Refuse new submits (ShuttingDown); requests already queued or running go on."""
+        with self._cond:
+            self._accepting = False
+
+    def close(self) -> None:
+        """Stop the loop thread; requests still queued or running end with ShuttingDown."""
+        with self._cond:
+            self._accepting = False
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+        with self._cond:
+            for entry in [*self._running, *(e for q in self._waiting.values() for e in q)]:
+                self.engine.release(entry.seq)
+                self._retire(entry, ShuttingDown("the server stopped before the request finished"))
+            self._running.clear()
+            self._waiting.clear()
+
+    # -- scheduler thread ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stopping or self._running or self._waiting)
+                if self._stopping:
+                    return
+                self._reap_cancelled()
+                batch = self._plan()
+            if not batch:
+                continue
+            try:
+                events = self.engine.step([(entry.seq, count) for entry, count in batch])
+            except Exception as exc:  # a failed step fails its requests, not the server
+                log.exception("engine step failed")
+                with self._cond:
+                    for entry, _ in batch:
+                        self._running.remove(entry)
+                        self.engine.release(entry.seq)
+                        self._retire(entry, exc)
+                continue
+            with self._cond:
+                self.stats.steps += 1
+                self._route(batch, events)
+
+    def _reap_cancelled(self) -> None:
+        for entry in [e for e in self._running if e.cancelled]:
+            self._running.remove(entry)
+            self.engine.release(entry.seq)
+            self._retire(entry, None)
+
+    def _blocks_needed(self, seq: SequenceState, count: int) -> int:
+        return max(0, self.engine.cache.blocks_needed(seq.num_computed + count) - len(seq.block_table))
+
+    def _plan(self) -> list[tuple[_Entry, int]]:
+        budget = self.config.max_step_tokens
+        free = self.engine.cache.free_blocks
+        batch: list[tuple[_Entry, int]] = []
+        planned: set[int] = set()
+        for entry in sorted(self._running, key=lambda e: e.seq.num_pending > 1):  # decodes first, stable
+            if entry not in self._running:  # preempted for an older sequence in this plan
+                continue
+            count = min(entry.seq.num_pending, budget)
+            if count == 0:
+                break
+            need = self._blocks_needed(entry.seq, count)
+            while need > free:
+                victim = next(e for e in reversed(self._running) if id(e) not in planned)
+                free += len(victim.seq.block_table)
+                self._preempt(victim)
+                if victim is entry:
+                    break
+            if entry in self._running:
+                batch.append((entry, count))
+                planned.add(id(entry))
+                free -= need
+                budget -= count
+        while budget > 0 and len(self._running) < self.config.max_running and self._waiting:
+            name, queue = next(iter(self._waiting.items()))
+            entry = queue[0]
+            count = min(entry.seq.num_pending, budget)
+            need = self._blocks_needed(entry.seq, count)
+            if need > free:
+                break
+            queue.popleft()
+            if queue:
+                self._waiting.move_to_end(name)
+            else:
+                del self._waiting[name]
+            self._running.append(entry)
+            self.stats.admitted += 1
+            batch.append((entry, count))
+            free -= need
+            budget -= count
+        return batch
+
+    def _preempt(self, entry: _Entry) -> None:
+        self._running.remove(entry)
+        self.engine.release(entry.seq)
+        self.stats.preempted += 1
+        name = entry.lease.name
+        if name not in self._waiting:
+            self._waiting[name] = deque()
+        self._waiting[name].appendleft(entry)
+        self._waiting.move_to_end(name, last=False)
+
+    def _route(self, batch: list[tuple[_Entry, int]], events: list[TokenEvent]) -> None:
+        by_seq = {entry.seq.seq_id: entry for entry, _ in batch}
+        deliveries: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, TokenEvent]]] = {}
+        for event in events:
+            entry = by_seq[event.seq_id]
+            if entry.cancelled:  # cancelled while its step ran: deliver nothing more
+                continue
+            deliveries.setdefault(entry.stream._loop, []).append((entry.stream, event))
+            if event.finish_reason is not None:
+                self._running.remove(entry)
+                self.adapters.release(entry.lease)
+                self.stats.finished += 1
+        for loop, items in deliveries.items():
+            loop.call_soon_threadsafe(_deliver, items)
+
+    def _retire(self, entry: _Entry, error: BaseException | None) -> None:
+        """End an unfinished request: release its adapter and close its stream (with `error`, if any)."""
+        self.adapters.release(entry.lease)
+        if entry.cancelled:
+            self.stats.cancelled += 1
+        entry.stream._loop.call_soon_threadsafe(entry.stream._put, error)
+
+
+def _deliver(deliveries: list[tuple[RequestStream, TokenEvent]]) -> None:
+    for stream, event in deliveries:
+        stream._put(event)

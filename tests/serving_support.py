@@ -1,0 +1,56 @@
+"""Builders for serving tests: a tiny model with adapters and a tokenizer, engines, reference outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loraplex.adapters.peft_format import read_lora_weights
+from loraplex.server.engine import Engine, EngineConfig, SamplingParams
+from loraplex.server.engine.lora import NO_ADAPTER
+from loraplex.server.model_files import iter_weights, model_spec
+from support import MIXED_ADAPTERS, write_adapter, write_tiny_model
+
+#: Small engine sizes for tests: many KV blocks of 4 positions, slots for every MIXED_ADAPTERS entry.
+TEST_ENGINE = dict(num_slots=4, max_rank=64, block_size=4, kv_cache_bytes=2**20)
+#: Sentences the test tokenizer is trained on (its vocabulary fits the tiny model's 96 ids).
+TOKENIZER_CORPUS = ["hello world", "the quick brown fox jumps over the lazy dog", "caf\u00e9 na\u00efve \u00fcber",
+                    "adapters share one base model", "\u65e5\u672c\u8a9e \U0001f600"]
+
+
+def write_serving_fixture(root: Path) -> tuple[Path, dict[str, Path]]:
+    """A tiny llama with a byte-level BPE tokenizer, and the MIXED_ADAPTERS written next to it."""
+    base = write_tiny_model("llama", root / "base")
+    write_tokenizer(base, vocab_size=96)
+    adapters = {s.name: write_adapter(base, s, root / s.name, seed=10 + i) for i, s in enumerate(MIXED_ADAPTERS)}
+    return base, adapters
+
+
+def write_tokenizer(folder: Path, vocab_size: int) -> None:
+    """Train a byte-level BPE on TOKENIZER_CORPUS, saved as a PreTrainedTokenizerFast (no download).
+
+    Only bytes seen in the corpus are in the alphabet, so multi-byte characters span several tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"])  # bytes seen in the corpus
+    tokenizer.train_from_iterator(TOKENIZER_CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>")
+    fast.save_pretrained(folder)
+
+
+def make_engine(base: Path, adapters: dict[str, Path] | None = None, **overrides) -> Engine:
+    """An engine on `base` with TEST_ENGINE sizes; `adapters` go into slots 0.. in order."""
+    engine = Engine(model_spec(base), iter_weights(base), EngineConfig(**{**TEST_ENGINE, **overrides}))
+    for slot, folder in enumerate((adapters or {}).values()):
+        engine.set_slot(slot, read_lora_weights(folder))
+    return engine
+
+
+def generate_alone(engine: Engine, adapters: dict[str, Path], prompt: list[int], adapter: str,
+                   sampling: SamplingParams) -> list[int]:
+    """`Engine.generate` on one prompt by itself (the oracle for every batched path)."""
+    slot = NO_ADAPTER if adapter == "" else list(adapters).index(adapter)
+    return engine.generate([prompt], sampling, slots=[slot])[0]
