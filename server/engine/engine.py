@@ -30,7 +30,7 @@ LORA_OPS = {"grouped": lora_grouped, "reference": lora_reference, "cpu_kernel": 
 class EngineConfig(BaseModel):
     """Sizes and numerics of one engine, fixed at start-up."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, use_attribute_docstrings=True)
 
     device: str = "cpu"
     """Torch device the model, slots and cache live on ("cpu", "cuda", "cuda:1")."""

@@ -1,0 +1,96 @@
+"""Builds one serving process from Settings: engine + adapters + scheduler + gRPC server; runs it until
+SIGTERM/SIGINT, then drains (new requests are refused, in-flight streams get `shutdown_grace_s`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from loraplex.server.adapter_slots import StaticAdapters
+from loraplex.server.auth import Authenticator
+from loraplex.server.default_model import default_model_path
+from loraplex.server.engine import Engine
+from loraplex.server.grpc_service import GenerationService, RequestLimits
+from loraplex.server.interceptor import ErrorInterceptor
+from loraplex.server.model_files import iter_weights, model_spec
+from loraplex.server.scheduler import Scheduler
+from loraplex.server.settings import Settings
+from loraplex.v1 import generation_pb2, generation_pb2_grpc
+
+log = logging.getLogger("loraplex")
+SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+@dataclass
+class App:
+    """A started server; `port` is the bound one (settings.port may be 0)."""
+
+    server: grpc.aio.Server
+    scheduler: Scheduler
+    health: health_aio.HealthServicer
+    port: int
+    model_name: str
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new work, let in-flight streams finish for up to `grace_s`, then stop the engine loop."""
+        await self.health.enter_graceful_shutdown()
+        self.scheduler.stop_accepting()
+        await self.server.stop(grace_s)
+        self.scheduler.close()
+
+
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
+    """The folder's tokenizer, or None when it has none (then only token-id input is served)."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    return AutoTokenizer.from_pretrained(folder)
+
+
+async def start(settings: Settings) -> App:
+    """Load the model and adapters, start the scheduler thread and the gRPC server."""
+    folder = settings.model or default_model_path()
+    engine = Engine(model_spec(folder), iter_weights(folder), settings.engine)
+    scheduler = Scheduler(engine, StaticAdapters(engine, settings.adapter), settings.scheduler)
+    service = GenerationService(
+        scheduler, load_tokenizer(folder), Authenticator(settings.api_keys),
+        RequestLimits(settings.default_max_new_tokens, settings.max_new_tokens_limit), folder.name,
+    )
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+    generation_pb2_grpc.add_GenerationServicer_to_server(service, server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    if settings.reflection:
+        reflection.enable_server_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                             reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    scheduler.start()
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return App(server, scheduler, health, port, folder.name)
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return (the process then exits 0)."""
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = await start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    adapters = ", ".join(a.name for a in app.scheduler.adapters.adapters()) or "none"
+    print(f"loraplex serving {app.model_name} (adapters: {adapters}) on {settings.host}:{app.port}", flush=True)
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests for up to %.0fs", settings.shutdown_grace_s)
+    await app.stop(settings.shutdown_grace_s)
+    log.info("stopped")

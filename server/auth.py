@@ -1,0 +1,54 @@
+"""API keys: who is calling (UNAUTHENTICATED otherwise) and what that caller may do (PERMISSION_DENIED).
+
+Keys are configured by their sha256 (settings.api_keys); callers send `authorization: Bearer KEY`.
+With no keys configured every caller is anonymous and may do everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from loraplex.server.errors import PermissionDenied, Unauthenticated
+from loraplex.server.settings import ApiKey, Scope
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller: the key's name, scopes and adapter allow-list (None allows all)."""
+
+    name: str
+    scopes: frozenset[Scope]
+    adapters: frozenset[str] | None
+
+    def require_scope(self, scope: Scope) -> None:
+        if scope not in self.scopes:
+            raise PermissionDenied(f"API key {self.name!r} lacks the {scope!r} scope")
+
+    def require_adapter(self, adapter: str) -> None:
+        if self.adapters is not None and adapter not in self.adapters:
+            shown = repr(adapter) if adapter else "the base model"
+            raise PermissionDenied(f"API key {self.name!r} may not use {shown}")
+
+
+ANONYMOUS = Principal("anonymous", frozenset({"generate", "info"}), None)
+
+
+class Authenticator:
+    """Maps an `authorization` header value to a Principal."""
+
+    def __init__(self, keys: Sequence[ApiKey]) -> None:
+        self._by_digest = {key.sha256: Principal(key.name, key.scopes, key.adapters) for key in keys}
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        """Raises Unauthenticated for a missing, malformed or unknown key (when keys are configured)."""
+        if not self._by_digest:
+            return ANONYMOUS
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            raise Unauthenticated("send an API key as metadata `authorization: Bearer KEY`")
+        principal = self._by_digest.get(hashlib.sha256(key.strip().encode()).hexdigest())
+        if principal is None:
+            raise Unauthenticated("unknown API key")
+        return principal

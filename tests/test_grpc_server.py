@@ -1,0 +1,215 @@
+"""The gRPC server on loopback: batched streams equal each request run alone; every error status;
+cancellation and deadlines give the KV blocks back."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from contextlib import asynccontextmanager
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from transformers import AutoTokenizer
+
+from loraplex.adapters.identity import adapter_digest
+from loraplex.client.client import AsyncClient
+from loraplex.server.app import App, start
+from loraplex.server.engine import EngineConfig, SamplingParams
+from loraplex.server.settings import ApiKey, load_settings
+from loraplex.v1 import generation_pb2 as pb
+from serving_support import TEST_ENGINE, TOKENIZER_CORPUS, generate_alone, make_engine
+
+KEYS = {"admin": "k-admin-0123456789", "support-only": "k-support-0123456789", "info-only": "k-info-0123456789"}
+
+
+@asynccontextmanager
+async def running(serving_model, **overrides):
+    base, adapters = serving_model
+    values = dict(model=base, adapter=adapters, port=0, engine=EngineConfig(**TEST_ENGINE), reflection=False)
+    app = await start(load_settings(**{**values, **overrides}))
+    try:
+        async with AsyncClient(f"127.0.0.1:{app.port}") as client:
+            yield app, client
+    finally:
+        await app.stop(0)
+
+
+def slow_steps(app: App, seconds: float) -> None:
+    """Make every engine step take at least `seconds` (test instrumentation), so requests stay in flight."""
+    step = app.scheduler.engine.step
+
+    def slow_step(batch):
+        time.sleep(seconds)
+        return step(batch)
+
+    app.scheduler.engine.step = slow_step
+
+
+async def blocks_back(app: App, timeout: float = 10.0) -> bool:
+    cache = app.scheduler.engine.cache
+    deadline = time.monotonic() + timeout
+    while cache.free_blocks != cache.num_blocks and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return cache.free_blocks == cache.num_blocks
+
+
+async def expect_status(code: grpc.StatusCode, awaitable) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await awaitable
+    assert error.value.code() == code, error.value.details()
+    return error.value.details()
+
+
+@pytest.fixture(scope="module")
+def reference_engine(serving_model):
+    base, adapters = serving_model
+    return make_engine(base, adapters)
+
+
+async def test_concurrent_streams_equal_generate_alone(serving_model, reference_engine):
+    _base, adapters = serving_model
+    names = ["", *adapters]
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 96, (4 + 5 * i,), generator=generator).tolist() for i in range(10)]
+    async with running(serving_model, scheduler={"max_running": 4, "max_step_tokens": 24}) as (app, client):
+        results = await asyncio.gather(*(
+            client.generate(prompt, names[i % len(names)], max_new_tokens=10, ignore_eos=True,
+                            **({"temperature": 0.8, "seed": i} if i % 2 else {}))
+            for i, prompt in enumerate(prompts)))
+        assert await blocks_back(app)
+    for i, (prompt, result) in enumerate(zip(prompts, results, strict=True)):
+        name = names[i % len(names)]
+        sampling = SamplingParams(max_new_tokens=10, ignore_eos=True,
+                                  **({"temperature": 0.8, "seed": i} if i % 2 else {}))
+        assert result.token_ids == generate_alone(reference_engine, adapters, prompt, name, sampling), f"request {i}"
+        completion = result.completion
+        assert completion.finish_reason == pb.FINISH_REASON_LENGTH
+        assert (completion.prompt_tokens, completion.generated_tokens) == (len(prompt), 10)
+        assert completion.adapter == name
+        assert completion.adapter_version == (adapter_digest(adapters[name]) if name else "")
+
+
+async def test_text_input_streams_text_deltas(serving_model):
+    base, _adapters = serving_model
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    prompt = TOKENIZER_CORPUS[-1]  # multi-byte characters spanning several byte-level tokens
+    async with running(serving_model) as (_app, client):
+        responses = [r async for r in client.generate_stream(prompt, "b_r16_all", max_new_tokens=40,
+                                                             ignore_eos=True, temperature=1.0, seed=7)]
+    token_ids = [r.token_id for r in responses]
+    assert responses[-1].completion.prompt_tokens == len(tokenizer(prompt)["input_ids"])
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    assert "".join(r.text for r in responses) == text
+    assert sum(bool(r.text) for r in responses) > 5
+
+
+async def test_info_and_health(serving_model):
+    _base, adapters = serving_model
+    async with running(serving_model) as (_app, client):
+        info = await client.info()
+        health = health_pb2_grpc.HealthStub(client._channel)
+        status = await health.Check(health_pb2.HealthCheckRequest(service="loraplex.v1.Generation"))
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
+    assert (info.model, info.vocab_size, info.max_model_len, info.has_tokenizer) == ("base", 96, 256, True)
+    assert {(a.name, a.version) for a in info.adapters} == {(n, adapter_digest(f)) for n, f in adapters.items()}
+    assert {a.name: a.rank for a in info.adapters}["c_r64_mlp_o_rslora"] == 64
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"prompt": []}, "prompt"),
+    ({"prompt": [1, 500]}, "prompt"),
+    ({"prompt": list(range(90)) * 3}, "prompt"),
+    ({"prompt": [1, 2], "max_new_tokens": 5000}, "stopping.max_new_tokens"),
+    ({"prompt": [1, 2], "top_p": 2.0}, "sampling"),
+    ({"prompt": [1, 2], "temperature": -1.0}, "sampling"),
+    ({"prompt": [1, 2], "chat": True}, "chat"),
+    ({"prompt": ""}, "text"),
+    ({"prompt": "hello", "chat": True}, "chat"),
+])
+async def test_invalid_arguments_name_the_field(serving_model, kwargs, field):
+    async with running(serving_model) as (_app, client):
+        details = await expect_status(grpc.StatusCode.INVALID_ARGUMENT, client.generate(**kwargs))
+    assert details.startswith(f"{field}: "), details
+
+
+async def test_missing_input_is_invalid(serving_model):
+    async with running(serving_model) as (_app, client):
+        call = client._stub.Generate(pb.GenerateRequest(adapter="a_r4_qv"))
+        details = await expect_status(grpc.StatusCode.INVALID_ARGUMENT, call.read())
+    assert details == "input: set text or token_ids"
+
+
+async def test_unknown_adapter_is_not_found(serving_model):
+    async with running(serving_model) as (_app, client):
+        details = await expect_status(grpc.StatusCode.NOT_FOUND, client.generate([1, 2], "missing"))
+    assert "'missing'" in details
+
+
+async def test_full_queue_is_resource_exhausted(serving_model):
+    async with running(serving_model, scheduler={"max_running": 1, "max_waiting": 1}) as (app, client):
+        slow_steps(app, 0.02)
+        first = client.generate_stream([1, 2, 3], max_new_tokens=100, ignore_eos=True)
+        await anext(first)  # running
+        second = asyncio.create_task(client.generate([1, 2, 3], max_new_tokens=2))
+        while app.scheduler.num_waiting < 1:
+            await asyncio.sleep(0.005)
+        details = await expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED, client.generate([1, 2, 3]))
+        assert "max_waiting=1" in details
+        await first.aclose()
+        assert len((await second).token_ids) == 2
+        assert await blocks_back(app)
+
+
+async def test_api_keys_scopes_and_adapter_allow_lists(serving_model):
+    keys = [ApiKey(name="admin", sha256=hashlib.sha256(KEYS["admin"].encode()).hexdigest()),
+            ApiKey(name="support-only", sha256=hashlib.sha256(KEYS["support-only"].encode()).hexdigest(),
+                   adapters=frozenset({"a_r4_qv"})),
+            ApiKey(name="info-only", sha256=hashlib.sha256(KEYS["info-only"].encode()).hexdigest(),
+                   scopes=frozenset({"info"}))]
+    async with running(serving_model, api_keys=keys) as (app, _):
+        target = f"127.0.0.1:{app.port}"
+        clients = {name: AsyncClient(target, api_key=key) for name, key in KEYS.items()}
+        anonymous, wrong = AsyncClient(target), AsyncClient(target, api_key="not-a-key")
+        try:
+            await expect_status(grpc.StatusCode.UNAUTHENTICATED, anonymous.generate([1, 2], max_new_tokens=1))
+            await expect_status(grpc.StatusCode.UNAUTHENTICATED, wrong.info())
+            assert len((await clients["admin"].generate([1, 2], "b_r16_all", max_new_tokens=2)).token_ids) == 2
+            assert len((await clients["support-only"].generate([1, 2], "a_r4_qv", max_new_tokens=2)).token_ids) == 2
+            details = await expect_status(grpc.StatusCode.PERMISSION_DENIED,
+                                          clients["support-only"].generate([1, 2], "b_r16_all", max_new_tokens=1))
+            assert "'b_r16_all'" in details
+            details = await expect_status(grpc.StatusCode.PERMISSION_DENIED,
+                                          clients["support-only"].generate([1, 2], max_new_tokens=1))
+            assert "base model" in details
+            details = await expect_status(grpc.StatusCode.PERMISSION_DENIED,
+                                          clients["info-only"].generate([1, 2], max_new_tokens=1))
+            assert "'generate' scope" in details
+            assert len((await clients["info-only"].info()).adapters) == 4
+        finally:
+            for client in [*clients.values(), anonymous, wrong]:
+                await client.close()
+
+
+async def test_client_cancel_frees_kv_blocks(serving_model):
+    async with running(serving_model) as (app, client):
+        slow_steps(app, 0.005)
+        stream = client.generate_stream(list(range(30)), "d_r8_k_gate", max_new_tokens=200, ignore_eos=True)
+        for _ in range(3):
+            await anext(stream)
+        assert app.scheduler.engine.cache.free_blocks < app.scheduler.engine.cache.num_blocks
+        await stream.aclose()
+        assert await blocks_back(app)
+        assert app.scheduler.stats.cancelled == 1
+        assert app.scheduler.adapters.in_use("d_r8_k_gate") == 0
+
+
+async def test_deadline_exceeded_frees_kv_blocks(serving_model):
+    async with running(serving_model) as (app, client):
+        slow_steps(app, 0.01)
+        await expect_status(grpc.StatusCode.DEADLINE_EXCEEDED,
+                            client.generate(list(range(30)), max_new_tokens=200, ignore_eos=True, timeout=0.3))
+        assert await blocks_back(app)
+        assert app.scheduler.stats.cancelled == 1

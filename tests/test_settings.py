@@ -1,0 +1,59 @@
+"""Settings: flags > code values > LORAPLEX_* env > TOML file > defaults; bad values refused by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
+from loraplex.server.settings import load_settings
+
+DIGEST = "ab" * 32
+
+
+def test_sources_in_priority_order(tmp_path: Path, monkeypatch):
+    adapter = tmp_path / "support"
+    adapter.mkdir()
+    config = tmp_path / "loraplex.toml"
+    config.write_text(f'port = 1\nhost = "0.0.0.0"\nshutdown_grace_s = 5\n[engine]\nnum_slots = 3\nmax_rank = 16\n'
+                      f'[[api_keys]]\nname = "ops"\nsha256 = "{DIGEST}"\nscopes = ["info"]\n')
+    monkeypatch.setenv("LORAPLEX_PORT", "2")
+    monkeypatch.setenv("LORAPLEX_HOST", "10.0.0.1")
+    monkeypatch.setenv("LORAPLEX_ENGINE__MAX_RANK", "8")
+    monkeypatch.setenv("LORAPLEX_SCHEDULER__MAX_WAITING", "7")
+    settings = load_settings(["--port", "4", "--adapter", f"support={adapter}"], config, port=3, host="::1")
+    assert settings.port == 4  # flag over value over env over file
+    assert settings.host == "::1"  # value over env
+    assert settings.engine.max_rank == 8 and settings.engine.num_slots == 3  # env over file, file over default
+    assert settings.scheduler.max_waiting == 7 and settings.scheduler.max_running == 64
+    assert settings.shutdown_grace_s == 5
+    assert settings.adapter == {"support": adapter}
+    assert settings.api_keys[0].scopes == {"info"} and settings.api_keys[0].adapters is None
+
+
+@pytest.mark.parametrize(("args", "values", "message"), [
+    (["--port", "70000"], {}, "port"),
+    (["--engine.num_slots", "0"], {}, "engine.num_slots"),
+    (["--scheduler.max_step_tokens", "0"], {}, "scheduler.max_step_tokens"),
+    (["--adapter", "bad name=/tmp"], {}, "adapter name 'bad name'"),
+    (["--adapter", "x=/does/not/exist"], {}, "/does/not/exist is not a folder"),
+    ([], {"model": "/does/not/exist"}, "has no config.json"),
+    (["--engine.num_slots", "1"], {"adapter": {"a": "/tmp", "b": "/tmp"}}, "2 adapters do not fit engine.num_slots=1"),
+    (["--default_max_new_tokens", "10", "--max_new_tokens_limit", "5"], {}, "exceeds max_new_tokens_limit=5"),
+    ([], {"api_keys": [{"name": "a", "sha256": DIGEST}, {"name": "b", "sha256": DIGEST}]}, "share a sha256"),
+    ([], {"api_keys": [{"name": "a", "sha256": "short"}]}, "api_keys.0.sha256"),
+    ([], {"api_keys": [{"name": "a", "sha256": DIGEST, "scopes": ["admin"]}]}, "api_keys.0.scopes"),
+    (["--shutdown_grace_s", "-1"], {}, "shutdown_grace_s"),
+])
+def test_bad_values_are_refused_by_name(args, values, message):
+    with pytest.raises(ValidationError, match=message.replace(".", r"\.")):
+        load_settings(args, **values)
+
+
+def test_unknown_flag_and_missing_file_are_refused(tmp_path: Path):
+    with pytest.raises(SettingsError, match="--bogus"):
+        load_settings(["--bogus", "1"])
+    with pytest.raises(FileNotFoundError, match=r"missing\.toml"):
+        load_settings([], tmp_path / "missing.toml")
