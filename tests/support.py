@@ -73,8 +73,8 @@ MIXED_ADAPTERS = (
 )
 
 
-def write_adapter(base_folder: Path, spec: AdapterSpec, folder: Path, seed: int) -> Path:
-    """A PEFT LoRA with random non-zero A and B (init_lora_weights=False), saved as safetensors."""
+def write_adapter(base_folder: Path, spec: AdapterSpec, folder: Path, seed: int, b_scale: float = 0.5) -> Path:
+    """A PEFT LoRA with random non-zero A and B (init_lora_weights=False, B scaled by `b_scale`)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -85,20 +85,21 @@ def write_adapter(base_folder: Path, spec: AdapterSpec, folder: Path, seed: int)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
-                param.mul_(0.5)
+                param.mul_(b_scale)
     model.save_pretrained(folder)
     return folder
 
 
 def reference_generate(base_folder: Path, adapters: dict[str, Path], rows: list[tuple[list[int], str | None]],
-                       max_new_tokens: int, quantized: bool) -> list[tuple[list[int], torch.Tensor]]:
+                       max_new_tokens: int, quantized: bool, device: str = "cpu",
+                       ) -> list[tuple[list[int], torch.Tensor]]:
     """transformers + PEFT, each row run alone with its adapter (None: adapters disabled).
 
     Returns per row (greedy tokens, raw logits [max_new_tokens, vocab])."""
     from peft import PeftModel
 
-    kwargs = {"quantization_config": nf4_config(), "device_map": "cpu"} if quantized else {}
-    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32, **kwargs)
+    kwargs = {"quantization_config": nf4_config()} if quantized else {}
+    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32, device_map=device, **kwargs)
     names = list(adapters)
     model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
     for name in names[1:]:
@@ -108,7 +109,7 @@ def reference_generate(base_folder: Path, adapters: dict[str, Path], rows: list[
         use_portable_nf4_path(model)
     results = []
     for prompt, adapter in rows:
-        inputs = torch.tensor([prompt])
+        inputs = torch.tensor([prompt], device=device)
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
                       return_dict_in_generate=True, attention_mask=torch.ones_like(inputs), pad_token_id=0)
         with torch.no_grad():
@@ -118,5 +119,5 @@ def reference_generate(base_folder: Path, adapters: dict[str, Path], rows: list[
             else:
                 model.set_adapter(adapter)
                 out = model.generate(input_ids=inputs, **kwargs)
-        results.append((out.sequences[0, len(prompt):].tolist(), torch.cat(out.logits).float()))
+        results.append((out.sequences[0, len(prompt):].tolist(), torch.cat(out.logits).float().cpu()))
     return results

@@ -8,9 +8,18 @@ import pytest
 import torch
 
 from loraplex.adapters.peft_format import read_lora_weights
+from loraplex.server.default_model import default_model_path
 from loraplex.server.engine import Engine, EngineConfig, SamplingParams
 from loraplex.server.model_files import iter_weights, model_spec
-from support import ARCHITECTURES, MIXED_ADAPTERS, reference_generate, write_adapter, write_tiny_model
+from support import (
+    ALL_LINEAR,
+    ARCHITECTURES,
+    MIXED_ADAPTERS,
+    AdapterSpec,
+    reference_generate,
+    write_adapter,
+    write_tiny_model,
+)
 
 NEW_TOKENS = 16
 #: (prompt length, adapter index into MIXED_ADAPTERS or None for the base), one row each.
@@ -44,18 +53,19 @@ def tiny_setup(request, tmp_path_factory):
     return arch, base, adapters, rows
 
 
-def run_engine(base: Path, adapters: dict[str, Path], rows, quantize: bool, lora_impl: str = "auto"):
+def run_engine(base: Path, adapters: dict[str, Path], rows, quantize: bool, lora_impl: str = "auto",
+               new_tokens: int = NEW_TOKENS, device: str = "cpu"):
     engine = Engine(model_spec(base), iter_weights(base),
-                    EngineConfig(quantize=quantize, num_slots=8, max_rank=64, block_size=4,
-                                 kv_cache_bytes=4 * 2**20, lora_impl=lora_impl))
+                    EngineConfig(quantize=quantize, num_slots=8, max_rank=64, block_size=4, device=device,
+                                 compute_dtype="float32", kv_cache_bytes=4 * 2**20, lora_impl=lora_impl))
     slot_of = {}
     for slot, (name, folder) in enumerate(adapters.items()):
         engine.set_slot(slot, read_lora_weights(folder))
         slot_of[name] = slot
     steps = record_logits(engine)
-    outputs = engine.generate([p for p, _ in rows], SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True),
+    outputs = engine.generate([p for p, _ in rows], SamplingParams(max_new_tokens=new_tokens, ignore_eos=True),
                               slots=[-1 if a is None else slot_of[a] for _, a in rows])
-    logits = torch.stack(steps, dim=1)  # [rows, steps, vocab]: every row runs every step
+    logits = torch.stack(steps, dim=1).cpu()  # [rows, steps, vocab]: every row runs every step
     return outputs, logits
 
 
@@ -63,10 +73,10 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
-def assert_parity(setup, quantize: bool, tolerance: float) -> None:
+def assert_parity(setup, quantize: bool, tolerance: float, new_tokens: int = NEW_TOKENS, device: str = "cpu") -> None:
     arch, base, adapters, rows = setup
-    expected = reference_generate(base, adapters, rows, NEW_TOKENS, quantized=quantize)
-    outputs, logits = run_engine(base, adapters, rows, quantize)
+    expected = reference_generate(base, adapters, rows, new_tokens, quantized=quantize, device=device)
+    outputs, logits = run_engine(base, adapters, rows, quantize, new_tokens=new_tokens, device=device)
     outputs_distinct = {tuple(o) for o in outputs}
     assert len(outputs_distinct) > len(rows) // 2, "adapters should change the outputs"
     for row, ((ref_tokens, ref_logits), tokens) in enumerate(zip(expected, outputs, strict=True)):
@@ -83,6 +93,13 @@ def test_mixed_batch_matches_peft_nf4(tiny_setup):
     assert_parity(tiny_setup, quantize=True, tolerance=1e-3)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantize", [False, True], ids=["dense", "nf4"])
+def test_mixed_batch_matches_peft_on_cuda(tiny_setup, quantize):
+    """The same equivalence with everything on the GPU (grouped LoRA op, bnb CUDA kernels)."""
+    assert_parity(tiny_setup, quantize=quantize, tolerance=1e-4 if not quantize else 1e-3, device="cuda")
+
+
 @pytest.mark.parametrize("lora_impl", ["grouped", "cpu_kernel"])
 def test_fast_lora_paths_match_reference_op(tiny_setup, lora_impl):
     _, base, adapters, rows = tiny_setup
@@ -90,3 +107,35 @@ def test_fast_lora_paths_match_reference_op(tiny_setup, lora_impl):
     reference_tokens, reference_logits = run_engine(base, adapters, rows, quantize=True, lora_impl="reference")
     assert fast_tokens == reference_tokens
     assert relative_error(fast_logits, reference_logits) < 1e-5
+
+
+# -- the real default model ------------------------------------------------------------------------
+
+SMOLLM2_ADAPTERS = (
+    AdapterSpec("qv_r8", 8, ("q_proj", "v_proj")),
+    AdapterSpec("all_r16_rslora", 16, ALL_LINEAR, rslora=True),
+    AdapterSpec("mlp_r32", 32, ("gate_proj", "up_proj", "down_proj")),
+)
+SMOLLM2_NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def smollm2_setup(tmp_path_factory):
+    base = default_model_path()
+    root = tmp_path_factory.mktemp("smollm2")
+    adapters = {s.name: write_adapter(base, s, root / s.name, seed=30 + i, b_scale=0.05)
+                for i, s in enumerate(SMOLLM2_ADAPTERS)}
+    generator = torch.Generator().manual_seed(2)
+    rows = [(torch.randint(100, 49000, (length,), generator=generator).tolist(), name)
+            for length, name in [(12, None), (21, "qv_r8"), (9, "all_r16_rslora"), (30, "mlp_r32"), (15, "qv_r8")]]
+    return "smollm2", base, adapters, rows
+
+
+@pytest.mark.slow
+def test_smollm2_mixed_batch_matches_peft_unquantized(smollm2_setup):
+    assert_parity(smollm2_setup, quantize=False, tolerance=1e-4, new_tokens=SMOLLM2_NEW_TOKENS)
+
+
+@pytest.mark.slow
+def test_smollm2_mixed_batch_matches_peft_nf4(smollm2_setup):
+    assert_parity(smollm2_setup, quantize=True, tolerance=1e-3, new_tokens=SMOLLM2_NEW_TOKENS)

@@ -11,7 +11,15 @@ import torch
 
 from loraplex.adapters.peft_format import read_lora_weights
 from loraplex.server.engine import Engine, EngineConfig, ModelSpec, SamplingParams
-from loraplex.server.engine.lora import NO_ADAPTER, LoraBatch, LoraSlots, lora_grouped, lora_reference
+from loraplex.server.engine.lora import (
+    LARGE_GROUP,
+    NO_ADAPTER,
+    LoraBatch,
+    LoraSlots,
+    lora_grouped,
+    lora_reference,
+)
+from loraplex.server.engine.lora_cpu import lora_cpu
 from loraplex.server.engine.model import LoraWeights
 from loraplex.server.model_files import iter_weights, model_spec
 from support import ALL_LINEAR, MIXED_ADAPTERS, write_adapter, write_tiny_model
@@ -241,11 +249,12 @@ CASES = {
     "equal_groups": [0, 3, 0, 3],
     "single_token": [3],
     "only_empty_slots": [2, 4, 2, -1],
+    "prefill_and_decode": [1] * LARGE_GROUP + [0, -1, 3] + [5] * (LARGE_GROUP + 3) + [3, 0],
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_grouped_matches_reference_and_explicit_loop(op_slots, case: str) -> None:
+def test_fast_ops_match_reference_and_explicit_loop(op_slots, case: str) -> None:
     slots, weights, ranks = op_slots
     slot_ids = CASES[case]
     generator = torch.Generator().manual_seed(len(slot_ids))
@@ -262,6 +271,7 @@ def test_grouped_matches_reference_and_explicit_loop(op_slots, case: str) -> Non
     grouped = lora_grouped(y.clone(), x, slots, batch)
     torch.testing.assert_close(reference, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grouped, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lora_cpu(y.clone(), x, slots, batch), reference, rtol=1e-5, atol=1e-5)
     untouched = [t for t, s in enumerate(slot_ids) if s not in weights]  # -1, reset and never-set slots
     assert torch.equal(grouped[untouched], y[untouched]) and torch.equal(reference[untouched], y[untouched])
     touched = [t for t, s in enumerate(slot_ids) if s in weights]
@@ -272,26 +282,33 @@ def test_grouped_matches_reference_and_explicit_loop(op_slots, case: str) -> Non
 def test_lora_batch_groups_and_pads() -> None:
     ranks = [3, 16, 0, 7, 0, 1]
     mixed = LoraBatch.build(CASES["mixed_padded"], ranks, torch.device("cpu"))
-    assert mixed.group_slots.tolist() == [0, 1, 3, 5, 2, 4]
-    assert mixed.group_len == 4  # slot 3 has four tokens
-    assert mixed.rank == 16
-    assert mixed.valid_positions is not None
-    assert mixed.valid_positions.numel() == mixed.token_index.numel() == 13
-    assert mixed.gather_index.numel() == 6 * 4
+    assert mixed.groups.slots.tolist() == [0, 1, 3, 5, 2, 4]
+    assert mixed.groups.group_len == 4  # slot 3 has four tokens
+    assert mixed.groups.rank == 16
+    assert mixed.groups.valid_positions is not None
+    assert mixed.groups.valid_positions.numel() == mixed.groups.token_index.numel() == 13
+    assert mixed.groups.gather_index.numel() == 6 * 4
     one = LoraBatch.build(CASES["one_slot"], ranks, torch.device("cpu"))
-    assert one.valid_positions is None and one.group_len == 9 and one.rank == 16
+    assert one.groups.valid_positions is None and one.groups.group_len == 9 and one.groups.rank == 16
     low = LoraBatch.build(CASES["one_low_rank_slot"], ranks, torch.device("cpu"))
-    assert low.rank == 1, "the batch reads slot buffers only up to its largest rank"
+    assert low.groups.rank == 1, "the batch reads slot buffers only up to its largest rank"
     none = LoraBatch.build(CASES["no_adapter"], ranks, torch.device("cpu"))
-    assert none.empty and none.rank == 0 and none.group_len == 0 and none.token_index.numel() == 0
+    assert none.groups.empty and none.groups.rank == 0 and none.groups.group_len == 0
+    assert none.groups.token_index.numel() == 0
     equal = LoraBatch.build(CASES["equal_groups"], ranks, torch.device("cpu"))
-    assert equal.valid_positions is None and equal.gather_index.tolist() == [0, 2, 1, 3]
+    assert equal.groups.valid_positions is None and equal.groups.gather_index.tolist() == [0, 2, 1, 3]
+    assert mixed.large_groups.empty and mixed.small_tokens.numel() == 13
+    order = (0, 1, 3, 5, 2, 4)  # first appearance in the batch; each slot's tokens adjacent
+    assert mixed.small_slots.tolist() == [slot for slot in order for _ in range(CASES["mixed_padded"].count(slot))]
+    prefill = LoraBatch.build([1] * LARGE_GROUP + [0, -1, 0], ranks, torch.device("cpu"))
+    assert prefill.large_groups.slots.tolist() == [1] and prefill.large_groups.group_len == LARGE_GROUP
+    assert prefill.small_tokens.tolist() == [LARGE_GROUP, LARGE_GROUP + 2] and prefill.small_slots.tolist() == [0, 0]
 
 
 def test_empty_batch_returns_y_untouched(op_slots) -> None:
     slots, _, ranks = op_slots
     x, y = torch.randn(3, IN_FEATURES), torch.randn(3, OUT_FEATURES)
     batch = LoraBatch.build([-1, -1, -1], ranks, torch.device("cpu"))
-    for op in (lora_grouped, lora_reference):
+    for op in (lora_grouped, lora_reference, lora_cpu):
         result = op(y.clone(), x, slots, batch)
         assert torch.equal(result, y)

@@ -74,39 +74,65 @@ class LoraSlots(torch.nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.A, self.B, self.scale))
 
 
+def _index(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
 @dataclass(frozen=True)
-class LoraBatch:
-    """Per-step LoRA metadata, built once and shared by every projection of every layer.
+class GroupLayout:
+    """Tokens grouped by slot: group g holds the tokens of slot `slots[g]`, padded to the longest
+    group, so that all groups together are two batched matmuls per projection."""
 
-    Tokens are grouped by slot: group g holds the tokens of slot `group_slots[g]`, padded to the
-    longest group so that the whole batch is two batched matmuls per projection.
-    """
-
-    slot_ids: torch.Tensor
-    """[num_tokens] slot of each token, NO_ADAPTER for base-only tokens (used by the reference op)."""
-    group_slots: torch.Tensor
-    """[num_groups] distinct slots present in the batch."""
+    slots: torch.Tensor
+    """[num_groups] the groups' slots."""
     gather_index: torch.Tensor
     """[num_groups * group_len] token index per padded group position (padding repeats a valid token)."""
     valid_positions: torch.Tensor | None
-    """[num_lora_tokens] padded positions that hold real tokens; None when nothing is padded."""
+    """[num_grouped_tokens] padded positions that hold real tokens; None when nothing is padded."""
     token_index: torch.Tensor
-    """[num_lora_tokens] token each valid padded position writes back to."""
+    """[num_grouped_tokens] token each valid padded position writes back to."""
     group_len: int
     rank: int
     """Largest rank among the groups' adapters: slot buffers are read only up to this rank."""
-    large_groups: tuple[tuple[int, int, torch.Tensor | None], ...]
-    """(slot, rank, token index or None for "all tokens, in order") of groups of >= LARGE_GROUP tokens."""
+
+    @property
+    def empty(self) -> bool:
+        return self.slots.numel() == 0
+
+    @staticmethod
+    def build(tokens_by_slot: dict[int, list[int]], slot_ranks: list[int], device: torch.device) -> GroupLayout:
+        group_len = max((len(tokens) for tokens in tokens_by_slot.values()), default=0)
+        gather, valid, writes = [], [], []
+        for tokens in tokens_by_slot.values():
+            valid.extend(range(len(gather), len(gather) + len(tokens)))
+            writes.extend(tokens)
+            gather.extend(tokens + [tokens[0]] * (group_len - len(tokens)))
+        return GroupLayout(
+            slots=_index(list(tokens_by_slot), device),
+            gather_index=_index(gather, device),
+            valid_positions=_index(valid, device) if len(gather) != len(writes) else None,
+            token_index=_index(writes, device),
+            group_len=group_len,
+            rank=max((slot_ranks[s] for s in tokens_by_slot), default=0),
+        )
+
+
+@dataclass(frozen=True)
+class LoraBatch:
+    """Per-step LoRA metadata, built once on the host and shared by every projection of every layer."""
+
+    slot_ids: torch.Tensor
+    """[num_tokens] slot of each token, NO_ADAPTER for base-only tokens (the reference op's input)."""
+    groups: GroupLayout
+    """All adapter tokens grouped by slot (the grouped op's input)."""
+    large_groups: GroupLayout
+    """Only the groups of >= LARGE_GROUP tokens (prefill-sized: batched matmuls pay off)."""
     small_tokens: torch.Tensor
-    """[n] tokens of the other groups, for per-token kernels."""
+    """[n] tokens of the other groups, adjacent by slot (per-token kernels' input)."""
     small_slots: torch.Tensor
     """[n] slot of each of `small_tokens`."""
     slot_ranks: torch.Tensor
     """[num_slots] rank of each slot's adapter."""
-
-    @property
-    def empty(self) -> bool:
-        return self.group_slots.numel() == 0
 
     @staticmethod
     def build(slot_ids: list[int], slot_ranks: list[int], device: torch.device) -> LoraBatch:
@@ -115,38 +141,15 @@ class LoraBatch:
         for token, slot in enumerate(slot_ids):
             if slot != NO_ADAPTER:
                 tokens_by_slot.setdefault(slot, []).append(token)
-        group_len = max((len(tokens) for tokens in tokens_by_slot.values()), default=0)
-        gather, valid, writes = [], [], []
-        for tokens in tokens_by_slot.values():
-            base = len(gather)
-            valid.extend(range(base, base + len(tokens)))
-            writes.extend(tokens)
-            gather.extend(tokens + [tokens[0]] * (group_len - len(tokens)))
-        padded = len(gather) != len(writes)
-        large, small_tokens, small_slots = [], [], []
-        for slot, tokens in tokens_by_slot.items():
-            if len(tokens) >= LARGE_GROUP:
-                whole = tokens == list(range(len(slot_ids)))
-                large.append((slot, slot_ranks[slot], None if whole else torch.tensor(tokens, device=device)))
-            else:
-                small_tokens.extend(tokens)
-                small_slots.extend([slot] * len(tokens))
-
-        def as_index(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=device)
-
+        large = {slot: tokens for slot, tokens in tokens_by_slot.items() if len(tokens) >= LARGE_GROUP}
+        small = [(slot, tokens) for slot, tokens in tokens_by_slot.items() if len(tokens) < LARGE_GROUP]
         return LoraBatch(
-            slot_ids=as_index(slot_ids),
-            group_slots=as_index(list(tokens_by_slot)),
-            gather_index=as_index(gather),
-            valid_positions=as_index(valid) if padded else None,
-            token_index=as_index(writes),
-            group_len=group_len,
-            rank=max((slot_ranks[s] for s in tokens_by_slot), default=0),
-            large_groups=tuple(large),
-            small_tokens=as_index(small_tokens),
-            small_slots=as_index(small_slots),
-            slot_ranks=as_index(slot_ranks),
+            slot_ids=_index(slot_ids, device),
+            groups=GroupLayout.build(tokens_by_slot, slot_ranks, device),
+            large_groups=GroupLayout.build(large, slot_ranks, device),
+            small_tokens=_index([t for _, tokens in small for t in tokens], device),
+            small_slots=_index([slot for slot, tokens in small for _ in tokens], device),
+            slot_ranks=_index(slot_ranks, device),
         )
 
 
@@ -166,23 +169,28 @@ def lora_reference(y: torch.Tensor, x: torch.Tensor, slots: LoraSlots, batch: Lo
     return y
 
 
-def lora_grouped(y: torch.Tensor, x: torch.Tensor, slots: LoraSlots, batch: LoraBatch) -> torch.Tensor:
-    """Same result as `lora_reference`, as two batched matmuls over the batch's distinct slots.
+def grouped_matmul(y: torch.Tensor, x: torch.Tensor, slots: LoraSlots, layout: GroupLayout) -> torch.Tensor:
+    """The LoRA op for the tokens of `layout`, as two batched matmuls over its groups.
 
-    Reads each present adapter's weights once, only up to the batch's largest rank.
+    Gathers each group's adapter (up to the layout's rank) once; returns y (updated in place).
     """
-    if batch.empty:
+    if layout.empty:
         return y
-    num_groups, rank = batch.group_slots.numel(), batch.rank
-    x_groups = x.index_select(0, batch.gather_index).view(num_groups, batch.group_len, -1)  # [G, L, in]
-    a_groups = slots.A[:, :rank].index_select(0, batch.group_slots)  # [G, r, in]
+    num_groups, rank = layout.slots.numel(), layout.rank
+    x_groups = x.index_select(0, layout.gather_index).view(num_groups, layout.group_len, -1)  # [G, L, in]
+    a_groups = slots.A[:, :rank].index_select(0, layout.slots)  # [G, r, in]
     hidden = torch.bmm(x_groups, a_groups.transpose(1, 2))  # [G, L, r]
-    hidden *= slots.scale.index_select(0, batch.group_slots).view(num_groups, 1, 1)
-    b_groups = slots.B[:, :rank].index_select(0, batch.group_slots)  # [G, r, out]
-    delta = torch.bmm(hidden, b_groups).view(num_groups * batch.group_len, -1)  # [G*L, out]
-    if batch.valid_positions is not None:
-        delta = delta.index_select(0, batch.valid_positions)  # [num_lora_tokens, out]
-    return y.index_add_(0, batch.token_index, delta)
+    hidden *= slots.scale.index_select(0, layout.slots).view(num_groups, 1, 1)
+    b_groups = slots.B[:, :rank].index_select(0, layout.slots)  # [G, r, out]
+    delta = torch.bmm(hidden, b_groups).view(num_groups * layout.group_len, -1)  # [G*L, out]
+    if layout.valid_positions is not None:
+        delta = delta.index_select(0, layout.valid_positions)  # [num_grouped_tokens, out]
+    return y.index_add_(0, layout.token_index, delta)
+
+
+def lora_grouped(y: torch.Tensor, x: torch.Tensor, slots: LoraSlots, batch: LoraBatch) -> torch.Tensor:
+    """Same result as `lora_reference`, as two batched matmuls over the batch's distinct slots (any device)."""
+    return grouped_matmul(y, x, slots, batch.groups)
 
 
 class MultiLoraLinear(torch.nn.Module):

@@ -7,8 +7,8 @@ three times. This path reads them in place, from the slot buffers, once:
 - tokens of groups smaller than `LARGE_GROUP` (typically decode tokens of distinct adapters) go
   through one compiled kernel call per projection that walks tokens in parallel and, for token i,
   computes h = A[s_i, :r_i] @ x[i] * scale[s_i], then y[i] += h @ B[s_i, :r_i];
-- groups of at least `LARGE_GROUP` tokens (prefill, or one popular adapter) use two BLAS matmuls on
-  views of their slot, with no weight copy.
+- groups of at least `LARGE_GROUP` tokens (prefill chunks) go through `grouped_matmul`: batched
+  BLAS matmuls, where the one gathered copy of each adapter is small next to the token work.
 
 The kernel is compiled on first use for the host CPU (build cached under the loraplex home, keyed
 by the CPU's flags); when no compiler is available `available()` is False and the engine uses
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from loraplex.server.engine.lora import LoraBatch, LoraSlots
+from loraplex.server.engine.lora import LoraBatch, LoraSlots, grouped_matmul
 
 log = logging.getLogger(__name__)
 
@@ -154,15 +154,7 @@ def available() -> bool:
 
 def lora_cpu(y: torch.Tensor, x: torch.Tensor, slots: LoraSlots, batch: LoraBatch) -> torch.Tensor:
     """Same result as `lora_reference` for float32 tensors on the CPU; returns y (updated in place)."""
-    for slot, rank, tokens in batch.large_groups:
-        scale = slots.scales[slot]
-        if scale == 0.0:
-            continue
-        lora_a, lora_b = slots.A[slot, :rank], slots.B[slot, :rank]  # views: [r, in], [r, out]
-        if tokens is None:  # the group is the whole batch, in order
-            y.addmm_(x @ lora_a.T, lora_b, alpha=scale)
-        else:
-            y.index_add_(0, tokens, (x.index_select(0, tokens) @ lora_a.T) @ lora_b, alpha=scale)
+    grouped_matmul(y, x, slots, batch.large_groups)
     if batch.small_tokens.numel():
         _extension().lora_bgmv(y, x.contiguous(), slots.A, slots.B, slots.scale, batch.slot_ranks,
                                batch.small_tokens, batch.small_slots)

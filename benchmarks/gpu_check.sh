@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The device check, for a session that has a CUDA machine: parity tests on CUDA, then the engine
+# benchmark with the NF4 base resident in GPU memory. Run from the repository root; writes the
+# figures to benchmarks/results/ (and to $OUT when set, as the device tool expects).
+set -euo pipefail
+export PYTHONUNBUFFERED=1
+make setup >/dev/null
+.venv/bin/python -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"
+.venv/bin/python -m pytest -q -m gpu tests/test_parity.py 2>&1 | tail -n 15
+.venv/bin/python benchmarks/engine_throughput.py --device cuda \
+  --output benchmarks/results/engine_throughput_cuda.json 2>&1 | grep -v Warning | tail -n 20
+if [ -n "${OUT:-}" ]; then cp benchmarks/results/engine_throughput_cuda.json "$OUT/"; fi
