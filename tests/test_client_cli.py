@@ -1,0 +1,149 @@
+"""A real `loraplex serve` process: the sync client, the CLI verbs, bad settings, and SIGTERM draining."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+
+from loraplex.client.client import Client
+from loraplex.server.engine import SamplingParams
+from loraplex.v1 import generation_pb2 as pb
+from serving_support import TEST_ENGINE, generate_alone, make_engine
+
+LORAPLEX = str(Path(sys.executable).parent / "loraplex")  # the console script pyproject declares
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def serve_args(serving_model) -> list[str]:
+    base, adapters = serving_model
+    args = ["serve", "--model", str(base), "--port", "0", "--no-reflection"]
+    for name, folder in adapters.items():
+        args += ["--adapter", f"{name}={folder}"]
+    for name, value in TEST_ENGINE.items():
+        args += [f"--engine.{name}", str(value)]
+    return args
+
+
+@contextmanager
+def server_process(args: list[str], log: Path):
+    """Start `loraplex serve ...`; yields (process, "127.0.0.1:PORT") once it listens; kills it if still up."""
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([LORAPLEX, *args], stdout=subprocess.PIPE, stderr=stderr, text=True, env=ENV)
+    try:
+        line = process.stdout.readline()
+        match = re.search(r" on (\S+:\d+)$", line.strip())
+        assert match, f"server did not start: {line!r} {log.read_text()}"
+        yield process, match.group(1)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([LORAPLEX, *args], capture_output=True, text=True, env=ENV, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(serving_model, tmp_path_factory):
+    with server_process(serve_args(serving_model), tmp_path_factory.mktemp("log") / "server.log") as (_, target):
+        yield target
+
+
+def test_sync_client_matches_generate_alone(serving_model, server):
+    base, adapters = serving_model
+    reference = make_engine(base, adapters)
+    with Client(server) as client:
+        for adapter in ["", "c_r64_mlp_o_rslora"]:
+            result = client.generate([5, 6, 7, 8], adapter, max_new_tokens=8, ignore_eos=True)
+            expected = generate_alone(reference, adapters, [5, 6, 7, 8], adapter,
+                                      SamplingParams(max_new_tokens=8, ignore_eos=True))
+            assert result.token_ids == expected
+            assert result.completion.adapter == adapter
+        with pytest.raises(grpc.RpcError) as error:
+            client.generate([1], "nope")
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_cli_generate_streams_the_text(serving_model, server):
+    with Client(server) as client:
+        expected = client.generate("hello world", "a_r4_qv", max_new_tokens=12)
+    done = run_cli("generate", "--server", server, "--adapter", "a_r4_qv", "--raw", "--max-new-tokens", "12",
+                   "hello world")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == expected.text + "\n"
+    assert re.search(r"\[(stop|length): \d+ tokens, a_r4_qv@[0-9a-f]{12}\]", done.stderr)
+
+
+def test_cli_generate_token_ids_and_info(server):
+    done = run_cli("generate", "--server", server, "--token-ids", "1", "2", "3", "--max-new-tokens", "3")
+    assert done.returncode == 0, done.stderr
+    assert "base model" in done.stderr
+    info = run_cli("info", "--server", server)
+    assert info.returncode == 0, info.stderr
+    assert '"name": "b_r16_all"' in info.stdout and '"vocabSize": 96' in info.stdout
+
+
+def test_cli_errors_exit_nonzero_with_the_status(server):
+    done = run_cli("generate", "--server", server, "--adapter", "nope", "--raw", "hello")
+    assert done.returncode == 1
+    assert "NOT_FOUND: adapter 'nope' is not loaded" in done.stderr
+    done = run_cli("generate", "--server", server, "hello")  # chat template asked for, the tiny model has none
+    assert done.returncode == 1
+    assert "INVALID_ARGUMENT: chat: " in done.stderr
+
+
+def test_serve_refuses_bad_settings():
+    done = run_cli("serve", "--port", "70000", "--engine.num_slots", "0")
+    assert done.returncode == 2
+    assert "port" in done.stderr and "engine.num_slots" in done.stderr
+
+
+def test_sigterm_drains_in_flight_streams(serving_model, tmp_path):
+    streams, new_tokens = 4, 200
+    with server_process(serve_args(serving_model), tmp_path / "server.log") as (process, target):
+        started = threading.Barrier(streams + 1)
+        results: list[list[pb.GenerateResponse]] = [[] for _ in range(streams)]
+
+        def stream(index: int) -> None:
+            with Client(target) as client:
+                for response in client.generate_stream([index + 1] * 10, "b_r16_all" if index % 2 else "",
+                                                       max_new_tokens=new_tokens, ignore_eos=True):
+                    results[index].append(response)
+                    if len(results[index]) == 1:
+                        started.wait()
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(streams)]
+        for thread in threads:
+            thread.start()
+        started.wait()
+        process.send_signal(signal.SIGTERM)
+        at_sigterm = [len(r) for r in results]
+        for thread in threads:
+            thread.join(timeout=60)
+        assert process.wait(timeout=60) == 0
+    assert min(at_sigterm) < new_tokens, "streams should still be running when SIGTERM arrives"
+    for responses in results:
+        assert len(responses) == new_tokens
+        assert responses[-1].completion.finish_reason == pb.FINISH_REASON_LENGTH
+    assert "draining" in (tmp_path / "server.log").read_text()
+
+
+@pytest.mark.slow
+def test_default_model_answers_paris(tmp_path):
+    """`loraplex serve` on SmolLM2-135M-Instruct, then `loraplex generate` through its chat template."""
+    with server_process(["serve", "--port", "0"], tmp_path / "server.log") as (process, target):
+        done = run_cli("generate", "--server", target, "--max-new-tokens", "24", "What is the capital of France?")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout
