@@ -19,6 +19,7 @@ that could never fit the KV pool alone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections import OrderedDict, deque
@@ -69,11 +70,10 @@ class _Entry:
 class SchedulerStats:
     """Counters since start (read without the lock: approximate while running)."""
 
-    admitted: int = 0
     preempted: int = 0
+    """Running sequences whose KV blocks were taken back (they recompute later)."""
     cancelled: int = 0
-    finished: int = 0
-    steps: int = 0
+    """Requests ended by `RequestStream.cancel` before they finished."""
 
 
 class RequestStream:
@@ -83,10 +83,8 @@ class RequestStream:
     frees the request's KV blocks on the scheduler thread; iteration then ends without a final event.
     """
 
-    def __init__(self, scheduler: Scheduler, lease: AdapterLease, prompt_tokens: int,
-                 loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, scheduler: Scheduler, lease: AdapterLease, loop: asyncio.AbstractEventLoop) -> None:
         self.lease = lease
-        self.prompt_tokens = prompt_tokens
         self._scheduler = scheduler
         self._loop = loop
         self._queue: asyncio.Queue[TokenEvent | BaseException | None] = asyncio.Queue()
@@ -145,7 +143,7 @@ class Scheduler:
                 raise Overloaded(f"{self.num_waiting} requests are waiting (max_waiting={self.config.max_waiting})")
             lease = self.adapters.acquire(request.adapter)
             seq.slot = lease.slot
-            stream = RequestStream(self, lease, len(request.prompt_ids), loop)
+            stream = RequestStream(self, lease, loop)
             entry = _Entry(seq, lease, stream)
             stream._entry = entry
             self._waiting.setdefault(lease.name, deque()).append(entry)
@@ -226,7 +224,6 @@ class Scheduler:
                         self._retire(entry, exc)
                 continue
             with self._cond:
-                self.stats.steps += 1
                 self._route(batch, events)
 
     def _reap_cancelled(self) -> None:
@@ -242,7 +239,7 @@ class Scheduler:
         budget = self.config.max_step_tokens
         free = self.engine.cache.free_blocks
         batch: list[tuple[_Entry, int]] = []
-        planned: set[int] = set()
+        planned: set[_Entry] = set()
         for entry in sorted(self._running, key=lambda e: e.seq.num_pending > 1):  # decodes first, stable
             if entry not in self._running:  # preempted for an older sequence in this plan
                 continue
@@ -251,14 +248,14 @@ class Scheduler:
                 break
             need = self._blocks_needed(entry.seq, count)
             while need > free:
-                victim = next(e for e in reversed(self._running) if id(e) not in planned)
+                victim = next(e for e in reversed(self._running) if e not in planned)
                 free += len(victim.seq.block_table)
                 self._preempt(victim)
                 if victim is entry:
                     break
             if entry in self._running:
                 batch.append((entry, count))
-                planned.add(id(entry))
+                planned.add(entry)
                 free -= need
                 budget -= count
         while budget > 0 and len(self._running) < self.config.max_running and self._waiting:
@@ -274,7 +271,6 @@ class Scheduler:
             else:
                 del self._waiting[name]
             self._running.append(entry)
-            self.stats.admitted += 1
             batch.append((entry, count))
             free -= need
             budget -= count
@@ -301,16 +297,21 @@ class Scheduler:
             if event.finish_reason is not None:
                 self._running.remove(entry)
                 self.adapters.release(entry.lease)
-                self.stats.finished += 1
         for loop, items in deliveries.items():
-            loop.call_soon_threadsafe(_deliver, items)
+            _post(loop, _deliver, items)
 
     def _retire(self, entry: _Entry, error: BaseException | None) -> None:
         """End an unfinished request: release its adapter and close its stream (with `error`, if any)."""
         self.adapters.release(entry.lease)
         if entry.cancelled:
             self.stats.cancelled += 1
-        entry.stream._loop.call_soon_threadsafe(entry.stream._put, error)
+        _post(entry.stream._loop, entry.stream._put, error)
+
+
+def _post(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
+    """Run `callback(*args)` on `loop`; a closed loop has no reader left, so nothing is lost."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback, *args)
 
 
 def _deliver(deliveries: list[tuple[RequestStream, TokenEvent]]) -> None:
