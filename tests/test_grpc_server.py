@@ -12,6 +12,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoTokenizer
 
 from loraplex.adapters.identity import adapter_digest
@@ -106,13 +107,18 @@ async def test_text_input_streams_text_deltas(serving_model):
     assert sum(bool(r.text) for r in responses) > 5
 
 
-async def test_info_and_health(serving_model):
+async def test_info_health_and_reflection(serving_model):
     _base, adapters = serving_model
-    async with running(serving_model) as (_app, client):
+    async with running(serving_model, reflection=True) as (_app, client):
         info = await client.info()
         health = health_pb2_grpc.HealthStub(client._channel)
         status = await health.Check(health_pb2.HealthCheckRequest(service="loraplex.v1.Generation"))
+        reflection = reflection_pb2_grpc.ServerReflectionStub(client._channel)
+        listing = [r async for r in reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]))]
     assert status.status == health_pb2.HealthCheckResponse.SERVING
+    services = {s.name for s in listing[0].list_services_response.service}
+    assert {"loraplex.v1.Generation", "grpc.health.v1.Health"} <= services
     assert (info.model, info.vocab_size, info.max_model_len, info.has_tokenizer) == ("base", 96, 256, True)
     assert {(a.name, a.version) for a in info.adapters} == {(n, adapter_digest(f)) for n, f in adapters.items()}
     assert {a.name: a.rank for a in info.adapters}["c_r64_mlp_o_rslora"] == 64
