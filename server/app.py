@@ -57,7 +57,9 @@ def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
 
 
 async def start(settings: Settings) -> App:
-    """Load the model and adapters, start the scheduler thread and the gRPC server."""
+    """Bind the port, load the model and adapters, start the scheduler thread and the gRPC server."""
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=[("grpc.so_reuseport", 0)])
+    port = _bind(server, settings.host, settings.port)
     folder = settings.model or default_model_path()
     engine = Engine(model_spec(folder), iter_weights(folder), settings.engine)
     scheduler = Scheduler(engine, StaticAdapters(engine, settings.adapter), settings.scheduler)
@@ -65,19 +67,25 @@ async def start(settings: Settings) -> App:
         scheduler, load_tokenizer(folder), Authenticator(settings.api_keys),
         RequestLimits(settings.default_max_new_tokens, settings.max_new_tokens_limit), folder.name,
     )
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
     generation_pb2_grpc.add_GenerationServicer_to_server(service, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if settings.reflection:
         reflection.enable_server_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                              reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     scheduler.start()
     await server.start()
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     return App(server, scheduler, health, port, folder.name)
+
+
+def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
+    """Listen on host:port before anything slow happens, so a taken port fails at once (no SO_REUSEPORT)."""
+    try:
+        return server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as error:
+        raise OSError(f"cannot listen on {host}:{port}: the port is taken or the address is invalid") from error
 
 
 async def serve(settings: Settings) -> None:

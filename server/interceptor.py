@@ -51,10 +51,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: str) -> None:
+    """Abort the call (raises AbortError): a RequestError with its status and message, anything else as INTERNAL."""
     if isinstance(error, RequestError):
         await context.abort(STATUS_CODES[type(error)], str(error))
-    log.error("%s failed", method, exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
+    else:
+        log.error("%s failed", method, exc_info=error)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
 
 
 def _guard_unary(behavior, method: str):

@@ -219,3 +219,24 @@ async def test_deadline_exceeded_frees_kv_blocks(serving_model):
                             client.generate(list(range(30)), max_new_tokens=200, ignore_eos=True, timeout=0.3))
         assert await blocks_back(app)
         assert app.scheduler.stats.cancelled == 1
+
+
+async def test_engine_failure_is_internal_and_the_server_keeps_serving(serving_model):
+    async with running(serving_model) as (app, client):
+        step = app.scheduler.engine.step
+
+        def failing_step(batch):
+            app.scheduler.engine.step = step  # fail once
+            raise RuntimeError("injected failure")
+
+        app.scheduler.engine.step = failing_step
+        details = await expect_status(grpc.StatusCode.INTERNAL, client.generate([1, 2, 3], max_new_tokens=3))
+        assert "injected" not in details
+        assert len((await client.generate([1, 2, 3], max_new_tokens=3)).token_ids) == 3
+        assert await blocks_back(app)
+
+
+async def test_a_taken_port_fails_at_start(serving_model):
+    async with running(serving_model) as (app, _client):
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{app.port}"):
+            await start(load_settings(model=serving_model[0], port=app.port))
