@@ -57,7 +57,7 @@ def run_engine(base: Path, adapters: dict[str, Path], rows, quantize: bool, lora
                new_tokens: int = NEW_TOKENS, device: str = "cpu"):
     engine = Engine(model_spec(base), iter_weights(base),
                     EngineConfig(quantize=quantize, num_slots=8, max_rank=64, block_size=4, device=device,
-                                 compute_dtype="float32", kv_cache_bytes=4 * 2**20, lora_impl=lora_impl))
+                                 compute_dtype="float32", kv_cache_bytes=64 * 2**20, lora_impl=lora_impl))
     slot_of = {}
     for slot, (name, folder) in enumerate(adapters.items()):
         engine.set_slot(slot, read_lora_weights(folder))
