@@ -240,3 +240,13 @@ async def test_a_taken_port_fails_at_start(serving_model):
     async with running(serving_model) as (app, _client):
         with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{app.port}"):
             await start(load_settings(model=serving_model[0], port=app.port))
+
+
+async def test_stop_token_ends_the_stream(serving_model):
+    async with running(serving_model) as (_app, client):
+        free = await client.generate([7, 8, 9], "a_r4_qv", max_new_tokens=12, ignore_eos=True)
+        stop = free.token_ids[4]
+        stopped = await client.generate([7, 8, 9], "a_r4_qv", max_new_tokens=12, ignore_eos=True,
+                                        stop_token_ids=[stop])
+    assert stopped.token_ids == free.token_ids[:free.token_ids.index(stop) + 1]
+    assert stopped.completion.finish_reason == pb.FINISH_REASON_STOP
