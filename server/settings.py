@@ -43,7 +43,9 @@ class ApiKey(BaseModel):
 
 
 class Settings(BaseSettings):
-    """Everything `loraplex serve` needs; see the module docstring for where values come from."""
+    """Everything `loraplex serve` needs. Flags win over LORAPLEX_* environment variables (nested ones
+    as LORAPLEX_ENGINE__NUM_SLOTS), which win over the TOML file named by --config FILE or
+    LORAPLEX_CONFIG, which wins over the defaults."""
 
     model_config = SettingsConfigDict(
         env_prefix="LORAPLEX_", env_nested_delimiter="__", extra="forbid", use_attribute_docstrings=True,

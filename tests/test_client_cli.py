@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from loraplex.client import cli
 from loraplex.client.client import Client
 from loraplex.server.engine import SamplingParams
 from loraplex.v1 import generation_pb2 as pb
@@ -106,6 +107,15 @@ def test_serve_refuses_bad_settings():
     done = run_cli("serve", "--port", "70000", "--engine.num_slots", "0")
     assert done.returncode == 2
     assert "port" in done.stderr and "engine.num_slots" in done.stderr
+
+
+def test_serve_reads_the_config_file_named_by_the_flag(tmp_path, capsys):
+    config = tmp_path / "loraplex.toml"
+    config.write_text("port = 70000\n")
+    assert cli.main(["serve", "--config", str(config)]) == 2
+    assert "port" in capsys.readouterr().err
+    assert cli.main(["serve", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert "missing.toml does not exist" in capsys.readouterr().err
 
 
 def test_sigterm_drains_in_flight_streams(serving_model, tmp_path):
