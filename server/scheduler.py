@@ -161,10 +161,6 @@ class Scheduler:
     def num_waiting(self) -> int:
         return sum(len(queue) for queue in self._waiting.values())
 
-    @property
-    def num_running(self) -> int:
-        return len(self._running)
-
     def _cancel(self, entry: _Entry) -> None:
         with self._cond:
             if entry.cancelled or entry.seq.finished:
