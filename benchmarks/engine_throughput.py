@@ -131,6 +131,31 @@ def run_engine_modes(engine: Engine, prompts: list[list[int]], modes: dict[str, 
     return results
 
 
+def profile_decode(engine: Engine, prompts: list[list[int]], slots: list[int], steps: int = 12) -> dict:
+    """Where one decode step's time goes: the LoRA op (all 7 projections x layers) vs the rest."""
+    lora_time = [0.0]
+    op = engine.model.lora_op
+
+    def timed_op(y, x, lora_slots, batch):
+        start = time.perf_counter()
+        result = op(y, x, lora_slots, batch)
+        lora_time[0] += time.perf_counter() - start
+        return result
+
+    engine.model.lora_op = timed_op
+    try:
+        seqs = [engine.add_sequence(p, SamplingParams(max_new_tokens=steps + 1, ignore_eos=True), s)
+                for p, s in zip(prompts, slots, strict=True)]
+        engine.step([(s, s.num_pending) for s in seqs])
+        lora_time[0], start = 0.0, time.perf_counter()
+        while not seqs[0].finished:
+            engine.step([(s, 1) for s in seqs])
+        step = (time.perf_counter() - start) / steps
+    finally:
+        engine.model.lora_op = op
+    return {"decode_step_s": step, "lora_op_s": lora_time[0] / steps}
+
+
 def run_peft(base_folder: Path, adapter_folders: list[Path], prompts: list[list[int]], dtype: torch.dtype,
              device: str) -> dict:
     """transformers + PEFT on the same NF4 base: one generate() with a different adapter per row."""
@@ -195,6 +220,7 @@ def main() -> None:
     }
     warm_up(engine, prompts, modes)
     results = run_engine_modes(engine, prompts, modes)
+    profile = {mode: profile_decode(engine, prompts, modes[mode]) for mode in ("a_base", "c_distinct_r16")}
     if not args.skip_peft:
         results["e_peft"] = run_peft(base_folder, distinct, prompts, dtype, args.device)
 
@@ -223,6 +249,9 @@ def main() -> None:
         print(f"{mode:<18}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / tps['a_base']:>9.2f}{step:>16}")
     print(f"bandwidth {bandwidth / 1e9:.1f} GB/s, matmul {matmul_rate / 1e9:.1f} GFLOP/s; (c) LoRA floor "
           f"{floor['floor_s'] * 1e3:.1f} ms/step ({floor['adapter_bytes'] / 2**20:.0f} MiB of adapters)")
+    for mode, p in profile.items():
+        print(f"profile {mode}: decode step {p['decode_step_s'] * 1e3:.1f} ms, of which LoRA op "
+              f"{p['lora_op_s'] * 1e3:.1f} ms")
     print(f"NF4 base linear bytes {base_bytes / 2**20:.1f} MiB = {ratios['nf4_linear_bytes_vs_bf16']:.3f}x bf16")
     for name, value in ratios.items():
         print(f"  {name:<26}{value:8.3f}")
@@ -231,7 +260,7 @@ def main() -> None:
         "model": "tiny" if args.tiny else "SmolLM2-135M-Instruct", "device": args.device, "dtype": str(dtype),
         "lora_impl": engine.lora_impl,
         "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-        "tokens_per_s": tps, "ratios": ratios, "modes": results, "floor": floor,
+        "tokens_per_s": tps, "ratios": ratios, "modes": results, "floor": floor, "profile": profile,
         "bandwidth_bytes_per_s": bandwidth, "matmul_flops_per_s": matmul_rate,
         "nf4_linear_bytes": base_bytes, "bf16_linear_bytes": bf16_bytes,
     }, indent=2) + "\n")
