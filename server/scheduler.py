@@ -12,6 +12,9 @@ Policy, each step (`_plan`):
      progress) and go back to the front of their adapter's waiting queue.
   3. Remaining budget admits waiting requests while `max_running` and free KV blocks allow,
      round-robin across adapters (FIFO within one adapter), so one busy adapter cannot starve others.
+     Running sequences use at most `max_step_adapters` distinct adapter slots (the base model uses
+     none), so no step exceeds it; a request whose adapter would exceed it keeps its turn and
+     admission pauses until a running adapter's sequences leave (later adapters do not overtake it).
 `submit` refuses with Overloaded once `max_waiting` requests wait, and with InvalidRequest a request
 that could never fit the KV pool alone.
 """
@@ -30,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from loraplex.server.adapter_slots import AdapterLease, AdapterResolver
 from loraplex.server.engine import Engine, SamplingParams, SequenceState, TokenEvent
+from loraplex.server.engine.lora import NO_ADAPTER
 from loraplex.server.errors import InvalidRequest, Overloaded, ShuttingDown
 
 log = logging.getLogger(__name__)
@@ -46,6 +50,9 @@ class SchedulerConfig(BaseModel):
     """Most requests waiting for admission; a submit beyond it is refused (RESOURCE_EXHAUSTED)."""
     max_step_tokens: int = Field(default=512, ge=1, le=1_048_576)
     """Token budget of one engine step (decodes plus prefill chunks)."""
+    max_step_adapters: int | None = Field(default=None, ge=1, le=4096)
+    """Most distinct adapters in one engine step; unset means engine.num_slots (the device slots), and
+    it never exceeds them."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,7 @@ class Request:
     """What a transport asks for: token ids only, no text and no tensors."""
 
     adapter: str
-    """Adapter name; "" is the base model."""
+    """Adapter reference: "NAME", "NAME@VERSION" or "" for the base model (see adapter_slots)."""
     prompt_ids: list[int]
     sampling: SamplingParams
 
@@ -116,6 +123,7 @@ class Scheduler:
         self.adapters = adapters
         self.config = config
         self.stats = SchedulerStats()
+        self.max_step_adapters = min(config.max_step_adapters or engine.config.num_slots, engine.config.num_slots)
         self._cond = threading.Condition()
         self._waiting: OrderedDict[str, deque[_Entry]] = OrderedDict()
         self._running: list[_Entry] = []
@@ -254,9 +262,13 @@ class Scheduler:
                 planned.add(entry)
                 free -= need
                 budget -= count
+        slots = {e.seq.slot for e in self._running} - {NO_ADAPTER}
         while budget > 0 and len(self._running) < self.config.max_running and self._waiting:
             name, queue = next(iter(self._waiting.items()))
             entry = queue[0]
+            new_slot = entry.seq.slot != NO_ADAPTER and entry.seq.slot not in slots
+            if new_slot and len(slots) >= self.max_step_adapters:
+                break
             count = min(entry.seq.num_pending, budget)
             need = self._blocks_needed(entry.seq, count)
             if need > free:
@@ -268,6 +280,8 @@ class Scheduler:
                 del self._waiting[name]
             self._running.append(entry)
             batch.append((entry, count))
+            if new_slot:
+                slots.add(entry.seq.slot)
             free -= need
             budget -= count
         return batch

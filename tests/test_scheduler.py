@@ -10,6 +10,7 @@ import torch
 
 from loraplex.server.adapter_slots import StaticAdapters
 from loraplex.server.engine import SamplingParams
+from loraplex.server.engine.lora import NO_ADAPTER
 from loraplex.server.errors import AdapterNotFound, InvalidRequest, Overloaded, ShuttingDown
 from loraplex.server.scheduler import Request, RequestStream, Scheduler, SchedulerConfig
 from serving_support import generate_alone, make_engine
@@ -161,3 +162,24 @@ async def test_bad_requests_are_refused_with_the_field(serving_model):
         scheduler.submit(Request("", [1, 2], SamplingParams(max_new_tokens=100)))
     assert scheduler.num_waiting == 0
     scheduler.close()
+
+
+async def test_distinct_adapters_per_step_are_capped(serving_model, reference_engine):
+    scheduler = build(serving_model, max_running=8, max_step_adapters=2)
+    assert build(serving_model).max_step_adapters == scheduler.engine.config.num_slots  # the default: device slots
+    step, per_step = scheduler.engine.step, []
+
+    def recording_step(batch):
+        per_step.append({seq.slot for seq, _ in batch} - {NO_ADAPTER})
+        return step(batch)
+
+    scheduler.engine.step = recording_step
+    requests = mixed_requests(serving_model, 10, max_new_tokens=6)  # the base and 4 adapters, 2 requests each
+    scheduler.start()
+    try:
+        outputs = await asyncio.gather(*(tokens(scheduler.submit(r)) for r in requests))
+    finally:
+        scheduler.close()
+    assert max(len(slots) for slots in per_step) == 2
+    assert len(set().union(*per_step)) == 4
+    assert_alone_equal(serving_model, reference_engine, requests, outputs)
