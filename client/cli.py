@@ -5,7 +5,8 @@
     loraplex info
 
 `serve --help` lists every setting. The calling verbs read the server address from --server or
-$LORAPLEX_SERVER and the API key from --api-key or $LORAPLEX_API_KEY.
+$LORAPLEX_SERVER, the API key from --api-key or $LORAPLEX_API_KEY, and use TLS with --tls (system
+root certificates) or --tls-ca FILE (a PEM root certificate, e.g. a self-signed server's own).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import grpc
 from google.protobuf import json_format
 
 from loraplex.client.client import DEFAULT_TARGET, Client
-from loraplex.v1 import generation_pb2 as pb
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,7 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(argv[1:])
     args = _parser().parse_args(argv)
     try:
-        with Client(args.server, api_key=args.api_key) as client:
+        root_certificates = args.tls_ca.read_bytes() if args.tls_ca else None
+        with Client(args.server, api_key=args.api_key, tls=args.tls, root_certificates=root_certificates) as client:
             return args.run(client, args)
     except grpc.RpcError as error:
         print(f"loraplex {args.verb}: {error.code().name}: {error.details()}", file=sys.stderr)
@@ -71,45 +72,47 @@ def _parser() -> argparse.ArgumentParser:
     prompt = generate.add_mutually_exclusive_group(required=True)
     prompt.add_argument("prompt", nargs="?", help="prompt text")
     prompt.add_argument("--token-ids", type=int, nargs="+", help="prompt as token ids instead of text")
-    generate.add_argument("--adapter", default="", help="adapter name (default: the base model)")
+    generate.add_argument("--adapter", default="",
+                          help="NAME or NAME@VERSION (a sha256 prefix); default: the base model")
     generate.add_argument("--raw", action="store_true", help="send the text as is, without the chat template")
     generate.add_argument("--max-new-tokens", type=int, help="most tokens to generate (default: the server's)")
     generate.add_argument("--temperature", type=float, help="0 (default) is greedy")
     generate.add_argument("--top-k", type=int)
     generate.add_argument("--top-p", type=float)
     generate.add_argument("--seed", type=int)
-    generate.add_argument("--timeout", type=float, help="deadline in seconds")
     generate.set_defaults(run=_generate)
-    info = verbs.add_parser("info", help="show the server's model, adapters and limits (JSON)")
+    info = verbs.add_parser("info", help="show the server's model, adapters, limits and versions (JSON)")
     info.set_defaults(run=_info)
     for verb in (generate, info):
+        verb.add_argument("--timeout", type=float, help="deadline in seconds (retries included)")
         verb.add_argument("--server", default=os.environ.get("LORAPLEX_SERVER", DEFAULT_TARGET), help="HOST:PORT")
         verb.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY"))
+        verb.add_argument("--tls", action="store_true", help="connect with TLS (system root certificates)")
+        verb.add_argument("--tls-ca", type=Path, metavar="FILE", help="PEM root certificate to verify the server "
+                          "with (implies --tls)")
     return parser
 
 
 def _generate(client: Client, args: argparse.Namespace) -> int:
     prompt = args.prompt if args.token_ids is None else args.token_ids
     completion = None
-    for response in client.generate_stream(
+    for chunk in client.generate_stream(
         prompt, args.adapter, timeout=args.timeout, chat=args.token_ids is None and not args.raw,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed,
     ):
-        print(response.text, end="", flush=True)
-        if response.HasField("completion"):
-            completion = response.completion
+        print(chunk.text, end="", flush=True)
+        completion = chunk.completion or completion
     print()
     if completion is not None:
         version = f"@{completion.adapter_version[:12]}" if completion.adapter else ""
-        reason = pb.FinishReason.Name(completion.finish_reason).removeprefix("FINISH_REASON_").lower()
-        print(f"[{reason}: {completion.generated_tokens} tokens, {completion.adapter or 'base model'}{version}]",
-              file=sys.stderr)
+        print(f"[{completion.finish_reason.value}: {completion.generated_tokens} tokens, "
+              f"{completion.adapter or 'base model'}{version}]", file=sys.stderr)
     return 0
 
 
 def _info(client: Client, args: argparse.Namespace) -> int:
-    print(json_format.MessageToJson(client.info()))
+    print(json_format.MessageToJson(client.server_info(timeout=args.timeout)))
     return 0
 
 

@@ -1,13 +1,17 @@
 """Adapters resolved to engine slots: the interface the scheduler uses, and the static start-up map.
 
-The scheduler only sees `AdapterResolver`: `acquire(name)` returns a lease naming the device slot
-and the adapter version a request runs with, `release(lease)` ends that use. `StaticAdapters` loads a
-fixed name -> folder map into slots once at start-up; a registry with hot-swap and cache tiers
-replaces it behind the same interface (refcounts are what keep an in-use slot from eviction).
+The scheduler only sees `AdapterResolver`: `acquire(reference)` returns a lease naming the device
+slot and the adapter version a request runs with, `release(lease)` ends that use. A reference is
+"NAME" (whatever version is loaded), "NAME@VERSION" (VERSION: the content digest or a prefix of at
+least MIN_VERSION_PREFIX hex digits; any other loaded version is AdapterNotFound) or "" (the base).
+`StaticAdapters` loads a fixed name -> folder map into slots once at start-up; a registry with
+hot-swap and cache tiers replaces it behind the same interface (refcounts are what keep an in-use
+slot from eviction).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +21,37 @@ from loraplex.adapters.identity import adapter_digest
 from loraplex.adapters.peft_format import read_lora_weights
 from loraplex.server.engine import Engine
 from loraplex.server.engine.lora import NO_ADAPTER
-from loraplex.server.errors import AdapterNotFound
+from loraplex.server.errors import AdapterNotFound, InvalidRequest
 
 BASE_MODEL = ""
 """The adapter name that means the base model alone."""
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""Adapter names: letters, digits, '.', '_', '-', at most 64 characters, not starting with a symbol."""
+MIN_VERSION_PREFIX = 4
+VERSION_PREFIX = re.compile(rf"[0-9a-f]{{{MIN_VERSION_PREFIX},64}}")
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """A parsed adapter reference: a name ("" is the base model) and an optional version prefix."""
+
+    name: str
+    version: str = ""
+    """A prefix of the content digest the request insists on; "" accepts the loaded version."""
+
+    @classmethod
+    def parse(cls, reference: str) -> AdapterRef:
+        """"NAME", "NAME@VERSION" or ""; raises InvalidRequest("adapter", ...) for anything else."""
+        name, at, version = reference.partition("@")
+        if name == BASE_MODEL and not at:
+            return cls(BASE_MODEL)
+        if not ADAPTER_NAME.fullmatch(name):
+            raise InvalidRequest("adapter", f"{reference!r} is not NAME or NAME@VERSION (names: letters, digits, "
+                                 "'.', '_', '-', at most 64 characters)")
+        if at and not VERSION_PREFIX.fullmatch(version):
+            raise InvalidRequest("adapter", f"version {version!r} is not {MIN_VERSION_PREFIX} to 64 lowercase hex "
+                                 "digits of the adapter's sha256")
+        return cls(name, version)
 
 
 @dataclass(frozen=True)
@@ -42,8 +73,9 @@ class AdapterInfo:
 
 
 class AdapterResolver(Protocol):
-    def acquire(self, name: str) -> AdapterLease:
-        """The slot and version `name` runs with now; raises AdapterNotFound. Pair with `release`."""
+    def acquire(self, reference: str) -> AdapterLease:
+        """The slot and version `reference` runs with now; raises InvalidRequest (malformed) or
+        AdapterNotFound (unknown name, or another version loaded). Pair with `release`."""
         ...
 
     def release(self, lease: AdapterLease) -> None: ...
@@ -66,12 +98,16 @@ class StaticAdapters:
             self._leases[name] = lease
             self._infos.append(AdapterInfo(name, lease.version, engine.slot_ranks[slot]))
 
-    def acquire(self, name: str) -> AdapterLease:
-        lease = self._leases.get(name)
+    def acquire(self, reference: str) -> AdapterLease:
+        ref = AdapterRef.parse(reference)
+        lease = self._leases.get(ref.name)
         if lease is None:
             known = ", ".join(sorted(n for n in self._leases if n)) or "none"
-            raise AdapterNotFound(f"adapter {name!r} is not loaded (loaded: {known})")
-        self._in_use[name] = self._in_use.get(name, 0) + 1
+            raise AdapterNotFound(f"adapter {ref.name!r} is not loaded (loaded: {known})")
+        if not lease.version.startswith(ref.version):
+            raise AdapterNotFound(f"adapter {ref.name!r} is loaded at version {lease.version[:12]}, "
+                                  f"not {ref.version!r}")
+        self._in_use[ref.name] = self._in_use.get(ref.name, 0) + 1
         return lease
 
     def release(self, lease: AdapterLease) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +34,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 @dataclass
 class App:
-    """A started server; `port` is the bound one (settings.port may be 0)."""
+    """A started server; `host` and `port` are the bound ones (see Settings.listen_host; settings.port may be 0)."""
 
     server: grpc.aio.Server
     scheduler: Scheduler
     health: health_aio.HealthServicer
+    host: str
     port: int
     model_name: str
 
@@ -56,10 +58,16 @@ def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
     return AutoTokenizer.from_pretrained(folder)
 
 
-async def start(settings: Settings) -> App:
-    """Bind the port, load the model and adapters, start the scheduler thread and the gRPC server."""
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=[("grpc.so_reuseport", 0)])
-    port = _bind(server, settings.host, settings.port)
+async def start(settings: Settings, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> App:
+    """Bind the port, load the model and adapters, start the scheduler thread and the gRPC server.
+
+    `interceptors` (tests, metrics) see each call before the error interceptor does."""
+    server = grpc.aio.server(interceptors=[*interceptors, ErrorInterceptor()], options=[("grpc.so_reuseport", 0)])
+    host = settings.listen_host()
+    if host != settings.host:
+        log.warning("no api_keys are configured: listening on %s instead of %s (configure api_keys, or set "
+                    "allow_unauthenticated_remote to serve other machines without authentication)", host, settings.host)
+    port = _bind(server, host, settings.port, _server_credentials(settings))
     folder = settings.model or default_model_path()
     engine = Engine(model_spec(folder), iter_weights(folder), settings.engine)
     scheduler = Scheduler(engine, StaticAdapters(engine, settings.adapter), settings.scheduler)
@@ -77,13 +85,23 @@ async def start(settings: Settings) -> App:
     await server.start()
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return App(server, scheduler, health, port, folder.name)
+    return App(server, scheduler, health, host, port, folder.name)
 
 
-def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
+def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the configured certificate and key, or None (plaintext)."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    return grpc.ssl_server_credentials([(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())])
+
+
+def _bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:
     """Listen on host:port before anything slow happens, so a taken port fails at once (no SO_REUSEPORT)."""
+    address = f"{host}:{port}"
     try:
-        return server.add_insecure_port(f"{host}:{port}")
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
     except RuntimeError as error:
         raise OSError(f"cannot listen on {host}:{port}: the port is taken or the address is invalid") from error
 
@@ -97,7 +115,8 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     adapters = ", ".join(a.name for a in app.scheduler.adapters.adapters()) or "none"
-    print(f"loraplex serving {app.model_name} (adapters: {adapters}) on {settings.host}:{app.port}", flush=True)
+    tls = " with TLS" if settings.tls_cert_file else ""
+    print(f"loraplex serving {app.model_name} (adapters: {adapters}){tls} on {app.host}:{app.port}", flush=True)
     await stop.wait()
     log.info("shutting down: draining in-flight requests for up to %.0fs", settings.shutdown_grace_s)
     await app.stop(settings.shutdown_grace_s)

@@ -1,7 +1,8 @@
 """API keys: who is calling (UNAUTHENTICATED otherwise) and what that caller may do (PERMISSION_DENIED).
 
 Keys are configured by their sha256 (settings.api_keys); callers send `authorization: Bearer KEY`.
-With no keys configured every caller is anonymous and may do everything.
+Each RPC requires one scope (see settings.Scope). With no keys configured every caller is anonymous
+and may do everything (the server then listens on loopback only, unless told otherwise).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import get_args
 
 from loraplex.server.errors import PermissionDenied, Unauthenticated
 from loraplex.server.settings import ApiKey, Scope
@@ -32,7 +34,7 @@ class Principal:
             raise PermissionDenied(f"API key {self.name!r} may not use {shown}")
 
 
-ANONYMOUS = Principal("anonymous", frozenset({"generate", "info"}), None)
+ANONYMOUS = Principal("anonymous", frozenset(get_args(Scope)), None)
 
 
 class Authenticator:

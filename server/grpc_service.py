@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from importlib import metadata
 
 import grpc
 from transformers import PreTrainedTokenizerBase
 
+from loraplex.server.adapter_slots import AdapterRef
 from loraplex.server.auth import Authenticator, Principal
 from loraplex.server.detokenizer import IncrementalDetokenizer
 from loraplex.server.engine import FinishReason, SamplingParams
@@ -25,10 +27,20 @@ from loraplex.v1 import generation_pb2_grpc as pb_grpc
 FINISH_REASONS = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
 
 
+#: Distributions whose versions ServerInfo reports besides loraplex itself.
+LIBRARIES = ("torch", "transformers", "bitsandbytes", "grpcio", "protobuf")
+
+
 @dataclass(frozen=True)
 class RequestLimits:
     default_max_new_tokens: int
     max_new_tokens_limit: int
+
+
+def versions() -> pb.Versions:
+    """loraplex's version and LIBRARIES' (as installed)."""
+    return pb.Versions(loraplex=metadata.version("loraplex"),
+                       libraries={name: metadata.version(name) for name in LIBRARIES})
 
 
 class GenerationService(pb_grpc.GenerationServicer):
@@ -39,10 +51,48 @@ class GenerationService(pb_grpc.GenerationServicer):
         self._auth = auth
         self._limits = limits
         self._model_name = model_name
+        self._versions = versions()
 
-    async def Generate(self, request: pb.GenerateRequest,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        self._authorize(context, "generate").require_adapter(request.adapter)
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        response = pb.GenerateResponse()
+        async for token, completion in self._generate(request, context):
+            response.text += token.text
+            response.tokens.append(token)
+            if completion is not None:
+                response.completion.CopyFrom(completion)
+        return response
+
+    async def GenerateStream(self, request: pb.GenerateRequest,
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateStreamResponse]:
+        async for token, completion in self._generate(request, context):
+            yield pb.GenerateStreamResponse(token=token, completion=completion)
+
+    async def ServerInfo(self, request: pb.ServerInfoRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ServerInfoResponse:
+        self._authorize(context, "inference")
+        engine, config = self._scheduler.engine, self._scheduler.config
+        return pb.ServerInfoResponse(
+            base_model=pb.BaseModel(
+                name=self._model_name, architecture=engine.spec.model_type, vocab_size=engine.spec.vocab_size,
+                max_model_len=engine.max_model_len, has_tokenizer=self._tokenizer is not None,
+                has_chat_template=bool(self._tokenizer is not None and self._tokenizer.chat_template),
+            ),
+            adapters=[pb.AdapterInfo(name=a.name, version=a.version, rank=a.rank)
+                      for a in self._scheduler.adapters.adapters()],
+            limits=pb.Limits(
+                max_new_tokens_limit=self._limits.max_new_tokens_limit,
+                default_max_new_tokens=self._limits.default_max_new_tokens, max_running=config.max_running,
+                max_waiting=config.max_waiting, adapter_slots=engine.config.num_slots,
+                max_adapter_rank=engine.config.max_rank,
+            ),
+            versions=self._versions,
+        )
+
+    async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
+                        ) -> AsyncIterator[tuple[pb.Token, pb.Completion | None]]:
+        """Authorize, decode, submit; then one (token, completion on the last one only) per generated token."""
+        principal = self._authorize(context, "inference")
+        principal.require_adapter(AdapterRef.parse(request.adapter).name)
         prompt_ids = self._prompt_ids(request)
         stream = self._scheduler.submit(Request(request.adapter, prompt_ids, self._sampling(request)))
         detokenizer = IncrementalDetokenizer(self._tokenizer, prompt_ids) if self._tokenizer else None
@@ -51,28 +101,15 @@ class GenerationService(pb_grpc.GenerationServicer):
             async for event in stream:
                 generated += 1
                 final = event.finish_reason is not None
-                response = pb.GenerateResponse(
-                    token_id=event.token_id, logprob=event.logprob,
-                    text=detokenizer.add(event.token_id, final) if detokenizer else "",
-                )
-                if final:
-                    response.completion.CopyFrom(pb.Completion(
-                        finish_reason=FINISH_REASONS[event.finish_reason], prompt_tokens=len(prompt_ids),
-                        generated_tokens=generated, adapter=stream.lease.name, adapter_version=stream.lease.version,
-                    ))
-                yield response
+                token = pb.Token(id=event.token_id, text=detokenizer.add(event.token_id, final) if detokenizer else "",
+                                 logprob=event.logprob if request.logprobs else None)
+                completion = pb.Completion(
+                    finish_reason=FINISH_REASONS[event.finish_reason], prompt_tokens=len(prompt_ids),
+                    generated_tokens=generated, adapter=stream.lease.name, adapter_version=stream.lease.version,
+                ) if final else None
+                yield token, completion
         finally:  # the caller went away (cancel, deadline) or we are done: either way free the sequence
             stream.cancel()
-
-    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
-        self._authorize(context, "info")
-        engine = self._scheduler.engine
-        return pb.InfoResponse(
-            model=self._model_name, vocab_size=engine.spec.vocab_size, max_model_len=engine.max_model_len,
-            max_new_tokens_limit=self._limits.max_new_tokens_limit, has_tokenizer=self._tokenizer is not None,
-            adapters=[pb.AdapterInfo(name=a.name, version=a.version, rank=a.rank)
-                      for a in self._scheduler.adapters.adapters()],
-        )
 
     def _authorize(self, context: grpc.aio.ServicerContext, scope: Scope) -> Principal:
         metadata = dict(context.invocation_metadata() or ())

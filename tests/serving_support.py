@@ -1,10 +1,16 @@
-"""Builders for serving tests: a tiny model with adapters and a tokenizer, engines, reference outputs."""
+"""Builders for serving tests: a tiny model with adapters and a tokenizer, engines, reference outputs;
+helpers for tests against a running server."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import grpc
+import pytest
+
 from loraplex.adapters.peft_format import read_lora_weights
+from loraplex.server.app import App
 from loraplex.server.engine import Engine, EngineConfig, SamplingParams
 from loraplex.server.engine.lora import NO_ADAPTER
 from loraplex.server.model_files import iter_weights, model_spec
@@ -54,3 +60,21 @@ def generate_alone(engine: Engine, adapters: dict[str, Path], prompt: list[int],
     """`Engine.generate` on one prompt by itself (the oracle for every batched path)."""
     slot = NO_ADAPTER if adapter == "" else list(adapters).index(adapter)
     return engine.generate([prompt], sampling, slots=[slot])[0]
+
+
+def slow_steps(app: App, seconds: float) -> None:
+    """Make every engine step take at least `seconds` (test instrumentation), so requests stay in flight."""
+    step = app.scheduler.engine.step
+
+    def slow_step(batch):
+        time.sleep(seconds)
+        return step(batch)
+
+    app.scheduler.engine.step = slow_step
+
+
+async def expect_status(code: grpc.StatusCode, awaitable) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await awaitable
+    assert error.value.code() == code, error.value.details()
+    return error.value.details()

@@ -15,9 +15,8 @@ import grpc
 import pytest
 
 from loraplex.client import cli
-from loraplex.client.client import Client
+from loraplex.client.client import Chunk, Client, FinishReason
 from loraplex.server.engine import SamplingParams
-from loraplex.v1 import generation_pb2 as pb
 from serving_support import TEST_ENGINE, generate_alone, make_engine
 
 LORAPLEX = str(Path(sys.executable).parent / "loraplex")  # the console script pyproject declares
@@ -92,6 +91,7 @@ def test_cli_generate_token_ids_and_info(server):
     info = run_cli("info", "--server", server)
     assert info.returncode == 0, info.stderr
     assert '"name": "b_r16_all"' in info.stdout and '"vocabSize": 96' in info.stdout
+    assert '"loraplex": "0.1.0"' in info.stdout and '"torch": ' in info.stdout
 
 
 def test_cli_errors_exit_nonzero_with_the_status(server):
@@ -122,7 +122,7 @@ def test_sigterm_drains_in_flight_streams(serving_model, tmp_path):
     streams, new_tokens = 4, 200
     with server_process(serve_args(serving_model), tmp_path / "server.log") as (process, target):
         started = threading.Barrier(streams + 1)
-        results: list[list[pb.GenerateResponse]] = [[] for _ in range(streams)]
+        results: list[list[Chunk]] = [[] for _ in range(streams)]
 
         def stream(index: int) -> None:
             with Client(target) as client:
@@ -144,7 +144,7 @@ def test_sigterm_drains_in_flight_streams(serving_model, tmp_path):
     assert min(at_sigterm) < new_tokens, "streams should still be running when SIGTERM arrives"
     for responses in results:
         assert len(responses) == new_tokens
-        assert responses[-1].completion.finish_reason == pb.FINISH_REASON_LENGTH
+        assert responses[-1].completion.finish_reason == FinishReason.LENGTH
     assert "draining" in (tmp_path / "server.log").read_text()
 
 

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import time
 from contextlib import asynccontextmanager
+from importlib import metadata
 
 import grpc
 import pytest
@@ -16,20 +17,22 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoTokenizer
 
 from loraplex.adapters.identity import adapter_digest
-from loraplex.client.client import AsyncClient
+from loraplex.client.client import AsyncClient, FinishReason
 from loraplex.server.app import App, start
 from loraplex.server.engine import EngineConfig, SamplingParams
 from loraplex.server.settings import ApiKey, load_settings
 from loraplex.v1 import generation_pb2 as pb
-from serving_support import TEST_ENGINE, TOKENIZER_CORPUS, generate_alone, make_engine
+from serving_support import TEST_ENGINE, TOKENIZER_CORPUS, expect_status, generate_alone, make_engine, slow_steps
 
-KEYS = {"admin": "k-admin-0123456789", "support-only": "k-support-0123456789", "info-only": "k-info-0123456789"}
+KEYS = {"full": "k-full-0123456789", "support-only": "k-support-0123456789", "admin-only": "k-admin-0123456789",
+        "admin-and-inference": "k-both-0123456789"}
 
 
 @asynccontextmanager
 async def running(serving_model, **overrides):
     base, adapters = serving_model
-    values = dict(model=base, adapter=adapters, port=0, engine=EngineConfig(**TEST_ENGINE), reflection=False)
+    values = dict(model=base, adapter=adapters, host="127.0.0.1", port=0, engine=EngineConfig(**TEST_ENGINE),
+                  reflection=False)
     app = await start(load_settings(**{**values, **overrides}))
     try:
         async with AsyncClient(f"127.0.0.1:{app.port}") as client:
@@ -38,30 +41,12 @@ async def running(serving_model, **overrides):
         await app.stop(0)
 
 
-def slow_steps(app: App, seconds: float) -> None:
-    """Make every engine step take at least `seconds` (test instrumentation), so requests stay in flight."""
-    step = app.scheduler.engine.step
-
-    def slow_step(batch):
-        time.sleep(seconds)
-        return step(batch)
-
-    app.scheduler.engine.step = slow_step
-
-
 async def blocks_back(app: App, timeout: float = 10.0) -> bool:
     cache = app.scheduler.engine.cache
     deadline = time.monotonic() + timeout
     while cache.free_blocks != cache.num_blocks and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     return cache.free_blocks == cache.num_blocks
-
-
-async def expect_status(code: grpc.StatusCode, awaitable) -> str:
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await awaitable
-    assert error.value.code() == code, error.value.details()
-    return error.value.details()
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +72,7 @@ async def test_concurrent_streams_equal_generate_alone(serving_model, reference_
                                   **({"temperature": 0.8, "seed": i} if i % 2 else {}))
         assert result.token_ids == generate_alone(reference_engine, adapters, prompt, name, sampling), f"request {i}"
         completion = result.completion
-        assert completion.finish_reason == pb.FINISH_REASON_LENGTH
+        assert completion.finish_reason == FinishReason.LENGTH
         assert (completion.prompt_tokens, completion.generated_tokens) == (len(prompt), 10)
         assert completion.adapter == name
         assert completion.adapter_version == (adapter_digest(adapters[name]) if name else "")
@@ -100,7 +85,7 @@ async def test_text_input_streams_text_deltas(serving_model):
     async with running(serving_model) as (_app, client):
         responses = [r async for r in client.generate_stream(prompt, "b_r16_all", max_new_tokens=40,
                                                              ignore_eos=True, temperature=1.0, seed=7)]
-    token_ids = [r.token_id for r in responses]
+    token_ids = [r.token.id for r in responses]
     assert responses[-1].completion.prompt_tokens == len(tokenizer(prompt)["input_ids"])
     text = tokenizer.decode(token_ids, skip_special_tokens=True)
     assert "".join(r.text for r in responses) == text
@@ -110,7 +95,7 @@ async def test_text_input_streams_text_deltas(serving_model):
 async def test_info_health_and_reflection(serving_model):
     _base, adapters = serving_model
     async with running(serving_model, reflection=True) as (_app, client):
-        info = await client.info()
+        info = await client.server_info()
         health = health_pb2_grpc.HealthStub(client._channel)
         status = await health.Check(health_pb2.HealthCheckRequest(service="loraplex.v1.Generation"))
         reflection = reflection_pb2_grpc.ServerReflectionStub(client._channel)
@@ -119,7 +104,14 @@ async def test_info_health_and_reflection(serving_model):
     assert status.status == health_pb2.HealthCheckResponse.SERVING
     services = {s.name for s in listing[0].list_services_response.service}
     assert {"loraplex.v1.Generation", "grpc.health.v1.Health"} <= services
-    assert (info.model, info.vocab_size, info.max_model_len, info.has_tokenizer) == ("base", 96, 256, True)
+    model = info.base_model
+    assert (model.name, model.architecture, model.vocab_size, model.max_model_len) == ("base", "llama", 96, 256)
+    assert (model.has_tokenizer, model.has_chat_template) == (True, False)
+    assert (info.limits.adapter_slots, info.limits.max_adapter_rank) == (TEST_ENGINE["num_slots"], 64)
+    assert (info.limits.max_new_tokens_limit, info.limits.default_max_new_tokens) == (4096, 256)
+    assert info.versions.loraplex == metadata.version("loraplex")
+    assert info.versions.libraries["torch"] == metadata.version("torch")
+    assert {"transformers", "bitsandbytes", "grpcio", "protobuf"} <= set(info.versions.libraries)
     assert {(a.name, a.version) for a in info.adapters} == {(n, adapter_digest(f)) for n, f in adapters.items()}
     assert {a.name: a.rank for a in info.adapters}["c_r64_mlp_o_rslora"] == 64
 
@@ -143,9 +135,10 @@ async def test_invalid_arguments_name_the_field(serving_model, kwargs, field):
 
 async def test_missing_input_is_invalid(serving_model):
     async with running(serving_model) as (_app, client):
-        call = client._stub.Generate(pb.GenerateRequest(adapter="a_r4_qv"))
-        details = await expect_status(grpc.StatusCode.INVALID_ARGUMENT, call.read())
-    assert details == "input: set text or token_ids"
+        stream = client._stub.GenerateStream(pb.GenerateRequest(adapter="a_r4_qv"))
+        details = await expect_status(grpc.StatusCode.INVALID_ARGUMENT, stream.read())
+        unary = await expect_status(grpc.StatusCode.INVALID_ARGUMENT, client._stub.Generate(pb.GenerateRequest()))
+    assert details == unary == "input: set text or token_ids"
 
 
 async def test_unknown_adapter_is_not_found(serving_model):
@@ -170,19 +163,20 @@ async def test_full_queue_is_resource_exhausted(serving_model):
 
 
 async def test_api_keys_scopes_and_adapter_allow_lists(serving_model):
-    keys = [ApiKey(name="admin", sha256=hashlib.sha256(KEYS["admin"].encode()).hexdigest()),
-            ApiKey(name="support-only", sha256=hashlib.sha256(KEYS["support-only"].encode()).hexdigest(),
-                   adapters=frozenset({"a_r4_qv"})),
-            ApiKey(name="info-only", sha256=hashlib.sha256(KEYS["info-only"].encode()).hexdigest(),
-                   scopes=frozenset({"info"}))]
+    def key(name: str, **fields) -> ApiKey:
+        return ApiKey(name=name, sha256=hashlib.sha256(KEYS[name].encode()).hexdigest(), **fields)
+
+    keys = [key("full"), key("support-only", adapters=frozenset({"a_r4_qv"})),
+            key("admin-only", scopes=frozenset({"admin"})),
+            key("admin-and-inference", scopes=frozenset({"admin", "inference"}))]
     async with running(serving_model, api_keys=keys) as (app, _):
         target = f"127.0.0.1:{app.port}"
         clients = {name: AsyncClient(target, api_key=key) for name, key in KEYS.items()}
         anonymous, wrong = AsyncClient(target), AsyncClient(target, api_key="not-a-key")
         try:
             await expect_status(grpc.StatusCode.UNAUTHENTICATED, anonymous.generate([1, 2], max_new_tokens=1))
-            await expect_status(grpc.StatusCode.UNAUTHENTICATED, wrong.info())
-            assert len((await clients["admin"].generate([1, 2], "b_r16_all", max_new_tokens=2)).token_ids) == 2
+            await expect_status(grpc.StatusCode.UNAUTHENTICATED, wrong.server_info())
+            assert len((await clients["full"].generate([1, 2], "b_r16_all", max_new_tokens=2)).token_ids) == 2
             assert len((await clients["support-only"].generate([1, 2], "a_r4_qv", max_new_tokens=2)).token_ids) == 2
             details = await expect_status(grpc.StatusCode.PERMISSION_DENIED,
                                           clients["support-only"].generate([1, 2], "b_r16_all", max_new_tokens=1))
@@ -191,9 +185,16 @@ async def test_api_keys_scopes_and_adapter_allow_lists(serving_model):
                                           clients["support-only"].generate([1, 2], max_new_tokens=1))
             assert "base model" in details
             details = await expect_status(grpc.StatusCode.PERMISSION_DENIED,
-                                          clients["info-only"].generate([1, 2], max_new_tokens=1))
-            assert "'generate' scope" in details
-            assert len((await clients["info-only"].info()).adapters) == 4
+                                          clients["support-only"].generate([1, 2], "b_r16_all@" + "0" * 64))
+            assert "'b_r16_all'" in details
+            for call in (clients["admin-only"].generate([1, 2], max_new_tokens=1),
+                         anext(clients["admin-only"].generate_stream([1, 2], max_new_tokens=1)),
+                         clients["admin-only"].server_info()):
+                details = await expect_status(grpc.StatusCode.PERMISSION_DENIED, call)
+                assert "API key 'admin-only' lacks the 'inference' scope" in details
+            both = clients["admin-and-inference"]
+            assert len((await both.generate([1, 2], "a_r4_qv", max_new_tokens=2)).token_ids) == 2
+            assert len((await both.server_info()).adapters) == 4
         finally:
             for client in [*clients.values(), anonymous, wrong]:
                 await client.close()
@@ -249,4 +250,38 @@ async def test_stop_token_ends_the_stream(serving_model):
         stopped = await client.generate([7, 8, 9], "a_r4_qv", max_new_tokens=12, ignore_eos=True,
                                         stop_token_ids=[stop])
     assert stopped.token_ids == free.token_ids[:free.token_ids.index(stop) + 1]
-    assert stopped.completion.finish_reason == pb.FINISH_REASON_STOP
+    assert stopped.completion.finish_reason == FinishReason.STOP
+
+
+async def test_unary_generate_equals_the_stream_and_logprobs_come_when_asked(serving_model):
+    options = dict(max_new_tokens=9, ignore_eos=True, temperature=0.7, seed=3)
+    async with running(serving_model) as (_app, client):
+        unary = await client.generate("hello world", "b_r16_all", logprobs=True, **options)
+        chunks = [c async for c in client.generate_stream("hello world", "b_r16_all", logprobs=True, **options)]
+        plain = await client.generate("hello world", "b_r16_all", **options)
+    assert unary.tokens == [c.token for c in chunks]
+    assert unary.text == "".join(c.text for c in chunks) and unary.text
+    assert unary.completion == chunks[-1].completion and all(c.completion is None for c in chunks[:-1])
+    assert all(t.logprob is not None and t.logprob <= 0.0 for t in unary.tokens)
+    assert plain.token_ids == unary.token_ids and all(t.logprob is None for t in plain.tokens)
+
+
+async def test_adapter_references_by_name_version_and_prefix(serving_model):
+    _base, adapters = serving_model
+    digest = adapter_digest(adapters["a_r4_qv"])
+    wrong = ("0" if digest[0] != "0" else "1") + digest[1:]
+    async with running(serving_model) as (_app, client):
+        by_name = await client.generate([3, 4, 5], "a_r4_qv", max_new_tokens=4, ignore_eos=True)
+        for reference in (f"a_r4_qv@{digest}", f"a_r4_qv@{digest[:4]}", f"a_r4_qv@{digest[:12]}"):
+            result = await client.generate([3, 4, 5], reference, max_new_tokens=4, ignore_eos=True)
+            assert result.token_ids == by_name.token_ids
+            assert (result.completion.adapter, result.completion.adapter_version) == ("a_r4_qv", digest)
+        for reference in (f"a_r4_qv@{wrong}", f"a_r4_qv@{wrong[:8]}"):
+            details = await expect_status(grpc.StatusCode.NOT_FOUND, client.generate([3, 4, 5], reference))
+            assert details == f"adapter 'a_r4_qv' is loaded at version {digest[:12]}, not {reference[8:]!r}"
+        details = await expect_status(grpc.StatusCode.NOT_FOUND, client.generate([3], f"missing@{digest}"))
+        assert "adapter 'missing' is not loaded" in details
+        malformed = ("a_r4_qv@", "a_r4_qv@abc", "a_r4_qv@XYZ1", f"a_r4_qv@{digest}0", "@abcd", "bad name", "a@b@c")
+        for reference in malformed:
+            details = await expect_status(grpc.StatusCode.INVALID_ARGUMENT, client.generate([3], reference))
+            assert details.startswith("adapter: "), details

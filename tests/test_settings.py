@@ -18,7 +18,7 @@ def test_sources_in_priority_order(tmp_path: Path, monkeypatch):
     adapter.mkdir()
     config = tmp_path / "loraplex.toml"
     config.write_text(f'port = 1\nhost = "0.0.0.0"\nshutdown_grace_s = 5\n[engine]\nnum_slots = 3\nmax_rank = 16\n'
-                      f'[[api_keys]]\nname = "ops"\nsha256 = "{DIGEST}"\nscopes = ["info"]\n')
+                      f'[[api_keys]]\nname = "ops"\nsha256 = "{DIGEST}"\nscopes = ["admin"]\n')
     monkeypatch.setenv("LORAPLEX_PORT", "2")
     monkeypatch.setenv("LORAPLEX_HOST", "10.0.0.1")
     monkeypatch.setenv("LORAPLEX_ENGINE__MAX_RANK", "8")
@@ -30,7 +30,7 @@ def test_sources_in_priority_order(tmp_path: Path, monkeypatch):
     assert settings.scheduler.max_waiting == 7 and settings.scheduler.max_running == 64
     assert settings.shutdown_grace_s == 5
     assert settings.adapter == {"support": adapter}
-    assert settings.api_keys[0].scopes == {"info"} and settings.api_keys[0].adapters is None
+    assert settings.api_keys[0].scopes == {"admin"} and settings.api_keys[0].adapters is None
 
 
 @pytest.mark.parametrize(("args", "values", "message"), [
@@ -44,7 +44,12 @@ def test_sources_in_priority_order(tmp_path: Path, monkeypatch):
     (["--default_max_new_tokens", "10", "--max_new_tokens_limit", "5"], {}, "exceeds max_new_tokens_limit=5"),
     ([], {"api_keys": [{"name": "a", "sha256": DIGEST}, {"name": "b", "sha256": DIGEST}]}, "share a sha256"),
     ([], {"api_keys": [{"name": "a", "sha256": "short"}]}, "api_keys.0.sha256"),
-    ([], {"api_keys": [{"name": "a", "sha256": DIGEST, "scopes": ["admin"]}]}, "api_keys.0.scopes"),
+    ([], {"api_keys": [{"name": "a", "sha256": DIGEST, "scopes": ["generate"]}]}, "api_keys.0.scopes"),
+    ([], {"api_keys": [{"name": "a", "sha256": DIGEST, "scopes": []}]}, "api_keys.0.scopes"),
+    (["--scheduler.max_step_adapters", "9", "--engine.num_slots", "8"], {},
+     "scheduler.max_step_adapters=9 exceeds engine.num_slots=8"),
+    ([], {"tls_cert_file": __file__}, "set both"),
+    ([], {"tls_cert_file": "/does/not/exist.pem", "tls_key_file": __file__}, "tls_cert_file"),
     (["--shutdown_grace_s", "-1"], {}, "shutdown_grace_s"),
 ])
 def test_bad_values_are_refused_by_name(args, values, message):
@@ -57,3 +62,23 @@ def test_unknown_flag_and_missing_file_are_refused(tmp_path: Path):
         load_settings(["--bogus", "1"])
     with pytest.raises(FileNotFoundError, match=r"missing\.toml"):
         load_settings([], tmp_path / "missing.toml")
+
+
+def test_defaults_and_scopes():
+    settings = load_settings()
+    assert (settings.host, settings.port, settings.allow_unauthenticated_remote) == ("0.0.0.0", 50051, False)
+    assert load_settings(api_keys=[{"name": "a", "sha256": DIGEST}]).api_keys[0].scopes == {"inference"}
+
+
+@pytest.mark.parametrize(("values", "listen_host"), [
+    ({}, "127.0.0.1"),  # no keys: loopback only
+    ({"host": "10.1.2.3"}, "127.0.0.1"),
+    ({"host": "[::]"}, "127.0.0.1"),
+    ({"host": "localhost"}, "localhost"),
+    ({"host": "[::1]"}, "[::1]"),
+    ({"host": "127.0.0.2"}, "127.0.0.2"),
+    ({"allow_unauthenticated_remote": True}, "0.0.0.0"),
+    ({"host": "10.1.2.3", "api_keys": [{"name": "a", "sha256": DIGEST}]}, "10.1.2.3"),
+])
+def test_listen_host_is_loopback_without_api_keys(values, listen_host):
+    assert load_settings(**values).listen_host() == listen_host

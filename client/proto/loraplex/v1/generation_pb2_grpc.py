@@ -27,6 +27,13 @@ if _version_not_supported:
 
 class GenerationStub:
     """One server: one base model, many adapters, one batched forward pass.
+
+    Errors of Generate and GenerateStream: NOT_FOUND (unknown adapter, or a version that is not the
+    loaded one), INVALID_ARGUMENT (the message starts with the field's name), RESOURCE_EXHAUSTED (the
+    waiting queue is full; retry later), UNAUTHENTICATED (missing or unknown API key),
+    PERMISSION_DENIED (the key lacks the scope or may not use the adapter), UNAVAILABLE (the server is
+    shutting down), DEADLINE_EXCEEDED / CANCELLED (the caller's deadline or cancellation; either frees
+    the request's resources on the server).
     """
 
     def __init__(self, channel):
@@ -35,34 +42,51 @@ class GenerationStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Generate = channel.unary_stream(
+        self.Generate = channel.unary_unary(
                 '/loraplex.v1.Generation/Generate',
                 request_serializer=loraplex_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=loraplex_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
                 _registered_method=True)
-        self.Info = channel.unary_unary(
-                '/loraplex.v1.Generation/Info',
-                request_serializer=loraplex_dot_v1_dot_generation__pb2.InfoRequest.SerializeToString,
-                response_deserializer=loraplex_dot_v1_dot_generation__pb2.InfoResponse.FromString,
+        self.GenerateStream = channel.unary_stream(
+                '/loraplex.v1.Generation/GenerateStream',
+                request_serializer=loraplex_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_generation__pb2.GenerateStreamResponse.FromString,
+                _registered_method=True)
+        self.ServerInfo = channel.unary_unary(
+                '/loraplex.v1.Generation/ServerInfo',
+                request_serializer=loraplex_dot_v1_dot_generation__pb2.ServerInfoRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_generation__pb2.ServerInfoResponse.FromString,
                 _registered_method=True)
 
 
 class GenerationServicer:
     """One server: one base model, many adapters, one batched forward pass.
+
+    Errors of Generate and GenerateStream: NOT_FOUND (unknown adapter, or a version that is not the
+    loaded one), INVALID_ARGUMENT (the message starts with the field's name), RESOURCE_EXHAUSTED (the
+    waiting queue is full; retry later), UNAUTHENTICATED (missing or unknown API key),
+    PERMISSION_DENIED (the key lacks the scope or may not use the adapter), UNAVAILABLE (the server is
+    shutting down), DEADLINE_EXCEEDED / CANCELLED (the caller's deadline or cancellation; either frees
+    the request's resources on the server).
     """
 
     def Generate(self, request, context):
-        """Generate from one prompt, streaming one response per generated token; the last one carries
-        `completion`. Errors: NOT_FOUND (unknown adapter), INVALID_ARGUMENT (the message names the field),
-        RESOURCE_EXHAUSTED (the waiting queue is full), UNAUTHENTICATED / PERMISSION_DENIED (API keys),
-        UNAVAILABLE (the server is shutting down), DEADLINE_EXCEEDED / CANCELLED (the caller's choice).
+        """Generate from one prompt and answer once, with the whole output.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Info(self, request, context):
-        """What this server serves: the base model, its adapters and the request limits.
+    def GenerateStream(self, request, context):
+        """Generate from one prompt, streaming one response per generated token; the last one carries
+        `completion`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ServerInfo(self, request, context):
+        """What this server serves: the base model, its adapters, the request limits and the versions.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -71,15 +95,20 @@ class GenerationServicer:
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Generate': grpc.unary_stream_rpc_method_handler(
+            'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=loraplex_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
                     response_serializer=loraplex_dot_v1_dot_generation__pb2.GenerateResponse.SerializeToString,
             ),
-            'Info': grpc.unary_unary_rpc_method_handler(
-                    servicer.Info,
-                    request_deserializer=loraplex_dot_v1_dot_generation__pb2.InfoRequest.FromString,
-                    response_serializer=loraplex_dot_v1_dot_generation__pb2.InfoResponse.SerializeToString,
+            'GenerateStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=loraplex_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_generation__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'ServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.ServerInfo,
+                    request_deserializer=loraplex_dot_v1_dot_generation__pb2.ServerInfoRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_generation__pb2.ServerInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -91,6 +120,13 @@ def add_GenerationServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Generation:
     """One server: one base model, many adapters, one batched forward pass.
+
+    Errors of Generate and GenerateStream: NOT_FOUND (unknown adapter, or a version that is not the
+    loaded one), INVALID_ARGUMENT (the message starts with the field's name), RESOURCE_EXHAUSTED (the
+    waiting queue is full; retry later), UNAUTHENTICATED (missing or unknown API key),
+    PERMISSION_DENIED (the key lacks the scope or may not use the adapter), UNAVAILABLE (the server is
+    shutting down), DEADLINE_EXCEEDED / CANCELLED (the caller's deadline or cancellation; either frees
+    the request's resources on the server).
     """
 
     @staticmethod
@@ -104,7 +140,7 @@ class Generation:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
+        return grpc.experimental.unary_unary(
             request,
             target,
             '/loraplex.v1.Generation/Generate',
@@ -121,7 +157,34 @@ class Generation:
             _registered_method=True)
 
     @staticmethod
-    def Info(request,
+    def GenerateStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/loraplex.v1.Generation/GenerateStream',
+            loraplex_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
+            loraplex_dot_v1_dot_generation__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ServerInfo(request,
             target,
             options=(),
             channel_credentials=None,
@@ -134,9 +197,9 @@ class Generation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/loraplex.v1.Generation/Info',
-            loraplex_dot_v1_dot_generation__pb2.InfoRequest.SerializeToString,
-            loraplex_dot_v1_dot_generation__pb2.InfoResponse.FromString,
+            '/loraplex.v1.Generation/ServerInfo',
+            loraplex_dot_v1_dot_generation__pb2.ServerInfoRequest.SerializeToString,
+            loraplex_dot_v1_dot_generation__pb2.ServerInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
