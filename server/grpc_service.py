@@ -1,8 +1,10 @@
 """The gRPC `loraplex.v1.Generation` service: thin handlers, decode -> scheduler -> encode.
 
-Handlers authenticate, turn protobuf into a plain `Request` (tokenizing text here, never in the
-engine), submit it, and stream one response per token with incremental text deltas. Refusals are
-raised as server.errors exceptions; the interceptor turns them into status codes.
+Generate and GenerateStream share one path (`_generate`): authenticate (scope "inference", the
+key's adapter allow-list), turn protobuf into a plain `Request` (tokenizing text here, never in the
+engine), submit it, and turn each token event into a `Token` with its incremental text delta;
+GenerateStream sends each as it comes, Generate collects them into one answer. Refusals are raised as
+server.errors exceptions; the interceptor turns them into status codes.
 """
 
 from __future__ import annotations

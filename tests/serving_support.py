@@ -78,3 +78,9 @@ async def expect_status(code: grpc.StatusCode, awaitable) -> str:
         await awaitable
     assert error.value.code() == code, error.value.details()
     return error.value.details()
+
+
+async def drain(stream) -> None:
+    """Iterate an async stream to its end (or its error)."""
+    async for _ in stream:
+        pass

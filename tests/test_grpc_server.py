@@ -22,7 +22,15 @@ from loraplex.server.app import App, start
 from loraplex.server.engine import EngineConfig, SamplingParams
 from loraplex.server.settings import ApiKey, load_settings
 from loraplex.v1 import generation_pb2 as pb
-from serving_support import TEST_ENGINE, TOKENIZER_CORPUS, expect_status, generate_alone, make_engine, slow_steps
+from serving_support import (
+    TEST_ENGINE,
+    TOKENIZER_CORPUS,
+    drain,
+    expect_status,
+    generate_alone,
+    make_engine,
+    slow_steps,
+)
 
 KEYS = {"full": "k-full-0123456789", "support-only": "k-support-0123456789", "admin-only": "k-admin-0123456789",
         "admin-and-inference": "k-both-0123456789"}
@@ -213,11 +221,13 @@ async def test_client_cancel_frees_kv_blocks(serving_model):
         assert app.scheduler.adapters.in_use("d_r8_k_gate") == 0
 
 
-async def test_deadline_exceeded_frees_kv_blocks(serving_model):
+@pytest.mark.parametrize("rpc", ["unary", "stream"])
+async def test_deadline_exceeded_frees_kv_blocks(serving_model, rpc):
     async with running(serving_model) as (app, client):
         slow_steps(app, 0.01)
+        call = client.generate if rpc == "unary" else lambda *a, **k: drain(client.generate_stream(*a, **k))
         await expect_status(grpc.StatusCode.DEADLINE_EXCEEDED,
-                            client.generate(list(range(30)), max_new_tokens=200, ignore_eos=True, timeout=0.3))
+                            call(list(range(30)), max_new_tokens=200, ignore_eos=True, timeout=0.3))
         assert await blocks_back(app)
         assert app.scheduler.stats.cancelled == 1
 

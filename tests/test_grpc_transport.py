@@ -19,7 +19,7 @@ from loraplex.client.client import AsyncClient, Client, RetryPolicy
 from loraplex.server.app import start
 from loraplex.server.engine import EngineConfig
 from loraplex.server.settings import ApiKey, load_settings
-from serving_support import TEST_ENGINE, expect_status, slow_steps
+from serving_support import TEST_ENGINE, drain, expect_status, slow_steps
 
 FAST_RETRY = RetryPolicy(max_attempts=5, initial_backoff_s=0.01, max_backoff_s=0.05)
 
@@ -174,13 +174,8 @@ async def test_client_does_not_retry_other_codes_or_a_started_stream(serving_mod
             stream = client.generate_stream([1, 2, 3], max_new_tokens=200, ignore_eos=True)
             await anext(stream)
             await asyncio.to_thread(app.scheduler.close)  # in-flight requests end with UNAVAILABLE
-            details = await expect_status(grpc.StatusCode.UNAVAILABLE, _drain(stream))
+            details = await expect_status(grpc.StatusCode.UNAVAILABLE, drain(stream))
             assert "stopped before the request finished" in details
             assert counter.calls["GenerateStream"] == 1
     finally:
         await app.stop(0)
-
-
-async def _drain(stream) -> None:
-    async for _ in stream:
-        pass
