@@ -17,6 +17,7 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -43,14 +44,15 @@ def tiny_model(folder: Path) -> Path:
     return folder
 
 
-def write_adapters(base_folder: Path, folder: Path, ranks: list[int]) -> list[Path]:
-    """PEFT LoRA adapters on all linear layers with random non-zero weights, one folder each."""
+def write_adapters(base_folder: Path, folder: Path, ranks: list[int],
+                   targets: Sequence[str] = PROJECTIONS) -> list[Path]:
+    """PEFT LoRA adapters on `targets` (default: all linear layers) with random non-zero weights, one folder each."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(1)
     base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
     names = [f"adapter{i:02d}_r{r}" for i, r in enumerate(ranks)]
-    configs = [LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(PROJECTIONS), init_lora_weights=False)
+    configs = [LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False)
                for r in ranks]
     model = get_peft_model(base, configs[0], adapter_name=names[0])
     for name, config in zip(names[1:], configs[1:], strict=True):

@@ -1,98 +1,180 @@
-"""Serving overhead and latency: the gRPC server under concurrent streams vs the engine alone.
+"""Serving under an S-LoRA-style load: throughput and latency over gRPC for N = 0, 8 and 100 adapters,
+and the gRPC path vs the engine driven directly on the same requests.
 
-One process: an in-process server (`loraplex.server.app.start`) on loopback with NUM_ADAPTERS
-adapters, loaded by asyncio clients that stream NUM_REQUESTS requests spread over the adapters and
-the base model. Measured side by side on the same engine:
-  (a) engine alone     `Engine.generate` of all requests at once (no transport, no scheduler thread)
-  (b) server, all in   every request in flight at once: tokens/s, time to first token, inter-token gaps
-  (c) server, limited  at most LIMITED_CONCURRENCY requests in flight (a latency-bound load)
-`serving_vs_engine` = (b) tokens/s / (a) tokens/s is what transport + scheduling cost.
+One process, one engine. An in-process server (`loraplex.server.app.start`) on loopback holds 100
+PEFT adapters (r=8 on q_proj and v_proj: the LoRA arithmetic is small, so the comparison measures
+the scheduler and adapter management). One trace of NUM_REQUESTS requests (seeded) is replayed per N:
+  - arrivals: a Poisson process of ARRIVAL_RATE requests/s;
+  - prompt and output lengths: uniform over PROMPT_LENS and OUTPUT_LENS (output forced, ignore_eos);
+  - adapters: Zipf(ZIPF_ALPHA) popularity over N adapters (N = 0: every request on the base model).
+Each N runs twice on the same engine: (grpc) an asyncio client streams every request at its arrival
+time; (direct) `Engine.step` driven in this thread, admitting the same requests at the same times
+under the same caps (MAX_RUNNING sequences, MAX_STEP_TOKENS per step, decodes first), with no
+transport and no scheduler thread. Reported per run: tokens/s and requests/s over the makespan
+(first arrival to last token), time to first token and inter-token latency p50/p99.
+
+Sizes: on 2 CPU cores SmolLM2-135M decodes about 150 tokens/s in batches of 32, so 64 requests of
+mean 72 prompt + 56 output tokens take about 30 s per run; ARRIVAL_RATE 4/s exceeds that capacity,
+so the queue builds up and throughput measures the server's capacity (TTFT includes the queueing).
+Six runs plus set-up (writing 100 adapters, loading) stay under ~12 minutes.
 
     python benchmarks/serving.py          # SmolLM2-135M-Instruct, NF4 (the default model)
     python benchmarks/serving.py --tiny   # a random tiny llama, for a quick check
+
+Writes benchmarks/results/serving.json: `ratios.n100_vs_n0` (gRPC tokens/s, N=100 over N=0; target
+>= 0.85) and `ratios.grpc_vs_direct` (the lowest over N of gRPC tokens/s over direct; target >= 0.9).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import platform
-import statistics
 import tempfile
 import time
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from engine_throughput import tiny_model, write_adapters
 
 from loraplex.client.client import AsyncClient
 from loraplex.server.app import start
 from loraplex.server.default_model import default_model_path
-from loraplex.server.engine import EngineConfig, SamplingParams
+from loraplex.server.engine import Engine, EngineConfig, SamplingParams, SequenceState
 from loraplex.server.engine.lora import NO_ADAPTER
 from loraplex.server.settings import load_settings
 
 RESULTS = Path(__file__).parent / "results" / "serving.json"
-NUM_REQUESTS, PROMPT_LEN, NEW_TOKENS = 32, 64, 64
-NUM_ADAPTERS = 8
-LIMITED_CONCURRENCY = 4
+NUM_REQUESTS = 64
+ARRIVAL_RATE = 4.0  # requests/s
+PROMPT_LENS, OUTPUT_LENS = (16, 128), (16, 96)  # uniform, inclusive
+ZIPF_ALPHA = 1.0
+ADAPTER_COUNTS = (0, 8, 100)
+RANK, TARGETS = 8, ("q_proj", "v_proj")
+MAX_RUNNING, MAX_STEP_TOKENS = 32, 512
 
 
-def quantile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
+@dataclass(frozen=True)
+class TraceRequest:
+    arrival_s: float
+    prompt: list[int]
+    output_len: int
 
 
-async def run_load(target: str, requests: list[tuple[list[int], str]], concurrency: int) -> dict:
-    """Stream every request with at most `concurrency` in flight; latency figures from the client side."""
-    gate = asyncio.Semaphore(concurrency)
-    async with AsyncClient(target) as client:
+def make_trace(vocab_size: int, num_requests: int, seed: int = 0) -> list[TraceRequest]:
+    """Poisson arrivals, uniform prompt/output lengths, random prompt tokens (ids >= 100: no specials)."""
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(1.0 / ARRIVAL_RATE, num_requests))
+    arrivals -= arrivals[0]
+    prompt_lens = rng.integers(PROMPT_LENS[0], PROMPT_LENS[1] + 1, num_requests)
+    output_lens = rng.integers(OUTPUT_LENS[0], OUTPUT_LENS[1] + 1, num_requests)
+    return [TraceRequest(float(t), rng.integers(100, vocab_size, int(p)).tolist(), int(o))
+            for t, p, o in zip(arrivals, prompt_lens, output_lens, strict=True)]
 
-        async def one(prompt: list[int], adapter: str) -> tuple[float, list[float]]:
-            async with gate:
-                start, arrivals = time.perf_counter(), []
-                async for _ in client.generate_stream(prompt, adapter, max_new_tokens=NEW_TOKENS, ignore_eos=True):
-                    arrivals.append(time.perf_counter())
-                return start, arrivals
 
-        began = time.perf_counter()
-        results = await asyncio.gather(*(one(p, a) for p, a in requests))
-        wall = time.perf_counter() - began
-    ttft = [arrivals[0] - start for start, arrivals in results]
-    gaps = [b - a for _, arrivals in results for a, b in itertools.pairwise(arrivals)]
+def zipf_adapters(num_adapters: int, num_requests: int, seed: int = 1) -> list[int]:
+    """Per request an adapter index in [0, num_adapters), P(i) ~ 1/(i+1)^ZIPF_ALPHA; -1 (the base) when 0."""
+    if num_adapters == 0:
+        return [NO_ADAPTER] * num_requests
+    weights = 1.0 / np.arange(1, num_adapters + 1) ** ZIPF_ALPHA
+    return np.random.default_rng(seed).choice(num_adapters, num_requests, p=weights / weights.sum()).tolist()
+
+
+def summarize(trace: list[TraceRequest], starts: list[float], arrivals: list[list[float]]) -> dict:
+    """Throughput over the makespan, TTFT and inter-token percentiles; times in seconds on one clock."""
+    makespan = max(a[-1] for a in arrivals) - min(starts)
+    ttft = [a[0] - s for s, a in zip(starts, arrivals, strict=True)]
+    gaps = np.concatenate([np.diff(a) for a in arrivals])
+    tokens = sum(len(a) for a in arrivals)
+    assert tokens == sum(r.output_len for r in trace), "every request must produce its output_len tokens"
     return {
-        "concurrency": concurrency, "wall_s": wall,
-        "tokens_per_s": sum(len(arrivals) for _, arrivals in results) / wall,
-        "ttft_p50_s": quantile(ttft, 0.5), "ttft_p95_s": quantile(ttft, 0.95),
-        "inter_token_p50_s": quantile(gaps, 0.5), "inter_token_p95_s": quantile(gaps, 0.95),
+        "makespan_s": makespan, "tokens_per_s": tokens / makespan, "requests_per_s": len(trace) / makespan,
+        "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p99_s": float(np.percentile(ttft, 99)),
+        "itl_p50_s": float(np.percentile(gaps, 50)), "itl_p99_s": float(np.percentile(gaps, 99)),
     }
 
 
-async def benchmark(base_folder: Path, adapters: dict[str, Path], device: str) -> dict:
-    settings = load_settings(model=base_folder, adapter=adapters, port=0, reflection=False,
-                             engine=EngineConfig(device=device, num_slots=NUM_ADAPTERS, max_rank=16,
+async def run_grpc(target: str, trace: list[TraceRequest], adapters: list[str]) -> dict:
+    """Each request streamed at its arrival time; token arrival times taken in the client."""
+    async with AsyncClient(target) as client:
+        began = time.perf_counter()
+
+        async def one(request: TraceRequest, adapter: str) -> tuple[float, list[float]]:
+            await asyncio.sleep(max(0.0, began + request.arrival_s - time.perf_counter()))
+            start, arrivals = time.perf_counter(), []
+            async for _ in client.generate_stream(request.prompt, adapter, max_new_tokens=request.output_len,
+                                                  ignore_eos=True):
+                arrivals.append(time.perf_counter())
+            return start, arrivals
+
+        results = await asyncio.gather(*(one(r, a) for r, a in zip(trace, adapters, strict=True)))
+    return summarize(trace, [s for s, _ in results], [a for _, a in results])
+
+
+def run_direct(engine: Engine, trace: list[TraceRequest], slots: list[int]) -> dict:
+    """The same requests at the same times straight into `Engine.step`: FCFS admission up to
+    MAX_RUNNING, decodes first then prefill chunks within MAX_STEP_TOKENS (the server's caps)."""
+    waiting = deque(range(len(trace)))
+    running: list[tuple[int, SequenceState]] = []
+    starts, arrivals = [0.0] * len(trace), [[] for _ in trace]
+    began = time.perf_counter()
+    while waiting or running:
+        now = time.perf_counter()
+        while waiting and len(running) < MAX_RUNNING and began + trace[waiting[0]].arrival_s <= now:
+            i = waiting.popleft()
+            starts[i] = began + trace[i].arrival_s
+            sampling = SamplingParams(max_new_tokens=trace[i].output_len, ignore_eos=True)
+            running.append((i, engine.add_sequence(trace[i].prompt, sampling, slots[i])))
+        if not running:
+            time.sleep(began + trace[waiting[0]].arrival_s - now)
+            continue
+        budget, batch = MAX_STEP_TOKENS, []
+        for _, seq in sorted(running, key=lambda item: item[1].num_pending > 1):
+            count = min(seq.num_pending, budget)
+            if count == 0:
+                break
+            batch.append((seq, count))
+            budget -= count
+        events = engine.step(batch)
+        stamp = time.perf_counter()
+        by_seq = {seq.seq_id: i for i, seq in running}
+        for event in events:
+            arrivals[by_seq[event.seq_id]].append(stamp)
+        for _, seq in running:
+            if seq.finished:
+                engine.release(seq)
+        running = [(i, seq) for i, seq in running if not seq.finished]
+    return summarize(trace, starts, arrivals)
+
+
+async def benchmark(base_folder: Path, adapters: dict[str, Path], device: str, num_requests: int) -> dict:
+    settings = load_settings(model=base_folder, adapter=adapters, host="127.0.0.1", port=0, reflection=False,
+                             engine=EngineConfig(device=device, num_slots=len(adapters), max_rank=RANK,
                                                  kv_cache_bytes=2**30),
-                             scheduler={"max_running": NUM_REQUESTS, "max_step_tokens": 2048})
+                             scheduler={"max_running": MAX_RUNNING, "max_step_tokens": MAX_STEP_TOKENS,
+                                        "max_waiting": num_requests})
     app = await start(settings)
     try:
-        engine, target = app.scheduler.engine, f"127.0.0.1:{app.port}"
-        names = ["", *adapters]
-        generator = torch.Generator().manual_seed(0)
-        prompts = torch.randint(100, engine.spec.vocab_size, (NUM_REQUESTS, PROMPT_LEN), generator=generator).tolist()
-        requests = [(prompt, names[i % len(names)]) for i, prompt in enumerate(prompts)]
-        await run_load(target, requests[:len(names)], len(names))  # warm-up: every adapter, every shape once
-        # (a) runs while the scheduler thread is idle, so the engine has one user at a time
-        slots = [NO_ADAPTER if a == "" else names.index(a) - 1 for _, a in requests]
-        began = time.perf_counter()
-        engine.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True), slots,
-                        max_step_tokens=settings.scheduler.max_step_tokens)
-        alone = {"wall_s": time.perf_counter() - began}
-        alone["tokens_per_s"] = NUM_REQUESTS * NEW_TOKENS / alone["wall_s"]
-        modes = {"a_engine_alone": alone, "b_server_all_in": await run_load(target, requests, NUM_REQUESTS),
-                 "c_server_limited": await run_load(target, requests, LIMITED_CONCURRENCY)}
-        return {"lora_impl": engine.lora_impl, "dtype": str(engine.dtype), "modes": modes,
-                "serving_vs_engine": modes["b_server_all_in"]["tokens_per_s"] / alone["tokens_per_s"]}
+        engine, target, names = app.scheduler.engine, f"127.0.0.1:{app.port}", list(adapters)
+        trace = make_trace(engine.spec.vocab_size, num_requests)
+        warm = [TraceRequest(0.0, r.prompt, 4) for r in trace[:16]]  # kernels, allocator, BLAS shapes
+        await run_grpc(target, warm, [names[i % len(names)] for i in range(len(warm))])
+        run_direct(engine, warm, list(range(len(warm))))
+        runs = {}
+        for n in ADAPTER_COUNTS:
+            slots = zipf_adapters(n, num_requests)  # adapter i is in slot i
+            runs[f"n{n}"] = {
+                "distinct_adapters": len(set(slots) - {NO_ADAPTER}),
+                "grpc": await run_grpc(target, trace, [names[s] if s != NO_ADAPTER else "" for s in slots]),
+                "direct": run_direct(engine, trace, slots),
+            }
+            print(f"N={n}: grpc {runs[f'n{n}']['grpc']['tokens_per_s']:.1f} tokens/s, "
+                  f"direct {runs[f'n{n}']['direct']['tokens_per_s']:.1f} tokens/s", flush=True)
+        return {"lora_impl": engine.lora_impl, "dtype": str(engine.dtype), "runs": runs}
     finally:
         await app.stop(0)
 
@@ -101,30 +183,45 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="random tiny llama instead of SmolLM2")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--requests", type=int, default=NUM_REQUESTS, help="requests per run")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
 
+    began = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="loraplex-serving-bench-"))
     base_folder = tiny_model(workdir / "base") if args.tiny else default_model_path()
-    folders = write_adapters(base_folder, workdir / "adapters", [16] * NUM_ADAPTERS)
-    result = asyncio.run(benchmark(base_folder, {f.name: f for f in folders}, args.device))
+    folders = write_adapters(base_folder, workdir / "adapters", [RANK] * max(ADAPTER_COUNTS), TARGETS)
+    result = asyncio.run(benchmark(base_folder, {f.name: f for f in folders}, args.device, args.requests))
+    runs = result["runs"]
+    ratios = {
+        "n100_vs_n0": runs["n100"]["grpc"]["tokens_per_s"] / runs["n0"]["grpc"]["tokens_per_s"],
+        "n8_vs_n0": runs["n8"]["grpc"]["tokens_per_s"] / runs["n0"]["grpc"]["tokens_per_s"],
+        **{f"grpc_vs_direct_{n}": r["grpc"]["tokens_per_s"] / r["direct"]["tokens_per_s"] for n, r in runs.items()},
+    }
+    ratios["grpc_vs_direct"] = min(ratios[f"grpc_vs_direct_{n}"] for n in runs)
 
     print(f"\nmodel: {'tiny llama' if args.tiny else 'SmolLM2-135M-Instruct'}  device: {args.device}  "
           f"lora: {result['lora_impl']}  threads: {torch.get_num_threads()}")
-    print(f"{NUM_REQUESTS} requests x {PROMPT_LEN} prompt + {NEW_TOKENS} new tokens over the base and "
-          f"{NUM_ADAPTERS} r=16 adapters")
-    print(f"{'mode':<18}{'tokens/s':>10}{'TTFT p50/p95 ms':>18}{'gap p50/p95 ms':>17}")
-    for mode, r in result["modes"].items():
-        ttft = f"{r['ttft_p50_s'] * 1e3:.0f}/{r['ttft_p95_s'] * 1e3:.0f}" if "ttft_p50_s" in r else "-"
-        gap = f"{r['inter_token_p50_s'] * 1e3:.1f}/{r['inter_token_p95_s'] * 1e3:.1f}" if "ttft_p50_s" in r else "-"
-        print(f"{mode:<18}{r['tokens_per_s']:>10.1f}{ttft:>18}{gap:>17}")
-    print(f"serving_vs_engine {result['serving_vs_engine']:.3f}")
+    print(f"{args.requests} requests/run, Poisson {ARRIVAL_RATE}/s, prompt U{PROMPT_LENS}, output U{OUTPUT_LENS}, "
+          f"Zipf({ZIPF_ALPHA}) over N r={RANK} {'+'.join(TARGETS)} adapters")
+    print(f"{'run':<12}{'adapters':>9}{'tokens/s':>10}{'req/s':>7}{'TTFT p50/p99 ms':>18}{'ITL p50/p99 ms':>17}")
+    for name, run in runs.items():
+        for path in ("grpc", "direct"):
+            r = run[path]
+            print(f"{name + ' ' + path:<12}{run['distinct_adapters']:>9}{r['tokens_per_s']:>10.1f}"
+                  f"{r['requests_per_s']:>7.2f}{r['ttft_p50_s'] * 1e3:>9.0f}/{r['ttft_p99_s'] * 1e3:<8.0f}"
+                  f"{r['itl_p50_s'] * 1e3:>8.1f}/{r['itl_p99_s'] * 1e3:<8.1f}")
+    for name, value in ratios.items():
+        print(f"  {name:<22}{value:6.3f}")
+    print(f"total {time.perf_counter() - began:.0f} s")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({
         "model": "tiny" if args.tiny else "SmolLM2-135M-Instruct", "device": args.device,
         "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-        "requests": NUM_REQUESTS, "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS, "adapters": NUM_ADAPTERS,
-        **result,
+        "trace": {"requests": args.requests, "arrival_rate_per_s": ARRIVAL_RATE, "prompt_lens": PROMPT_LENS,
+                  "output_lens": OUTPUT_LENS, "zipf_alpha": ZIPF_ALPHA, "rank": RANK, "targets": TARGETS,
+                  "max_running": MAX_RUNNING, "max_step_tokens": MAX_STEP_TOKENS},
+        "ratios": ratios, **result,
     }, indent=2) + "\n")
 
 
