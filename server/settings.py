@@ -79,7 +79,9 @@ class Settings(BaseSettings):
     """Largest max_new_tokens a request may ask for (INVALID_ARGUMENT beyond it)."""
     api_keys: list[ApiKey] = Field(default_factory=list)
     """Accepted API keys; empty turns authentication off (every caller may do everything), and then
-    the server listens on loopback only unless allow_unauthenticated_remote is set."""
+    the server listens on loopback only unless allow_unauthenticated_remote is set. Scopes: "inference"
+    (Generate, GenerateStream, ServerInfo) and "admin" (the adapter administration API); neither
+    implies the other, so an admin key calls inference RPCs only if it also has "inference"."""
     allow_unauthenticated_remote: bool = False
     """With no api_keys, listen on `host` even when it is not a loopback address (anyone who can reach
     the port may then use the server); off binds 127.0.0.1 instead."""
