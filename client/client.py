@@ -127,8 +127,8 @@ class RetryPolicy:
 
     def service_config(self) -> str:
         """The gRPC service config (JSON) applying this policy to every method of the service."""
-        retry = {"maxAttempts": self.max_attempts, "initialBackoff": f"{self.initial_backoff_s}s",
-                 "maxBackoff": f"{self.max_backoff_s}s", "backoffMultiplier": self.multiplier,
+        retry = {"maxAttempts": self.max_attempts, "initialBackoff": f"{self.initial_backoff_s:.6f}s",
+                 "maxBackoff": f"{self.max_backoff_s:.6f}s", "backoffMultiplier": self.multiplier,
                  "retryableStatusCodes": ["UNAVAILABLE"]}
         methods = [{"name": [{"service": SERVICE}], **({"retryPolicy": retry} if self.max_attempts > 1 else {})}]
         return json.dumps({"methodConfig": methods})
