@@ -13,10 +13,11 @@ under the same caps (MAX_RUNNING sequences, MAX_STEP_TOKENS per step, decodes fi
 transport and no scheduler thread. Reported per run: tokens/s and requests/s over the makespan
 (first arrival to last token), time to first token and inter-token latency p50/p99.
 
-Sizes: on 2 CPU cores SmolLM2-135M decodes about 150 tokens/s in batches of 32, so 64 requests of
-mean 72 prompt + 56 output tokens take about 30 s per run; ARRIVAL_RATE 4/s exceeds that capacity,
-so the queue builds up and throughput measures the server's capacity (TTFT includes the queueing).
-Six runs plus set-up (writing 100 adapters, loading) stay under ~12 minutes.
+Sizes: on 2 CPU cores SmolLM2-135M decodes about 120-150 tokens/s in batches of 32 and prefills
+about 500 tokens/s, so 96 requests of mean 72 prompt + 56 output tokens take about a minute per run;
+ARRIVAL_RATE 4/s (96 requests arrive within ~24 s) exceeds that capacity (~1.6 requests/s), so the
+queue builds up and throughput measures the server's capacity (TTFT includes the queueing). Six runs
+plus set-up (writing 100 adapters, loading, warm-up) stay under ~12 minutes.
 
     python benchmarks/serving.py          # SmolLM2-135M-Instruct, NF4 (the default model)
     python benchmarks/serving.py --tiny   # a random tiny llama, for a quick check
@@ -49,7 +50,7 @@ from loraplex.server.engine.lora import NO_ADAPTER
 from loraplex.server.settings import load_settings
 
 RESULTS = Path(__file__).parent / "results" / "serving.json"
-NUM_REQUESTS = 64
+NUM_REQUESTS = 96
 ARRIVAL_RATE = 4.0  # requests/s
 PROMPT_LENS, OUTPUT_LENS = (16, 128), (16, 96)  # uniform, inclusive
 ZIPF_ALPHA = 1.0

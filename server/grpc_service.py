@@ -145,6 +145,9 @@ class GenerationService(pb_grpc.GenerationServicer):
         if not 1 <= max_new_tokens <= self._limits.max_new_tokens_limit:
             raise InvalidRequest("stopping.max_new_tokens", f"{max_new_tokens} is outside "
                                  f"[1, {self._limits.max_new_tokens_limit}] (this server's limit)")
+        vocab_size = self._scheduler.engine.spec.vocab_size
+        if any(t >= vocab_size for t in stopping.stop_token_ids):
+            raise InvalidRequest("stopping.stop_token_ids", f"token ids must lie in [0, {vocab_size})")
         values = {name: getattr(sampling, name) for name in ("temperature", "top_k", "top_p", "repetition_penalty",
                                                              "seed") if sampling.HasField(name)}
         try:

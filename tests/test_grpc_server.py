@@ -129,6 +129,7 @@ async def test_info_health_and_reflection(serving_model):
     ({"prompt": [1, 500]}, "prompt"),
     ({"prompt": list(range(90)) * 3}, "prompt"),
     ({"prompt": [1, 2], "max_new_tokens": 5000}, "stopping.max_new_tokens"),
+    ({"prompt": [1, 2], "stop_token_ids": [3, 96]}, "stopping.stop_token_ids"),
     ({"prompt": [1, 2], "top_p": 2.0}, "sampling"),
     ({"prompt": [1, 2], "temperature": -1.0}, "sampling"),
     ({"prompt": [1, 2], "chat": True}, "chat"),
