@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import json
 import logging
 import socket
 from collections import Counter
@@ -179,3 +180,16 @@ async def test_client_does_not_retry_other_codes_or_a_started_stream(serving_mod
             assert counter.calls["GenerateStream"] == 1
     finally:
         await app.stop(0)
+
+
+def test_retry_policy_retries_unavailable_only_within_grpc_bounds():
+    config = json.loads(RetryPolicy(max_attempts=3, initial_backoff_s=0.25).service_config())
+    (method,) = config["methodConfig"]
+    assert method["name"] == [{"service": "loraplex.v1.Generation"}]
+    assert method["retryPolicy"] == {"maxAttempts": 3, "initialBackoff": "0.250000s", "maxBackoff": "2.000000s",
+                                     "backoffMultiplier": 2.0, "retryableStatusCodes": ["UNAVAILABLE"]}
+    assert "retryPolicy" not in json.loads(RetryPolicy(max_attempts=1).service_config())["methodConfig"][0]
+    for bad in (dict(max_attempts=6), dict(max_attempts=0), dict(initial_backoff_s=0.0),
+                dict(initial_backoff_s=3.0), dict(multiplier=0.5)):
+        with pytest.raises(ValueError):
+            RetryPolicy(**bad)
