@@ -5,22 +5,27 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from loraplex.adapters.errors import (
+    AdapterFormatError,
+    CorruptAdapter,
+    TensorShapeError,
+    UnknownTargetModule,
+    UnsupportedFeature,
+)
 from loraplex.server.engine.model import LoraWeights
 from loraplex.server.engine.spec import PROJECTIONS
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
-
-
-class AdapterFormatError(ValueError):
-    """The folder is not a LoRA adapter loraplex can serve; the message says what to change."""
 
 
 @dataclass(frozen=True)
@@ -43,28 +48,78 @@ class AdapterConfig:
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
 
+def read_json_object(path: Path) -> dict:
+    """The JSON object in `path`; CorruptAdapter when it is not valid UTF-8 JSON holding an object."""
+    try:
+        raw = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CorruptAdapter(f"{path} is not valid JSON ({error}); rewrite it (PEFT's save_pretrained does)") from None
+    if not isinstance(raw, dict):
+        raise CorruptAdapter(f"{path} holds a JSON {type(raw).__name__}, not an object; rewrite it")
+    return raw
+
+
 def read_adapter_config(folder: Path) -> AdapterConfig:
+    """The config of the adapter in `folder`; refuses the PEFT features the engine does not apply."""
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise AdapterFormatError(f"{folder} has no {CONFIG_FILE}: expected a PEFT LoRA adapter folder")
-    raw = json.loads(path.read_text())
+    raw = read_json_object(path)
     if raw.get("peft_type", "LORA") != "LORA":
-        raise AdapterFormatError(f"peft_type {raw.get('peft_type')!r} is not supported; train a LoRA adapter")
+        raise UnsupportedFeature(f"peft_type {raw.get('peft_type')!r} is not supported; train a LoRA adapter")
     if raw.get("use_dora"):
-        raise AdapterFormatError("DoRA adapters are not supported; train with use_dora=False")
+        raise UnsupportedFeature("DoRA adapters are not supported; train with use_dora=False")
     if raw.get("bias", "none") != "none":
-        raise AdapterFormatError(f"bias={raw['bias']!r} is not supported; train with bias='none'")
+        raise UnsupportedFeature(f"bias={raw['bias']!r} is not supported; train with bias='none'")
     if raw.get("modules_to_save"):
-        raise AdapterFormatError("modules_to_save is not supported; train without fully fine-tuned modules")
+        raise UnsupportedFeature("modules_to_save is not supported; train without fully fine-tuned modules")
     targets = raw.get("target_modules") or []
-    return AdapterConfig(
-        rank=int(raw["r"]),
-        alpha=float(raw.get("lora_alpha", raw["r"])),
-        use_rslora=bool(raw.get("use_rslora", False)),
-        target_modules=tuple([targets] if isinstance(targets, str) else targets),
-        alpha_pattern={k: float(v) for k, v in (raw.get("alpha_pattern") or {}).items()},
-        base_model=raw.get("base_model_name_or_path"),
-    )
+    try:
+        return AdapterConfig(
+            rank=int(raw["r"]),
+            alpha=float(raw.get("lora_alpha", raw["r"])),
+            use_rslora=bool(raw.get("use_rslora", False)),
+            target_modules=tuple([targets] if isinstance(targets, str) else targets),
+            alpha_pattern={k: float(v) for k, v in (raw.get("alpha_pattern") or {}).items()},
+            base_model=raw.get("base_model_name_or_path"),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise CorruptAdapter(f"{path}: r, lora_alpha or alpha_pattern is missing or not a number ({error!r}); "
+                             "rewrite it with PEFT") from None
+
+
+@contextmanager
+def open_weights(folder: Path) -> Iterator:
+    """safe_open of the folder's safetensors file; refuses a missing file (pickled `.bin` is never read)
+    and turns a corrupt or truncated file into CorruptAdapter."""
+    path = folder / WEIGHTS_FILE
+    if not path.is_file():
+        pickled = " (adapter_model.bin is pickled and never loaded)" if (folder / "adapter_model.bin").exists() else ""
+        raise UnsupportedFeature(f"{folder} has no {WEIGHTS_FILE}{pickled}; save with safe_serialization=True")
+    try:
+        handle = safe_open(path, framework="pt")
+    except SafetensorError as error:
+        raise CorruptAdapter(f"{path} is corrupt or truncated ({error}); copy or save the adapter again") from None
+    with handle:
+        yield handle
+
+
+def lora_pairs(keys: Iterable[str]) -> dict[tuple[int, str], dict[str, str]]:
+    """(layer, projection) -> {"A": tensor name, "B": tensor name} for the tensors of a PEFT LoRA file.
+
+    Refuses any tensor that is not a LoRA A/B of a PROJECTIONS module, and any module missing a half.
+    """
+    pairs: dict[tuple[int, str], dict[str, str]] = {}
+    for key in keys:
+        match = _KEY.match(key)
+        if match is None or match.group(2) not in PROJECTIONS:
+            raise UnknownTargetModule(f"unexpected tensor {key!r}: only LoRA A/B of {PROJECTIONS} are served; "
+                                      "train with target_modules among them")
+        pairs.setdefault((int(match.group(1)), match.group(2)), {})[match.group(3)] = key
+    for (layer, proj), pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise TensorShapeError(f"layer {layer} {proj} has lora_{''.join(pair)} but not both A and B")
+    return pairs
 
 
 def read_lora_weights(folder: Path, dtype: torch.dtype = torch.float32) -> LoraWeights:
@@ -73,24 +128,11 @@ def read_lora_weights(folder: Path, dtype: torch.dtype = torch.float32) -> LoraW
     Only safetensors are read; pickled `adapter_model.bin` is refused.
     """
     config = read_adapter_config(folder)
-    path = folder / WEIGHTS_FILE
-    if not path.is_file():
-        pickled = " (adapter_model.bin is pickled and never loaded)" if (folder / "adapter_model.bin").exists() else ""
-        raise AdapterFormatError(f"{folder} has no {WEIGHTS_FILE}{pickled}; save with safe_serialization=True")
-    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    with safe_open(path, framework="pt") as handle:
-        for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-            match = _KEY.match(key)
-            if match is None or match.group(2) not in PROJECTIONS:
-                raise AdapterFormatError(f"unexpected tensor {key!r}: only LoRA A/B of {PROJECTIONS} are served")
-            module = (int(match.group(1)), match.group(2))
-            halves.setdefault(module, {})[match.group(3)] = handle.get_tensor(key).to(dtype)
     weights: LoraWeights = {}
-    for (layer, proj), pair in halves.items():
-        if set(pair) != {"A", "B"}:
-            raise AdapterFormatError(f"layer {layer} {proj} has lora_{''.join(pair)} but not both A and B")
-        rank = pair["A"].shape[0]
-        block = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-        module_path = f"model.layers.{layer}.{block}.{proj}"
-        weights[(layer, proj)] = (pair["A"], pair["B"], config.scale(module_path, rank))
+    with open_weights(folder) as handle:
+        for (layer, proj), pair in lora_pairs(handle.keys()).items():
+            lora_a, lora_b = (handle.get_tensor(pair[half]).to(dtype) for half in ("A", "B"))
+            block = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            module_path = f"model.layers.{layer}.{block}.{proj}"
+            weights[(layer, proj)] = (lora_a, lora_b, config.scale(module_path, lora_a.shape[0]))
     return weights

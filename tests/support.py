@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +90,15 @@ def write_adapter(base_folder: Path, spec: AdapterSpec, folder: Path, seed: int,
                 param.mul_(b_scale)
     model.save_pretrained(folder)
     return folder
+
+
+def copy_with_config(source: Path, target: Path, **changes: object) -> Path:
+    """A copy of the adapter folder `source` at `target`, with `changes` applied to its adapter_config.json."""
+    shutil.copytree(source, target)
+    config = json.loads((target / "adapter_config.json").read_text())
+    config.update(changes)
+    (target / "adapter_config.json").write_text(json.dumps(config))
+    return target
 
 
 def reference_generate(base_folder: Path, adapters: dict[str, Path], rows: list[tuple[list[int], str | None]],

@@ -18,7 +18,15 @@ from transformers import AutoModelForCausalLM, GPT2Config
 from loraplex.adapters.peft_format import AdapterFormatError, read_adapter_config, read_lora_weights
 from loraplex.server.engine import Engine, EngineConfig
 from loraplex.server.model_files import UnsupportedModel, iter_weights, model_spec
-from support import ARCHITECTURES, MIXED_ADAPTERS, AdapterSpec, tiny_config, write_adapter, write_tiny_model
+from support import (
+    ARCHITECTURES,
+    MIXED_ADAPTERS,
+    AdapterSpec,
+    copy_with_config,
+    tiny_config,
+    write_adapter,
+    write_tiny_model,
+)
 
 
 class _CreatesMarkerWhenUnpickled:
@@ -191,14 +199,6 @@ def adapter_folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     plain = write_adapter(base, AdapterSpec("qv", 4, ("q_proj", "v_proj")), root / "qv", seed=1)
     rslora = write_adapter(base, MIXED_ADAPTERS[2], root / "rslora", seed=2)
     return base, plain, rslora
-
-
-def copy_with_config(source: Path, target: Path, **changes: object) -> Path:
-    shutil.copytree(source, target)
-    config = json.loads((target / "adapter_config.json").read_text())
-    config.update(changes)
-    (target / "adapter_config.json").write_text(json.dumps(config))
-    return target
 
 
 def test_reads_peft_weights_and_scales(adapter_folders) -> None:
