@@ -4,7 +4,8 @@ A version folder appears in one rename, complete and fsynced, or not at all: `pu
 `<root>/.tmp/<pid>-<random>/`, checks that the copy has the digest validation computed from the
 source, and renames it into place. A crash leaves only a hidden temp folder, which the next store
 opened on the same root removes once its process is gone. Sources are local folders under the
-configured allowed roots, symlinks resolved: nothing outside those roots is ever read.
+configured allowed roots, symlinks resolved: nothing outside those roots is ever read (the store's own
+temp folders, where remote sources are fetched, count as allowed).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,9 +61,10 @@ class AdapterStore:
     def __init__(self, root: Path, spec: ModelSpec, limits: Limits, allowed_roots: Sequence[Path] = (),
                  base_digest: str | None = None) -> None:
         self.root = root.resolve()
-        self._spec, self._limits, self._base_digest = spec, limits, base_digest
-        self._allowed = tuple(Path(allowed).resolve(strict=True) for allowed in allowed_roots)
+        self.limits = limits
+        self._spec, self._base_digest = spec, base_digest
         (self.root / _TEMP).mkdir(parents=True, exist_ok=True)
+        self._allowed = tuple(Path(allowed).resolve(strict=True) for allowed in allowed_roots)
         self._remove_abandoned_temps()
 
     def put(self, source: Path, name: str) -> StoredAdapter:
@@ -72,11 +75,9 @@ class AdapterStore:
         """
         check_name(name)
         folder, files = self._allowed_source(source)
-        summary = validate(folder, self._spec, self._limits, self._base_digest)
+        summary = validate(folder, self._spec, self.limits, self._base_digest)
         target = self.root / name / summary.digest
-        temp = self.root / _TEMP / f"{os.getpid()}-{uuid.uuid4().hex}"
-        temp.mkdir()
-        try:
+        with self.temp_folder() as temp:
             for file, path in files.items():
                 _copy_durably(path, temp / file)
             fsync_dir(temp)
@@ -91,9 +92,17 @@ class AdapterStore:
                 if not target.is_dir():  # not "already stored" (a put of the same bytes)
                     raise
             fsync_dir(target.parent)
+        return StoredAdapter(name, target, summary)
+
+    @contextmanager
+    def temp_folder(self) -> Iterator[Path]:
+        """A new empty folder in the store's hidden temp area (an allowed source), deleted on exit."""
+        temp = self.root / _TEMP / f"{os.getpid()}-{uuid.uuid4().hex}"
+        temp.mkdir()
+        try:
+            yield temp
         finally:
             shutil.rmtree(temp, ignore_errors=True)
-        return StoredAdapter(name, target, summary)
 
     def path(self, name: str, digest: str) -> Path:
         """The folder of version `digest` of `name`; VersionNotStored if the store does not hold it."""
@@ -110,10 +119,9 @@ class AdapterStore:
     def remove(self, name: str, digest: str) -> None:
         """Delete one version: it disappears in one rename, then its files are deleted."""
         folder = self.path(name, digest)
-        doomed = self.root / _TEMP / f"{os.getpid()}-{uuid.uuid4().hex}"
-        folder.rename(doomed)
-        fsync_dir(folder.parent)
-        shutil.rmtree(doomed)
+        with self.temp_folder() as doomed:
+            folder.rename(doomed)  # onto the empty temp folder
+            fsync_dir(folder.parent)
 
     def _allowed_source(self, source: Path) -> tuple[Path, dict[str, Path]]:
         """`source` resolved and {file name: resolved path} of its STORED_FILES, if each of them resolves
@@ -126,7 +134,7 @@ class AdapterStore:
             raise SourceNotAllowed(f"{source} cannot be read ({error.strerror}); give an existing folder") from None
         files = {file: (folder / file).resolve() for file in STORED_FILES if (folder / file).exists()}
         for path in (folder, *files.values()):
-            if not any(path.is_relative_to(root) for root in self._allowed):
+            if not any(path.is_relative_to(root) for root in (*self._allowed, self.root / _TEMP)):
                 roots = ", ".join(map(str, self._allowed)) or "none configured"
                 raise SourceNotAllowed(f"{source} resolves to {path}, outside the allowed adapter roots ({roots}); "
                                        "copy the adapter under one of them or add its folder to the allowed roots")

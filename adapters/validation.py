@@ -74,9 +74,7 @@ def validate(folder: Path, spec: ModelSpec, limits: Limits, base_digest: str | N
     _check_card(folder, base_digest)
     with open_weights(folder) as handle:  # refuses a missing, pickled-only, corrupt or truncated file
         size = (folder / CONFIG_FILE).stat().st_size + (folder / WEIGHTS_FILE).stat().st_size
-        if size > limits.max_bytes:
-            raise AdapterTooLarge(f"the adapter is {size} bytes, above the limit of {limits.max_bytes}; "
-                                  "use a lower rank or fewer target modules, or raise the size limit")
+        check_size(size, limits)
         pairs = lora_pairs(handle.keys())
         codes = {handle.get_slice(name).get_dtype() for pair in pairs.values() for name in pair.values()}
         ranks = [_check_module(spec, limits, layer, proj, handle.get_slice(pair["A"]).get_shape(),
@@ -89,6 +87,13 @@ def validate(folder: Path, spec: ModelSpec, limits: Limits, base_digest: str | N
         raise TensorDtypeError(f"tensors are {found}; save every tensor in one of float32, float16, bfloat16")
     targets = tuple(proj for proj in PROJECTIONS if any(p == proj for _, p in pairs))
     return AdapterSummary(adapter_digest(folder), max(ranks), targets, size, DTYPES[codes.pop()])
+
+
+def check_size(size: int, limits: Limits) -> None:
+    """AdapterTooLarge if `size` bytes of config + weights are above `limits.max_bytes`."""
+    if size > limits.max_bytes:
+        raise AdapterTooLarge(f"the adapter is {size} bytes, above the limit of {limits.max_bytes}; "
+                              "use a lower rank or fewer target modules, or raise the size limit")
 
 
 def _is_pattern(target_modules: tuple[str, ...]) -> bool:
