@@ -94,8 +94,10 @@ def open_weights(folder: Path) -> Iterator:
     and turns a corrupt or truncated file into CorruptAdapter."""
     path = folder / WEIGHTS_FILE
     if not path.is_file():
-        pickled = " (adapter_model.bin is pickled and never loaded)" if (folder / "adapter_model.bin").exists() else ""
-        raise UnsupportedFeature(f"{folder} has no {WEIGHTS_FILE}{pickled}; save with safe_serialization=True")
+        if (folder / "adapter_model.bin").exists():
+            raise UnsupportedFeature(f"{folder} has no {WEIGHTS_FILE} (adapter_model.bin is pickled and never "
+                                     "loaded); save with safe_serialization=True")
+        raise AdapterFormatError(f"{folder} has no {WEIGHTS_FILE}; save with safe_serialization=True")
     try:
         handle = safe_open(path, framework="pt")
     except SafetensorError as error:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from loraplex.adapters import store as store_module
-from loraplex.adapters.errors import RankTooHigh
+from loraplex.adapters.errors import CorruptAdapter, RankTooHigh
 from loraplex.adapters.identity import adapter_digest
 from loraplex.adapters.reference import InvalidAdapterReference
 from loraplex.adapters.store import AdapterStore, SourceChanged, SourceNotAllowed, VersionNotStored
@@ -157,3 +157,14 @@ def test_symlinks_inside_the_roots_are_followed(store: AdapterStore, sources: Pa
     stored = store.put(sources / "alias", "support")
     assert not any(path.is_symlink() for path in stored.path.iterdir())
     assert stored.digest == adapter_digest(sources / "good")
+
+
+def test_a_corrupt_new_version_leaves_the_previous_one(store: AdapterStore, sources: Path) -> None:
+    previous = store.put(sources / "good", "support")
+    truncated = copy_with_config(sources / "good", sources / "truncated", lora_alpha=32)
+    weights = truncated / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CorruptAdapter, match=r"is corrupt or truncated"):
+        store.put(truncated, "support")
+    assert store.versions("support") == [previous.digest]
+    assert adapter_digest(store.path("support", previous.digest)) == previous.digest

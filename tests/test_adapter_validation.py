@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from loraplex.adapters import peft_format
 from loraplex.adapters.errors import (
     AdapterTooLarge,
     BaseModelMismatch,
@@ -218,3 +219,28 @@ def test_corrupt_json(good, tmp_path: Path, name: str, text: str, message: str) 
     (broken / name).write_text(text)
     with pytest.raises(CorruptAdapter, match=message):
         validate(broken, spec, LIMITS)
+
+
+def test_validation_reads_no_tensor_data(good, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec, folder = good
+    real_open = peft_format.safe_open
+
+    class HeaderOnly:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            self._handle = real_open(*args, **kwargs)
+
+        def __enter__(self) -> HeaderOnly:
+            self._handle.__enter__()
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._handle.__exit__(*exc)
+
+        def keys(self) -> list[str]:
+            return self._handle.keys()
+
+        def get_slice(self, name: str):
+            return self._handle.get_slice(name)
+
+    monkeypatch.setattr(peft_format, "safe_open", HeaderOnly)
+    assert validate(folder, spec, LIMITS).rank == 4
