@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,13 @@ def test_a_corrupt_new_version_leaves_the_previous_one(store: AdapterStore, sour
         store.put(truncated, "support")
     assert store.versions("support") == [previous.digest]
     assert adapter_digest(store.path("support", previous.digest)) == previous.digest
+
+
+def test_concurrent_puts_of_the_same_and_other_versions(store: AdapterStore, sources: Path) -> None:
+    copy_with_config(sources / "good", sources / "v2", lora_alpha=32)
+    folders = [sources / "good", sources / "v2"] * 4
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        stored = list(pool.map(lambda folder: store.put(folder, "support"), folders))
+    digests = {adapter_digest(sources / "good"), adapter_digest(sources / "v2")}
+    assert {s.digest for s in stored} == digests and set(store.versions("support")) == digests
+    assert list((store.root / ".tmp").iterdir()) == []
