@@ -7,6 +7,8 @@ import re
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 """Letters, digits, '.', '_', '-', at most 64 characters, starting with a letter or digit (so a name is
 always a plain folder name: never '.', '..', hidden, or containing a path separator)."""
+DIGEST = re.compile(r"[0-9a-f]{64}")
+"""A full version: the sha256 of the adapter's config + weights, lowercase hex."""
 MIN_VERSION_PREFIX = 8
 VERSION_PREFIX = re.compile(rf"[0-9a-f]{{{MIN_VERSION_PREFIX},64}}")
 """A version in a reference: the adapter's sha256 (hex) or a prefix of at least MIN_VERSION_PREFIX digits."""

@@ -12,16 +12,14 @@ instead of being silently reset. All methods are thread-safe.
 from __future__ import annotations
 
 import json
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from loraplex.adapters.durable import write_atomically
-from loraplex.adapters.reference import InvalidAdapterReference, check_name, parse_reference
+from loraplex.adapters.reference import DIGEST, InvalidAdapterReference, check_name, parse_reference
 
 STATE_FORMAT = 1
-_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 class UnknownAdapter(LookupError):
@@ -59,7 +57,7 @@ class AdapterRegistry:
     def register(self, name: str, digest: str) -> AdapterEntry:
         """Make `digest` the current version of `name` (adding the name or the version if new)."""
         check_name(name)
-        if not _DIGEST.fullmatch(digest):
+        if not DIGEST.fullmatch(digest):
             raise InvalidAdapterReference(f"version {digest!r} is not a sha256 digest (64 lowercase hex digits)")
         with self._lock:
             old = self._entries.get(name)
@@ -136,7 +134,7 @@ def _read_state(path: Path) -> dict[str, AdapterEntry]:
         entries = {}
         for name, raw in state["adapters"].items():
             entry = AdapterEntry(check_name(name), raw["current"], tuple(raw["versions"]))
-            if not all(isinstance(v, str) and _DIGEST.fullmatch(v) for v in entry.versions) or \
+            if not all(isinstance(v, str) and DIGEST.fullmatch(v) for v in entry.versions) or \
                     entry.current not in entry.versions or len(set(entry.versions)) != len(entry.versions):
                 raise ValueError(f"adapter {name!r}: versions must be distinct sha256 digests including current")
             entries[name] = entry

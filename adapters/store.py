@@ -21,7 +21,7 @@ from pathlib import Path
 from loraplex.adapters.durable import fsync_dir
 from loraplex.adapters.identity import adapter_digest
 from loraplex.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
-from loraplex.adapters.reference import check_name
+from loraplex.adapters.reference import DIGEST, check_name
 from loraplex.adapters.validation import CARD_FILE, AdapterSummary, Limits, validate
 from loraplex.server.engine.spec import ModelSpec
 
@@ -107,7 +107,7 @@ class AdapterStore:
     def path(self, name: str, digest: str) -> Path:
         """The folder of version `digest` of `name`; VersionNotStored if the store does not hold it."""
         folder = self.root / check_name(name) / digest
-        if len(digest) != 64 or not folder.is_dir():
+        if not DIGEST.fullmatch(digest) or not folder.is_dir():
             raise VersionNotStored(f"the store has no version {digest[:12]} of adapter {name!r}")
         return folder
 

@@ -179,3 +179,12 @@ def test_concurrent_puts_of_the_same_and_other_versions(store: AdapterStore, sou
     digests = {adapter_digest(sources / "good"), adapter_digest(sources / "v2")}
     assert {s.digest for s in stored} == digests and set(store.versions("support")) == digests
     assert list((store.root / ".tmp").iterdir()) == []
+
+
+def test_versions_are_digests_never_paths(store: AdapterStore, sources: Path) -> None:
+    store.put(sources / "good", "support")
+    escape = "../" * 21 + "x"  # 64 characters
+    for digest in (escape, "0" * 63, "A" * 64):
+        with pytest.raises(VersionNotStored, match=r"the store has no version"):
+            store.remove("support", digest)
+    assert len(store.versions("support")) == 1
