@@ -99,6 +99,34 @@ def summarize(trace: list[TraceRequest], starts: list[float], arrivals: list[lis
     }
 
 
+class StepTimer:
+    """Replaces `engine.step` (both paths call it) to add up the time spent inside it, the steps and the
+    sequences per step: what is left of the makespan is waiting for arrivals plus the path's overhead."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._step = engine.step
+        engine.step = self
+        self.reset()
+
+    def reset(self) -> None:
+        self.busy_s, self.steps, self.sequences = 0.0, 0, 0
+
+    def __call__(self, batch):
+        start = time.perf_counter()
+        events = self._step(batch)
+        self.busy_s += time.perf_counter() - start
+        self.steps += 1
+        self.sequences += len(batch)
+        return events
+
+    def measured(self, summary: dict) -> dict:
+        """`summary` plus this run's step figures; resets for the next run."""
+        figures = {"steps": self.steps, "mean_batch_sequences": self.sequences / self.steps,
+                   "engine_busy_s": self.busy_s, "engine_busy_fraction": self.busy_s / summary["makespan_s"]}
+        self.reset()
+        return {**summary, **figures}
+
+
 async def run_grpc(target: str, trace: list[TraceRequest], adapters: list[str]) -> dict:
     """Each request streamed at its arrival time; token arrival times taken in the client."""
     async with AsyncClient(target) as client:
@@ -162,14 +190,13 @@ async def benchmark(base_folder: Path, adapters: dict[str, Path], device: str, n
         warm = [TraceRequest(0.0, r.prompt, 4) for r in trace[:16]]  # kernels, allocator, BLAS shapes
         await run_grpc(target, warm, [names[i % len(names)] for i in range(len(warm))])
         run_direct(engine, warm, list(range(len(warm))))
-        runs = {}
+        timer, runs = StepTimer(engine), {}
         for n in ADAPTER_COUNTS:
             slots = zipf_adapters(n, num_requests)  # adapter i is in slot i
-            runs[f"n{n}"] = {
-                "distinct_adapters": len(set(slots) - {NO_ADAPTER}),
-                "grpc": await run_grpc(target, trace, [names[s] if s != NO_ADAPTER else "" for s in slots]),
-                "direct": run_direct(engine, trace, slots),
-            }
+            adapters = [names[s] if s != NO_ADAPTER else "" for s in slots]
+            grpc_run = timer.measured(await run_grpc(target, trace, adapters))
+            runs[f"n{n}"] = {"distinct_adapters": len(set(slots) - {NO_ADAPTER}), "grpc": grpc_run,
+                             "direct": timer.measured(run_direct(engine, trace, slots))}
             print(f"N={n}: grpc {runs[f'n{n}']['grpc']['tokens_per_s']:.1f} tokens/s, "
                   f"direct {runs[f'n{n}']['direct']['tokens_per_s']:.1f} tokens/s", flush=True)
         return {"lora_impl": engine.lora_impl, "dtype": str(engine.dtype), "runs": runs}
@@ -202,13 +229,15 @@ def main() -> None:
           f"lora: {result['lora_impl']}  threads: {torch.get_num_threads()}")
     print(f"{args.requests} requests/run, Poisson {ARRIVAL_RATE}/s, prompt U{PROMPT_LENS}, output U{OUTPUT_LENS}, "
           f"Zipf({ZIPF_ALPHA}) over N r={RANK} {'+'.join(TARGETS)} adapters")
-    print(f"{'run':<12}{'adapters':>9}{'tokens/s':>10}{'req/s':>7}{'TTFT p50/p99 ms':>18}{'ITL p50/p99 ms':>17}")
+    print(f"{'run':<12}{'adapters':>9}{'tokens/s':>10}{'req/s':>7}{'TTFT p50/p99 ms':>18}{'ITL p50/p99 ms':>17}"
+          f"{'steps':>7}{'seqs/step':>10}{'in engine':>10}")
     for name, run in runs.items():
         for path in ("grpc", "direct"):
             r = run[path]
             print(f"{name + ' ' + path:<12}{run['distinct_adapters']:>9}{r['tokens_per_s']:>10.1f}"
                   f"{r['requests_per_s']:>7.2f}{r['ttft_p50_s'] * 1e3:>9.0f}/{r['ttft_p99_s'] * 1e3:<8.0f}"
-                  f"{r['itl_p50_s'] * 1e3:>8.1f}/{r['itl_p99_s'] * 1e3:<8.1f}")
+                  f"{r['itl_p50_s'] * 1e3:>8.1f}/{r['itl_p99_s'] * 1e3:<8.1f}{r['steps']:>7}"
+                  f"{r['mean_batch_sequences']:>10.1f}{r['engine_busy_fraction']:>10.1%}")
     for name, value in ratios.items():
         print(f"  {name:<22}{value:6.3f}")
     print(f"total {time.perf_counter() - began:.0f} s")
