@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     prompt.add_argument("prompt", nargs="?", help="prompt text")
     prompt.add_argument("--token-ids", type=int, nargs="+", help="prompt as token ids instead of text")
     generate.add_argument("--adapter", default="",
-                          help="NAME or NAME@VERSION (a sha256 prefix); default: the base model")
+                          help="NAME or NAME@VERSION (VERSION: 8+ hex digits of the sha256); default: the base model")
     generate.add_argument("--raw", action="store_true", help="send the text as is, without the chat template")
     generate.add_argument("--max-new-tokens", type=int, help="most tokens to generate (default: the server's)")
     generate.add_argument("--temperature", type=float, help="0 (default) is greedy")

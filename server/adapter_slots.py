@@ -3,7 +3,8 @@
 The scheduler only sees `AdapterResolver`: `acquire(reference)` returns a lease naming the device
 slot and the adapter version a request runs with, `release(lease)` ends that use. A reference is
 "NAME" (whatever version is loaded), "NAME@VERSION" (VERSION: the content digest or a prefix of at
-least MIN_VERSION_PREFIX hex digits; any other loaded version is AdapterNotFound) or "" (the base).
+least adapters.reference.MIN_VERSION_PREFIX hex digits; any other loaded version is AdapterNotFound)
+or "" (the base).
 `StaticAdapters` loads a fixed name -> folder map into slots once at start-up; a registry with
 hot-swap and cache tiers replaces it behind the same interface (refcounts are what keep an in-use
 slot from eviction).
@@ -11,7 +12,6 @@ slot from eviction).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +19,13 @@ from typing import Protocol
 
 from loraplex.adapters.identity import adapter_digest
 from loraplex.adapters.peft_format import read_lora_weights
+from loraplex.adapters.reference import InvalidAdapterReference, parse_reference
 from loraplex.server.engine import Engine
 from loraplex.server.engine.lora import NO_ADAPTER
 from loraplex.server.errors import AdapterNotFound, InvalidRequest
 
 BASE_MODEL = ""
 """The adapter name that means the base model alone."""
-ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-"""Adapter names: letters, digits, '.', '_', '-', at most 64 characters, not starting with a symbol."""
-MIN_VERSION_PREFIX = 4
-VERSION_PREFIX = re.compile(rf"[0-9a-f]{{{MIN_VERSION_PREFIX},64}}")
 
 
 @dataclass(frozen=True)
@@ -41,17 +38,13 @@ class AdapterRef:
 
     @classmethod
     def parse(cls, reference: str) -> AdapterRef:
-        """"NAME", "NAME@VERSION" or ""; raises InvalidRequest("adapter", ...) for anything else."""
-        name, at, version = reference.partition("@")
-        if name == BASE_MODEL and not at:
+        """"NAME", "NAME@VERSION" (adapters.reference's rules) or ""; raises InvalidRequest("adapter", ...)."""
+        if reference == BASE_MODEL:
             return cls(BASE_MODEL)
-        if not ADAPTER_NAME.fullmatch(name):
-            raise InvalidRequest("adapter", f"{reference!r} is not NAME or NAME@VERSION (names: letters, digits, "
-                                 "'.', '_', '-', at most 64 characters)")
-        if at and not VERSION_PREFIX.fullmatch(version):
-            raise InvalidRequest("adapter", f"version {version!r} is not {MIN_VERSION_PREFIX} to 64 lowercase hex "
-                                 "digits of the adapter's sha256")
-        return cls(name, version)
+        try:
+            return cls(*parse_reference(reference))
+        except InvalidAdapterReference as error:
+            raise InvalidRequest("adapter", str(error)) from error
 
 
 @dataclass(frozen=True)

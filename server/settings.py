@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from loraplex.server.adapter_slots import ADAPTER_NAME
+from loraplex.adapters.reference import ADAPTER_NAME
 from loraplex.server.engine import EngineConfig
 from loraplex.server.scheduler import SchedulerConfig
 

@@ -283,7 +283,7 @@ async def test_adapter_references_by_name_version_and_prefix(serving_model):
     wrong = ("0" if digest[0] != "0" else "1") + digest[1:]
     async with running(serving_model) as (_app, client):
         by_name = await client.generate([3, 4, 5], "a_r4_qv", max_new_tokens=4, ignore_eos=True)
-        for reference in (f"a_r4_qv@{digest}", f"a_r4_qv@{digest[:4]}", f"a_r4_qv@{digest[:12]}"):
+        for reference in (f"a_r4_qv@{digest}", f"a_r4_qv@{digest[:8]}", f"a_r4_qv@{digest[:12]}"):
             result = await client.generate([3, 4, 5], reference, max_new_tokens=4, ignore_eos=True)
             assert result.token_ids == by_name.token_ids
             assert (result.completion.adapter, result.completion.adapter_version) == ("a_r4_qv", digest)
@@ -292,7 +292,8 @@ async def test_adapter_references_by_name_version_and_prefix(serving_model):
             assert details == f"adapter 'a_r4_qv' is loaded at version {digest[:12]}, not {reference[8:]!r}"
         details = await expect_status(grpc.StatusCode.NOT_FOUND, client.generate([3], f"missing@{digest}"))
         assert "adapter 'missing' is not loaded" in details
-        malformed = ("a_r4_qv@", "a_r4_qv@abc", "a_r4_qv@XYZ1", f"a_r4_qv@{digest}0", "@abcd", "bad name", "a@b@c")
+        malformed = ("a_r4_qv@", f"a_r4_qv@{digest[:7]}", "a_r4_qv@XYZ12345", f"a_r4_qv@{digest}0", "@abcd1234",
+                     "bad name", "a@b@c")
         for reference in malformed:
             details = await expect_status(grpc.StatusCode.INVALID_ARGUMENT, client.generate([3], reference))
             assert details.startswith("adapter: "), details
