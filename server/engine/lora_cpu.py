@@ -1,12 +1,13 @@
-"""CPU fast path of the multi-LoRA op: a compiled per-token kernel plus BLAS for large groups.
+"""CPU fast path of the multi-LoRA op: a compiled kernel for decode-sized groups, batched matmuls for the rest.
 
 Semantics are exactly `lora.lora_reference`'s. On a CPU the decode step's LoRA cost is reading each
 present adapter's weights; gathering them into a stacked copy (as `lora_grouped` does) reads them
 three times. This path reads them in place, from the slot buffers, once:
 
 - tokens of groups smaller than `LARGE_GROUP` (typically decode tokens of distinct adapters) go
-  through one compiled kernel call per projection that walks tokens in parallel and, for token i,
-  computes h = A[s_i, :r_i] @ x[i] * scale[s_i], then y[i] += h @ B[s_i, :r_i];
+  through one compiled kernel call per projection that walks tiles of up to 4 same-slot tokens in
+  parallel and, for token i, computes h = A[s_i, :r_i] @ x[i] * scale[s_i], then y[i] += h @ B[s_i, :r_i]
+  (each weight row read once per tile, kept in registers/L1 for the tile's tokens);
 - groups of at least `LARGE_GROUP` tokens (prefill chunks) go through `grouped_matmul`: batched
   BLAS matmuls, where the one gathered copy of each adapter is small next to the token work.
 
