@@ -27,6 +27,10 @@ class TensorShapeError(AdapterFormatError):
     """A LoRA tensor is not a matrix, lacks its other half, or its rank disagrees with its pair."""
 
 
+class NonFiniteWeights(AdapterFormatError):
+    """A tensor holds NaN or infinity (a diverged training run)."""
+
+
 class TensorDtypeError(AdapterFormatError):
     """A tensor is not float32, float16 or bfloat16, or the tensors mix dtypes."""
 

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -50,8 +51,13 @@ class AdapterConfig:
 
 def read_json_object(path: Path) -> dict:
     """The JSON object in `path`; CorruptAdapter when it is not valid UTF-8 JSON holding an object."""
+    return parse_json_object(path.read_bytes(), path)
+
+
+def parse_json_object(data: bytes, path: Path) -> dict:
+    """The JSON object in `data` (the bytes of `path`, named in messages); CorruptAdapter otherwise."""
     try:
-        raw = json.loads(path.read_bytes())
+        raw = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CorruptAdapter(f"{path} is not valid JSON ({error}); rewrite it (PEFT's save_pretrained does)") from None
     if not isinstance(raw, dict):
@@ -64,7 +70,12 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise AdapterFormatError(f"{folder} has no {CONFIG_FILE}: expected a PEFT LoRA adapter folder")
-    raw = read_json_object(path)
+    return parse_adapter_config(path.read_bytes(), path)
+
+
+def parse_adapter_config(data: bytes, path: Path) -> AdapterConfig:
+    """The adapter config in `data` (the bytes of `path`); refuses the PEFT features the engine does not apply."""
+    raw = parse_json_object(data, path)
     if raw.get("peft_type", "LORA") != "LORA":
         raise UnsupportedFeature(f"peft_type {raw.get('peft_type')!r} is not supported; train a LoRA adapter")
     if raw.get("use_dora"):
@@ -124,17 +135,32 @@ def lora_pairs(keys: Iterable[str]) -> dict[tuple[int, str], dict[str, str]]:
     return pairs
 
 
+def parse_weights(data: bytes, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file held in `data` (the bytes of `path`); CorruptAdapter if malformed."""
+    try:
+        return safetensors.torch.load(data)
+    except (SafetensorError, ValueError) as error:
+        raise CorruptAdapter(f"{path} is corrupt or truncated ({error}); copy or save the adapter again") from None
+
+
 def read_lora_weights(folder: Path, dtype: torch.dtype = torch.float32) -> LoraWeights:
     """(layer, projection) -> (A [r, in], B [out, r], scale) for every module the adapter targets.
 
     Only safetensors are read; pickled `adapter_model.bin` is refused.
     """
     config = read_adapter_config(folder)
-    weights: LoraWeights = {}
     with open_weights(folder) as handle:
-        for (layer, proj), pair in lora_pairs(handle.keys()).items():
-            lora_a, lora_b = (handle.get_tensor(pair[half]).to(dtype) for half in ("A", "B"))
-            block = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-            module_path = f"model.layers.{layer}.{block}.{proj}"
-            weights[(layer, proj)] = (lora_a, lora_b, config.scale(module_path, lora_a.shape[0]))
+        names = handle.keys()  # a safe_open handle is not iterable
+        tensors = {name: handle.get_tensor(name) for name in names}
+    return lora_weights(config, tensors, dtype)
+
+
+def lora_weights(config: AdapterConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> LoraWeights:
+    """The engine's (layer, projection) -> (A [r, in], B [out, r], scale) from a PEFT file's tensors."""
+    weights: LoraWeights = {}
+    for (layer, proj), pair in lora_pairs(tensors).items():
+        lora_a, lora_b = (tensors[pair[half]].to(dtype) for half in ("A", "B"))
+        block = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+        module_path = f"model.layers.{layer}.{block}.{proj}"
+        weights[(layer, proj)] = (lora_a, lora_b, config.scale(module_path, lora_a.shape[0]))
     return weights

@@ -43,6 +43,8 @@ class AdapterEntry:
     """Digest "NAME" resolves to."""
     versions: tuple[str, ...]
     """Every digest registered under the name and not removed, in order of first registration."""
+    pinned: bool = False
+    """Keep the current version resident in a device slot (the serving layer enforces it)."""
 
 
 class AdapterRegistry:
@@ -62,8 +64,18 @@ class AdapterRegistry:
         with self._lock:
             old = self._entries.get(name)
             versions = old.versions if old is not None else ()
-            entry = AdapterEntry(name, digest, versions if digest in versions else (*versions, digest))
+            entry = AdapterEntry(name, digest, versions if digest in versions else (*versions, digest),
+                                 old is not None and old.pinned)
             if entry != old:
+                self._commit({**self._entries, name: entry})
+            return entry
+
+    def set_pinned(self, name: str, pinned: bool) -> AdapterEntry:
+        """Set whether `name` is pinned (the flag follows the name across versions and restarts)."""
+        with self._lock:
+            entry = self.entry(check_name(name))
+            if entry.pinned != pinned:
+                entry = AdapterEntry(name, entry.current, entry.versions, pinned)
                 self._commit({**self._entries, name: entry})
             return entry
 
@@ -104,13 +116,14 @@ class AdapterRegistry:
                 raise VersionIsCurrent(f"version {digest[:12]} is the current version of {name!r}; register "
                                        "another version first, or remove the name")
             remaining = tuple(v for v in entry.versions if v != digest)
-            self._commit({**self._entries, name: AdapterEntry(name, entry.current, remaining)})
+            self._commit({**self._entries, name: AdapterEntry(name, entry.current, remaining, entry.pinned)})
             return (digest,)
 
     def _commit(self, entries: dict[str, AdapterEntry]) -> None:
         """Persist `entries`, then make them visible (a failed write changes nothing). Holds the lock."""
         state = {"format": STATE_FORMAT, "adapters": {
-            name: {"current": entry.current, "versions": list(entry.versions)} for name, entry in entries.items()}}
+            name: {"current": entry.current, "versions": list(entry.versions), "pinned": entry.pinned}
+            for name, entry in entries.items()}}
         write_atomically(self.state_file, json.dumps(state, indent=1, sort_keys=True).encode())
         self._entries = entries
 
@@ -133,7 +146,9 @@ def _read_state(path: Path) -> dict[str, AdapterEntry]:
             raise ValueError(f"format {state.get('format')!r}, expected {STATE_FORMAT}")
         entries = {}
         for name, raw in state["adapters"].items():
-            entry = AdapterEntry(check_name(name), raw["current"], tuple(raw["versions"]))
+            entry = AdapterEntry(check_name(name), raw["current"], tuple(raw["versions"]), raw.get("pinned", False))
+            if not isinstance(entry.pinned, bool):
+                raise ValueError(f"adapter {name!r}: pinned must be true or false")
             if not all(isinstance(v, str) and DIGEST.fullmatch(v) for v in entry.versions) or \
                     entry.current not in entry.versions or len(set(entry.versions)) != len(entry.versions):
                 raise ValueError(f"adapter {name!r}: versions must be distinct sha256 digests including current")

@@ -17,7 +17,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from loraplex.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from loraplex.adapters.store import STORED_FILES, AdapterStore, StoredAdapter
-from loraplex.adapters.validation import check_size
+from loraplex.adapters.validation import AdapterSummary, Limits, check_size
 
 _URI = re.compile(r"s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(.*))?")
 _MISSING = {"404", "NoSuchKey", "NotFound"}
@@ -52,18 +52,30 @@ def put_from_s3(store: AdapterStore, client: BaseClient, uri: str, name: str) ->
 
     Raises S3SourceError, AdapterTooLarge (before downloading), or whatever `AdapterStore.put` raises.
     """
+    with store.temp_folder() as folder:
+        fetch_from_s3(client, uri, folder, store.limits)
+        return store.put(folder, name)
+
+
+def check_from_s3(store: AdapterStore, client: BaseClient, uri: str) -> AdapterSummary:
+    """Dry run of `put_from_s3`: fetch into a temp folder and validate; stores nothing."""
+    with store.temp_folder() as folder:
+        fetch_from_s3(client, uri, folder, store.limits)
+        return store.check(folder)
+
+
+def fetch_from_s3(client: BaseClient, uri: str, folder: Path, limits: Limits) -> None:
+    """Download the adapter files at `uri` into the empty `folder`, after checking their size against `limits`."""
     location = S3Location.parse(uri)
     sizes = {file: _size(client, location, file) for file in STORED_FILES}
     for required in (CONFIG_FILE, WEIGHTS_FILE):
         if sizes[required] is None:
             raise S3SourceError(f"{location} has no {required}; check the bucket name, and upload the PEFT "
                                 f"folder's {CONFIG_FILE} and {WEIGHTS_FILE} under that prefix")
-    check_size(sizes[CONFIG_FILE] + sizes[WEIGHTS_FILE], store.limits)
-    with store.temp_folder() as folder:
-        for file, size in sizes.items():
-            if size is not None:
-                _download(client, location, file, folder / file)
-        return store.put(folder, name)
+    check_size(sizes[CONFIG_FILE] + sizes[WEIGHTS_FILE], limits)
+    for file, size in sizes.items():
+        if size is not None:
+            _download(client, location, file, folder / file)
 
 
 def _size(client: BaseClient, location: S3Location, file: str) -> int | None:

@@ -75,7 +75,7 @@ class AdapterStore:
         """
         check_name(name)
         folder, files = self._allowed_source(source)
-        summary = validate(folder, self._spec, self.limits, self._base_digest)
+        summary = self.check(folder)
         target = self.root / name / summary.digest
         with self.temp_folder() as temp:
             for file, path in files.items():
@@ -94,6 +94,11 @@ class AdapterStore:
             fsync_dir(target.parent)
         return StoredAdapter(name, target, summary)
 
+    def check(self, source: Path) -> AdapterSummary:
+        """Dry run of `put`: validate the adapter in `source` (allowed roots apply); stores nothing."""
+        folder, _ = self._allowed_source(source)
+        return validate(folder, self._spec, self.limits, self._base_digest)
+
     @contextmanager
     def temp_folder(self) -> Iterator[Path]:
         """A new empty folder in the store's hidden temp area (an allowed source), deleted on exit."""
@@ -110,6 +115,10 @@ class AdapterStore:
         if not DIGEST.fullmatch(digest) or not folder.is_dir():
             raise VersionNotStored(f"the store has no version {digest[:12]} of adapter {name!r}")
         return folder
+
+    def summary(self, name: str, digest: str) -> AdapterSummary:
+        """Validation's summary of a stored version (re-validated: limits may have changed since it was put)."""
+        return validate(self.path(name, digest), self._spec, self.limits, self._base_digest)
 
     def versions(self, name: str) -> list[str]:
         """Digests of the stored versions of `name`, sorted."""

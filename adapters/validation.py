@@ -1,8 +1,9 @@
 """Dry-run validation of a PEFT LoRA folder against the base model and the server's limits.
 
-`validate` reads the folder's config, optional card and safetensors header (plus every byte once,
-for the digest); it loads no tensor and touches no server. Each refusal is an `AdapterFormatError`
-subclass from `adapters.errors` whose message says what to change.
+`validate` reads the folder's config, optional card and safetensors header, then each tensor once
+(for NaN/inf, one at a time) and every byte once for the digest; it touches no server. `check_layout`
+and `check_finite` are the same checks on tensors already in memory (the loader's path). Each refusal
+is an `AdapterFormatError` subclass from `adapters.errors` whose message says what to change.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from loraplex.adapters.errors import (
     AdapterTooLarge,
     BaseModelMismatch,
+    NonFiniteWeights,
     RankTooHigh,
     TensorDtypeError,
     TensorShapeError,
@@ -22,6 +26,7 @@ from loraplex.adapters.identity import adapter_digest
 from loraplex.adapters.peft_format import (
     CONFIG_FILE,
     WEIGHTS_FILE,
+    AdapterConfig,
     lora_pairs,
     open_weights,
     read_adapter_config,
@@ -33,6 +38,8 @@ CARD_FILE = "adapter_card.json"
 """Optional metadata written next to the PEFT files (by the training sidecar); may name the base digest."""
 DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 """safetensors dtype codes the engine accepts, and their torch names."""
+DTYPE_CODES = {getattr(torch, name): code for code, name in DTYPES.items()}
+"""torch dtype -> safetensors dtype code, for tensors already in memory."""
 
 
 @dataclass(frozen=True)
@@ -59,34 +66,60 @@ class AdapterSummary:
     """torch name of the stored dtype: float32, float16 or bfloat16."""
 
 
+Layout = dict[str, tuple[str, list[int]]]
+"""A safetensors file's tensors: name -> (dtype code such as "F32", shape)."""
+
+
 def validate(folder: Path, spec: ModelSpec, limits: Limits, base_digest: str | None = None) -> AdapterSummary:
     """Check that the adapter in `folder` can be served on the base `spec` within `limits`.
 
     `base_digest` is the served base model's digest; it is compared with the card's
     `base_model_digest` when both are present. Raises an AdapterFormatError subclass on the first
-    problem found; never loads tensor data.
+    problem found; holds at most one tensor in memory at a time.
     """
     config = read_adapter_config(folder)  # refuses DoRA, bias, modules_to_save, non-LoRA types
-    unknown = sorted({name.rsplit(".", 1)[-1] for name in config.target_modules} - set(PROJECTIONS))
-    if unknown and not _is_pattern(config.target_modules):
-        raise UnknownTargetModule(f"target_modules {unknown} are not projections of a {spec.model_type} decoder; "
-                                  f"train with target_modules among {PROJECTIONS}")
+    check_targets(config, spec)
     _check_card(folder, base_digest)
     with open_weights(folder) as handle:  # refuses a missing, pickled-only, corrupt or truncated file
         size = (folder / CONFIG_FILE).stat().st_size + (folder / WEIGHTS_FILE).stat().st_size
         check_size(size, limits)
-        pairs = lora_pairs(handle.keys())
-        codes = {handle.get_slice(name).get_dtype() for pair in pairs.values() for name in pair.values()}
-        ranks = [_check_module(spec, limits, layer, proj, handle.get_slice(pair["A"]).get_shape(),
-                               handle.get_slice(pair["B"]).get_shape()) for (layer, proj), pair in pairs.items()]
+        names = handle.keys()  # a safe_open handle is not iterable
+        layout = {name: (handle.get_slice(name).get_dtype(), handle.get_slice(name).get_shape()) for name in names}
+        rank, targets, dtype = check_layout(layout, spec, limits, folder / WEIGHTS_FILE)
+        for name in names:
+            check_finite(name, handle.get_tensor(name))
+    return AdapterSummary(adapter_digest(folder), rank, targets, size, dtype)
+
+
+def check_targets(config: AdapterConfig, spec: ModelSpec) -> None:
+    """UnknownTargetModule if the config names modules that are not projections of the decoder."""
+    unknown = sorted({name.rsplit(".", 1)[-1] for name in config.target_modules} - set(PROJECTIONS))
+    if unknown and not _is_pattern(config.target_modules):
+        raise UnknownTargetModule(f"target_modules {unknown} are not projections of a {spec.model_type} decoder; "
+                                  f"train with target_modules among {PROJECTIONS}")
+
+
+def check_layout(layout: Layout, spec: ModelSpec, limits: Limits, path: Path) -> tuple[int, tuple[str, ...], str]:
+    """(largest rank, targeted projections in PROJECTIONS order, torch dtype name) of the tensors in
+    `layout` (those of the weights file `path`), after checking they fit `spec` and `limits`."""
+    pairs = lora_pairs(layout)
     if not pairs:
-        raise UnknownTargetModule(f"{folder / WEIGHTS_FILE} holds no LoRA tensors; train with target_modules "
-                                  f"among {PROJECTIONS}")
+        raise UnknownTargetModule(f"{path} holds no LoRA tensors; train with target_modules among {PROJECTIONS}")
+    codes = {layout[name][0] for pair in pairs.values() for name in pair.values()}
+    ranks = [_check_module(spec, limits, layer, proj, layout[pair["A"]][1], layout[pair["B"]][1])
+             for (layer, proj), pair in pairs.items()]
     if not codes <= set(DTYPES) or len(codes) > 1:
         found = sorted(DTYPES.get(code, code) for code in codes)
         raise TensorDtypeError(f"tensors are {found}; save every tensor in one of float32, float16, bfloat16")
     targets = tuple(proj for proj in PROJECTIONS if any(p == proj for _, p in pairs))
-    return AdapterSummary(adapter_digest(folder), max(ranks), targets, size, DTYPES[codes.pop()])
+    return max(ranks), targets, DTYPES[codes.pop()]
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """NonFiniteWeights if `tensor` (the tensor `name`) holds NaN or infinity."""
+    if not torch.isfinite(tensor).all():
+        raise NonFiniteWeights(f"tensor {name} holds NaN or infinite values; the training diverged: retrain "
+                               "(lower the learning rate) or save the adapter again")
 
 
 def check_size(size: int, limits: Limits) -> None:

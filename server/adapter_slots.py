@@ -1,114 +1,71 @@
-"""Adapters resolved to engine slots: the interface the scheduler uses, and the static start-up map.
+"""The device tier: which adapter version each engine slot holds, and which slot to reuse next.
 
-The scheduler only sees `AdapterResolver`: `acquire(reference)` returns a lease naming the device
-slot and the adapter version a request runs with, `release(lease)` ends that use. A reference is
-"NAME" (whatever version is loaded), "NAME@VERSION" (VERSION: the content digest or a prefix of at
-least adapters.reference.MIN_VERSION_PREFIX hex digits; any other loaded version is AdapterNotFound)
-or "" (the base).
-`StaticAdapters` loads a fixed name -> folder map into slots once at start-up; a registry with
-hot-swap and cache tiers replaces it behind the same interface (refcounts are what keep an in-use
-slot from eviction).
+Only the scheduler thread writes slots (between engine steps); the owner (`AdapterManager`) guards
+this table with its lock so that listings from other threads see a consistent picture. A slot is
+reused least recently used first, never when it is busy (a running sequence uses it) or pinned.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
-
-from loraplex.adapters.identity import adapter_digest
-from loraplex.adapters.peft_format import read_lora_weights
-from loraplex.adapters.reference import InvalidAdapterReference, parse_reference
-from loraplex.server.engine import Engine
-from loraplex.server.engine.lora import NO_ADAPTER
-from loraplex.server.errors import AdapterNotFound, InvalidRequest
-
-BASE_MODEL = ""
-"""The adapter name that means the base model alone."""
+import itertools
+from collections.abc import Collection, Iterator
 
 
-@dataclass(frozen=True)
-class AdapterRef:
-    """A parsed adapter reference: a name ("" is the base model) and an optional version prefix."""
+class DeviceSlots:
+    """`num_slots` slots, each empty or holding one adapter version (its digest)."""
 
-    name: str
-    version: str = ""
-    """A prefix of the content digest the request insists on; "" accepts the loaded version."""
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.evictions = 0
+        """Versions replaced in a slot to make room for another, since start."""
+        self._digests: list[str | None] = [None] * num_slots
+        self._by_digest: dict[str, int] = {}
+        self._last_used = [0] * num_slots
+        self._clock: Iterator[int] = itertools.count(1)
 
-    @classmethod
-    def parse(cls, reference: str) -> AdapterRef:
-        """"NAME", "NAME@VERSION" (adapters.reference's rules) or ""; raises InvalidRequest("adapter", ...)."""
-        if reference == BASE_MODEL:
-            return cls(BASE_MODEL)
-        try:
-            return cls(*parse_reference(reference))
-        except InvalidAdapterReference as error:
-            raise InvalidRequest("adapter", str(error)) from error
+    def find(self, digest: str) -> int | None:
+        """The slot holding `digest`, marked as just used; None if no slot holds it."""
+        slot = self._by_digest.get(digest)
+        if slot is not None:
+            self._last_used[slot] = next(self._clock)
+        return slot
 
+    def holds(self, digest: str) -> bool:
+        return digest in self._by_digest
 
-@dataclass(frozen=True)
-class AdapterLease:
-    """One request's use of an adapter version resident in a device slot."""
+    def victim(self, busy: Collection[int], pinned: Collection[str]) -> int | None:
+        """The slot to load a new version into: an empty one, else the least recently used one that is
+        neither in `busy` nor holding a digest in `pinned`; None if every slot is busy or pinned."""
+        candidates = [slot for slot, digest in enumerate(self._digests)
+                      if slot not in busy and digest not in pinned]
+        return min(candidates, key=lambda slot: (self._digests[slot] is not None, self._last_used[slot]), default=None)
 
-    name: str
-    version: str
-    """Content digest of the adapter ("" for the base model)."""
-    slot: int
-    """Engine slot, or NO_ADAPTER for the base model."""
+    def assign(self, slot: int, digest: str) -> None:
+        """Record that the empty `slot` now holds `digest` (the caller copied the weights in)."""
+        assert self._digests[slot] is None, f"slot {slot} is not empty"
+        self._digests[slot] = digest
+        self._by_digest[digest] = slot
+        self._last_used[slot] = next(self._clock)
 
+    def evict(self, slot: int) -> None:
+        """Empty `slot` to make room for another version (counted in `evictions` if it held one)."""
+        if self._digests[slot] is not None:
+            self.evictions += 1
+            self.clear(slot)
 
-@dataclass(frozen=True)
-class AdapterInfo:
-    name: str
-    version: str
-    rank: int
+    def clear(self, slot: int) -> None:
+        """Forget what `slot` holds (the weights stay until overwritten; no request can name them)."""
+        old = self._digests[slot]
+        if old is not None:
+            del self._by_digest[old]
+            self._digests[slot] = None
 
+    def forget(self, digest: str) -> None:
+        """Forget the slot holding `digest`, if any."""
+        slot = self._by_digest.get(digest)
+        if slot is not None:
+            self.clear(slot)
 
-class AdapterResolver(Protocol):
-    def acquire(self, reference: str) -> AdapterLease:
-        """The slot and version `reference` runs with now; raises InvalidRequest (malformed) or
-        AdapterNotFound (unknown name, or another version loaded). Pair with `release`."""
-        ...
-
-    def release(self, lease: AdapterLease) -> None: ...
-
-    def adapters(self) -> list[AdapterInfo]: ...
-
-
-class StaticAdapters:
-    """A fixed set of adapters, loaded into slots 0..n-1 at start-up and never evicted."""
-
-    def __init__(self, engine: Engine, folders: Mapping[str, Path]) -> None:
-        if len(folders) > engine.config.num_slots:
-            raise ValueError(f"{len(folders)} adapters do not fit {engine.config.num_slots} slots; raise num_slots")
-        self._leases: dict[str, AdapterLease] = {BASE_MODEL: AdapterLease(BASE_MODEL, "", NO_ADAPTER)}
-        self._infos: list[AdapterInfo] = []
-        self._in_use: dict[str, int] = {}
-        for slot, (name, folder) in enumerate(folders.items()):
-            engine.set_slot(slot, read_lora_weights(folder, engine.dtype))
-            lease = AdapterLease(name, adapter_digest(folder), slot)
-            self._leases[name] = lease
-            self._infos.append(AdapterInfo(name, lease.version, engine.slot_ranks[slot]))
-
-    def acquire(self, reference: str) -> AdapterLease:
-        ref = AdapterRef.parse(reference)
-        lease = self._leases.get(ref.name)
-        if lease is None:
-            known = ", ".join(sorted(n for n in self._leases if n)) or "none"
-            raise AdapterNotFound(f"adapter {ref.name!r} is not loaded (loaded: {known})")
-        if not lease.version.startswith(ref.version):
-            raise AdapterNotFound(f"adapter {ref.name!r} is loaded at version {lease.version[:12]}, "
-                                  f"not {ref.version!r}")
-        self._in_use[ref.name] = self._in_use.get(ref.name, 0) + 1
-        return lease
-
-    def release(self, lease: AdapterLease) -> None:
-        self._in_use[lease.name] -= 1
-
-    def in_use(self, name: str) -> int:
-        """Requests currently holding `name` (acquired and not yet released)."""
-        return self._in_use.get(name, 0)
-
-    def adapters(self) -> list[AdapterInfo]:
-        return list(self._infos)
+    def contents(self) -> list[str | None]:
+        """The digest each slot holds (None: empty)."""
+        return list(self._digests)

@@ -10,26 +10,35 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import boto3
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from loraplex.server.adapter_slots import StaticAdapters
+from loraplex.adapters.registry import AdapterRegistry
+from loraplex.adapters.sources import AdapterSources
+from loraplex.adapters.store import AdapterStore
+from loraplex.adapters.validation import Limits
+from loraplex.server.adapter_manager import AdapterManager
+from loraplex.server.admin_service import AdminService
 from loraplex.server.auth import Authenticator
-from loraplex.server.default_model import default_model_path
+from loraplex.server.default_model import default_model_path, loraplex_home
 from loraplex.server.engine import Engine
 from loraplex.server.grpc_service import GenerationService, RequestLimits
 from loraplex.server.interceptor import ErrorInterceptor
-from loraplex.server.model_files import iter_weights, model_spec
+from loraplex.server.model_files import base_digest, iter_weights, model_spec
 from loraplex.server.scheduler import Scheduler
 from loraplex.server.settings import Settings
-from loraplex.v1 import generation_pb2, generation_pb2_grpc
+from loraplex.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 log = logging.getLogger("loraplex")
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdapterAdmin"].full_name
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+REGISTRY_FILE = ".registry.json"
+"""The registry's state file, inside the store folder (adapter names never start with '.')."""
 
 
 @dataclass
@@ -49,6 +58,7 @@ class App:
         self.scheduler.stop_accepting()
         await self.server.stop(grace_s)
         self.scheduler.close()
+        self.scheduler.adapters.close()
 
 
 def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
@@ -70,22 +80,43 @@ async def start(settings: Settings, interceptors: Sequence[grpc.aio.ServerInterc
     port = _bind(server, host, settings.port, _server_credentials(settings))
     folder = settings.model or default_model_path()
     engine = Engine(model_spec(folder), iter_weights(folder), settings.engine)
-    scheduler = Scheduler(engine, StaticAdapters(engine, settings.adapter), settings.scheduler)
+    adapters = adapter_manager(engine, settings, base_digest(folder))
+    scheduler = Scheduler(engine, adapters, settings.scheduler)
+    auth = Authenticator(settings.api_keys)
     service = GenerationService(
-        scheduler, load_tokenizer(folder), Authenticator(settings.api_keys),
+        scheduler, load_tokenizer(folder), auth,
         RequestLimits(settings.default_max_new_tokens, settings.max_new_tokens_limit), folder.name,
     )
     generation_pb2_grpc.add_GenerationServicer_to_server(service, server)
+    admin_pb2_grpc.add_AdapterAdminServicer_to_server(AdminService(adapters, auth), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if settings.reflection:
-        reflection.enable_server_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                                             reflection.SERVICE_NAME), server)
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection.enable_server_reflection((SERVICE_NAME, ADMIN_SERVICE_NAME, health_name, reflection.SERVICE_NAME),
+                                            server)
     scheduler.start()
     await server.start()
-    for name in ("", SERVICE_NAME):
+    for name in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     return App(server, scheduler, health, host, port, folder.name)
+
+
+def adapter_manager(engine: Engine, settings: Settings, base: str) -> AdapterManager:
+    """The store, registry and tiers of `settings.adapters` on `engine` (base digest `base`), with the
+    start-up `settings.adapter` folders registered and warmed (their folders count as allowed roots)."""
+    config = settings.adapters
+    root = config.store or loraplex_home() / "adapters"
+    limits = Limits(max_rank=engine.config.max_rank, max_bytes=config.max_adapter_bytes)
+    allowed = [*config.allowed_roots, *(folder.resolve() for folder in settings.adapter.values())]
+    store = AdapterStore(root, engine.spec, limits, allowed, base)
+    sources = AdapterSources(store, lambda: boto3.client("s3", endpoint_url=config.s3_endpoint_url,
+                                                         region_name=config.s3_region))
+    manager = AdapterManager(engine, AdapterRegistry(store.root / REGISTRY_FILE), sources, config.host_cache_bytes,
+                             config.load_workers, config.max_versions)
+    for name, folder in settings.adapter.items():
+        manager.load(str(folder.resolve()), name, warm=True)
+    return manager
 
 
 def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -114,7 +145,7 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    adapters = ", ".join(a.name for a in app.scheduler.adapters.adapters()) or "none"
+    adapters = ", ".join(status.name for status in app.scheduler.adapters.statuses()) or "none"
     tls = " with TLS" if settings.tls_cert_file else ""
     print(f"loraplex serving {app.model_name} (adapters: {adapters}){tls} on {app.host}:{app.port}", flush=True)
     await stop.wait()

@@ -28,8 +28,12 @@ class Principal:
         if scope not in self.scopes:
             raise PermissionDenied(f"API key {self.name!r} lacks the {scope!r} scope")
 
+    def may_use(self, adapter: str) -> bool:
+        """Whether the key's allow-list admits `adapter` ("" is the base model)."""
+        return self.adapters is None or adapter in self.adapters
+
     def require_adapter(self, adapter: str) -> None:
-        if self.adapters is not None and adapter not in self.adapters:
+        if not self.may_use(adapter):
             shown = repr(adapter) if adapter else "the base model"
             raise PermissionDenied(f"API key {self.name!r} may not use {shown}")
 

@@ -21,6 +21,11 @@ class AdapterNotFound(RequestError):
     """The request names an adapter the server does not have."""
 
 
+class FailedPrecondition(RequestError):
+    """The server's state does not allow it now: the adapter is in use, its stored files cannot be
+    loaded, too many adapters are pinned; the message says what to do."""
+
+
 class Overloaded(RequestError):
     """The waiting queue is full; retry later."""
 

@@ -16,7 +16,7 @@ from importlib import metadata
 import grpc
 from transformers import PreTrainedTokenizerBase
 
-from loraplex.server.adapter_slots import AdapterRef
+from loraplex.server.adapter_manager import AdapterStatus, check_reference
 from loraplex.server.auth import Authenticator, Principal
 from loraplex.server.detokenizer import IncrementalDetokenizer
 from loraplex.server.engine import FinishReason, SamplingParams
@@ -71,7 +71,7 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def ServerInfo(self, request: pb.ServerInfoRequest,
                          context: grpc.aio.ServicerContext) -> pb.ServerInfoResponse:
-        self._authorize(context, "inference")
+        principal = self._authorize(context, "inference")
         engine, config = self._scheduler.engine, self._scheduler.config
         return pb.ServerInfoResponse(
             base_model=pb.BaseModel(
@@ -79,12 +79,12 @@ class GenerationService(pb_grpc.GenerationServicer):
                 max_model_len=engine.max_model_len, has_tokenizer=self._tokenizer is not None,
                 has_chat_template=bool(self._tokenizer is not None and self._tokenizer.chat_template),
             ),
-            adapters=[pb.AdapterInfo(name=a.name, version=a.version, rank=a.rank)
-                      for a in self._scheduler.adapters.adapters()],
+            adapters=[pb.AdapterInfo(name=status.name, version=status.current, rank=_rank(status))
+                      for status in self._scheduler.adapters.statuses() if principal.may_use(status.name)],
             limits=pb.Limits(
                 max_new_tokens_limit=self._limits.max_new_tokens_limit,
                 default_max_new_tokens=self._limits.default_max_new_tokens, max_running=config.max_running,
-                max_waiting=config.max_waiting, adapter_slots=engine.config.num_slots,
+                max_waiting=config.max_waiting, adapter_slots=engine.num_slots,
                 max_adapter_rank=engine.config.max_rank,
             ),
             versions=self._versions,
@@ -94,7 +94,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                         ) -> AsyncIterator[tuple[pb.Token, pb.Completion | None]]:
         """Authorize, decode, submit; then one (token, completion on the last one only) per generated token."""
         principal = self._authorize(context, "inference")
-        principal.require_adapter(AdapterRef.parse(request.adapter).name)
+        principal.require_adapter(check_reference(request.adapter))
         prompt_ids = self._prompt_ids(request)
         stream = self._scheduler.submit(Request(request.adapter, prompt_ids, self._sampling(request)))
         detokenizer = IncrementalDetokenizer(self._tokenizer, prompt_ids) if self._tokenizer else None
@@ -114,10 +114,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             stream.cancel()
 
     def _authorize(self, context: grpc.aio.ServicerContext, scope: Scope) -> Principal:
-        metadata = dict(context.invocation_metadata() or ())
-        principal = self._auth.authenticate(metadata.get("authorization"))
-        principal.require_scope(scope)
-        return principal
+        return authorize(self._auth, context, scope)
 
     def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("input")
@@ -155,3 +152,18 @@ class GenerationService(pb_grpc.GenerationServicer):
                                   ignore_eos=stopping.ignore_eos, **values)
         except ValueError as exc:  # "invalid sampling parameter top_p=2.0"
             raise InvalidRequest("sampling", str(exc)) from exc
+
+
+def authorize(auth: Authenticator, context: grpc.aio.ServicerContext, scope: Scope) -> Principal:
+    """The caller of `context` (its `authorization` metadata), if it has `scope`; else Unauthenticated or
+    PermissionDenied."""
+    metadata = dict(context.invocation_metadata() or ())
+    principal = auth.authenticate(metadata.get("authorization"))
+    principal.require_scope(scope)
+    return principal
+
+
+def _rank(status: AdapterStatus) -> int:
+    """Rank of `status`'s current version (0 if its stored files no longer validate)."""
+    current = next(version for version in status.versions if version.digest == status.current)
+    return current.summary.rank if current.summary is not None else 0

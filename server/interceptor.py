@@ -9,6 +9,7 @@ import grpc
 
 from loraplex.server.errors import (
     AdapterNotFound,
+    FailedPrecondition,
     InvalidRequest,
     Overloaded,
     PermissionDenied,
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 STATUS_CODES: dict[type[RequestError], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     AdapterNotFound: grpc.StatusCode.NOT_FOUND,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,17 @@ def load_hf_config(folder: Path) -> PretrainedConfig:
     if not (folder / "config.json").is_file():
         raise UnsupportedModel(f"{folder} has no config.json: expected a Hugging Face model folder")
     return AutoConfig.from_pretrained(folder)
+
+
+def base_digest(folder: Path) -> str:
+    """sha256 (hex) over config.json, then each *.safetensors file in name order: the base model's
+    identity, which an adapter's card names (base_model_digest) to say what it was trained on."""
+    digest = hashlib.sha256()
+    for path in [folder / "config.json", *sorted(folder.glob("*.safetensors"))]:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def model_spec(folder: Path) -> ModelSpec:

@@ -12,11 +12,15 @@ Policy, each step (`_plan`):
      progress) and go back to the front of their adapter's waiting queue.
   3. Remaining budget admits waiting requests while `max_running` and free KV blocks allow,
      round-robin across adapters (FIFO within one adapter), so one busy adapter cannot starve others.
+     Admitting a request places its adapter version in a device slot (`AdapterManager.slot_for`): a
+     version still loading from the store is skipped this step (its requests keep their turn; the
+     loader wakes the loop when it is done), so a cold adapter never holds up the others.
      Running sequences use at most `max_step_adapters` distinct adapter slots (the base model uses
-     none), so no step exceeds it; a request whose adapter would exceed it keeps its turn and
-     admission pauses until a running adapter's sequences leave (later adapters do not overtake it).
+     none), so no step exceeds it; a request whose adapter would exceed it, or that needs a slot when
+     every slot is running or pinned, keeps its turn and admission pauses until a running adapter's
+     sequences leave (later adapters do not overtake it).
 `submit` refuses with Overloaded once `max_waiting` requests wait, and with InvalidRequest a request
-that could never fit the KV pool alone.
+that could never fit the KV pool alone. The request's adapter version is fixed at submit.
 """
 
 from __future__ import annotations
@@ -31,10 +35,10 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from loraplex.server.adapter_slots import AdapterLease, AdapterResolver
+from loraplex.server.adapter_manager import AdapterLease, AdapterManager
 from loraplex.server.engine import Engine, SamplingParams, SequenceState, TokenEvent
 from loraplex.server.engine.lora import NO_ADAPTER
-from loraplex.server.errors import InvalidRequest, Overloaded, ShuttingDown
+from loraplex.server.errors import FailedPrecondition, InvalidRequest, Overloaded, ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +64,7 @@ class Request:
     """What a transport asks for: token ids only, no text and no tensors."""
 
     adapter: str
-    """Adapter reference: "NAME", "NAME@VERSION" or "" for the base model (see adapter_slots)."""
+    """Adapter reference: "NAME", "NAME@VERSION" or "" for the base model (see adapter_manager)."""
     prompt_ids: list[int]
     sampling: SamplingParams
 
@@ -118,13 +122,16 @@ class RequestStream:
 class Scheduler:
     """Owns `engine` and routes its events to request streams; see the module docstring for the policy."""
 
-    def __init__(self, engine: Engine, adapters: AdapterResolver, config: SchedulerConfig) -> None:
+    def __init__(self, engine: Engine, adapters: AdapterManager, config: SchedulerConfig) -> None:
         self.engine = engine
         self.adapters = adapters
         self.config = config
         self.stats = SchedulerStats()
-        self.max_step_adapters = min(config.max_step_adapters or engine.config.num_slots, engine.config.num_slots)
+        self.max_step_adapters = min(config.max_step_adapters or engine.num_slots, engine.num_slots)
         self._cond = threading.Condition()
+        self._idle = False
+        """Nothing runs and the last plan admitted nothing: sleep until `wake` (a submit, a cancel, a load)."""
+        adapters.on_ready(self.wake)
         self._waiting: OrderedDict[str, deque[_Entry]] = OrderedDict()
         self._running: list[_Entry] = []
         self._accepting = True
@@ -150,11 +157,11 @@ class Scheduler:
             if self.num_waiting >= self.config.max_waiting:
                 raise Overloaded(f"{self.num_waiting} requests are waiting (max_waiting={self.config.max_waiting})")
             lease = self.adapters.acquire(request.adapter)
-            seq.slot = lease.slot
             stream = RequestStream(self, lease, loop)
             entry = _Entry(seq, lease, stream)
             stream._entry = entry
             self._waiting.setdefault(lease.name, deque()).append(entry)
+            self._idle = False
             self._cond.notify()
         return stream
 
@@ -180,6 +187,13 @@ class Scheduler:
                 if not self._waiting[name]:
                     del self._waiting[name]
                 self._retire(entry, None)
+            self._idle = False
+            self._cond.notify()
+
+    def wake(self) -> None:
+        """Run the loop again (any thread): something it waits for may have changed, such as a load ending."""
+        with self._cond:
+            self._idle = False
             self._cond.notify()
 
     def start(self) -> None:
@@ -210,11 +224,13 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._stopping or self._running or self._waiting)
+                self._cond.wait_for(lambda: self._stopping or self._running or not self._idle)
                 if self._stopping:
                     return
                 self._reap_cancelled()
+                self.adapters.install_warm(self._busy_slots())
                 batch = self._plan()
+                self._idle = not batch and not self._running
             if not batch:
                 continue
             try:
@@ -262,29 +278,56 @@ class Scheduler:
                 planned.add(entry)
                 free -= need
                 budget -= count
-        slots = {e.seq.slot for e in self._running} - {NO_ADAPTER}
-        while budget > 0 and len(self._running) < self.config.max_running and self._waiting:
-            name, queue = next(iter(self._waiting.items()))
-            entry = queue[0]
-            new_slot = entry.seq.slot != NO_ADAPTER and entry.seq.slot not in slots
-            if new_slot and len(slots) >= self.max_step_adapters:
+        busy = self._busy_slots()
+        skipped: set[str] = set()  # adapters still loading: their requests keep their turn
+        while budget > 0 and len(self._running) < self.config.max_running:
+            name = next((name for name in self._waiting if name not in skipped), None)
+            if name is None:
                 break
+            queue = self._waiting[name]
+            entry = queue[0]
+            slot = self.adapters.resident_slot(entry.lease)
+            new_slot = slot != NO_ADAPTER and slot not in busy
+            if new_slot and len(busy) >= self.max_step_adapters:
+                break
+            if slot is None:
+                if not self.adapters.can_place(busy):
+                    break
+                try:
+                    slot = self.adapters.slot_for(entry.lease, busy)
+                except FailedPrecondition as error:  # its version cannot be loaded: fail it, go on
+                    self._pop_waiting(name)
+                    self._retire(entry, error)
+                    continue
+                if slot is None:
+                    skipped.add(name)
+                    continue
             count = min(entry.seq.num_pending, budget)
             need = self._blocks_needed(entry.seq, count)
             if need > free:
                 break
-            queue.popleft()
-            if queue:
-                self._waiting.move_to_end(name)
-            else:
-                del self._waiting[name]
+            self._pop_waiting(name)
+            entry.seq.slot = slot
             self._running.append(entry)
             batch.append((entry, count))
-            if new_slot:
-                slots.add(entry.seq.slot)
+            if slot != NO_ADAPTER:
+                busy.add(slot)
             free -= need
             budget -= count
         return batch
+
+    def _busy_slots(self) -> set[int]:
+        """Slots running sequences use (never evicted while they do)."""
+        return {entry.seq.slot for entry in self._running} - {NO_ADAPTER}
+
+    def _pop_waiting(self, name: str) -> None:
+        """Take the head of `name`'s queue; the queue moves to the back of the round-robin order."""
+        queue = self._waiting[name]
+        queue.popleft()
+        if queue:
+            self._waiting.move_to_end(name)
+        else:
+            del self._waiting[name]
 
     def _preempt(self, entry: _Entry) -> None:
         self._running.remove(entry)

@@ -48,6 +48,41 @@ class ApiKey(BaseModel):
     """Adapter names the key may use ("" is the base model); None allows every adapter and the base."""
 
 
+class AdapterSettings(BaseModel):
+    """Where adapters live and how much memory their tiers take."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    store: Path | None = None
+    """Folder of the adapter store: `<name>/<digest>/` version folders and the registry
+    (`.registry.json`); None uses $LORAPLEX_HOME/adapters. Survives restarts."""
+    allowed_roots: list[Path] = Field(default_factory=list)
+    """Local folders LoadAdapter may read adapters from (symlinks resolved; nothing outside them is
+    read). Empty allows only S3 sources (and the start-up --adapter folders)."""
+    max_adapter_bytes: int = Field(default=256 * 2**20, ge=1)
+    """Largest adapter accepted (adapter_config.json + adapter_model.safetensors)."""
+    host_cache_bytes: int = Field(default=2 * 2**30, ge=0)
+    """Host-memory cache of loaded adapters (least recently used out); 0 keeps only what waits for a slot."""
+    load_workers: int = Field(default=2, ge=1, le=64)
+    """Threads reading adapters from the store (off the scheduler loop)."""
+    max_versions: int = Field(default=8, ge=1, le=1000)
+    """Versions kept per adapter name, the current one included; loading another unregisters and
+    deletes the oldest unused ones."""
+    s3_endpoint_url: str | None = None
+    """S3 endpoint for s3:// sources (e.g. a MinIO URL); None uses AWS. Credentials come from the
+    standard AWS environment variables or files."""
+    s3_region: str | None = None
+    """S3 region for s3:// sources; None uses the AWS configuration."""
+
+    @field_validator("allowed_roots")
+    @classmethod
+    def _check_roots(cls, roots: list[Path]) -> list[Path]:
+        for root in roots:
+            if not root.is_absolute() or not root.is_dir():
+                raise ValueError(f"{root} is not an absolute path to an existing folder")
+        return roots
+
+
 class Settings(BaseSettings):
     """Everything `loraplex serve` needs. Flags win over LORAPLEX_* environment variables (nested ones
     as LORAPLEX_ENGINE__NUM_SLOTS), which win over the TOML file named by --config FILE or
@@ -67,8 +102,11 @@ class Settings(BaseSettings):
     port: int = Field(default=50051, ge=0, le=65535)
     """gRPC port; 0 picks a free one (the start-up line says which)."""
     adapter: dict[str, Path] = Field(default_factory=dict)
-    """Adapters loaded into slots at start-up, NAME=PEFT_FOLDER (repeat the flag for more); at most
-    engine.num_slots. Names: letters, digits, '.', '_', '-', up to 64 characters."""
+    """Adapters registered (and placed in slots) at start-up, NAME=PEFT_FOLDER (repeat the flag for more);
+    each becomes the current version of NAME in the store. Names: letters, digits, '.', '_', '-', up to
+    64 characters. More are loaded at run time with `loraplex adapters load`."""
+    adapters: AdapterSettings = AdapterSettings()
+    """The adapter store, the sources it reads from, and the host-memory cache."""
     engine: EngineConfig = EngineConfig()
     """Engine sizes and numerics (slots, max LoRA rank, KV cache bytes, device, ...)."""
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -124,8 +162,6 @@ class Settings(BaseSettings):
     def _check_cross_fields(self) -> Settings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file: set both (TLS) or neither (plaintext)")
-        if len(self.adapter) > self.engine.num_slots:
-            raise ValueError(f"{len(self.adapter)} adapters do not fit engine.num_slots={self.engine.num_slots}")
         if (self.scheduler.max_step_adapters or 0) > self.engine.num_slots:
             raise ValueError(f"scheduler.max_step_adapters={self.scheduler.max_step_adapters} exceeds "
                              f"engine.num_slots={self.engine.num_slots} (the device slots)")

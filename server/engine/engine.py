@@ -22,7 +22,7 @@ from loraplex.server.engine.lora import NO_ADAPTER, LoraBatch, lora_grouped, lor
 from loraplex.server.engine.model import DecoderModel, LoraWeights, StepMetadata
 from loraplex.server.engine.sampling import sample
 from loraplex.server.engine.sequence import FinishReason, SamplingParams, SequenceState, TokenEvent
-from loraplex.server.engine.spec import ModelSpec
+from loraplex.server.engine.spec import PROJECTIONS, ModelSpec
 
 LORA_OPS = {"grouped": lora_grouped, "reference": lora_reference, "cpu_kernel": lora_cpu.lora_cpu}
 
@@ -39,9 +39,14 @@ class EngineConfig(BaseModel):
     quantize: bool = True
     """Store base projections in NF4 (False serves dense weights, for debugging)."""
     num_slots: int = Field(default=32, ge=1, le=4096)
-    """Adapter slots in device memory: the most distinct adapters one step can serve."""
+    """Adapter slots in device memory: the most distinct adapters one step can serve (fewer when
+    slot_memory_bytes cannot hold this many)."""
     max_rank: int = Field(default=64, ge=1, le=1024)
     """Largest LoRA rank a slot holds."""
+    slot_memory_bytes: int | None = Field(default=None, ge=1)
+    """Device memory budget of all adapter slots together (each slot holds max_rank for every
+    projection); the engine keeps min(num_slots, budget // bytes per slot) slots and refuses to start
+    if not even one fits. None: num_slots slots."""
     kv_cache_bytes: int = Field(default=512 * 2**20, ge=1)
     """Memory budget of the paged KV cache (keys and values of all layers)."""
     block_size: int = Field(default=16, ge=1, le=1024)
@@ -59,6 +64,23 @@ class EngineConfig(BaseModel):
         return torch.bfloat16 if torch.device(self.device).type == "cuda" else torch.float32
 
 
+def slot_bytes(spec: ModelSpec, max_rank: int, dtype: torch.dtype) -> int:
+    """Device bytes of one adapter slot: A [max_rank, in], B [max_rank, out] and a scale per projection."""
+    per_layer = sum(max_rank * sum(spec.projection_shape(proj)) + 1 for proj in PROJECTIONS)
+    return spec.num_layers * per_layer * dtype.itemsize
+
+
+def slots_within_budget(spec: ModelSpec, config: EngineConfig, dtype: torch.dtype) -> int:
+    """config.num_slots, lowered to what config.slot_memory_bytes holds; ValueError if not even one slot fits."""
+    if config.slot_memory_bytes is None:
+        return config.num_slots
+    per_slot = slot_bytes(spec, config.max_rank, dtype)
+    if config.slot_memory_bytes < per_slot:
+        raise ValueError(f"engine.slot_memory_bytes={config.slot_memory_bytes} holds no adapter slot: one slot of "
+                         f"rank {config.max_rank} takes {per_slot} bytes; raise it or lower engine.max_rank")
+    return min(config.num_slots, config.slot_memory_bytes // per_slot)
+
+
 class Engine:
     """One NF4 base model, `num_slots` adapter slots, one paged KV cache."""
 
@@ -67,9 +89,10 @@ class Engine:
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype()
+        self.num_slots = slots_within_budget(spec, config, self.dtype)
         self.model = DecoderModel.from_weights(
             spec, iter(weights), dtype=self.dtype, device=self.device, quantize=config.quantize,
-            num_slots=config.num_slots, max_rank=config.max_rank,
+            num_slots=self.num_slots, max_rank=config.max_rank,
         )
         self.lora_impl = self._pick_lora_impl()
         self.model.lora_op = LORA_OPS[self.lora_impl]
@@ -79,7 +102,7 @@ class Engine:
         self.cache = PagedKVCache(spec.num_layers, num_blocks, config.block_size, spec.num_kv_heads,
                                   spec.head_dim, self.dtype, self.device)
         self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
-        self.slot_ranks = [0] * config.num_slots
+        self.slot_ranks = [0] * self.num_slots
         self._windows = set(spec.sliding_windows)
         self._seq_ids: Iterator[int] = itertools.count()
 
@@ -105,8 +128,8 @@ class Engine:
         self.slot_ranks[slot] = 0
 
     def _check_slot(self, slot: int) -> None:
-        if not 0 <= slot < self.config.num_slots:
-            raise ValueError(f"slot {slot} outside [0, {self.config.num_slots})")
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} outside [0, {self.num_slots})")
 
     # -- sequences -------------------------------------------------------------------------------
 

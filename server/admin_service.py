@@ -1,0 +1,135 @@
+"""The gRPC `loraplex.v1.AdapterAdmin` service: thin handlers over `AdapterManager`, scope "admin".
+
+Every handler authorizes, runs the manager call on a worker thread (stores and sources do disk and
+network I/O; the event loop keeps serving generation meanwhile), and encodes the result. Refusals
+from the adapters package become server.errors exceptions here, which the interceptor maps to codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+import grpc
+from botocore.exceptions import BotoCoreError
+
+from loraplex.adapters.errors import AdapterFormatError
+from loraplex.adapters.reference import InvalidAdapterReference
+from loraplex.adapters.s3_source import S3SourceError
+from loraplex.adapters.store import SourceChanged, SourceNotAllowed
+from loraplex.adapters.validation import AdapterSummary
+from loraplex.server.adapter_manager import AdapterManager, AdapterStatus, VersionStatus
+from loraplex.server.auth import Authenticator
+from loraplex.server.errors import FailedPrecondition, InvalidRequest
+from loraplex.server.grpc_service import authorize
+from loraplex.v1 import admin_pb2 as pb
+from loraplex.v1 import admin_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+TIERS = {"device": pb.ADAPTER_TIER_DEVICE, "host": pb.ADAPTER_TIER_HOST, "store": pb.ADAPTER_TIER_STORE}
+DEADLINE_MARGIN_S = 0.5
+"""An UnloadAdapter that waits answers this long before the caller's deadline."""
+
+
+class AdminService(pb_grpc.AdapterAdminServicer):
+    def __init__(self, adapters: AdapterManager, auth: Authenticator) -> None:
+        self._adapters = adapters
+        self._auth = auth
+
+    async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext,
+                          ) -> pb.LoadAdapterResponse:
+        authorize(self._auth, context, "admin")
+        with _source_errors():
+            entry, _, changed = await _off_loop(self._adapters.load, request.source, request.name, request.warm)
+        return pb.LoadAdapterResponse(adapter=encode_status(self._adapters.status(entry.name)), changed=changed)
+
+    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext,
+                            ) -> pb.UnloadAdapterResponse:
+        authorize(self._auth, context, "admin")
+        remaining = context.time_remaining()
+        timeout = None if remaining is None else max(remaining - DEADLINE_MARGIN_S, 0.0)
+        removed, drained = await _off_loop(self._adapters.unload, request.name, request.version, request.wait,
+                                           timeout)
+        return pb.UnloadAdapterResponse(removed_versions=removed, drained=drained)
+
+    async def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext,
+                           ) -> pb.ListAdaptersResponse:
+        authorize(self._auth, context, "admin")
+        statuses = await _off_loop(self._adapters.statuses)
+        return pb.ListAdaptersResponse(adapters=[encode_status(status) for status in statuses])
+
+    async def DescribeAdapter(self, request: pb.DescribeAdapterRequest, context: grpc.aio.ServicerContext,
+                              ) -> pb.AdapterStatus:
+        authorize(self._auth, context, "admin")
+        with _source_errors():  # a malformed name
+            return encode_status(await _off_loop(self._adapters.status, request.name))
+
+    async def ValidateAdapter(self, request: pb.ValidateAdapterRequest, context: grpc.aio.ServicerContext,
+                              ) -> pb.ValidateAdapterResponse:
+        authorize(self._auth, context, "admin")
+        try:
+            with _source_errors(adapter_format=False):
+                summary = await _off_loop(self._adapters.validate, request.source)
+        except AdapterFormatError as problem:
+            return pb.ValidateAdapterResponse(valid=False, problem=str(problem))
+        return pb.ValidateAdapterResponse(valid=True, summary=encode_summary(summary))
+
+    async def PinAdapter(self, request: pb.PinAdapterRequest, context: grpc.aio.ServicerContext,
+                         ) -> pb.AdapterStatus:
+        authorize(self._auth, context, "admin")
+        with _source_errors():
+            entry = await _off_loop(self._adapters.pin, request.name, request.pinned)
+        return encode_status(self._adapters.status(entry.name))
+
+    async def PrefetchAdapter(self, request: pb.PrefetchAdapterRequest, context: grpc.aio.ServicerContext,
+                              ) -> pb.AdapterStatus:
+        authorize(self._auth, context, "admin")
+        lease = await _off_loop(self._adapters.prefetch, request.adapter)
+        return encode_status(self._adapters.status(lease.name))
+
+
+async def _off_loop(function: Callable[..., T], *args: object) -> T:
+    return await asyncio.to_thread(function, *args)
+
+
+@contextmanager
+def _source_errors(adapter_format: bool = True) -> Iterator[None]:
+    """Map the adapters package's refusals to request errors (AdapterFormatError passes through when
+    `adapter_format` is False, for ValidateAdapter to report)."""
+    try:
+        yield
+    except InvalidAdapterReference as error:
+        raise InvalidRequest("name", str(error)) from None
+    except (SourceNotAllowed, S3SourceError) as error:
+        raise InvalidRequest("source", str(error)) from None
+    except BotoCoreError as error:  # credentials, endpoint: the server's configuration, not the request
+        raise FailedPrecondition(f"source: S3 cannot be used: {error}") from None
+    except SourceChanged as error:
+        raise FailedPrecondition(f"source: {error}") from None
+    except AdapterFormatError as error:
+        if not adapter_format:
+            raise
+        raise InvalidRequest("source", str(error)) from None
+
+
+def encode_summary(summary: AdapterSummary) -> pb.AdapterVersion:
+    return pb.AdapterVersion(digest=summary.digest, rank=summary.rank, targets=summary.targets,
+                             size_bytes=summary.size_bytes, dtype=summary.dtype)
+
+
+def encode_version(version: VersionStatus) -> pb.AdapterVersion:
+    encoded = encode_summary(version.summary) if version.summary else pb.AdapterVersion(digest=version.digest)
+    encoded.tier = TIERS[version.tier]
+    encoded.active_requests = version.active_requests
+    encoded.problem = version.problem
+    return encoded
+
+
+def encode_status(status: AdapterStatus) -> pb.AdapterStatus:
+    return pb.AdapterStatus(
+        name=status.name, current_version=status.current, pinned=status.pinned,
+        versions=[encode_version(version) for version in status.versions], requests_total=status.requests_total,
+        active_requests=sum(version.active_requests for version in status.versions),
+    )
