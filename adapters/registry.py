@@ -92,7 +92,7 @@ class AdapterRegistry:
         """The registered name `name`; UnknownAdapter if it is not registered."""
         entry = self._entries.get(name)
         if entry is None:
-            raise UnknownAdapter(f"no adapter named {name!r} is registered; register it first")
+            raise UnknownAdapter(f"no adapter named {name!r} is registered; load it first (loraplex adapters load)")
         return entry
 
     def entries(self) -> list[AdapterEntry]:

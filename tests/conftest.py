@@ -11,6 +11,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def adapter_store(tmp_path_factory, monkeypatch) -> None:
+    """Every test's servers (in process or spawned) get their own empty adapter store, not $LORAPLEX_HOME's."""
+    monkeypatch.setenv("LORAPLEX_ADAPTERS__STORE", str(tmp_path_factory.mktemp("adapter-store")))
+
+
 @pytest.fixture(scope="session")
 def serving_model(tmp_path_factory):
     """(base folder, {adapter name: folder}): a tiny llama with a tokenizer, and the MIXED_ADAPTERS."""

@@ -10,10 +10,13 @@ import grpc
 import pytest
 
 from loraplex.adapters.peft_format import read_lora_weights
+from loraplex.server.adapter_manager import AdapterManager
 from loraplex.server.app import App
+from loraplex.server.app import adapter_manager as build_adapter_manager
 from loraplex.server.engine import Engine, EngineConfig, SamplingParams
 from loraplex.server.engine.lora import NO_ADAPTER
 from loraplex.server.model_files import iter_weights, model_spec
+from loraplex.server.settings import AdapterSettings, load_settings
 from support import MIXED_ADAPTERS, write_adapter, write_tiny_model
 
 #: Small engine sizes for tests: many KV blocks of 4 positions, slots for every MIXED_ADAPTERS entry.
@@ -60,6 +63,17 @@ def generate_alone(engine: Engine, adapters: dict[str, Path], prompt: list[int],
     """`Engine.generate` on one prompt by itself (the oracle for every batched path)."""
     slot = NO_ADAPTER if adapter == "" else list(adapters).index(adapter)
     return engine.generate([prompt], sampling, slots=[slot])[0]
+
+
+def adapter_manager(engine: Engine, adapters: dict[str, Path], store: Path, **settings) -> AdapterManager:
+    """The server's adapter manager on `engine` (store in `store`), with `adapters` registered as at start-up."""
+    values = load_settings(adapter=adapters, adapters=AdapterSettings(store=store, **settings))
+    return build_adapter_manager(engine, values, base=None)
+
+
+def active_requests(manager: AdapterManager, name: str) -> int:
+    """Requests holding any version of `name` now."""
+    return sum(version.active_requests for version in manager.status(name).versions)
 
 
 def slow_steps(app: App, seconds: float) -> None:

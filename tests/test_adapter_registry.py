@@ -143,7 +143,7 @@ def test_bad_registrations(registry: AdapterRegistry) -> None:
 
 def test_unknown_names_and_versions(registry: AdapterRegistry) -> None:
     registry.register("support", V1)
-    with pytest.raises(UnknownAdapter, match=r"no adapter named 'missing' is registered; register it first"):
+    with pytest.raises(UnknownAdapter, match=r"no adapter named 'missing' is registered; load it first"):
         registry.resolve("missing")
     with pytest.raises(UnknownAdapter, match=rf"adapter 'support' has no version '{V2[:8]}' \(versions: "
                        rf"{V1[:12]} \(current\)\)"):

@@ -97,7 +97,7 @@ def test_cli_generate_token_ids_and_info(server):
 def test_cli_errors_exit_nonzero_with_the_status(server):
     done = run_cli("generate", "--server", server, "--adapter", "nope", "--raw", "hello")
     assert done.returncode == 1
-    assert "NOT_FOUND: adapter 'nope' is not loaded" in done.stderr
+    assert "NOT_FOUND: no adapter named 'nope' is registered" in done.stderr
     done = run_cli("generate", "--server", server, "hello")  # chat template asked for, the tiny model has none
     assert done.returncode == 1
     assert "INVALID_ARGUMENT: chat: " in done.stderr

@@ -25,6 +25,7 @@ from loraplex.v1 import generation_pb2 as pb
 from serving_support import (
     TEST_ENGINE,
     TOKENIZER_CORPUS,
+    active_requests,
     drain,
     expect_status,
     generate_alone,
@@ -219,7 +220,7 @@ async def test_client_cancel_frees_kv_blocks(serving_model):
         await stream.aclose()
         assert await blocks_back(app)
         assert app.scheduler.stats.cancelled == 1
-        assert app.scheduler.adapters.in_use("d_r8_k_gate") == 0
+        assert active_requests(app.scheduler.adapters, "d_r8_k_gate") == 0
 
 
 @pytest.mark.parametrize("rpc", ["unary", "stream"])
@@ -289,9 +290,9 @@ async def test_adapter_references_by_name_version_and_prefix(serving_model):
             assert (result.completion.adapter, result.completion.adapter_version) == ("a_r4_qv", digest)
         for reference in (f"a_r4_qv@{wrong}", f"a_r4_qv@{wrong[:8]}"):
             details = await expect_status(grpc.StatusCode.NOT_FOUND, client.generate([3, 4, 5], reference))
-            assert details == f"adapter 'a_r4_qv' is loaded at version {digest[:12]}, not {reference[8:]!r}"
+            assert details == f"adapter 'a_r4_qv' has no version {reference[8:]!r} (versions: {digest[:12]} (current))"
         details = await expect_status(grpc.StatusCode.NOT_FOUND, client.generate([3], f"missing@{digest}"))
-        assert "adapter 'missing' is not loaded" in details
+        assert "no adapter named 'missing' is registered" in details
         malformed = ("a_r4_qv@", f"a_r4_qv@{digest[:7]}", "a_r4_qv@XYZ12345", f"a_r4_qv@{digest}0", "@abcd1234",
                      "bad name", "a@b@c")
         for reference in malformed:

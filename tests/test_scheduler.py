@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from loraplex.server.adapter_slots import StaticAdapters
 from loraplex.server.engine import SamplingParams
 from loraplex.server.engine.lora import NO_ADAPTER
 from loraplex.server.errors import AdapterNotFound, InvalidRequest, Overloaded, ShuttingDown
 from loraplex.server.scheduler import Request, RequestStream, Scheduler, SchedulerConfig
-from serving_support import generate_alone, make_engine
+from serving_support import active_requests, adapter_manager, generate_alone, make_engine
 
 #: KV bytes per block of the tiny llama (2 layers, 2 kv heads, head_dim 16, float32, block_size 4).
 BLOCK_BYTES = 2 * 2 * 4 * 2 * 16 * 4
@@ -22,7 +23,8 @@ BLOCK_BYTES = 2 * 2 * 4 * 2 * 16 * 4
 def build(serving_model, engine_overrides=None, **config) -> Scheduler:
     base, adapters = serving_model
     engine = make_engine(base, **(engine_overrides or {}))
-    return Scheduler(engine, StaticAdapters(engine, adapters), SchedulerConfig(**config))
+    store = Path(tempfile.mkdtemp(prefix="scheduler-store-"))
+    return Scheduler(engine, adapter_manager(engine, adapters, store), SchedulerConfig(**config))
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +75,7 @@ async def test_concurrent_mixed_requests_equal_each_run_alone(serving_model, ref
     assert_alone_equal(serving_model, reference_engine, requests, outputs)
     assert len({tuple(o) for o in outputs}) > 6, "adapters and sampling should vary the outputs"
     assert scheduler.engine.cache.free_blocks == scheduler.engine.cache.num_blocks
-    assert all(scheduler.adapters.in_use(name) == 0 for name in serving_model[1])
+    assert all(active_requests(scheduler.adapters, name) == 0 for name in serving_model[1])
 
 
 async def test_kv_pressure_preempts_and_outputs_stay_exact(serving_model, reference_engine):
@@ -142,7 +144,7 @@ async def test_cancel_frees_kv_blocks_and_adapter_references(serving_model):
         remaining = await tokens(iterator)
         assert len(remaining) < 199, "cancel should stop generation early"
         await wait_until(lambda: cache.free_blocks == cache.num_blocks)
-        assert scheduler.adapters.in_use(adapter) == 0
+        assert active_requests(scheduler.adapters, adapter) == 0
         assert scheduler.stats.cancelled == 2
     finally:
         scheduler.close()
@@ -166,7 +168,7 @@ async def test_bad_requests_are_refused_with_the_field(serving_model):
 
 async def test_distinct_adapters_per_step_are_capped(serving_model, reference_engine):
     scheduler = build(serving_model, max_running=8, max_step_adapters=2)
-    assert build(serving_model).max_step_adapters == scheduler.engine.config.num_slots  # the default: device slots
+    assert build(serving_model).max_step_adapters == scheduler.engine.num_slots  # the default: device slots
     step, per_step = scheduler.engine.step, []
 
     def recording_step(batch):

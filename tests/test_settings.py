@@ -40,7 +40,6 @@ def test_sources_in_priority_order(tmp_path: Path, monkeypatch):
     (["--adapter", "bad name=/tmp"], {}, "adapter name 'bad name'"),
     (["--adapter", "x=/does/not/exist"], {}, "/does/not/exist is not a folder"),
     ([], {"model": "/does/not/exist"}, "has no config.json"),
-    (["--engine.num_slots", "1"], {"adapter": {"a": "/tmp", "b": "/tmp"}}, "2 adapters do not fit engine.num_slots=1"),
     (["--default_max_new_tokens", "10", "--max_new_tokens_limit", "5"], {}, "exceeds max_new_tokens_limit=5"),
     ([], {"api_keys": [{"name": "a", "sha256": DIGEST}, {"name": "b", "sha256": DIGEST}]}, "share a sha256"),
     ([], {"api_keys": [{"name": "a", "sha256": "short"}]}, "api_keys.0.sha256"),
