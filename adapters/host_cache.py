@@ -43,16 +43,21 @@ class HostCache:
             self._bytes += loaded.nbytes
             if hold:
                 self._held.add(loaded.digest)
-            for digest in [d for d in self._entries if d not in self._held]:
-                if self._bytes <= self.budget_bytes:
-                    break
-                self._bytes -= self._entries.pop(digest).nbytes
-                self.evictions += 1
+            self._shrink()
 
     def release_hold(self, digest: str) -> None:
         """Make `digest` evictable again (its waiting request got its slot, or went away)."""
         with self._lock:
             self._held.discard(digest)
+            self._shrink()
+
+    def _shrink(self) -> None:
+        """Evict unheld entries, least recently used first, until within the budget. Holds the lock."""
+        for digest in [d for d in self._entries if d not in self._held]:
+            if self._bytes <= self.budget_bytes:
+                break
+            self._bytes -= self._entries.pop(digest).nbytes
+            self.evictions += 1
 
     def discard(self, digest: str) -> None:
         with self._lock:

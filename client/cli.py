@@ -1,12 +1,21 @@
-"""The `loraplex` command: `serve` runs a server; `generate` and `info` call one.
+"""The `loraplex` command: `serve` runs a server; `generate`, `info` and `adapters ...` call one.
 
     loraplex serve [--config FILE] [--model DIR] [--adapter NAME=DIR ...] [--port N] [...]
     loraplex generate [--adapter NAME] "What is the capital of France?"
     loraplex info
+    loraplex adapters list [--json]                        # name, version, rank, targets, size, tier, use
+    loraplex adapters describe NAME [--json]               # every version of one adapter
+    loraplex adapters load NAME SOURCE [--warm]            # SOURCE: /abs/peft_folder or s3://bucket/prefix
+    loraplex adapters unload NAME [--version HEX] [--wait]
+    loraplex adapters validate SOURCE                      # exit 0 when valid, 1 (and the problem) when not
+    loraplex adapters pin|unpin NAME
+    loraplex adapters prefetch NAME[@VERSION]
 
 `serve --help` lists every setting. The calling verbs read the server address from --server or
 $LORAPLEX_SERVER, the API key from --api-key or $LORAPLEX_API_KEY, and use TLS with --tls (system
 root certificates) or --tls-ca FILE (a PEM root certificate, e.g. a self-signed server's own).
+`adapters` needs a key with the "admin" scope; a local SOURCE is a path on the server's machine,
+under its `adapters.allowed_roots`. Errors print `loraplex VERB: CODE: details` and exit 1.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import grpc
 from google.protobuf import json_format
 
 from loraplex.client.client import DEFAULT_TARGET, Client
+from loraplex.v1 import admin_pb2 as admin_pb
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,7 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with Client(args.server, api_key=args.api_key, tls=args.tls, root_certificates=root_certificates) as client:
             return args.run(client, args)
     except grpc.RpcError as error:
-        print(f"loraplex {args.verb}: {error.code().name}: {error.details()}", file=sys.stderr)
+        verb = f"{args.verb} {args.action}" if args.verb == "adapters" else args.verb
+        print(f"loraplex {verb}: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
 
 
@@ -66,7 +77,7 @@ def serve(argv: list[str]) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__.split("\n")[0])
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{serve,generate,info}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{serve,generate,info,adapters}")
     verbs.add_parser("serve", help="run a server (`loraplex serve --help` lists every setting)")
     generate = verbs.add_parser("generate", help="generate from a prompt, streaming text to the terminal")
     prompt = generate.add_mutually_exclusive_group(required=True)
@@ -83,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     generate.set_defaults(run=_generate)
     info = verbs.add_parser("info", help="show the server's model, adapters, limits and versions (JSON)")
     info.set_defaults(run=_info)
-    for verb in (generate, info):
+    adapters = _adapters_parser(verbs)
+    for verb in (generate, info, *adapters):
         verb.add_argument("--timeout", type=float, help="deadline in seconds (retries included)")
         verb.add_argument("--server", default=os.environ.get("LORAPLEX_SERVER", DEFAULT_TARGET), help="HOST:PORT")
         verb.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY"))
@@ -91,6 +103,50 @@ def _parser() -> argparse.ArgumentParser:
         verb.add_argument("--tls-ca", type=Path, metavar="FILE", help="PEM root certificate to verify the server "
                           "with (implies --tls)")
     return parser
+
+
+def _adapters_parser(verbs: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
+    """`loraplex adapters ACTION`: the adapter administration verbs; returns the action parsers."""
+    adapters = verbs.add_parser("adapters", help="list, load, replace, unload, pin and validate adapters "
+                                "(needs the admin scope)")
+    actions = adapters.add_subparsers(dest="action", required=True,
+                                      metavar="{list,describe,load,unload,validate,pin,unpin,prefetch}")
+    listing = actions.add_parser("list", help="every adapter: current version, rank, targets, size, tier, "
+                                 "pinned, requests")
+    listing.add_argument("--json", action="store_true", help="print the ListAdaptersResponse as JSON")
+    listing.set_defaults(run=_adapters_list)
+    describe = actions.add_parser("describe", help="one adapter with every registered version")
+    describe.add_argument("name")
+    describe.add_argument("--json", action="store_true", help="print the AdapterStatus as JSON")
+    describe.set_defaults(run=_adapters_describe)
+    source_help = "absolute path of a PEFT LoRA folder on the server's machine, under its adapters.allowed_roots, " \
+                  "or s3://BUCKET/PREFIX"
+    load = actions.add_parser("load", help="validate and store an adapter and make it NAME's current version "
+                              "(replacing the previous one atomically)")
+    load.add_argument("name")
+    load.add_argument("source", help=source_help)
+    load.add_argument("--warm", action="store_true", help="also load it into a device slot now, not on first use")
+    load.set_defaults(run=_adapters_load)
+    unload = actions.add_parser("unload", help="unregister an adapter (or one old version) and delete its files")
+    unload.add_argument("name")
+    unload.add_argument("--version", default="", metavar="HEX",
+                        help="remove only this old version (sha256 or 8+ hex digits of it)")
+    unload.add_argument("--wait", action="store_true", help="if requests still use it: unregister now and wait "
+                        "for them (up to --timeout) instead of refusing")
+    unload.set_defaults(run=_adapters_unload)
+    validate = actions.add_parser("validate", help="check that an adapter can be loaded on the server (stores "
+                                  "nothing); exit 1 when it cannot")
+    validate.add_argument("source", help=source_help)
+    validate.set_defaults(run=_adapters_validate)
+    pin = actions.add_parser("pin", help="keep an adapter's current version in a device slot")
+    unpin = actions.add_parser("unpin", help="stop keeping an adapter in a device slot")
+    for verb, pinned in ((pin, True), (unpin, False)):
+        verb.add_argument("name")
+        verb.set_defaults(run=_adapters_pin, pinned=pinned)
+    prefetch = actions.add_parser("prefetch", help="start loading an adapter into a device slot ahead of use")
+    prefetch.add_argument("adapter", metavar="NAME[@VERSION]")
+    prefetch.set_defaults(run=_adapters_prefetch)
+    return list(actions.choices.values())
 
 
 def _generate(client: Client, args: argparse.Namespace) -> int:
@@ -114,6 +170,121 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
 def _info(client: Client, args: argparse.Namespace) -> int:
     print(json_format.MessageToJson(client.server_info(timeout=args.timeout)))
     return 0
+
+
+def _adapters_list(client: Client, args: argparse.Namespace) -> int:
+    response = client.list_adapters(timeout=args.timeout)
+    if args.json:
+        print(json_format.MessageToJson(response))
+    elif response.adapters:
+        _print_adapters(response.adapters)
+    else:
+        print("no adapters are registered", file=sys.stderr)
+    return 0
+
+
+def _adapters_describe(client: Client, args: argparse.Namespace) -> int:
+    status = client.describe_adapter(args.name, timeout=args.timeout)
+    if args.json:
+        print(json_format.MessageToJson(status))
+        return 0
+    print(f"{status.name}: current version {status.current_version[:12]}, {'pinned' if status.pinned else 'unpinned'}"
+          f", {status.requests_total} requests ({status.active_requests} active)")
+    rows = [["VERSION", "RANK", "TARGETS", "SIZE", "DTYPE", "TIER", "ACTIVE", ""]]
+    for version in status.versions:
+        rows.append([version.digest[:12], *_summary_cells(version), version.dtype or "-", _tier(version),
+                     str(version.active_requests), "current" if version.digest == status.current_version else ""])
+    _print_table(rows)
+    _print_problems(status.name, status.versions)
+    return 0
+
+
+def _adapters_load(client: Client, args: argparse.Namespace) -> int:
+    response = client.load_adapter(args.name, args.source, warm=args.warm, timeout=args.timeout)
+    status = response.adapter
+    print(f"{'loaded' if response.changed else 'unchanged (already the current version)'}: "
+          f"{status.name}@{status.current_version[:12]}")
+    _print_adapters([status])
+    return 0
+
+
+def _adapters_unload(client: Client, args: argparse.Namespace) -> int:
+    response = client.unload_adapter(args.name, args.version, wait=args.wait, timeout=args.timeout)
+    versions = ", ".join(digest[:12] for digest in response.removed_versions)
+    print(f"unloaded {args.name}: {versions}")
+    if not response.drained:
+        print("requests still use it; its memory and files are released when they end", file=sys.stderr)
+    return 0
+
+
+def _adapters_validate(client: Client, args: argparse.Namespace) -> int:
+    response = client.validate_adapter(args.source, timeout=args.timeout)
+    if not response.valid:
+        print(f"invalid: {response.problem}")
+        return 1
+    summary = response.summary
+    rank, targets, size = _summary_cells(summary)
+    print(f"valid: version {summary.digest}, rank {rank}, targets {targets}, {size}, {summary.dtype}")
+    return 0
+
+
+def _adapters_pin(client: Client, args: argparse.Namespace) -> int:
+    _print_adapters([client.pin_adapter(args.name, args.pinned, timeout=args.timeout)])
+    return 0
+
+
+def _adapters_prefetch(client: Client, args: argparse.Namespace) -> int:
+    _print_adapters([client.prefetch_adapter(args.adapter, timeout=args.timeout)])
+    return 0
+
+
+def _print_adapters(adapters: Sequence[admin_pb.AdapterStatus]) -> None:
+    """One row per adapter, describing its current version."""
+    rows = [["NAME", "VERSION", "RANK", "TARGETS", "SIZE", "TIER", "PINNED", "ACTIVE", "REQUESTS"]]
+    problems = []
+    for status in adapters:
+        current = next((v for v in status.versions if v.digest == status.current_version),
+                       admin_pb.AdapterVersion(digest=status.current_version))
+        rows.append([status.name, current.digest[:12], *_summary_cells(current), _tier(current),
+                     "yes" if status.pinned else "no", str(status.active_requests), str(status.requests_total)])
+        problems.append((status.name, [current]))
+    _print_table(rows)
+    for name, versions in problems:
+        _print_problems(name, versions)
+
+
+def _summary_cells(version: admin_pb.AdapterVersion) -> list[str]:
+    """Rank, targets and size of a version ("-" when its stored files no longer pass validation)."""
+    if not version.rank:
+        return ["-", "-", "-"]
+    return [str(version.rank), ",".join(version.targets), _size(version.size_bytes)]
+
+
+def _tier(version: admin_pb.AdapterVersion) -> str:
+    if version.tier == admin_pb.ADAPTER_TIER_UNSPECIFIED:
+        return "-"
+    return admin_pb.AdapterTier.Name(version.tier).removeprefix("ADAPTER_TIER_").lower()
+
+
+def _size(num_bytes: int) -> str:
+    size = float(num_bytes)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def _print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _print_problems(name: str, versions: Sequence[admin_pb.AdapterVersion]) -> None:
+    for version in versions:
+        if version.problem:
+            print(f"{name}@{version.digest[:12]}: {version.problem}", file=sys.stderr)
 
 
 if __name__ == "__main__":

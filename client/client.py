@@ -6,12 +6,21 @@
         result = client.generate("Hello", adapter="support@3f2a9c01")   # a Generation
 
 Results are typed (`Generation`, `Chunk`, `Token`, `Completion`); `server_info()` returns the
-`loraplex.v1.ServerInfoResponse` message. `timeout` is a call's whole deadline in seconds, retries
-included. Calls that fail with UNAVAILABLE (server unreachable or shutting down) are retried with
-exponential backoff (gRPC's own retry policy, `RetryPolicy`); no other status is retried, and a stream
-is never retried once it has yielded a token. Errors arrive as grpc.RpcError (`.code()`,
-`.details()`): NOT_FOUND for an unknown adapter, INVALID_ARGUMENT naming the bad field,
-RESOURCE_EXHAUSTED when the server's queue is full, ...
+`loraplex.v1.ServerInfoResponse` message. The adapter administration methods (`load_adapter`,
+`unload_adapter`, `list_adapters`, `describe_adapter`, `validate_adapter`, `pin_adapter`,
+`prefetch_adapter`; the `loraplex.v1.AdapterAdmin` service, API key with the "admin" scope) return the
+RPC's response message (`loraplex.v1.admin_pb2`).
+
+    with Client("127.0.0.1:50051", api_key=ADMIN_KEY) as client:
+        loaded = client.load_adapter("support", "/srv/adapters/support-v2")   # or "s3://bucket/prefix"
+        print(loaded.adapter.current_version, loaded.changed)
+
+`timeout` is a call's whole deadline in seconds, retries included. Generation calls that fail with
+UNAVAILABLE (server unreachable or shutting down) are retried with exponential backoff (gRPC's own
+retry policy, `RetryPolicy`); no other status is retried, and a stream is never retried once it has
+yielded a token. AdapterAdmin calls are never retried (see `RetryPolicy.service_config`). Errors
+arrive as grpc.RpcError (`.code()`, `.details()`): NOT_FOUND for an unknown adapter,
+INVALID_ARGUMENT naming the bad field, RESOURCE_EXHAUSTED when the server's queue is full, ...
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from loraplex.v1 import admin_pb2 as admin_pb
+from loraplex.v1 import admin_pb2_grpc as admin_pb_grpc
 from loraplex.v1 import generation_pb2 as pb
 from loraplex.v1 import generation_pb2_grpc as pb_grpc
 
@@ -126,7 +137,14 @@ class RetryPolicy:
             raise ValueError("need 0 < initial_backoff_s <= max_backoff_s and multiplier >= 1")
 
     def service_config(self) -> str:
-        """The gRPC service config (JSON) applying this policy to every method of the service."""
+        """The gRPC service config (JSON) applying this policy to every method of the Generation service.
+
+        It names no AdapterAdmin method, so those are never retried (gRPC retries a call only under a
+        matching method config; its transparent retries resend only calls that never reached the
+        server). That is deliberate for the mutations: an UNAVAILABLE from a connection lost mid-call
+        does not say whether the server applied the change, and a blind resend may undo another
+        administrator's change made meanwhile (LoadAdapter, PinAdapter) or answer NOT_FOUND for an
+        unload that succeeded (UnloadAdapter). Callers decide, e.g. by checking `describe_adapter`."""
         retry = {"maxAttempts": self.max_attempts, "initialBackoff": f"{self.initial_backoff_s:.6f}s",
                  "maxBackoff": f"{self.max_backoff_s:.6f}s", "backoffMultiplier": self.multiplier,
                  "retryableStatusCodes": ["UNAVAILABLE"]}
@@ -180,6 +198,7 @@ class Client:
         self._channel = (grpc.insecure_channel(target, options) if credentials is None
                          else grpc.secure_channel(target, credentials, options))
         self._stub = pb_grpc.GenerationStub(self._channel)
+        self._admin = admin_pb_grpc.AdapterAdminStub(self._channel)
         self._metadata = _metadata(api_key)
 
     def generate(self, prompt: str | Sequence[int], adapter: str = "", timeout: float | None = None,
@@ -205,6 +224,56 @@ class Client:
         """The base model, adapters, limits and versions of the server."""
         return self._stub.ServerInfo(pb.ServerInfoRequest(), timeout=timeout, metadata=self._metadata)
 
+    # -- adapter administration (the "admin" scope; never retried) --------------------------------
+
+    def load_adapter(self, name: str, source: str, warm: bool = False,
+                     timeout: float | None = None) -> admin_pb.LoadAdapterResponse:
+        """Validate the adapter at `source` (an absolute folder path under the server's allowed roots, or
+        "s3://BUCKET/PREFIX"), store it, and make it the current version of `name` (created if new).
+        Replacing is atomic: requests already accepted finish on the old version. `warm` also starts
+        loading it into a device slot now. `.changed` is False when that content already was current.
+        INVALID_ARGUMENT ("source: ..." or "name: ...") when the source or adapter is refused."""
+        return self._admin.LoadAdapter(admin_pb.LoadAdapterRequest(name=name, source=source, warm=warm),
+                                       timeout=timeout, metadata=self._metadata)
+
+    def unload_adapter(self, name: str, version: str = "", wait: bool = False,
+                       timeout: float | None = None) -> admin_pb.UnloadAdapterResponse:
+        """Unregister `name` (every version), or only its old `version` (sha256 or a prefix of 8+ hex
+        digits). While requests use it: `wait=False` refuses with FAILED_PRECONDITION and changes
+        nothing; `wait=True` unregisters at once and answers when they have finished or just before
+        `timeout` (then `.drained` is False and the files go when the last request ends)."""
+        return self._admin.UnloadAdapter(admin_pb.UnloadAdapterRequest(name=name, version=version, wait=wait),
+                                         timeout=timeout, metadata=self._metadata)
+
+    def list_adapters(self, timeout: float | None = None) -> admin_pb.ListAdaptersResponse:
+        """Every registered adapter (`.adapters`, sorted by name) with its versions, tiers and request counts."""
+        return self._admin.ListAdapters(admin_pb.ListAdaptersRequest(), timeout=timeout, metadata=self._metadata)
+
+    def describe_adapter(self, name: str, timeout: float | None = None) -> admin_pb.AdapterStatus:
+        """One registered adapter's versions, tiers and request counts; NOT_FOUND if `name` is not registered."""
+        return self._admin.DescribeAdapter(admin_pb.DescribeAdapterRequest(name=name), timeout=timeout,
+                                           metadata=self._metadata)
+
+    def validate_adapter(self, source: str, timeout: float | None = None) -> admin_pb.ValidateAdapterResponse:
+        """Dry run of `load_adapter`: whether `source` can be loaded on this server (`.valid`; else
+        `.problem` says what to change) and what it holds (`.summary`). Stores and loads nothing. A source
+        outside the allowed roots is INVALID_ARGUMENT, not an invalid adapter."""
+        return self._admin.ValidateAdapter(admin_pb.ValidateAdapterRequest(source=source), timeout=timeout,
+                                           metadata=self._metadata)
+
+    def pin_adapter(self, name: str, pinned: bool = True, timeout: float | None = None) -> admin_pb.AdapterStatus:
+        """Keep `name`'s current version in a device slot (`pinned=False`: stop keeping it). The pin follows
+        the name to new versions and survives restarts; at most (slots - 1) adapters are pinned
+        (FAILED_PRECONDITION beyond)."""
+        return self._admin.PinAdapter(admin_pb.PinAdapterRequest(name=name, pinned=pinned), timeout=timeout,
+                                      metadata=self._metadata)
+
+    def prefetch_adapter(self, adapter: str, timeout: float | None = None) -> admin_pb.AdapterStatus:
+        """Hint that `adapter` ("NAME" or "NAME@VERSION") is used soon: the server starts loading it into
+        host memory and a device slot, and answers without waiting for that."""
+        return self._admin.PrefetchAdapter(admin_pb.PrefetchAdapterRequest(adapter=adapter), timeout=timeout,
+                                           metadata=self._metadata)
+
     def close(self) -> None:
         self._channel.close()
 
@@ -225,6 +294,7 @@ class AsyncClient:
         self._channel = (grpc.aio.insecure_channel(target, options) if credentials is None
                          else grpc.aio.secure_channel(target, credentials, options))
         self._stub = pb_grpc.GenerationStub(self._channel)
+        self._admin = admin_pb_grpc.AdapterAdminStub(self._channel)
         self._metadata = _metadata(api_key)
 
     async def generate(self, prompt: str | Sequence[int], adapter: str = "", timeout: float | None = None,
@@ -245,6 +315,37 @@ class AsyncClient:
 
     async def server_info(self, timeout: float | None = None) -> pb.ServerInfoResponse:
         return await self._stub.ServerInfo(pb.ServerInfoRequest(), timeout=timeout, metadata=self._metadata)
+
+    async def load_adapter(self, name: str, source: str, warm: bool = False,
+                           timeout: float | None = None) -> admin_pb.LoadAdapterResponse:
+        return await self._admin.LoadAdapter(admin_pb.LoadAdapterRequest(name=name, source=source, warm=warm),
+                                             timeout=timeout, metadata=self._metadata)
+
+    async def unload_adapter(self, name: str, version: str = "", wait: bool = False,
+                             timeout: float | None = None) -> admin_pb.UnloadAdapterResponse:
+        return await self._admin.UnloadAdapter(admin_pb.UnloadAdapterRequest(name=name, version=version, wait=wait),
+                                               timeout=timeout, metadata=self._metadata)
+
+    async def list_adapters(self, timeout: float | None = None) -> admin_pb.ListAdaptersResponse:
+        return await self._admin.ListAdapters(admin_pb.ListAdaptersRequest(), timeout=timeout,
+                                              metadata=self._metadata)
+
+    async def describe_adapter(self, name: str, timeout: float | None = None) -> admin_pb.AdapterStatus:
+        return await self._admin.DescribeAdapter(admin_pb.DescribeAdapterRequest(name=name), timeout=timeout,
+                                                 metadata=self._metadata)
+
+    async def validate_adapter(self, source: str, timeout: float | None = None) -> admin_pb.ValidateAdapterResponse:
+        return await self._admin.ValidateAdapter(admin_pb.ValidateAdapterRequest(source=source), timeout=timeout,
+                                                 metadata=self._metadata)
+
+    async def pin_adapter(self, name: str, pinned: bool = True,
+                          timeout: float | None = None) -> admin_pb.AdapterStatus:
+        return await self._admin.PinAdapter(admin_pb.PinAdapterRequest(name=name, pinned=pinned), timeout=timeout,
+                                            metadata=self._metadata)
+
+    async def prefetch_adapter(self, adapter: str, timeout: float | None = None) -> admin_pb.AdapterStatus:
+        return await self._admin.PrefetchAdapter(admin_pb.PrefetchAdapterRequest(adapter=adapter), timeout=timeout,
+                                                 metadata=self._metadata)
 
     async def close(self) -> None:
         await self._channel.close()
