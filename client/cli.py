@@ -241,16 +241,14 @@ def _adapters_prefetch(client: Client, args: argparse.Namespace) -> int:
 def _print_adapters(adapters: Sequence[admin_pb.AdapterStatus]) -> None:
     """One row per adapter, describing its current version."""
     rows = [["NAME", "VERSION", "RANK", "TARGETS", "SIZE", "TIER", "PINNED", "ACTIVE", "REQUESTS"]]
-    problems = []
-    for status in adapters:
-        current = next((v for v in status.versions if v.digest == status.current_version),
-                       admin_pb.AdapterVersion(digest=status.current_version))
+    currents = [next((v for v in status.versions if v.digest == status.current_version),
+                     admin_pb.AdapterVersion(digest=status.current_version)) for status in adapters]
+    for status, current in zip(adapters, currents, strict=True):
         rows.append([status.name, current.digest[:12], *_summary_cells(current), _tier(current),
                      "yes" if status.pinned else "no", str(status.active_requests), str(status.requests_total)])
-        problems.append((status.name, [current]))
     _print_table(rows)
-    for name, versions in problems:
-        _print_problems(name, versions)
+    for status, current in zip(adapters, currents, strict=True):
+        _print_problems(status.name, [current])
 
 
 def _summary_cells(version: admin_pb.AdapterVersion) -> list[str]:

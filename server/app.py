@@ -22,6 +22,7 @@ from loraplex.adapters.sources import AdapterSources
 from loraplex.adapters.store import AdapterStore
 from loraplex.adapters.validation import Limits
 from loraplex.server.adapter_manager import AdapterManager
+from loraplex.server.adapter_watcher import AdapterWatcher
 from loraplex.server.admin_service import AdminService
 from loraplex.server.auth import Authenticator
 from loraplex.server.default_model import default_model_path, loraplex_home
@@ -51,10 +52,13 @@ class App:
     host: str
     port: int
     model_name: str
+    watcher: AdapterWatcher | None = None
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new work, let in-flight streams finish for up to `grace_s`, then stop the engine loop."""
         await self.health.enter_graceful_shutdown()
+        if self.watcher is not None:
+            self.watcher.stop()
         self.scheduler.stop_accepting()
         await self.server.stop(grace_s)
         self.scheduler.close()
@@ -95,20 +99,26 @@ async def start(settings: Settings, interceptors: Sequence[grpc.aio.ServerInterc
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection((SERVICE_NAME, ADMIN_SERVICE_NAME, health_name, reflection.SERVICE_NAME),
                                             server)
+    watch_dir = settings.adapters.watch_dir
+    watcher = AdapterWatcher(adapters, watch_dir, settings.adapters.watch_interval_s) if watch_dir else None
     scheduler.start()
+    if watcher is not None:
+        watcher.start()
     await server.start()
     for name in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return App(server, scheduler, health, host, port, folder.name)
+    return App(server, scheduler, health, host, port, folder.name, watcher)
 
 
 def adapter_manager(engine: Engine, settings: Settings, base: str) -> AdapterManager:
     """The store, registry and tiers of `settings.adapters` on `engine` (base digest `base`), with the
-    start-up `settings.adapter` folders registered and warmed (their folders count as allowed roots)."""
+    start-up `settings.adapter` folders registered and warmed (they and the watch folder count as allowed
+    roots)."""
     config = settings.adapters
     root = config.store or loraplex_home() / "adapters"
     limits = Limits(max_rank=engine.config.max_rank, max_bytes=config.max_adapter_bytes)
-    allowed = [*config.allowed_roots, *(folder.resolve() for folder in settings.adapter.values())]
+    allowed = [*config.allowed_roots, *([config.watch_dir] if config.watch_dir else []),
+               *(folder.resolve() for folder in settings.adapter.values())]
     store = AdapterStore(root, engine.spec, limits, allowed, base)
     sources = AdapterSources(store, lambda: boto3.client("s3", endpoint_url=config.s3_endpoint_url,
                                                          region_name=config.s3_region))

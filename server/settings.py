@@ -68,6 +68,11 @@ class AdapterSettings(BaseModel):
     max_versions: int = Field(default=8, ge=1, le=1000)
     """Versions kept per adapter name, the current one included; loading another unregisters and
     deletes the oldest unused ones."""
+    watch_dir: Path | None = None
+    """Drop folder to watch: each `<watch_dir>/<NAME>/` PEFT folder is loaded as adapter NAME when it
+    appears, and again as a new version whenever its files change (it counts as an allowed root)."""
+    watch_interval_s: float = Field(default=2.0, ge=0.05, le=3600.0)
+    """Seconds between two scans of watch_dir; a folder loads once unchanged over two scans."""
     s3_endpoint_url: str | None = None
     """S3 endpoint for s3:// sources (e.g. a MinIO URL); None uses AWS. Credentials come from the
     standard AWS environment variables or files."""
@@ -78,9 +83,19 @@ class AdapterSettings(BaseModel):
     @classmethod
     def _check_roots(cls, roots: list[Path]) -> list[Path]:
         for root in roots:
-            if not root.is_absolute() or not root.is_dir():
-                raise ValueError(f"{root} is not an absolute path to an existing folder")
+            _check_folder(root)
         return roots
+
+    @field_validator("watch_dir")
+    @classmethod
+    def _check_watch_dir(cls, folder: Path | None) -> Path | None:
+        return folder if folder is None else _check_folder(folder)
+
+
+def _check_folder(folder: Path) -> Path:
+    if not folder.is_absolute() or not folder.is_dir():
+        raise ValueError(f"{folder} is not an absolute path to an existing folder")
+    return folder
 
 
 class Settings(BaseSettings):

@@ -1,10 +1,11 @@
 """Adapter tiers: the host LRU and the device slot table alone, then the manager with the scheduler:
 just-in-time loads that do not block other requests, eviction that never touches a running adapter,
-pinning, prefetch, version pruning."""
+pinning, prefetch, version pruning; the watched drop folder."""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from loraplex.adapters.loading import LoadedAdapter
 from loraplex.server import adapter_manager as manager_module
 from loraplex.server.adapter_manager import AdapterManager
 from loraplex.server.adapter_slots import DeviceSlots
+from loraplex.server.adapter_watcher import AdapterWatcher
 from loraplex.server.engine import SamplingParams
 from loraplex.server.errors import FailedPrecondition
 from loraplex.server.scheduler import Request, Scheduler, SchedulerConfig
@@ -181,3 +183,23 @@ def test_loading_more_than_max_versions_drops_the_oldest(cold, serving_model, tm
     digests = [adapter_digest(folder) for folder in folders]
     assert manager.registry.entry("rolling").versions == tuple(digests[1:])
     assert manager.store.versions("rolling") == sorted(digests[1:])
+
+
+def test_watched_folder_loads_new_and_changed_adapters_once_they_are_stable(cold, serving_model, tmp_path, caplog):
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    _scheduler, manager = cold(extra_roots=(drop,))
+    watcher = AdapterWatcher(manager, drop, interval_s=3600)  # polled by hand below
+    first = shutil.copytree(serving_model[1]["a_r4_qv"], drop / "support")
+    assert watcher.poll() == []  # seen once: maybe still being copied
+    assert watcher.poll() == ["support"] and watcher.poll() == []
+    assert manager.registry.entry("support").current == adapter_digest(first)
+    shutil.copy(serving_model[1]["d_r8_k_gate"] / "adapter_config.json", first / "adapter_config.json")
+    shutil.copy(serving_model[1]["d_r8_k_gate"] / "adapter_model.safetensors", first / "adapter_model.safetensors")
+    watcher.poll()
+    assert watcher.poll() == ["support"]
+    assert manager.registry.entry("support").versions[-1] == adapter_digest(serving_model[1]["d_r8_k_gate"])
+    broken = copy_with_config(serving_model[1]["a_r4_qv"], drop / "broken", use_dora=True)
+    watcher.poll()
+    assert watcher.poll() == [] and watcher.poll() == []
+    assert "watched adapter folder" in caplog.text and "DoRA" in caplog.text and caplog.text.count(str(broken)) == 1

@@ -28,8 +28,8 @@ if _version_not_supported:
 class GenerationStub:
     """One server: one base model, many adapters, one batched forward pass.
 
-    Errors of Generate and GenerateStream: NOT_FOUND (unknown adapter, or a version that is not the
-    loaded one), INVALID_ARGUMENT (the message starts with the field's name), RESOURCE_EXHAUSTED (the
+    Errors of Generate and GenerateStream: NOT_FOUND (unknown adapter or version), FAILED_PRECONDITION
+    (the adapter's stored files can no longer be loaded; reload it), INVALID_ARGUMENT (the message starts with the field's name), RESOURCE_EXHAUSTED (the
     waiting queue is full; retry later), UNAUTHENTICATED (missing or unknown API key),
     PERMISSION_DENIED (the key lacks the scope or may not use the adapter), UNAVAILABLE (the server is
     shutting down), DEADLINE_EXCEEDED / CANCELLED (the caller's deadline or cancellation; either frees
@@ -62,8 +62,8 @@ class GenerationStub:
 class GenerationServicer:
     """One server: one base model, many adapters, one batched forward pass.
 
-    Errors of Generate and GenerateStream: NOT_FOUND (unknown adapter, or a version that is not the
-    loaded one), INVALID_ARGUMENT (the message starts with the field's name), RESOURCE_EXHAUSTED (the
+    Errors of Generate and GenerateStream: NOT_FOUND (unknown adapter or version), FAILED_PRECONDITION
+    (the adapter's stored files can no longer be loaded; reload it), INVALID_ARGUMENT (the message starts with the field's name), RESOURCE_EXHAUSTED (the
     waiting queue is full; retry later), UNAUTHENTICATED (missing or unknown API key),
     PERMISSION_DENIED (the key lacks the scope or may not use the adapter), UNAVAILABLE (the server is
     shutting down), DEADLINE_EXCEEDED / CANCELLED (the caller's deadline or cancellation; either frees
@@ -121,8 +121,8 @@ def add_GenerationServicer_to_server(servicer, server):
 class Generation:
     """One server: one base model, many adapters, one batched forward pass.
 
-    Errors of Generate and GenerateStream: NOT_FOUND (unknown adapter, or a version that is not the
-    loaded one), INVALID_ARGUMENT (the message starts with the field's name), RESOURCE_EXHAUSTED (the
+    Errors of Generate and GenerateStream: NOT_FOUND (unknown adapter or version), FAILED_PRECONDITION
+    (the adapter's stored files can no longer be loaded; reload it), INVALID_ARGUMENT (the message starts with the field's name), RESOURCE_EXHAUSTED (the
     waiting queue is full; retry later), UNAUTHENTICATED (missing or unknown API key),
     PERMISSION_DENIED (the key lacks the scope or may not use the adapter), UNAVAILABLE (the server is
     shutting down), DEADLINE_EXCEEDED / CANCELLED (the caller's deadline or cancellation; either frees
