@@ -29,8 +29,8 @@ class GenerationStub:
     """One server: one base model, many adapters, one batched forward pass.
 
     Errors of Generate and GenerateStream: NOT_FOUND (unknown adapter or version), FAILED_PRECONDITION
-    (the adapter's stored files can no longer be loaded; reload it), INVALID_ARGUMENT (the message starts with the field's name), RESOURCE_EXHAUSTED (the
-    waiting queue is full; retry later), UNAUTHENTICATED (missing or unknown API key),
+    (the adapter's stored files can no longer be loaded; load it again), INVALID_ARGUMENT (the message
+    starts with the field's name), RESOURCE_EXHAUSTED (the waiting queue is full; retry later), UNAUTHENTICATED (missing or unknown API key),
     PERMISSION_DENIED (the key lacks the scope or may not use the adapter), UNAVAILABLE (the server is
     shutting down), DEADLINE_EXCEEDED / CANCELLED (the caller's deadline or cancellation; either frees
     the request's resources on the server).
@@ -63,8 +63,8 @@ class GenerationServicer:
     """One server: one base model, many adapters, one batched forward pass.
 
     Errors of Generate and GenerateStream: NOT_FOUND (unknown adapter or version), FAILED_PRECONDITION
-    (the adapter's stored files can no longer be loaded; reload it), INVALID_ARGUMENT (the message starts with the field's name), RESOURCE_EXHAUSTED (the
-    waiting queue is full; retry later), UNAUTHENTICATED (missing or unknown API key),
+    (the adapter's stored files can no longer be loaded; load it again), INVALID_ARGUMENT (the message
+    starts with the field's name), RESOURCE_EXHAUSTED (the waiting queue is full; retry later), UNAUTHENTICATED (missing or unknown API key),
     PERMISSION_DENIED (the key lacks the scope or may not use the adapter), UNAVAILABLE (the server is
     shutting down), DEADLINE_EXCEEDED / CANCELLED (the caller's deadline or cancellation; either frees
     the request's resources on the server).
@@ -122,8 +122,8 @@ class Generation:
     """One server: one base model, many adapters, one batched forward pass.
 
     Errors of Generate and GenerateStream: NOT_FOUND (unknown adapter or version), FAILED_PRECONDITION
-    (the adapter's stored files can no longer be loaded; reload it), INVALID_ARGUMENT (the message starts with the field's name), RESOURCE_EXHAUSTED (the
-    waiting queue is full; retry later), UNAUTHENTICATED (missing or unknown API key),
+    (the adapter's stored files can no longer be loaded; load it again), INVALID_ARGUMENT (the message
+    starts with the field's name), RESOURCE_EXHAUSTED (the waiting queue is full; retry later), UNAUTHENTICATED (missing or unknown API key),
     PERMISSION_DENIED (the key lacks the scope or may not use the adapter), UNAVAILABLE (the server is
     shutting down), DEADLINE_EXCEEDED / CANCELLED (the caller's deadline or cancellation; either frees
     the request's resources on the server).
