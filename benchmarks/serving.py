@@ -43,11 +43,12 @@ import torch
 from engine_throughput import tiny_model, write_adapters
 
 from loraplex.client.client import AsyncClient
+from loraplex.server.adapter_manager import AdapterManager
 from loraplex.server.app import start
 from loraplex.server.default_model import default_model_path
 from loraplex.server.engine import Engine, EngineConfig, SamplingParams, SequenceState
 from loraplex.server.engine.lora import NO_ADAPTER
-from loraplex.server.settings import load_settings
+from loraplex.server.settings import AdapterSettings, load_settings
 
 RESULTS = Path(__file__).parent / "results" / "serving.json"
 NUM_REQUESTS = 96
@@ -177,8 +178,23 @@ def run_direct(engine: Engine, trace: list[TraceRequest], slots: list[int]) -> d
     return summarize(trace, starts, arrivals)
 
 
-async def benchmark(base_folder: Path, adapters: dict[str, Path], device: str, num_requests: int) -> dict:
+async def resident_slots(manager: AdapterManager, names: list[str]) -> dict[str, int]:
+    """Name -> device slot of every start-up adapter, once all of them are resident (they load in the
+    background), so the direct runs use the same slots as the server."""
+    leases = {name: manager.acquire(name) for name in names}
+    try:
+        while any(manager.resident_slot(lease) is None for lease in leases.values()):
+            await asyncio.sleep(0.05)
+        return {name: manager.resident_slot(lease) for name, lease in leases.items()}
+    finally:
+        for lease in leases.values():
+            manager.release(lease)
+
+
+async def benchmark(base_folder: Path, adapters: dict[str, Path], device: str, num_requests: int,
+                    store: Path) -> dict:
     settings = load_settings(model=base_folder, adapter=adapters, host="127.0.0.1", port=0, reflection=False,
+                             adapters=AdapterSettings(store=store),
                              engine=EngineConfig(device=device, num_slots=len(adapters), max_rank=RANK,
                                                  kv_cache_bytes=2**30),
                              scheduler={"max_running": MAX_RUNNING, "max_step_tokens": MAX_STEP_TOKENS,
@@ -186,14 +202,16 @@ async def benchmark(base_folder: Path, adapters: dict[str, Path], device: str, n
     app = await start(settings)
     try:
         engine, target, names = app.scheduler.engine, f"127.0.0.1:{app.port}", list(adapters)
+        slot_of = await resident_slots(app.scheduler.adapters, names)
         trace = make_trace(engine.spec.vocab_size, num_requests)
         warm = [TraceRequest(0.0, r.prompt, 4) for r in trace[:16]]  # kernels, allocator, BLAS shapes
         await run_grpc(target, warm, [names[i % len(names)] for i in range(len(warm))])
         run_direct(engine, warm, list(range(len(warm))))
         timer, runs = StepTimer(engine), {}
         for n in ADAPTER_COUNTS:
-            slots = zipf_adapters(n, num_requests)  # adapter i is in slot i
-            adapters = [names[s] if s != NO_ADAPTER else "" for s in slots]
+            indices = zipf_adapters(n, num_requests)
+            adapters = [names[i] if i != NO_ADAPTER else "" for i in indices]
+            slots = [slot_of[name] if name else NO_ADAPTER for name in adapters]
             grpc_run = timer.measured(await run_grpc(target, trace, adapters))
             runs[f"n{n}"] = {"distinct_adapters": len(set(slots) - {NO_ADAPTER}), "grpc": grpc_run,
                              "direct": timer.measured(run_direct(engine, trace, slots))}
@@ -216,7 +234,8 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="loraplex-serving-bench-"))
     base_folder = tiny_model(workdir / "base") if args.tiny else default_model_path()
     folders = write_adapters(base_folder, workdir / "adapters", [RANK] * max(ADAPTER_COUNTS), TARGETS)
-    result = asyncio.run(benchmark(base_folder, {f.name: f for f in folders}, args.device, args.requests))
+    result = asyncio.run(benchmark(base_folder, {f.name: f for f in folders}, args.device, args.requests,
+                                   workdir / "store"))
     runs = result["runs"]
     ratios = {
         "n100_vs_n0": runs["n100"]["grpc"]["tokens_per_s"] / runs["n0"]["grpc"]["tokens_per_s"],

@@ -189,7 +189,7 @@ def _adapters_describe(client: Client, args: argparse.Namespace) -> int:
         print(json_format.MessageToJson(status))
         return 0
     print(f"{status.name}: current version {status.current_version[:12]}, {'pinned' if status.pinned else 'unpinned'}"
-          f", {status.requests_total} requests ({status.active_requests} active)")
+          f", requests: {status.requests_total} in all, {status.active_requests} active")
     rows = [["VERSION", "RANK", "TARGETS", "SIZE", "DTYPE", "TIER", "ACTIVE", ""]]
     for version in status.versions:
         rows.append([version.digest[:12], *_summary_cells(version), version.dtype or "-", _tier(version),

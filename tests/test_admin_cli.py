@@ -168,7 +168,7 @@ async def test_cli_adapters_verbs(serving_model, tmp_path, sources):
         assert done.returncode == 0 and done.stdout.splitlines()[1].split()[7] == "yes", done.stdout + done.stderr
         done = await loraplex("adapters", "describe", "b_r16_all", *server)
         assert done.returncode == 0, done.stderr
-        assert done.stdout.startswith(f"b_r16_all: current version {digest[:12]}, pinned, 1 requests (0 active)")
+        assert done.stdout.startswith(f"b_r16_all: current version {digest[:12]}, pinned, requests: 1 in all, 0 active")
         assert done.stdout.splitlines()[2].split()[-1] == "current"
         done = await loraplex("adapters", "unpin", "b_r16_all", *server)
         assert done.returncode == 0 and done.stdout.splitlines()[1].split()[7] == "no", done.stdout + done.stderr
