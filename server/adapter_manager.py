@@ -17,8 +17,9 @@ keep eviction away from running sequences; pinned names keep their current versi
 
 Locking: `_lock` guards counts, tiers and loading state and is never held while calling `wake`
 (which takes the scheduler's lock; the scheduler calls in here holding it, so the order is always
-scheduler -> manager). `_admin` serializes the changes of names (load, unload, pin) with the
-deletion of files, so a version being re-registered is never deleted underneath.
+scheduler -> manager). `_admin` serializes the changes of names (registering, unload, pin) with the
+deletion of files, so a version being re-registered is never deleted underneath; copying a source
+into the store happens outside both locks.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from loraplex.adapters.loading import load_version
 from loraplex.adapters.reference import InvalidAdapterReference, parse_reference
 from loraplex.adapters.registry import AdapterEntry, AdapterRegistry, UnknownAdapter, VersionIsCurrent
 from loraplex.adapters.sources import AdapterSources
-from loraplex.adapters.store import VersionNotStored
+from loraplex.adapters.store import SourceChanged, VersionNotStored
 from loraplex.adapters.validation import AdapterSummary
 from loraplex.server.adapter_slots import DeviceSlots
 from loraplex.server.engine import Engine
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 BASE_MODEL = ""
 """The adapter reference that means the base model alone."""
 Tier = Literal["device", "host", "store"]
+LOAD_ATTEMPTS = 3
+"""Tries of `load` when a concurrent unload of the same version deletes its files between store and register."""
 
 
 @dataclass(frozen=True)
@@ -247,18 +250,24 @@ class AdapterManager:
 
         Raises SourceNotAllowed, S3SourceError, InvalidAdapterReference, AdapterFormatError, SourceChanged.
         """
-        with self._admin:
-            stored = self.sources.put(source, name)
-            with self._lock:
-                changed = self._current(name) != stored.digest
-                entry = self.registry.register(name, stored.digest)
-                self._summaries[stored.digest] = stored.summary
-                self._refresh_pins()
-                if warm or entry.pinned:
-                    self._warm_version(name, stored.digest)
-                pruned = self._prune_versions(entry)
-            for digest in pruned:
-                self._delete_files_locked(name, digest)
+        for _ in range(LOAD_ATTEMPTS):
+            stored = self.sources.put(source, name)  # slow (disk, S3): outside the locks; idempotent per digest
+            with self._admin:
+                if not stored.path.is_dir():  # an unload of this very version deleted it meanwhile: again
+                    continue
+                with self._lock:
+                    changed = self._current(name) != stored.digest
+                    entry = self.registry.register(name, stored.digest)
+                    self._summaries[stored.digest] = stored.summary
+                    self._refresh_pins()
+                    if warm or entry.pinned:
+                        self._warm_version(name, stored.digest)
+                    pruned = self._prune_versions(entry)
+                for digest in pruned:
+                    self._delete_files_locked(name, digest)
+                break
+        else:
+            raise SourceChanged(f"adapter {name!r} was unloaded while {source} was being stored; retry")
         self._wake()
         return self.registry.entry(name), stored.summary, changed
 

@@ -43,7 +43,8 @@ class AdminService(pb_grpc.AdapterAdminServicer):
         authorize(self._auth, context, "admin")
         with _source_errors():
             entry, _, changed = await _off_loop(self._adapters.load, request.source, request.name, request.warm)
-        return pb.LoadAdapterResponse(adapter=encode_status(self._adapters.status(entry.name)), changed=changed)
+        status = await _off_loop(self._adapters.status, entry.name)
+        return pb.LoadAdapterResponse(adapter=encode_status(status), changed=changed)
 
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext,
                             ) -> pb.UnloadAdapterResponse:
@@ -81,13 +82,13 @@ class AdminService(pb_grpc.AdapterAdminServicer):
         authorize(self._auth, context, "admin")
         with _source_errors():
             entry = await _off_loop(self._adapters.pin, request.name, request.pinned)
-        return encode_status(self._adapters.status(entry.name))
+        return encode_status(await _off_loop(self._adapters.status, entry.name))
 
     async def PrefetchAdapter(self, request: pb.PrefetchAdapterRequest, context: grpc.aio.ServicerContext,
                               ) -> pb.AdapterStatus:
         authorize(self._auth, context, "admin")
         lease = await _off_loop(self._adapters.prefetch, request.adapter)
-        return encode_status(self._adapters.status(lease.name))
+        return encode_status(await _off_loop(self._adapters.status, lease.name))
 
 
 async def _off_loop(function: Callable[..., T], *args: object) -> T:

@@ -9,6 +9,7 @@ server.errors exceptions; the interceptor turns them into status codes.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import metadata
@@ -73,6 +74,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                          context: grpc.aio.ServicerContext) -> pb.ServerInfoResponse:
         principal = self._authorize(context, "inference")
         engine, config = self._scheduler.engine, self._scheduler.config
+        statuses = await asyncio.to_thread(self._scheduler.adapters.statuses)  # may read stored files
         return pb.ServerInfoResponse(
             base_model=pb.BaseModel(
                 name=self._model_name, architecture=engine.spec.model_type, vocab_size=engine.spec.vocab_size,
@@ -80,7 +82,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                 has_chat_template=bool(self._tokenizer is not None and self._tokenizer.chat_template),
             ),
             adapters=[pb.AdapterInfo(name=status.name, version=status.current, rank=_rank(status))
-                      for status in self._scheduler.adapters.statuses() if principal.may_use(status.name)],
+                      for status in statuses if principal.may_use(status.name)],
             limits=pb.Limits(
                 max_new_tokens_limit=self._limits.max_new_tokens_limit,
                 default_max_new_tokens=self._limits.default_max_new_tokens, max_running=config.max_running,
