@@ -233,8 +233,8 @@ async def throughput(scheduler: Scheduler, timer: StepTimer, names: list[str], s
     manager, configs = scheduler.adapters, {"few": FEW, "many": sizes.many}
     trace = make_trace(scheduler.engine.spec.vocab_size, sizes.requests)
     warm = [TraceRequest(0.0, r.prompt, 4) for r in trace[:16]]  # kernels, allocator, BLAS shapes
-    for n in configs.values():
-        await run_trace(scheduler, warm, [names[i] for i in zipf_adapters(n, len(warm))])
+    for n in configs.values():  # Zipf seed 0 here, 1, 2, ... in the rounds
+        await run_trace(scheduler, warm, [names[i] for i in zipf_adapters(n, len(warm), seed=0)])
     timer.reset()
     runs: dict[str, list[dict]] = {key: [] for key in configs}
     for round_ in range(sizes.throughput_rounds):
