@@ -15,6 +15,7 @@ from pathlib import Path
 from botocore.client import BaseClient
 from botocore.exceptions import BotoCoreError, ClientError
 
+from loraplex.adapters.errors import AdapterFormatError
 from loraplex.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from loraplex.adapters.store import STORED_FILES, AdapterStore, StoredAdapter
 from loraplex.adapters.validation import AdapterSummary, Limits, check_size
@@ -25,6 +26,10 @@ _MISSING = {"404", "NoSuchKey", "NotFound"}
 
 class S3SourceError(RuntimeError):
     """The S3 location is malformed, lacks the adapter files, or cannot be read; the message says which."""
+
+
+class S3AdapterMissing(S3SourceError, AdapterFormatError):
+    """The S3 location holds no PEFT adapter files (a refusal of the adapter, like a local folder's)."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,7 @@ def fetch_from_s3(client: BaseClient, uri: str, folder: Path, limits: Limits) ->
     sizes = {file: _size(client, location, file) for file in STORED_FILES}
     for required in (CONFIG_FILE, WEIGHTS_FILE):
         if sizes[required] is None:
-            raise S3SourceError(f"{location} has no {required}; check the bucket name, and upload the PEFT "
+            raise S3AdapterMissing(f"{location} has no {required}; check the bucket name, and upload the PEFT "
                                 f"folder's {CONFIG_FILE} and {WEIGHTS_FILE} under that prefix")
     check_size(sizes[CONFIG_FILE] + sizes[WEIGHTS_FILE], limits)
     for file, size in sizes.items():

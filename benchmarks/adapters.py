@@ -71,8 +71,6 @@ RESULTS = Path(__file__).parent / "results" / "adapters.json"
 COLD_RANK = 16  # (1): all linear projections
 RANK, TARGETS = 8, ("q_proj", "v_proj")  # (2) and (3)
 FEW, MANY = 10, 1000  # adapters in the two traces of (2)
-NUM_SLOTS = MAX_RUNNING  # device slots of (2) and (3)
-HOST_CACHE_ADAPTERS = 32  # host cache of (2) and (3), in r=8 q/v adapters
 ITL_ADAPTERS = ("hot", "a0001", "a0002", "a0003")  # (3): client i uses ITL_ADAPTERS[i % 4]
 ITL_PROMPT_LENS, ITL_OUTPUT_LENS = (16, 64), (32, 96)  # uniform, inclusive
 SWAP_INTERVAL_S = 0.05  # (3): a new version of "hot" every 50 ms (back to back when a load takes longer)
@@ -95,12 +93,16 @@ class Sizes:
     """Requests each stream of (3) sends, one after another."""
     itl_rounds: int
     """Rounds of (3), each one run without and one with swaps (alternating which goes first)."""
+    num_slots: int
+    """Device slots of (2) and (3)."""
+    host_cache_adapters: int
+    """Host cache of (2) and (3), in r=8 q/v adapters."""
 
 
 FULL = Sizes(cold_repeats=15, many=MANY, requests=64, throughput_rounds=3, itl_clients=16, itl_requests=2,
-             itl_rounds=3)
-QUICK = Sizes(cold_repeats=5, many=200, requests=16, throughput_rounds=1, itl_clients=8, itl_requests=1,
-              itl_rounds=1)
+             itl_rounds=3, num_slots=MAX_RUNNING, host_cache_adapters=32)
+QUICK = Sizes(cold_repeats=5, many=100, requests=16, throughput_rounds=1, itl_clients=8, itl_requests=1,
+              itl_rounds=1, num_slots=8, host_cache_adapters=8)  # few slots: a short trace still evicts
 
 
 # -- adapters ----------------------------------------------------------------------------------------
@@ -148,6 +150,13 @@ def register_random(manager: AdapterManager, sources: Path, names: Sequence[str]
         manager.load(str(folder), name)
         shutil.rmtree(folder)
     return (time.perf_counter() - start) / len(names)
+
+
+_BEGAN = time.perf_counter()
+
+
+def elapsed() -> str:
+    return f"{time.perf_counter() - _BEGAN:.0f} s"
 
 
 def sync(engine: Engine) -> None:
@@ -244,7 +253,7 @@ async def throughput(scheduler: Scheduler, timer: StepTimer, names: list[str], s
             run = timer.measured(await run_trace(scheduler, trace, [names[i] for i in picks]))
             runs[key].append({**run, "distinct_adapters": len(set(picks)), **since(manager, before)})
             print(f"  (2) round {round_} {key:<4}: {run['tokens_per_s']:.1f} tokens/s, "
-                  f"loads {runs[key][-1]['loads']}", flush=True)
+                  f"loads {runs[key][-1]['loads']} ({elapsed()})", flush=True)
     medians = {key: {field: statistics.median(r[field] for r in rs)
                      for field in ("tokens_per_s", "makespan_s", "itl_p50_s", "itl_p99_s", "ttft_p50_s",
                                    "engine_busy_fraction", "mean_batch_sequences", "distinct_adapters")}
@@ -351,7 +360,7 @@ async def itl(scheduler: Scheduler, timer: StepTimer, swap_folders: list[Path], 
                               "swap_median_s": statistics.median(swaps) if swaps else 0.0,
                               "engine_busy_fraction": busy / run["elapsed_s"]})
             print(f"  (3) round {round_} {key:<5}: ITL p99 {run['itl_p99_s'] * 1e3:.1f} ms, "
-                  f"{len(swaps)} swaps", flush=True)
+                  f"{len(swaps)} swaps ({elapsed()})", flush=True)
     medians = {key: {field: statistics.median(r[field] for r in rs)
                      for field in ("itl_p50_s", "itl_p90_s", "itl_p99_s", "itl_max_s", "tokens_per_s", "swaps_per_s",
                                    "swap_median_s", "engine_busy_fraction", "hot_versions_served")}
@@ -365,13 +374,14 @@ async def itl(scheduler: Scheduler, timer: StepTimer, swap_folders: list[Path], 
 async def serving_parts(base_folder: Path, workdir: Path, device: str, sizes: Sizes) -> dict:
     """(2) and (3) on one engine, adapter manager and scheduler, wired as the server wires them."""
     spec = model_spec(base_folder)
-    engine = Engine(spec, iter_weights(base_folder), EngineConfig(device=device, num_slots=NUM_SLOTS, max_rank=RANK))
+    engine = Engine(spec, iter_weights(base_folder), EngineConfig(device=device, num_slots=sizes.num_slots,
+                                                                  max_rank=RANK))
     one_adapter = host_bytes(spec, RANK, TARGETS, engine.dtype)
     sources = workdir / "sources"
-    manager = make_manager(engine, base_folder, workdir / "store", sources, HOST_CACHE_ADAPTERS * one_adapter)
+    manager = make_manager(engine, base_folder, workdir / "store", sources, sizes.host_cache_adapters * one_adapter)
     names = [f"a{i:04d}" for i in range(sizes.many)]
     register_s = register_random(manager, sources, [*names, "hot"], seed=1000)
-    print(f"registered {len(names) + 1} adapters, {register_s * 1e3:.0f} ms each", flush=True)
+    print(f"registered {len(names) + 1} adapters, {register_s * 1e3:.0f} ms each ({elapsed()})", flush=True)
     swap_folders = [write_random_adapter(sources / f"hot-v{i}", spec, RANK, TARGETS, seed=i)
                     for i in range(SWAP_VERSIONS)]
     scheduler = Scheduler(engine, manager, SchedulerConfig(max_running=MAX_RUNNING, max_step_tokens=MAX_STEP_TOKENS,
@@ -397,20 +407,17 @@ def main() -> None:
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
 
-    began = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="loraplex-adapters-bench-"))
     try:
         base_folder = default_model_path()
         cold = cold_load(base_folder, workdir, args.device, sizes.cold_repeats)
-        print(f"(1) cold load: read {cold['median_s']['read'] * 1e3:.1f} ms, validate "
-              f"{cold['median_s']['validate'] * 1e3:.1f} ms, copy {cold['median_s']['copy'] * 1e3:.1f} ms", flush=True)
+        m = cold["median_s"]
+        print(f"(1) cold load: read {m['read'] * 1e3:.1f} ms, validate {m['validate'] * 1e3:.1f} ms, "
+              f"copy {m['copy'] * 1e3:.1f} ms ({elapsed()})", flush=True)
         result = asyncio.run(serving_parts(base_folder, workdir, args.device, sizes))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     many, swaps = result["throughput"], result["itl"]
-    assert all(many["totals"]["many"][key] > 0 for key in ("loads", "slot_evictions", "host_evictions")), \
-        f"the {sizes.many}-adapter trace must load and evict: {many['totals']['many']}"
-    assert swaps["totals"]["swaps"]["swaps"] > 0 and not any(t["load_failures"] for t in many["totals"].values())
     ratios = {
         "throughput_1000_vs_10": many["medians"]["many"]["tokens_per_s"] / many["medians"]["few"]["tokens_per_s"],
         "itl_p99_swaps_vs_none": swaps["medians"]["swaps"]["itl_p99_s"] / swaps["medians"]["none"]["itl_p99_s"],
@@ -420,7 +427,6 @@ def main() -> None:
 
     print(f"\nmodel: SmolLM2-135M-Instruct  device: {args.device}  lora: {result['lora_impl']}  "
           f"threads: {torch.get_num_threads()}{'  (--quick: smoke sizes)' if args.quick else ''}")
-    m = cold["median_s"]
     print(f"(1) cold load, r={COLD_RANK} all-linear ({cold['file_bytes'] / 1e6:.1f} MB stored, max_rank "
           f"{cold['max_rank']}), median of {sizes.cold_repeats}: read {m['read'] * 1e3:.1f} ms + validate "
           f"{m['validate'] * 1e3:.1f} ms + copy {m['copy'] * 1e3:.1f} ms = {cold['total_s'] * 1e3:.1f} ms")
@@ -428,7 +434,7 @@ def main() -> None:
           f"(sha256 alone {cold['sha256_mb_per_s']:.0f} MB/s): loader/plain speed "
           f"{ratios['loader_read_vs_plain_read']:.2f}")
     print(f"(2) {sizes.requests} requests/run, Zipf({ZIPF_ALPHA}), r={RANK} {'+'.join(TARGETS)}, {result['num_slots']} "
-          f"slots, host cache {HOST_CACHE_ADAPTERS} adapters; medians of {sizes.throughput_rounds} runs each")
+          f"slots, host cache {sizes.host_cache_adapters} adapters; medians of {sizes.throughput_rounds} runs each")
     print(f"{'adapters':>10}{'distinct':>9}{'tokens/s':>10}{'vs 10':>7}{'ITL p50/p99 ms':>17}{'in engine':>10}"
           f"{'loads':>7}{'slot ev.':>9}{'host ev.':>9}")
     few_tps = many["medians"]["few"]["tokens_per_s"]
@@ -449,14 +455,14 @@ def main() -> None:
     targets = {"throughput_1000_vs_10": ">= 0.9", "itl_p99_swaps_vs_none": "<= 1.25"}
     for name, value in ratios.items():
         print(f"  {name:<26}{value:6.3f}  {'target ' + targets[name] if name in targets else ''}")
-    print(f"total {time.perf_counter() - began:.0f} s")
+    print(f"total {elapsed()}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({
         "model": "SmolLM2-135M-Instruct", "device": args.device, "quick": args.quick,
         "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
         "config": {**asdict(sizes), "few": FEW, "zipf_alpha": ZIPF_ALPHA, "rank": RANK, "targets": TARGETS,
                    "cold_rank": COLD_RANK, "max_running": MAX_RUNNING, "max_step_tokens": MAX_STEP_TOKENS,
-                   "num_slots": result["num_slots"], "host_cache_adapters": HOST_CACHE_ADAPTERS,
+                   "num_slots": result["num_slots"],
                    "host_cache_bytes": result["host_cache_bytes"], "adapter_host_bytes": result["adapter_host_bytes"],
                    "itl_adapters": ITL_ADAPTERS, "itl_prompt_lens": ITL_PROMPT_LENS,
                    "itl_output_lens": ITL_OUTPUT_LENS, "swap_interval_s": SWAP_INTERVAL_S,
@@ -465,6 +471,13 @@ def main() -> None:
         "register_s_per_adapter": result["register_s_per_adapter"],
         "cold_load": cold, "throughput": many, "itl": swaps,
     }, indent=2) + "\n")
+    # what makes the comparisons meaningful, checked after the figures are written so they can be inspected
+    assert all(many["totals"]["many"][key] > 0 for key in ("loads", "slot_evictions", "host_evictions")), \
+        f"the {sizes.many}-adapter trace must load from the store and evict from both tiers: {many['totals']['many']}"
+    assert swaps["totals"]["swaps"]["swaps"] > 0 and swaps["medians"]["swaps"]["hot_versions_served"] > 1, \
+        "the swap runs must serve several versions of 'hot'"
+    failures = sum(t["load_failures"] for part in (many, swaps) for t in part["totals"].values())
+    assert failures == 0, f"{failures} adapter loads failed"
 
 
 if __name__ == "__main__":

@@ -103,16 +103,16 @@ def _source_errors(adapter_format: bool = True) -> Iterator[None]:
         yield
     except InvalidAdapterReference as error:
         raise InvalidRequest("name", str(error)) from None
+    except AdapterFormatError as error:  # before S3SourceError: an S3 prefix without adapter files is both
+        if not adapter_format:
+            raise
+        raise InvalidRequest("source", str(error)) from None
     except (SourceNotAllowed, S3SourceError) as error:
         raise InvalidRequest("source", str(error)) from None
     except BotoCoreError as error:  # credentials, endpoint: the server's configuration, not the request
         raise FailedPrecondition(f"source: S3 cannot be used: {error}") from None
     except SourceChanged as error:
         raise FailedPrecondition(f"source: {error}") from None
-    except AdapterFormatError as error:
-        if not adapter_format:
-            raise
-        raise InvalidRequest("source", str(error)) from None
 
 
 def encode_summary(summary: AdapterSummary) -> pb.AdapterVersion:

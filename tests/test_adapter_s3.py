@@ -1,4 +1,5 @@
-"""`adapters.s3_source.put_from_s3` against a moto S3 server on 127.0.0.1 (no other network)."""
+"""`adapters.s3_source.put_from_s3` against a moto S3 server on 127.0.0.1 (no other network), and a real
+server loading from it through the admin API."""
 
 from __future__ import annotations
 
@@ -18,7 +19,12 @@ from loraplex.adapters.identity import adapter_digest
 from loraplex.adapters.s3_source import S3SourceError, put_from_s3
 from loraplex.adapters.store import AdapterStore
 from loraplex.adapters.validation import CARD_FILE, Limits
+from loraplex.client.client import AsyncClient
+from loraplex.server.app import start
+from loraplex.server.engine import EngineConfig, SamplingParams
 from loraplex.server.model_files import model_spec
+from loraplex.server.settings import AdapterSettings, load_settings
+from serving_support import TEST_ENGINE, generate_alone, make_engine
 from support import AdapterSpec, write_adapter, write_tiny_model
 
 LIMITS = Limits(max_rank=16, max_bytes=1 << 20)
@@ -137,3 +143,32 @@ def test_unreachable_endpoint(store: AdapterStore) -> None:
     with pytest.raises(S3SourceError, match=r"cannot read s3://adapters/x/adapter_config.json: .*; check the "
                        r"bucket, the prefix and the server's S3 credentials"):
         put_from_s3(store, client, "s3://adapters/x", "support")
+
+
+async def test_a_server_loads_validates_and_serves_an_adapter_from_s3(s3, serving_model, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """End to end: LoadAdapter("s3://...") on a real server configured with the moto endpoint."""
+    base, adapters = serving_model
+    for variable, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")):
+        monkeypatch.setenv(variable, value)
+    upload(s3, adapters["b_r16_all"], "served/b/")
+    settings = load_settings(model=base, host="127.0.0.1", port=0, reflection=False, engine=EngineConfig(**TEST_ENGINE),
+                             adapters=AdapterSettings(store=tmp_path / "store", s3_endpoint_url=s3.meta.endpoint_url,
+                                                      s3_region="us-east-1"))
+    app = await start(settings)
+    try:
+        async with AsyncClient(f"127.0.0.1:{app.port}") as client:
+            checked = await client.validate_adapter("s3://adapters/served/b")
+            missing = await client.validate_adapter("s3://adapters/nothing-here")
+            loaded = await client.load_adapter("support", "s3://adapters/served/b/")
+            result = await client.generate([4, 5, 6], "support", max_new_tokens=5, ignore_eos=True)
+    finally:
+        await app.stop(0)
+    digest = adapter_digest(adapters["b_r16_all"])
+    assert checked.valid and checked.summary.digest == digest and checked.summary.rank == 16
+    assert not missing.valid and "has no adapter_config.json" in missing.problem
+    assert loaded.changed and loaded.adapter.current_version == digest
+    assert result.completion.adapter_version == digest
+    engine = make_engine(base, {"b_r16_all": adapters["b_r16_all"]})
+    assert result.token_ids == generate_alone(engine, {"b_r16_all": adapters["b_r16_all"]}, [4, 5, 6], "b_r16_all",
+                                              SamplingParams(max_new_tokens=5, ignore_eos=True))
