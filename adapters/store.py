@@ -5,7 +5,8 @@ A version folder appears in one rename, complete and fsynced, or not at all: `pu
 source, and renames it into place. A crash leaves only a hidden temp folder, which the next store
 opened on the same root removes once its process is gone. Sources are local folders under the
 configured allowed roots, symlinks resolved: nothing outside those roots is ever read (the store's own
-temp folders, where remote sources are fetched, count as allowed).
+folder counts as allowed: its versions were validated, and its temp folders are where remote sources
+and trained adapters are put together).
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class AdapterStore:
             raise SourceNotAllowed(f"{source} cannot be read ({error.strerror}); give an existing folder") from None
         files = {file: (folder / file).resolve() for file in STORED_FILES if (folder / file).exists()}
         for path in (folder, *files.values()):
-            if not any(path.is_relative_to(root) for root in (*self._allowed, self.root / _TEMP)):
+            if not any(path.is_relative_to(root) for root in (*self._allowed, self.root)):
                 roots = ", ".join(map(str, self._allowed)) or "none configured"
                 raise SourceNotAllowed(f"{source} resolves to {path}, outside the allowed adapter roots ({roots}); "
                                        "copy the adapter under one of them or add its folder to the allowed roots")

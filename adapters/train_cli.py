@@ -1,12 +1,79 @@
-"""`serve-train`: the QLoRA training sidecar's command line (its issue has not landed yet)."""
+"""`serve-train`: train a LoRA on the server's NF4 base, evaluate it, store it, and optionally serve it.
+
+    serve-train --data train.jsonl --name NAME [--eval-data eval.jsonl] [--model PATH]
+                [--server HOST:PORT [--promote-if-better]] [--rank 16 --epochs 3 ...]
+    torchrun --nproc_per_node=2 -m loraplex.adapters.train_cli --data ... --name ...   (DDP)
+
+`serve-train --help` lists every setting. Exit status: 0 done, 1 refused or failed (the message says
+why; nothing was stored), 2 bad settings, 130 interrupted (a checkpoint was saved: rerun with --resume).
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
+
+import grpc
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
+from loraplex.adapters.train_config import TrainSettings, parse_settings
+from loraplex.adapters.trainer import Interrupted, TrainError, TrainResult, train
 
 
-def main() -> None:
-    """Say plainly that training is not available in this version, and exit with status 2."""
-    print("serve-train: not yet available in this version of loraplex (the training sidecar has not landed)",
-          file=sys.stderr)
-    sys.exit(2)
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = parse_settings(sys.argv[1:] if argv is None else argv)
+    except (ValidationError, SettingsError) as error:
+        print(f"serve-train: invalid settings: {error}", file=sys.stderr)
+        return 2
+    try:
+        result = train(settings)
+    except TrainError as error:
+        print(f"serve-train: {error}", file=sys.stderr)
+        return 1
+    except Interrupted as error:
+        print(f"serve-train: {error}", file=sys.stderr)
+        return 130
+    if result.stored is None:  # not process 0 of a torchrun job: process 0 reports
+        return 0
+    print(summary(settings, result))
+    if settings.server is not None:
+        return promote(settings, result)
+    return 0
+
+
+def summary(settings: TrainSettings, result: TrainResult) -> str:
+    """The readable end of a job: metrics before and after, and where the adapter went."""
+    base, adapter = result.base, result.adapter
+    return "\n".join([
+        f"trained {settings.name}: {result.steps} steps in {result.wall_time_s / 60:.1f} min",
+        f"{'held-out':<14}{'base':>10}{'adapter':>10}",
+        f"{'loss':<14}{base.loss:>10.4f}{adapter.loss:>10.4f}",
+        f"{'perplexity':<14}{base.perplexity:>10.2f}{adapter.perplexity:>10.2f}",
+        f"{settings.scorer:<14}{base.score:>10.3f}{adapter.score:>10.3f}",
+        f"stored as {settings.name}@{result.stored.digest[:12]} in {result.stored.path}",
+    ])
+
+
+def promote(settings: TrainSettings, result: TrainResult) -> int:
+    """Ask the server to load the stored adapter (unless --promote-if-better and it did not beat the base)."""
+    from loraplex.client.client import Client
+
+    if settings.promote_if_better and not result.adapter.score > result.base.score:
+        print(f"not loaded into {settings.server}: the adapter's {settings.scorer} {result.adapter.score:.3f} does "
+              f"not beat the base's {result.base.score:.3f}")
+        return 0
+    try:
+        with Client(settings.server, api_key=settings.api_key) as client:
+            response = client.load_adapter(settings.name, str(result.stored.path))
+    except grpc.RpcError as error:
+        print(f"serve-train: the server at {settings.server} did not load the adapter: {error.code().name}: "
+              f"{error.details()} (it stays in the store at {result.stored.path})", file=sys.stderr)
+        return 1
+    print(f"loaded into {settings.server} as {settings.name}@{response.adapter.current_version[:12]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

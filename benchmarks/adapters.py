@@ -1,22 +1,24 @@
 """Adapter lifecycle costs (issue: adapter lifecycle): a cold load, 1000 adapters vs 10, hot-swaps under load.
 
-One process, one run, three parts; each compares its configurations side by side in that run,
-alternated (A B B A ...), and quotes ratios of medians:
+One process, one engine (NF4, max_rank 16), its adapter manager as `app.adapter_manager` wires it, and
+its scheduler (no transport). Three parts; each compares its configurations side by side in the same
+run, alternated (A B, B A, ...), and quotes ratios of medians:
   (1) cold load of one r=16 all-linear adapter from the store into a device slot, split into read
       (the files plus their digest check), validate (parse, layout and NaN checks) and copy
       (`Engine.set_slot`), each repetition next to a plain `read_bytes` of the same stored files
       (both from the page cache: dropping it needs root) and a sha256 of the bytes in memory;
-  (2) serving throughput of the scheduler (no transport) under a trace of NUM_REQUESTS requests (Poisson
-      arrivals and lengths as in benchmarks/serving.py), Zipf(ZIPF_ALPHA) popularity over 10 adapters
-      vs over 1000 registered ones, with fewer device slots and a smaller host cache than the adapters
-      the 1000-adapter trace touches, so that it loads from the store and evicts from both tiers. The
-      adapters are r=8 on q_proj and v_proj: the LoRA arithmetic is small, so the ratio measures adapter
-      management. The slots equal MAX_RUNNING, so a slot is always free when a sequence is: a load, not
-      the slot count, is what can hold a request back;
-  (3) inter-token latency of ITL_CLIENTS closed-loop streams (each sends its requests one after another) on
-      a few adapters, one of them "hot", with no swaps vs with a thread that loads a new version of "hot"
-      every SWAP_INTERVAL_S (cycling through more versions than the store keeps per name, so every swap
-      validates, stores, loads and installs a version no tier holds, and prunes an old one).
+  (2) serving throughput under a trace of Sizes.requests requests (Poisson arrivals and lengths as in
+      benchmarks/serving.py), Zipf(ZIPF_ALPHA) popularity over 10 adapters vs over 1000 registered ones,
+      with fewer device slots and a smaller host cache than the adapters the 1000-adapter trace touches,
+      so that it loads from the store and evicts from both tiers. The adapters are r=8 on q_proj and
+      v_proj: the LoRA arithmetic is small, so the ratio measures adapter management. The slots equal
+      MAX_RUNNING, so a slot is free whenever a sequence is: a load, not the slot count, is what can hold
+      a request back;
+  (3) inter-token latency of Sizes.itl_clients closed-loop streams (each sends its requests one after
+      another) on four adapters, one of them "hot", with no swaps vs with a thread that loads a new version
+      of "hot" every SWAP_INTERVAL_S (cycling through more versions than the store keeps per name, so
+      every swap validates, stores and registers a version no tier holds and prunes an old one; the next
+      request on "hot" then loads and installs it). The 1000 adapters of (2) stay registered.
 
     python benchmarks/adapters.py           # SmolLM2-135M-Instruct, NF4 (the default model); ~10 minutes
     python benchmarks/adapters.py --quick   # smaller sizes, a smoke run (under 2 minutes)
@@ -45,7 +47,6 @@ from pathlib import Path
 import numpy as np
 import safetensors.torch
 import torch
-from engine_throughput import write_adapters
 from serving import (
     MAX_RUNNING,
     MAX_STEP_TOKENS,
@@ -63,6 +64,7 @@ from loraplex.server.adapter_manager import AdapterManager
 from loraplex.server.app import adapter_manager
 from loraplex.server.default_model import default_model_path
 from loraplex.server.engine import Engine, EngineConfig, ModelSpec, SamplingParams
+from loraplex.server.engine.spec import PROJECTIONS
 from loraplex.server.model_files import base_digest, iter_weights, model_spec
 from loraplex.server.scheduler import Request, Scheduler, SchedulerConfig
 from loraplex.server.settings import AdapterSettings, load_settings
@@ -72,7 +74,8 @@ COLD_RANK = 16  # (1): all linear projections
 RANK, TARGETS = 8, ("q_proj", "v_proj")  # (2) and (3)
 FEW, MANY = 10, 1000  # adapters in the two traces of (2)
 ITL_ADAPTERS = ("hot", "a0001", "a0002", "a0003")  # (3): client i uses ITL_ADAPTERS[i % 4]
-ITL_PROMPT_LENS, ITL_OUTPUT_LENS = (16, 64), (32, 96)  # uniform, inclusive
+ITL_PROMPT_LENS, ITL_OUTPUT_LENS = (16, 64), (16, 48)  # uniform, inclusive: short requests, so "hot" clients
+# send new ones (which run on the newest version) while the swaps go on
 SWAP_INTERVAL_S = 0.05  # (3): a new version of "hot" every 50 ms (back to back when a load takes longer)
 SWAP_VERSIONS = 12  # distinct "hot" versions cycled through: more than AdapterSettings.max_versions (8)
 
@@ -99,9 +102,9 @@ class Sizes:
     """Host cache of (2) and (3), in r=8 q/v adapters."""
 
 
-FULL = Sizes(cold_repeats=15, many=MANY, requests=64, throughput_rounds=3, itl_clients=16, itl_requests=2,
+FULL = Sizes(cold_repeats=15, many=MANY, requests=64, throughput_rounds=3, itl_clients=16, itl_requests=4,
              itl_rounds=3, num_slots=MAX_RUNNING, host_cache_adapters=32)
-QUICK = Sizes(cold_repeats=5, many=100, requests=16, throughput_rounds=1, itl_clients=8, itl_requests=1,
+QUICK = Sizes(cold_repeats=3, many=50, requests=8, throughput_rounds=1, itl_clients=4, itl_requests=2,
               itl_rounds=1, num_slots=8, host_cache_adapters=8)  # few slots: a short trace still evicts
 
 
@@ -152,6 +155,52 @@ def register_random(manager: AdapterManager, sources: Path, names: Sequence[str]
     return (time.perf_counter() - start) / len(names)
 
 
+class ManagerTimer:
+    """Wraps the AdapterManager calls the scheduler makes to add up the seconds they take (waiting for the
+    manager's lock included, and the copies into slots `slot_for` makes), on the scheduler's thread and on
+    others (`acquire`, called by `submit` on the event loop); nested calls count once. Like StepTimer,
+    `measured` adds this run's figures and resets."""
+
+    CALLS = ("acquire", "release", "resident_slot", "can_place", "slot_for", "install_warm")
+
+    def __init__(self, manager: AdapterManager) -> None:
+        self._depth = threading.local()
+        self._lock = threading.Lock()
+        for name in self.CALLS:
+            setattr(manager, name, self._timed(getattr(manager, name)))
+        self.reset()
+
+    def reset(self) -> None:
+        self.scheduler_s, self.scheduler_max_s, self.other_s = 0.0, 0.0, 0.0
+
+    def _timed(self, call):
+        def timed(*args, **kwargs):
+            depth = getattr(self._depth, "value", 0)
+            self._depth.value = depth + 1
+            start = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                self._depth.value = depth
+                if depth == 0:
+                    self._add(time.perf_counter() - start)
+        return timed
+
+    def _add(self, seconds: float) -> None:
+        with self._lock:
+            if threading.current_thread().name == "loraplex-scheduler":
+                self.scheduler_s += seconds
+                self.scheduler_max_s = max(self.scheduler_max_s, seconds)
+            else:
+                self.other_s += seconds
+
+    def measured(self, run: dict, wall_s: float) -> dict:
+        figures = {"manager_calls_fraction": self.scheduler_s / wall_s, "manager_call_max_s": self.scheduler_max_s,
+                   "acquire_s": self.other_s}
+        self.reset()
+        return {**run, **figures}
+
+
 _BEGAN = time.perf_counter()
 
 
@@ -167,13 +216,13 @@ def sync(engine: Engine) -> None:
 # -- (1) cold load -----------------------------------------------------------------------------------
 
 
-def cold_load(base_folder: Path, workdir: Path, device: str, repeats: int) -> dict:
+def cold_load(manager: AdapterManager, sources: Path, repeats: int) -> dict:
     """Store -> slot of one r=16 all-linear adapter: median read / validate / copy seconds, and the
-    loader's read vs a plain read (and a sha256) of the same stored files, alternated per repetition."""
-    spec = model_spec(base_folder)
-    engine = Engine(spec, iter_weights(base_folder), EngineConfig(device=device, num_slots=2, kv_cache_bytes=2**26))
-    manager = make_manager(engine, base_folder, workdir / "store-cold", workdir / "sources-cold", 0)
-    [folder] = write_adapters(base_folder, workdir / "sources-cold", [COLD_RANK])  # PEFT, all linear
+    loader's read vs a plain read (and a sha256) of the same stored files, alternated per repetition.
+    Runs before the scheduler starts (it writes slots 0 and 1 behind the manager, which only ever
+    assigns a slot after copying a whole adapter into it)."""
+    engine, spec = manager.engine, manager.engine.spec
+    folder = write_random_adapter(sources / "cold", spec, COLD_RANK, PROJECTIONS, seed=0)
     _, summary, _ = manager.load(str(folder), "cold")
     stored = manager.store.path("cold", summary.digest)
     files = [stored / CONFIG_FILE, stored / WEIGHTS_FILE]
@@ -194,7 +243,6 @@ def cold_load(base_folder: Path, workdir: Path, device: str, repeats: int) -> di
         if i:
             for key, value in zip(times, (plain, hashed, loaded.read_s, loaded.validate_s, copy), strict=True):
                 times[key].append(value)
-    manager.close()
     median = {key: statistics.median(values) for key, values in times.items()}
     nbytes = sum(file.stat().st_size for file in files)
     return {
@@ -236,7 +284,8 @@ def since(manager: AdapterManager, before: dict[str, float]) -> dict[str, float]
     return {key: value - before[key] for key, value in counters(manager).items()}
 
 
-async def throughput(scheduler: Scheduler, timer: StepTimer, names: list[str], sizes: Sizes) -> dict:
+async def throughput(scheduler: Scheduler, timer: StepTimer, calls: ManagerTimer, names: list[str],
+                     sizes: Sizes) -> dict:
     """Runs of the FEW- and the MANY-adapter trace, alternated (A B, B A, ...): same arrivals, lengths and
     Zipf seed per round; the adapters differ only in how many there are."""
     manager, configs = scheduler.adapters, {"few": FEW, "many": sizes.many}
@@ -245,18 +294,21 @@ async def throughput(scheduler: Scheduler, timer: StepTimer, names: list[str], s
     for n in configs.values():  # Zipf seed 0 here, 1, 2, ... in the rounds
         await run_trace(scheduler, warm, [names[i] for i in zipf_adapters(n, len(warm), seed=0)])
     timer.reset()
+    calls.reset()
     runs: dict[str, list[dict]] = {key: [] for key in configs}
     for round_ in range(sizes.throughput_rounds):
         for key in (("few", "many") if round_ % 2 == 0 else ("many", "few")):
             picks = zipf_adapters(configs[key], sizes.requests, seed=1 + round_)
             before = counters(manager)
             run = timer.measured(await run_trace(scheduler, trace, [names[i] for i in picks]))
+            run = calls.measured(run, run["makespan_s"])
             runs[key].append({**run, "distinct_adapters": len(set(picks)), **since(manager, before)})
             print(f"  (2) round {round_} {key:<4}: {run['tokens_per_s']:.1f} tokens/s, "
                   f"loads {runs[key][-1]['loads']} ({elapsed()})", flush=True)
     medians = {key: {field: statistics.median(r[field] for r in rs)
                      for field in ("tokens_per_s", "makespan_s", "itl_p50_s", "itl_p99_s", "ttft_p50_s",
-                                   "engine_busy_fraction", "mean_batch_sequences", "distinct_adapters")}
+                                   "engine_busy_fraction", "manager_calls_fraction", "manager_call_max_s",
+                                   "mean_batch_sequences", "distinct_adapters")}
                for key, rs in runs.items()}
     totals = {key: {field: sum(r[field] for r in rs) for field in ("loads", "installs", "slot_evictions",
                                                                    "host_evictions", "load_failures")}
@@ -324,22 +376,24 @@ async def run_streams(scheduler: Scheduler, work: list[list[TraceRequest]]) -> d
     start = time.perf_counter()
     results = await asyncio.gather(*(client(requests, ITL_ADAPTERS[i % len(ITL_ADAPTERS)])
                                      for i, requests in enumerate(work)))
-    elapsed = time.perf_counter() - start
+    wall = time.perf_counter() - start
     gaps = np.concatenate([g for g, _ in results])
     hot_versions = {v for i, (_, vs) in enumerate(results) if ITL_ADAPTERS[i % len(ITL_ADAPTERS)] == "hot" for v in vs}
     tokens = sum(r.output_len for requests in work for r in requests)
-    return {"elapsed_s": elapsed, "tokens_per_s": tokens / elapsed, "gaps": len(gaps),
+    return {"elapsed_s": wall, "tokens_per_s": tokens / wall, "gaps": len(gaps),
             "itl_p50_s": float(np.percentile(gaps, 50)), "itl_p90_s": float(np.percentile(gaps, 90)),
             "itl_p99_s": float(np.percentile(gaps, 99)), "itl_max_s": float(gaps.max()),
             "hot_versions_served": len(hot_versions)}
 
 
-async def itl(scheduler: Scheduler, timer: StepTimer, swap_folders: list[Path], sizes: Sizes) -> dict:
+async def itl(scheduler: Scheduler, timer: StepTimer, calls: ManagerTimer, swap_folders: list[Path],
+              sizes: Sizes) -> dict:
     """Runs without and with continual swaps of "hot", alternated (none swaps, swaps none, ...)."""
     manager = scheduler.adapters
     work = stream_work(scheduler.engine.spec.vocab_size, sizes.itl_clients, sizes.itl_requests)
     await run_streams(scheduler, [[TraceRequest(0.0, r.prompt, 4) for r in rs] for rs in work])  # warm-up
     timer.reset()
+    calls.reset()
     runs: dict[str, list[dict]] = {"none": [], "swaps": []}
     for round_ in range(sizes.itl_rounds):
         for key in (("none", "swaps") if round_ % 2 == 0 else ("swaps", "none")):
@@ -355,6 +409,7 @@ async def itl(scheduler: Scheduler, timer: StepTimer, swap_folders: list[Path], 
             busy = timer.busy_s
             timer.reset()
             swaps = swapper.durations if swapper is not None else []
+            run = calls.measured(run, run["elapsed_s"])
             runs[key].append({**run, **since(manager, before), "swaps": len(swaps),
                               "swaps_per_s": len(swaps) / run["elapsed_s"],
                               "swap_median_s": statistics.median(swaps) if swaps else 0.0,
@@ -363,7 +418,8 @@ async def itl(scheduler: Scheduler, timer: StepTimer, swap_folders: list[Path], 
                   f"{len(swaps)} swaps ({elapsed()})", flush=True)
     medians = {key: {field: statistics.median(r[field] for r in rs)
                      for field in ("itl_p50_s", "itl_p90_s", "itl_p99_s", "itl_max_s", "tokens_per_s", "swaps_per_s",
-                                   "swap_median_s", "engine_busy_fraction", "hot_versions_served")}
+                                   "swap_median_s", "engine_busy_fraction", "manager_calls_fraction",
+                                   "manager_call_max_s", "hot_versions_served")}
                for key, rs in runs.items()}
     totals = {key: {field: sum(r[field] for r in rs) for field in ("swaps", "loads", "installs", "slot_evictions",
                                                                    "host_evictions", "load_failures")}
@@ -371,14 +427,18 @@ async def itl(scheduler: Scheduler, timer: StepTimer, swap_folders: list[Path], 
     return {"medians": medians, "totals": totals, "runs": runs}
 
 
-async def serving_parts(base_folder: Path, workdir: Path, device: str, sizes: Sizes) -> dict:
-    """(2) and (3) on one engine, adapter manager and scheduler, wired as the server wires them."""
+async def benchmark(base_folder: Path, workdir: Path, device: str, sizes: Sizes) -> dict:
+    """The three parts on one engine, adapter manager and scheduler, wired as the server wires them."""
     spec = model_spec(base_folder)
     engine = Engine(spec, iter_weights(base_folder), EngineConfig(device=device, num_slots=sizes.num_slots,
-                                                                  max_rank=RANK))
+                                                                  max_rank=COLD_RANK))
     one_adapter = host_bytes(spec, RANK, TARGETS, engine.dtype)
     sources = workdir / "sources"
     manager = make_manager(engine, base_folder, workdir / "store", sources, sizes.host_cache_adapters * one_adapter)
+    cold = cold_load(manager, sources, sizes.cold_repeats)
+    m = cold["median_s"]
+    print(f"(1) cold load: read {m['read'] * 1e3:.1f} ms, validate {m['validate'] * 1e3:.1f} ms, "
+          f"copy {m['copy'] * 1e3:.1f} ms ({elapsed()})", flush=True)
     names = [f"a{i:04d}" for i in range(sizes.many)]
     register_s = register_random(manager, sources, [*names, "hot"], seed=1000)
     print(f"registered {len(names) + 1} adapters, {register_s * 1e3:.0f} ms each ({elapsed()})", flush=True)
@@ -386,17 +446,17 @@ async def serving_parts(base_folder: Path, workdir: Path, device: str, sizes: Si
                     for i in range(SWAP_VERSIONS)]
     scheduler = Scheduler(engine, manager, SchedulerConfig(max_running=MAX_RUNNING, max_step_tokens=MAX_STEP_TOKENS,
                                                            max_waiting=max(256, sizes.requests)))
-    timer = StepTimer(engine)
+    timer, calls = StepTimer(engine), ManagerTimer(manager)
     scheduler.start()
     try:
-        many = await throughput(scheduler, timer, names, sizes)
-        swaps = await itl(scheduler, timer, swap_folders, sizes)
+        many = await throughput(scheduler, timer, calls, names, sizes)
+        swaps = await itl(scheduler, timer, calls, swap_folders, sizes)
     finally:
         scheduler.close()
         manager.close()
     return {"lora_impl": engine.lora_impl, "dtype": str(engine.dtype), "num_slots": engine.num_slots,
             "host_cache_bytes": manager.host.budget_bytes, "adapter_host_bytes": one_adapter,
-            "register_s_per_adapter": register_s, "throughput": many, "itl": swaps}
+            "register_s_per_adapter": register_s, "cold_load": cold, "throughput": many, "itl": swaps}
 
 
 def main() -> None:
@@ -409,15 +469,11 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="loraplex-adapters-bench-"))
     try:
-        base_folder = default_model_path()
-        cold = cold_load(base_folder, workdir, args.device, sizes.cold_repeats)
-        m = cold["median_s"]
-        print(f"(1) cold load: read {m['read'] * 1e3:.1f} ms, validate {m['validate'] * 1e3:.1f} ms, "
-              f"copy {m['copy'] * 1e3:.1f} ms ({elapsed()})", flush=True)
-        result = asyncio.run(serving_parts(base_folder, workdir, args.device, sizes))
+        result = asyncio.run(benchmark(default_model_path(), workdir, args.device, sizes))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    many, swaps = result["throughput"], result["itl"]
+    cold, many, swaps = result["cold_load"], result["throughput"], result["itl"]
+    m = cold["median_s"]
     ratios = {
         "throughput_1000_vs_10": many["medians"]["many"]["tokens_per_s"] / many["medians"]["few"]["tokens_per_s"],
         "itl_p99_swaps_vs_none": swaps["medians"]["swaps"]["itl_p99_s"] / swaps["medians"]["none"]["itl_p99_s"],
@@ -436,22 +492,25 @@ def main() -> None:
     print(f"(2) {sizes.requests} requests/run, Zipf({ZIPF_ALPHA}), r={RANK} {'+'.join(TARGETS)}, {result['num_slots']} "
           f"slots, host cache {sizes.host_cache_adapters} adapters; medians of {sizes.throughput_rounds} runs each")
     print(f"{'adapters':>10}{'distinct':>9}{'tokens/s':>10}{'vs 10':>7}{'ITL p50/p99 ms':>17}{'in engine':>10}"
-          f"{'loads':>7}{'slot ev.':>9}{'host ev.':>9}")
+          f"{'in manager':>11}{'loads':>7}{'slot ev.':>9}{'host ev.':>9}")
     few_tps = many["medians"]["few"]["tokens_per_s"]
     for key, n in many["adapters"].items():
         r, t = many["medians"][key], many["totals"][key]
         print(f"{n:>10}{r['distinct_adapters']:>9.0f}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / few_tps:>7.3f}"
               f"{r['itl_p50_s'] * 1e3:>8.1f}/{r['itl_p99_s'] * 1e3:<8.1f}{r['engine_busy_fraction']:>10.1%}"
-              f"{t['loads']:>7}{t['slot_evictions']:>9}{t['host_evictions']:>9}")
+              f"{r['manager_calls_fraction']:>11.1%}{t['loads']:>7}{t['slot_evictions']:>9}{t['host_evictions']:>9}")
     print(f"(3) {sizes.itl_clients} closed-loop streams x {sizes.itl_requests} requests on {len(ITL_ADAPTERS)} "
           f"adapters; a new 'hot' version every {SWAP_INTERVAL_S * 1e3:.0f} ms; medians of {sizes.itl_rounds} runs")
     print(f"{'swaps':>10}{'swaps/s':>9}{'ITL p50 ms':>11}{'p90':>7}{'p99':>7}{'max':>7}{'p99 vs none':>12}"
-          f"{'tokens/s':>10}{'installs':>9}")
+          f"{'tokens/s':>10}{'in engine':>10}{'in manager':>11}{'longest ms':>11}{'installs':>9}")
     none_p99 = swaps["medians"]["none"]["itl_p99_s"]
     for key, r in swaps["medians"].items():
         print(f"{key:>10}{r['swaps_per_s']:>9.1f}{r['itl_p50_s'] * 1e3:>11.1f}{r['itl_p90_s'] * 1e3:>7.1f}"
               f"{r['itl_p99_s'] * 1e3:>7.1f}{r['itl_max_s'] * 1e3:>7.1f}{r['itl_p99_s'] / none_p99:>12.3f}"
-              f"{r['tokens_per_s']:>10.1f}{swaps['totals'][key]['installs']:>9}")
+              f"{r['tokens_per_s']:>10.1f}{r['engine_busy_fraction']:>10.1%}{r['manager_calls_fraction']:>11.1%}"
+              f"{r['manager_call_max_s'] * 1e3:>11.1f}{swaps['totals'][key]['installs']:>9}")
+    print("    in engine / in manager: share of the wall time the scheduler thread spends in Engine.step / in "
+          "AdapterManager calls (waiting for its lock, copying into slots); longest: the longest such call")
     targets = {"throughput_1000_vs_10": ">= 0.9", "itl_p99_swaps_vs_none": "<= 1.25"}
     for name, value in ratios.items():
         print(f"  {name:<26}{value:6.3f}  {'target ' + targets[name] if name in targets else ''}")
