@@ -87,6 +87,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
         input_ids = torch.tensor([[pad] * (longest - len(p)) + p for p in chunk], device=device)
         attention_mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in chunk], device=device)
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                do_sample=False, pad_token_id=pad, use_cache=True)
+                                do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                                use_cache=True)
         answers += tokenizer.batch_decode(output[:, longest:], skip_special_tokens=True)
     return answers

@@ -280,7 +280,8 @@ def _save_checkpoint(work_dir: Path, step: int, fingerprint: dict, model: PeftMo
     shutil.rmtree(temp, ignore_errors=True)
     temp.mkdir()
     save_file(get_peft_model_state_dict(model), temp / "adapter.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, temp / "optimizer.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "rng": torch.get_rng_state()}, temp / "optimizer.pt")
     (temp / STATE_FILE).write_text(json.dumps({"step": step, **fingerprint}, indent=1))
     temp.rename(work_dir / f"checkpoint-{step:07d}")
     for old in sorted(work_dir.glob("checkpoint-*"))[:-CHECKPOINTS_KEPT]:
@@ -302,11 +303,12 @@ def _latest_checkpoint(work_dir: Path, fingerprint: dict) -> Path | None:
 
 
 def _restore(checkpoint: Path, model: PeftModel, optimizer, schedule) -> int:
-    """Load a checkpoint's LoRA weights and optimizer state; the step to continue from."""
+    """Load a checkpoint's LoRA weights, optimizer state and RNG state; the step to continue from."""
     set_peft_model_state_dict(model, load_file(checkpoint / "adapter.safetensors"))
     states = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(states["optimizer"])
     schedule.load_state_dict(states["schedule"])
+    torch.set_rng_state(states["rng"])  # dropout masks continue as in an uninterrupted run
     return json.loads((checkpoint / STATE_FILE).read_text())["step"]
 
 
