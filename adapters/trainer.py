@@ -35,6 +35,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from loraplex.adapters.evaluation import Metrics, evaluate, load_scorer
+from loraplex.adapters.peft_format import CONFIG_FILE
 from loraplex.adapters.qlora import LoraSettings, add_lora, load_base
 from loraplex.adapters.store import AdapterStore, StoredAdapter
 from loraplex.adapters.train_config import TrainSettings
@@ -333,5 +334,15 @@ def _store(store: AdapterStore, model: PeftModel, card: dict, name: str) -> Stor
     """Save the PEFT folder and card, and store them as a version of `name` (validated, atomic)."""
     with store.temp_folder() as folder:
         model.save_pretrained(folder, safe_serialization=True)
+        _canonical_config(folder / CONFIG_FILE)
         (folder / CARD_FILE).write_text(json.dumps(card, indent=1))
         return store.put(folder, name)
+
+
+def _canonical_config(path: Path) -> None:
+    """Rewrite PEFT's config with sorted keys and target modules (PEFT lists a set in hash order), so the
+    same weights always make the same version digest."""
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -126,10 +126,10 @@ def test_ctrl_c_leaves_a_checkpoint_and_resume_finishes_the_same_adapter(serving
     resumed = run(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
-    uninterrupted = train(parse_settings(job_args(serving_model, data, tmp_path / "again", "--checkpoint-every",
-                                                  "1000", epochs=120)), log=lambda *_: None)
-    (version,) = stored_versions(tmp_path / "store")
-    assert version.name == uninterrupted.stored.digest, "resuming reproduces the uninterrupted run exactly"
+    uninterrupted = run(*job_args(serving_model, data, tmp_path / "again", "--checkpoint-every", "1000", epochs=120))
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    assert stored_versions(tmp_path / "store")[0].name == stored_versions(tmp_path / "again" / "store")[0].name, \
+        "resuming reproduces the uninterrupted run exactly (same settings, same threads)"
 
 
 def test_torchrun_trains_with_two_processes_and_the_same_effective_batch(serving_model, data, tmp_path):
