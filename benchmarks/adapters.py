@@ -16,7 +16,7 @@ run, alternated (A B, B A, ...), and quotes ratios of medians:
       a request back;
   (3) inter-token latency of Sizes.itl_clients closed-loop streams (each sends its requests one after
       another) on four adapters, one of them "hot", with no swaps vs with a thread that loads a new version
-      of "hot" every SWAP_INTERVAL_S (cycling through more versions than the store keeps per name, so
+      of "hot" every --swap-interval seconds (cycling through more versions than the store keeps per name, so
       every swap validates, stores and registers a version no tier holds and prunes an old one; the next
       request on "hot" then loads and installs it). The 1000 adapters of (2) stay registered.
 
@@ -387,7 +387,7 @@ async def run_streams(scheduler: Scheduler, work: list[list[TraceRequest]]) -> d
 
 
 async def itl(scheduler: Scheduler, timer: StepTimer, calls: ManagerTimer, swap_folders: list[Path],
-              sizes: Sizes) -> dict:
+              swap_interval_s: float, sizes: Sizes) -> dict:
     """Runs without and with continual swaps of "hot", alternated (none swaps, swaps none, ...)."""
     manager = scheduler.adapters
     work = stream_work(scheduler.engine.spec.vocab_size, sizes.itl_clients, sizes.itl_requests)
@@ -398,7 +398,7 @@ async def itl(scheduler: Scheduler, timer: StepTimer, calls: ManagerTimer, swap_
     for round_ in range(sizes.itl_rounds):
         for key in (("none", "swaps") if round_ % 2 == 0 else ("swaps", "none")):
             before = counters(manager)
-            swapper = Swapper(manager, "hot", swap_folders, SWAP_INTERVAL_S) if key == "swaps" else None
+            swapper = Swapper(manager, "hot", swap_folders, swap_interval_s) if key == "swaps" else None
             if swapper is not None:
                 swapper.start()
             try:
@@ -427,7 +427,7 @@ async def itl(scheduler: Scheduler, timer: StepTimer, calls: ManagerTimer, swap_
     return {"medians": medians, "totals": totals, "runs": runs}
 
 
-async def benchmark(base_folder: Path, workdir: Path, device: str, sizes: Sizes) -> dict:
+async def benchmark(base_folder: Path, workdir: Path, device: str, swap_interval_s: float, sizes: Sizes) -> dict:
     """The three parts on one engine, adapter manager and scheduler, wired as the server wires them."""
     spec = model_spec(base_folder)
     engine = Engine(spec, iter_weights(base_folder), EngineConfig(device=device, num_slots=sizes.num_slots,
@@ -450,7 +450,7 @@ async def benchmark(base_folder: Path, workdir: Path, device: str, sizes: Sizes)
     scheduler.start()
     try:
         many = await throughput(scheduler, timer, calls, names, sizes)
-        swaps = await itl(scheduler, timer, calls, swap_folders, sizes)
+        swaps = await itl(scheduler, timer, calls, swap_folders, swap_interval_s, sizes)
     finally:
         scheduler.close()
         manager.close()
@@ -463,13 +463,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes: a smoke run, not a measurement")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--swap-interval", type=float, default=SWAP_INTERVAL_S,
+                        help="seconds between the starts of two swaps in (3); 0: back to back")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
 
     workdir = Path(tempfile.mkdtemp(prefix="loraplex-adapters-bench-"))
     try:
-        result = asyncio.run(benchmark(default_model_path(), workdir, args.device, sizes))
+        result = asyncio.run(benchmark(default_model_path(), workdir, args.device, args.swap_interval, sizes))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     cold, many, swaps = result["cold_load"], result["throughput"], result["itl"]
@@ -500,7 +502,7 @@ def main() -> None:
               f"{r['itl_p50_s'] * 1e3:>8.1f}/{r['itl_p99_s'] * 1e3:<8.1f}{r['engine_busy_fraction']:>10.1%}"
               f"{r['manager_calls_fraction']:>11.1%}{t['loads']:>7}{t['slot_evictions']:>9}{t['host_evictions']:>9}")
     print(f"(3) {sizes.itl_clients} closed-loop streams x {sizes.itl_requests} requests on {len(ITL_ADAPTERS)} "
-          f"adapters; a new 'hot' version every {SWAP_INTERVAL_S * 1e3:.0f} ms; medians of {sizes.itl_rounds} runs")
+          f"adapters; a new 'hot' version every {args.swap_interval * 1e3:.0f} ms; medians of {sizes.itl_rounds} runs")
     print(f"{'swaps':>10}{'swaps/s':>9}{'ITL p50 ms':>11}{'p90':>7}{'p99':>7}{'max':>7}{'p99 vs none':>12}"
           f"{'tokens/s':>10}{'in engine':>10}{'in manager':>11}{'longest ms':>11}{'installs':>9}")
     none_p99 = swaps["medians"]["none"]["itl_p99_s"]
@@ -524,7 +526,7 @@ def main() -> None:
                    "num_slots": result["num_slots"],
                    "host_cache_bytes": result["host_cache_bytes"], "adapter_host_bytes": result["adapter_host_bytes"],
                    "itl_adapters": ITL_ADAPTERS, "itl_prompt_lens": ITL_PROMPT_LENS,
-                   "itl_output_lens": ITL_OUTPUT_LENS, "swap_interval_s": SWAP_INTERVAL_S,
+                   "itl_output_lens": ITL_OUTPUT_LENS, "swap_interval_s": args.swap_interval,
                    "swap_versions": SWAP_VERSIONS},
         "ratios": ratios, "lora_impl": result["lora_impl"], "dtype": result["dtype"],
         "register_s_per_adapter": result["register_s_per_adapter"],
