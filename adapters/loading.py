@@ -40,7 +40,9 @@ def load_version(folder: Path, digest: str, spec: ModelSpec, limits: Limits, dty
     start = time.perf_counter()
     config_bytes = (folder / CONFIG_FILE).read_bytes()
     weights_bytes = (folder / WEIGHTS_FILE).read_bytes()
-    if hashlib.sha256(config_bytes + weights_bytes).hexdigest() != digest:
+    hasher = hashlib.sha256(config_bytes)
+    hasher.update(weights_bytes)
+    if hasher.hexdigest() != digest:
         raise CorruptAdapter(f"the stored files in {folder} no longer match version {digest[:12]} (changed on "
                              "disk since they were stored); load the adapter again from its source")
     read = time.perf_counter()

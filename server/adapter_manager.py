@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections import Counter
 from collections.abc import Callable, Collection
@@ -37,7 +38,7 @@ from loraplex.adapters.errors import AdapterFormatError
 from loraplex.adapters.host_cache import HostCache
 from loraplex.adapters.loading import load_version
 from loraplex.adapters.reference import InvalidAdapterReference, parse_reference
-from loraplex.adapters.registry import AdapterEntry, AdapterRegistry, UnknownAdapter, VersionIsCurrent
+from loraplex.adapters.registry import AdapterEntry, AdapterRegistry, UnknownAdapter
 from loraplex.adapters.sources import AdapterSources
 from loraplex.adapters.store import SourceChanged, VersionNotStored
 from loraplex.adapters.validation import AdapterSummary
@@ -51,6 +52,9 @@ log = logging.getLogger(__name__)
 BASE_MODEL = ""
 """The adapter reference that means the base model alone."""
 Tier = Literal["device", "host", "store"]
+ADMIN_WORKERS = 4
+BACKGROUND_NICE = 10
+"""Niceness of the threads that read, hash and check adapters: serving latency comes first."""
 LOAD_ATTEMPTS = 3
 """Tries of `load` when a concurrent unload of the same version deletes its files between store and register."""
 
@@ -121,7 +125,11 @@ class AdapterManager:
         self.stats = AdapterStats()
         self._lock = threading.Condition()
         self._admin = threading.Lock()
-        self._executor = ThreadPoolExecutor(load_workers, thread_name_prefix="loraplex-adapter-load")
+        self._executor = ThreadPoolExecutor(load_workers, thread_name_prefix="loraplex-adapter-load",
+                                            initializer=lower_thread_priority)
+        self.admin_executor = ThreadPoolExecutor(ADMIN_WORKERS, thread_name_prefix="loraplex-adapter-admin",
+                                                 initializer=lower_thread_priority)
+        """Where transports run the blocking admin calls (load, validate, unload, ...)."""
         self._uses: Counter[tuple[str, str]] = Counter()
         self._version_uses: Counter[str] = Counter()
         self._requests: Counter[str] = Counter()
@@ -131,6 +139,8 @@ class AdapterManager:
         self._warm: dict[str, str] = {}
         """digest -> name of versions to place in a slot when one is idle (pins and prefetches)."""
         self._pinned: set[str] = set()
+        self._retiring: set[tuple[str, str]] = set()
+        """Versions being unregistered: new requests for them are refused."""
         self._max_pending = engine.num_slots
         """Most versions loading or loaded-and-waiting for a slot at once (bounds held host memory)."""
         self._wake: Callable[[], None] = lambda: None
@@ -142,7 +152,8 @@ class AdapterManager:
         self._wake = wake
 
     def close(self) -> None:
-        """Stop the loader threads (loads in progress finish first)."""
+        """Stop the loader and admin threads (work in progress finishes first)."""
+        self.admin_executor.shutdown(wait=True, cancel_futures=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     # -- requests (scheduler) --------------------------------------------------------------------
@@ -161,6 +172,8 @@ class AdapterManager:
                 raise InvalidRequest("adapter", str(error)) from None
             except UnknownAdapter as error:
                 raise AdapterNotFound(str(error)) from None
+            if (name, digest) in self._retiring:
+                raise AdapterNotFound(f"adapter {name!r} version {digest[:12]} is being unloaded")
             self._uses[(name, digest)] += 1
             self._version_uses[digest] += 1
             self._requests[name] += 1
@@ -255,16 +268,17 @@ class AdapterManager:
             with self._admin:
                 if not stored.path.is_dir():  # an unload of this very version deleted it meanwhile: again
                     continue
+                changed = self._current(name) != stored.digest
+                entry = self.registry.register(name, stored.digest)  # the swap (a file write: not under _lock)
                 with self._lock:
-                    changed = self._current(name) != stored.digest
-                    entry = self.registry.register(name, stored.digest)
                     self._summaries[stored.digest] = stored.summary
                     self._refresh_pins()
                     if warm or entry.pinned:
                         self._warm_version(name, stored.digest)
-                    pruned = self._prune_versions(entry)
-                for digest in pruned:
-                    self._delete_files_locked(name, digest)
+                    extra = len(entry.versions) - self.max_versions
+                    doomed = [d for d in entry.versions if d != entry.current and (name, d) not in self._uses]
+                    doomed = self._retire(name, doomed[:max(extra, 0)])
+                self._unregister(name, doomed)
                 break
         else:
             raise SourceChanged(f"adapter {name!r} was unloaded while {source} was being stored; retry")
@@ -286,20 +300,21 @@ class AdapterManager:
             with self._lock:
                 entry = self._entry(name)
                 digests = entry.versions if not version else (self._match(entry, version),)
+                if version and digests[0] == entry.current:
+                    raise FailedPrecondition(f"version {entry.current[:12]} is the current version of {name!r}; "
+                                             "load another version first, or unload the adapter")
                 in_use = sum(self._uses[(name, digest)] for digest in digests)
                 if in_use and not wait:
                     raise FailedPrecondition(f"adapter {name!r} is serving {in_use} request(s); retry when they "
                                              "finish, or unload with wait")
-                try:
-                    removed = self.registry.remove(name, version)
-                except VersionIsCurrent as error:
-                    raise FailedPrecondition(str(error)) from None
-                self._refresh_pins()
-                unused = [digest for digest in removed if (name, digest) not in self._uses]
-                for digest in unused:
-                    self._forget_tiers(digest)
-            for digest in unused:
-                self._delete_files_locked(name, digest)
+                self._retire(name, digests)
+            try:
+                removed = self.registry.remove(name, version)
+            except BaseException:
+                with self._lock:
+                    self._retiring.difference_update((name, digest) for digest in digests)
+                raise
+            self._unregister(name, removed)
         with self._lock:
             return removed, self._lock.wait_for(lambda: not any((name, d) in self._uses for d in removed), timeout_s)
 
@@ -308,17 +323,16 @@ class AdapterManager:
 
         At most num_slots - 1 names are pinned, so one slot always serves the others (FailedPrecondition).
         """
-        with self._admin, self._lock:
-            entry = self._entry(name)
+        with self._admin:
+            self._entry(name)
             pinned_names = [e.name for e in self.registry.entries() if e.pinned and e.name != name]
             if pinned and len(pinned_names) + 1 >= self.engine.num_slots:
                 raise FailedPrecondition(f"{len(pinned_names)} adapters are pinned and the server has "
                                          f"{self.engine.num_slots} slots; one must stay unpinned: unpin one of "
                                          f"{sorted(pinned_names)} or raise engine.num_slots")
             entry = self.registry.set_pinned(name, pinned)
-            self._refresh_pins()
-            if pinned:
-                self._warm_version(name, entry.current)
+            with self._lock:
+                self._refresh_pins()
         self._wake()
         return entry
 
@@ -443,14 +457,25 @@ class AdapterManager:
         self.host.discard(digest)
         self._warm.pop(digest, None)
 
-    def _prune_versions(self, entry: AdapterEntry) -> list[str]:
-        """Unregister the oldest unused non-current versions beyond `max_versions`; their digests. Holds `_lock`."""
-        extra = len(entry.versions) - self.max_versions
-        doomed = [d for d in entry.versions if d != entry.current and (entry.name, d) not in self._uses][:max(extra, 0)]
-        for digest in doomed:
-            self.registry.remove(entry.name, digest)
-            self._forget_tiers(digest)
-        return doomed
+    def _retire(self, name: str, digests: Collection[str]) -> list[str]:
+        """Refuse new requests for these versions of `name` until `_unregister` is done. Holds `_lock`."""
+        self._retiring.update((name, digest) for digest in digests)
+        return list(digests)
+
+    def _unregister(self, name: str, digests: Collection[str]) -> None:
+        """Remove retired versions from the registry (already done by the caller when absent there), drop
+        the unused ones from the tiers and delete their files. Holds `_admin`, not `_lock`."""
+        for digest in digests:
+            if self._is_registered(name, digest):
+                self.registry.remove(name, digest)
+        with self._lock:
+            self._retiring.difference_update((name, digest) for digest in digests)
+            self._refresh_pins()
+            unused = [digest for digest in digests if (name, digest) not in self._uses]
+            for digest in unused:
+                self._forget_tiers(digest)
+        for digest in unused:
+            self._delete_files_locked(name, digest)
 
     def _delete_files(self, name: str, digest: str) -> None:
         with self._admin:
@@ -463,6 +488,13 @@ class AdapterManager:
                 return
         with contextlib.suppress(VersionNotStored):  # already gone
             self.store.remove(name, digest)
+
+
+def lower_thread_priority() -> None:
+    """Thread initializer: run this thread at BACKGROUND_NICE (Linux keeps a niceness per thread), so loads
+    and admin work take the CPU only when the scheduler and the engine's threads leave it free."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
 
 
 def check_reference(reference: str) -> str:

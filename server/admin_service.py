@@ -1,7 +1,8 @@
 """The gRPC `loraplex.v1.AdapterAdmin` service: thin handlers over `AdapterManager`, scope "admin".
 
-Every handler authorizes, runs the manager call on a worker thread (stores and sources do disk and
-network I/O; the event loop keeps serving generation meanwhile), and encodes the result. Refusals
+Every handler authorizes, runs the manager call on the manager's low-priority admin threads (stores
+and sources do disk and network I/O and hash; the event loop and the engine keep serving generation
+meanwhile), and encodes the result. Refusals
 from the adapters package become server.errors exceptions here, which the interceptor maps to codes.
 """
 
@@ -42,8 +43,8 @@ class AdminService(pb_grpc.AdapterAdminServicer):
                           ) -> pb.LoadAdapterResponse:
         authorize(self._auth, context, "admin")
         with _source_errors():
-            entry, _, changed = await _off_loop(self._adapters.load, request.source, request.name, request.warm)
-        status = await _off_loop(self._adapters.status, entry.name)
+            entry, _, changed = await self._off_loop(self._adapters.load, request.source, request.name, request.warm)
+        status = await self._off_loop(self._adapters.status, entry.name)
         return pb.LoadAdapterResponse(adapter=encode_status(status), changed=changed)
 
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext,
@@ -51,28 +52,28 @@ class AdminService(pb_grpc.AdapterAdminServicer):
         authorize(self._auth, context, "admin")
         remaining = context.time_remaining()
         timeout = None if remaining is None else max(remaining - DEADLINE_MARGIN_S, 0.0)
-        removed, drained = await _off_loop(self._adapters.unload, request.name, request.version, request.wait,
+        removed, drained = await self._off_loop(self._adapters.unload, request.name, request.version, request.wait,
                                            timeout)
         return pb.UnloadAdapterResponse(removed_versions=removed, drained=drained)
 
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext,
                            ) -> pb.ListAdaptersResponse:
         authorize(self._auth, context, "admin")
-        statuses = await _off_loop(self._adapters.statuses)
+        statuses = await self._off_loop(self._adapters.statuses)
         return pb.ListAdaptersResponse(adapters=[encode_status(status) for status in statuses])
 
     async def DescribeAdapter(self, request: pb.DescribeAdapterRequest, context: grpc.aio.ServicerContext,
                               ) -> pb.AdapterStatus:
         authorize(self._auth, context, "admin")
         with _source_errors():  # a malformed name
-            return encode_status(await _off_loop(self._adapters.status, request.name))
+            return encode_status(await self._off_loop(self._adapters.status, request.name))
 
     async def ValidateAdapter(self, request: pb.ValidateAdapterRequest, context: grpc.aio.ServicerContext,
                               ) -> pb.ValidateAdapterResponse:
         authorize(self._auth, context, "admin")
         try:
             with _source_errors(adapter_format=False):
-                summary = await _off_loop(self._adapters.validate, request.source)
+                summary = await self._off_loop(self._adapters.validate, request.source)
         except AdapterFormatError as problem:
             return pb.ValidateAdapterResponse(valid=False, problem=str(problem))
         return pb.ValidateAdapterResponse(valid=True, summary=encode_summary(summary))
@@ -81,18 +82,18 @@ class AdminService(pb_grpc.AdapterAdminServicer):
                          ) -> pb.AdapterStatus:
         authorize(self._auth, context, "admin")
         with _source_errors():
-            entry = await _off_loop(self._adapters.pin, request.name, request.pinned)
-        return encode_status(await _off_loop(self._adapters.status, entry.name))
+            entry = await self._off_loop(self._adapters.pin, request.name, request.pinned)
+        return encode_status(await self._off_loop(self._adapters.status, entry.name))
 
     async def PrefetchAdapter(self, request: pb.PrefetchAdapterRequest, context: grpc.aio.ServicerContext,
                               ) -> pb.AdapterStatus:
         authorize(self._auth, context, "admin")
-        lease = await _off_loop(self._adapters.prefetch, request.adapter)
-        return encode_status(await _off_loop(self._adapters.status, lease.name))
+        lease = await self._off_loop(self._adapters.prefetch, request.adapter)
+        return encode_status(await self._off_loop(self._adapters.status, lease.name))
 
-
-async def _off_loop(function: Callable[..., T], *args: object) -> T:
-    return await asyncio.to_thread(function, *args)
+    async def _off_loop(self, function: Callable[..., T], *args: object) -> T:
+        """Run a blocking manager call on the manager's (low-priority) admin threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._adapters.admin_executor, function, *args)
 
 
 @contextmanager
