@@ -24,7 +24,7 @@ Memory, per run:
   - the base's bytes: parameters, buffers and NF4 quantization state (absmax, code; double-quantized
     statistics) of the model before the LoRA, NF4 vs dense.
 
-    python benchmarks/training.py            # the full run: 2 runs per configuration, ~6-8 minutes on 2 cores
+    python benchmarks/training.py            # the full run: 3 runs per configuration, ~5-8 minutes on 2 cores
     python benchmarks/training.py --quick    # 1 run each, fewer steps: a smoke run (under 2 minutes)
 
 Writes benchmarks/results/training.json: `ratios.qlora_vs_lora_tokens_per_s` and
@@ -67,7 +67,7 @@ class Sizes:
     """Runs per configuration, alternated (Q L, L Q, ...)."""
 
 
-FULL = Sizes(warmup=2, steps=6, rounds=2)
+FULL = Sizes(warmup=2, steps=6, rounds=3)
 QUICK = Sizes(warmup=1, steps=2, rounds=1)
 
 
@@ -187,6 +187,7 @@ def run_once(config: str, data: Path, device_name: str, sizes: Sizes, gradient_c
                       cuda_peak_bytes=max(cuda_peak_load, torch.cuda.max_memory_allocated(device)),
                       cuda_train_peak_bytes=torch.cuda.max_memory_allocated(device))
     result["peak_memory_bytes"] = result["cuda_peak_bytes"] if cuda else result["peak_rss_bytes"]
+    result["loaded_memory_bytes"] = result["cuda_loaded_bytes"] if cuda else result["rss_loaded_bytes"]
     result["train_peak_memory_bytes"] = result["cuda_train_peak_bytes"] if cuda else result["train_peak_rss_bytes"]
     return result
 
@@ -223,8 +224,8 @@ def launch(config: str, data: Path, device: str, sizes: Sizes, gradient_checkpoi
 
 def summarize(runs: list[dict]) -> dict:
     """Medians over a configuration's runs."""
-    keys = ("tokens_per_s", "median_step_s", "peak_memory_bytes", "train_peak_memory_bytes", "peak_rss_bytes",
-            "rss_loaded_bytes", "load_s", "process_s")
+    keys = ("tokens_per_s", "median_step_s", "peak_memory_bytes", "train_peak_memory_bytes", "loaded_memory_bytes",
+            "peak_rss_bytes", "rss_loaded_bytes", "load_s", "process_s")
     medians = {key: statistics.median(r[key] for r in runs) for key in keys if runs[0].get(key) is not None}
     return {**medians, "mean_loss": statistics.mean(loss for r in runs for loss in r["losses"]),
             "base_bytes": runs[0]["base_bytes"], "trainable_parameters": runs[0]["trainable_parameters"],
@@ -235,7 +236,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer steps, one run each: a smoke run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rounds", type=int, help="runs per configuration (default: 2, --quick 1)")
+    parser.add_argument("--rounds", type=int, help="runs per configuration (default: 3, --quick 1)")
     parser.add_argument("--warmup", type=int, help="discarded steps per run (default: 2, --quick 1)")
     parser.add_argument("--steps", type=int, help="timed steps per run (default: 6, --quick 2)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="as serve-train's flag (default off)")
@@ -288,14 +289,16 @@ def main() -> None:
           f"(~{q['tokens_per_step']:.0f} tokens/step); {sizes.warmup} warm-up + {sizes.steps} timed steps per run; "
           f"medians of {sizes.rounds} run(s) each, alternated")
     print(f"{'config':<7}{'base':>7}{'tokens/s':>10}{'step s':>8}{memory + ' MiB':>20}{'in training':>13}"
-          f"{'base MiB':>10}{'loss':>8}")
+          f"{'loaded':>8}{'base MiB':>10}{'loss':>8}")
     for config, s in summary.items():
         train_peak = s.get("train_peak_memory_bytes")
         print(f"{config:<7}{'NF4' if CONFIGS[config] else 'dense':>7}{s['tokens_per_s']:>10.1f}"
               f"{s['median_step_s']:>8.2f}{s['peak_memory_bytes'] / 2**20:>20.0f}"
-              f"{(f'{train_peak / 2**20:.0f}' if train_peak else '-'):>13}"
+              f"{(f'{train_peak / 2**20:.0f}' if train_peak else '-'):>13}{s['loaded_memory_bytes'] / 2**20:>8.0f}"
               f"{s['base_bytes']['total'] / 2**20:>10.1f}{s['mean_loss']:>8.4f}")
-    print("    in training: peak during the training steps alone; base: parameters, buffers and NF4 state")
+    print("    in training: the peak during the training steps alone; loaded: once the base, the LoRA and the "
+          "optimizer are set up;\n    base: the base model's parameters, buffers and NF4 state; loss: mean training "
+          "loss of the timed steps")
     print(f"  per-round tokens/s ratios: {', '.join(f'{r:.3f}' for r in pair_ratios)}")
     for name, value in ratios.items():
         print(f"  {name:<34}{value:7.3f}")

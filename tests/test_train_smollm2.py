@@ -1,7 +1,7 @@
 """serve-train on the real default model: a short QLoRA job on the example task, then train/serve parity (the
 adapter just trained, served by loraplex's engine, gives the same greedy tokens as transformers + PEFT on the
 same NF4 base for the held-out prompts). The full example run (<= 15 minutes, exact match >= 0.8) is
-`benchmarks/training.py --example`."""
+`benchmarks/example_task.py`."""
 
 from __future__ import annotations
 
