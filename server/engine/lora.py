@@ -40,6 +40,8 @@ class LoraSlots(torch.nn.Module):
         self.register_buffer("B", torch.zeros(num_slots, max_rank, out_features, dtype=dtype, device=device))
         self.register_buffer("scale", torch.zeros(num_slots, dtype=dtype, device=device))
         self.scales: list[float] = [0.0] * num_slots  # host copy of `scale`, read without a device sync
+        self.filled: list[int] = [0] * num_slots
+        """Rows of each slot that may be non-zero: a swap clears only those, not all max_rank rows."""
 
     def check_fits(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
         """Raise ValueError unless lora_a [r, in] and lora_b [out, r] fit a slot (r <= max_rank)."""
@@ -55,20 +57,25 @@ class LoraSlots(torch.nn.Module):
     def set_slot(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
         """Copy one adapter's weights into `slot`: lora_a [r, in], lora_b [out, r] (PEFT layout)."""
         self.check_fits(lora_a, lora_b)
-        rank = lora_a.shape[0]
+        rank, filled = lora_a.shape[0], self.filled[slot]
         self.A[slot, :rank].copy_(lora_a)
-        self.A[slot, rank:].zero_()
         self.B[slot, :rank].copy_(lora_b.T)
-        self.B[slot, rank:].zero_()
+        if filled > rank:
+            self.A[slot, rank:filled].zero_()
+            self.B[slot, rank:filled].zero_()
+        self.filled[slot] = rank
         self.scale[slot] = scale
         self.scales[slot] = scale
 
     def reset_slot(self, slot: int) -> None:
         """Clear `slot`: it then adds exactly zero."""
-        self.A[slot].zero_()
-        self.B[slot].zero_()
-        self.scale[slot] = 0.0
-        self.scales[slot] = 0.0
+        if self.filled[slot]:
+            self.A[slot, :self.filled[slot]].zero_()
+            self.B[slot, :self.filled[slot]].zero_()
+            self.filled[slot] = 0
+        if self.scales[slot] != 0.0:
+            self.scale[slot] = 0.0
+            self.scales[slot] = 0.0
 
     def resident_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.A, self.B, self.scale))
