@@ -76,7 +76,7 @@ FEW, MANY = 10, 1000  # adapters in the two traces of (2)
 ITL_ADAPTERS = ("hot", "a0001", "a0002", "a0003")  # (3): client i uses ITL_ADAPTERS[i % 4]
 ITL_PROMPT_LENS, ITL_OUTPUT_LENS = (16, 64), (16, 48)  # uniform, inclusive: short requests, so "hot" clients
 # send new ones (which run on the newest version) while the swaps go on
-SWAP_INTERVAL_S = 0.05  # (3): a new version of "hot" every 50 ms (back to back when a load takes longer)
+SWAP_INTERVAL_S = 1.0  # (3): a new version of "hot" every second, all run long (--swap-interval 0: back to back)
 SWAP_VERSIONS = 12  # distinct "hot" versions cycled through: more than AdapterSettings.max_versions (8)
 
 
@@ -334,7 +334,9 @@ class Swapper(threading.Thread):
         try:
             while not self._stop_event.is_set():
                 start = time.perf_counter()
-                self.manager.load(str(self.folders[self._next % len(self.folders)]), self.adapter)
+                folder = str(self.folders[self._next % len(self.folders)])
+                # as an AdapterAdmin.LoadAdapter call runs it: on the manager's low-priority admin threads
+                self.manager.admin_executor.submit(self.manager.load, folder, self.adapter).result()
                 self._next += 1
                 self.durations.append(time.perf_counter() - start)
                 self._stop_event.wait(max(0.0, self.interval_s - self.durations[-1]))
