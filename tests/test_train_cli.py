@@ -1,13 +1,34 @@
-"""The `serve-train` console script exists and says plainly that training has not landed yet."""
+"""The `serve-train` console script: --help lists the settings with the guide's defaults; missing or bad
+settings exit 2 with a message naming them, before anything loads."""
 
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+SCRIPT = shutil.which("serve-train") or str(Path(sys.executable).parent / "serve-train")
 
-def test_serve_train_says_not_yet() -> None:
-    script = shutil.which("serve-train") or str(Path(sys.executable).parent / "serve-train")
-    result = subprocess.run([script, "--data", "train.jsonl", "--name", "x"], capture_output=True, text=True)
-    assert result.returncode == 2
-    assert "not yet available" in result.stderr
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([SCRIPT, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_the_settings_and_their_defaults() -> None:
+    result = run("--help")
+    assert result.returncode == 0, result.stderr
+    for flag in ("--data", "--name", "--eval-data", "--model", "--server", "--promote-if-better", "--resume",
+                 "--gradient-checkpointing", "--grad-accum", "--max-length", "--seed"):
+        assert flag in result.stdout, flag
+    for default in ("(default: 16)", "(default: 32.0)", "(default: 0.05)", "all-linear"):
+        assert default in result.stdout, default
+
+
+def test_missing_and_bad_settings_exit_2(tmp_path: Path) -> None:
+    missing = run("--name", "x")
+    assert missing.returncode == 2 and "data" in missing.stderr and "Field required" in missing.stderr
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "completion": " b"}\n')
+    bad_name = run("--data", str(data), "--name", "no spaces")
+    assert bad_name.returncode == 2 and "name" in bad_name.stderr and "letters, digits" in bad_name.stderr
+    no_server = run("--data", str(data), "--name", "x", "--promote-if-better")
+    assert no_server.returncode == 2 and "promote_if_better needs --server" in no_server.stderr
