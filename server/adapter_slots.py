@@ -65,7 +65,3 @@ class DeviceSlots:
         slot = self._by_digest.get(digest)
         if slot is not None:
             self.clear(slot)
-
-    def contents(self) -> list[str | None]:
-        """The digest each slot holds (None: empty)."""
-        return list(self._digests)
