@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
 import grpc
+import uvicorn
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -28,6 +30,7 @@ from loraplex.server.auth import Authenticator
 from loraplex.server.default_model import default_model_path, loraplex_home
 from loraplex.server.engine import Engine
 from loraplex.server.grpc_service import GenerationService, RequestLimits
+from loraplex.server.http_shim import EmbeddedServer, HttpShim
 from loraplex.server.interceptor import ErrorInterceptor
 from loraplex.server.model_files import base_digest, iter_weights, model_spec
 from loraplex.server.scheduler import Scheduler
@@ -53,12 +56,18 @@ class App:
     port: int
     model_name: str
     watcher: AdapterWatcher | None = None
+    http: EmbeddedServer | None = None
+    """The OpenAI-style HTTP server (None with http_port unset); `http.port` is the bound port."""
+    http_task: asyncio.Task | None = None
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new work, let in-flight streams finish for up to `grace_s`, then stop the engine loop."""
         await self.health.enter_graceful_shutdown()
         if self.watcher is not None:
             self.watcher.stop()
+        if self.http is not None:
+            self.http.should_exit = True  # finishes the responses in flight, then returns
+            await self.http_task
         self.scheduler.stop_accepting()
         await self.server.stop(grace_s)
         self.scheduler.close()
@@ -82,15 +91,15 @@ async def start(settings: Settings, interceptors: Sequence[grpc.aio.ServerInterc
         log.warning("no api_keys are configured: listening on %s instead of %s (configure api_keys, or set "
                     "allow_unauthenticated_remote to serve other machines without authentication)", host, settings.host)
     port = _bind(server, host, settings.port, _server_credentials(settings))
+    http_socket = _bind_http(host, settings.http_port) if settings.http_port is not None else None
     folder = settings.model or default_model_path()
     engine = Engine(model_spec(folder), iter_weights(folder), settings.engine)
     adapters = adapter_manager(engine, settings, base_digest(folder))
     scheduler = Scheduler(engine, adapters, settings.scheduler)
     auth = Authenticator(settings.api_keys)
-    service = GenerationService(
-        scheduler, load_tokenizer(folder), auth,
-        RequestLimits(settings.default_max_new_tokens, settings.max_new_tokens_limit), folder.name,
-    )
+    tokenizer = load_tokenizer(folder)
+    limits = RequestLimits(settings.default_max_new_tokens, settings.max_new_tokens_limit)
+    service = GenerationService(scheduler, tokenizer, auth, limits, folder.name)
     generation_pb2_grpc.add_GenerationServicer_to_server(service, server)
     admin_pb2_grpc.add_AdapterAdminServicer_to_server(AdminService(adapters, auth), server)
     health = health_aio.HealthServicer()
@@ -107,7 +116,24 @@ async def start(settings: Settings, interceptors: Sequence[grpc.aio.ServerInterc
     await server.start()
     for name in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return App(server, scheduler, health, host, port, folder.name, watcher)
+    app = App(server, scheduler, health, host, port, folder.name, watcher)
+    if http_socket is not None:
+        shim = HttpShim(scheduler, tokenizer, auth, limits, folder.name)
+        app.http = EmbeddedServer(uvicorn.Config(shim.app, log_level="warning", lifespan="off"))
+        app.http_task = asyncio.create_task(app.http.serve(sockets=[http_socket]))
+        while not app.http.started and not app.http_task.done():
+            await asyncio.sleep(0.01)
+    return app
+
+
+def _bind_http(host: str, port: int) -> socket.socket:
+    """The HTTP listening socket, bound before anything slow happens (a taken port fails at once)."""
+    address = host.removeprefix("[").removesuffix("]")
+    try:
+        family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((address, port), family=family)
+    except OSError as error:
+        raise OSError(f"cannot listen on {host}:{port} (HTTP): {error.strerror or error}") from None
 
 
 def adapter_manager(engine: Engine, settings: Settings, base: str) -> AdapterManager:
@@ -157,7 +183,8 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     adapters = ", ".join(status.name for status in app.scheduler.adapters.statuses()) or "none"
     tls = " with TLS" if settings.tls_cert_file else ""
-    print(f"loraplex serving {app.model_name} (adapters: {adapters}){tls} on {app.host}:{app.port}", flush=True)
+    http = f" (OpenAI-style HTTP on {app.host}:{app.http.port})" if app.http is not None else ""
+    print(f"loraplex serving {app.model_name} (adapters: {adapters}){tls}{http} on {app.host}:{app.port}", flush=True)
     await stop.wait()
     log.info("shutting down: draining in-flight requests for up to %.0fs", settings.shutdown_grace_s)
     await app.stop(settings.shutdown_grace_s)

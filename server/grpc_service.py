@@ -39,6 +39,11 @@ class RequestLimits:
     default_max_new_tokens: int
     max_new_tokens_limit: int
 
+    def check_max_new_tokens(self, value: int, field: str) -> None:
+        """InvalidRequest(field) unless 1 <= value <= max_new_tokens_limit."""
+        if not 1 <= value <= self.max_new_tokens_limit:
+            raise InvalidRequest(field, f"{value} is outside [1, {self.max_new_tokens_limit}] (this server's limit)")
+
 
 def versions() -> pb.Versions:
     """loraplex's version and LIBRARIES' (as installed)."""
@@ -141,9 +146,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         stopping, sampling = request.stopping, request.sampling
         max_new_tokens = (stopping.max_new_tokens if stopping.HasField("max_new_tokens")
                           else self._limits.default_max_new_tokens)
-        if not 1 <= max_new_tokens <= self._limits.max_new_tokens_limit:
-            raise InvalidRequest("stopping.max_new_tokens", f"{max_new_tokens} is outside "
-                                 f"[1, {self._limits.max_new_tokens_limit}] (this server's limit)")
+        self._limits.check_max_new_tokens(max_new_tokens, "stopping.max_new_tokens")
         vocab_size = self._scheduler.engine.spec.vocab_size
         if any(t >= vocab_size for t in stopping.stop_token_ids):
             raise InvalidRequest("stopping.stop_token_ids", f"token ids must lie in [0, {vocab_size})")

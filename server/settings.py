@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     allow_unauthenticated_remote off, a non-loopback host is replaced by 127.0.0.1 (logged)."""
     port: int = Field(default=50051, ge=0, le=65535)
     """gRPC port; 0 picks a free one (the start-up line says which)."""
+    http_port: int | None = Field(default=8000, ge=0, le=65535)
+    """Port of the OpenAI-style HTTP API on the same address (same keys, same scheduler); 0 picks a free
+    one; unset (null) serves gRPC only."""
     adapter: dict[str, Path] = Field(default_factory=dict)
     """Adapters registered (and placed in slots) at start-up, NAME=PEFT_FOLDER (repeat the flag for more);
     each becomes the current version of NAME in the store. Names: letters, digits, '.', '_', '-', up to

@@ -13,8 +13,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def adapter_store(tmp_path_factory, monkeypatch) -> None:
-    """Every test's servers (in process or spawned) get their own empty adapter store, not $LORAPLEX_HOME's."""
+    """Every test's servers (in process or spawned) get their own empty adapter store, not $LORAPLEX_HOME's,
+    and an HTTP port of their own."""
     monkeypatch.setenv("LORAPLEX_ADAPTERS__STORE", str(tmp_path_factory.mktemp("adapter-store")))
+    monkeypatch.setenv("LORAPLEX_HTTP_PORT", "0")  # a free port each, not 8000
 
 
 @pytest.fixture(scope="session")

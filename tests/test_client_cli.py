@@ -25,7 +25,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 def serve_args(serving_model) -> list[str]:
     base, adapters = serving_model
-    args = ["serve", "--model", str(base), "--port", "0", "--no-reflection"]
+    args = ["serve", "--model", str(base), "--port", "0", "--http_port", "0", "--no-reflection"]
     for name, folder in adapters.items():
         args += ["--adapter", f"{name}={folder}"]
     for name, value in TEST_ENGINE.items():
@@ -151,7 +151,7 @@ def test_sigterm_drains_in_flight_streams(serving_model, tmp_path):
 @pytest.mark.slow
 def test_default_model_answers_paris(tmp_path):
     """`loraplex serve` on SmolLM2-135M-Instruct, then `loraplex generate` through its chat template."""
-    with server_process(["serve", "--port", "0"], tmp_path / "server.log") as (process, target):
+    with server_process(["serve", "--port", "0", "--http_port", "0"], tmp_path / "server.log") as (process, target):
         done = run_cli("generate", "--server", target, "--max-new-tokens", "24", "What is the capital of France?")
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0

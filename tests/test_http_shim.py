@@ -1,0 +1,162 @@
+"""The OpenAI-style HTTP API on a real server (loopback), driven by the official `openai` SDK (sync and async,
+unary and streamed, chat and completions, the models list, each error class) and by raw HTTP for the SSE
+framing; the same request through HTTP and through gRPC gives the same tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import urllib.request
+from contextlib import asynccontextmanager
+
+import openai
+import pytest
+
+from loraplex.client.client import AsyncClient
+from loraplex.server.app import start
+from loraplex.server.engine import EngineConfig
+from loraplex.server.settings import ApiKey, load_settings
+from serving_support import TEST_ENGINE, TOKENIZER_CORPUS, slow_steps
+
+
+@asynccontextmanager
+async def serving(serving_model, **overrides):
+    base, adapters = serving_model
+    values = dict(model=base, adapter=adapters, host="127.0.0.1", port=0, http_port=0, reflection=False,
+                  engine=EngineConfig(**TEST_ENGINE))
+    app = await start(load_settings(**{**values, **overrides}))
+    try:
+        yield app, f"http://127.0.0.1:{app.http.port}/v1"
+    finally:
+        await app.stop(0)
+
+
+def sdk(url: str, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=url, api_key=key, max_retries=0)
+
+
+async def test_completions_and_chat_with_the_sync_and_async_sdk(serving_model):
+    base_name = serving_model[0].name
+    async with serving(serving_model) as (_app, url):
+        client = sdk(url)
+        models = await asyncio.to_thread(client.models.list)
+        done = await asyncio.to_thread(client.completions.create, model="a_r4_qv", prompt=TOKENIZER_CORPUS[1],
+                                       max_tokens=6, temperature=0)
+        async_client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0)
+        streamed = await async_client.completions.create(model="a_r4_qv", prompt=TOKENIZER_CORPUS[1], max_tokens=6,
+                                                         temperature=0, stream=True,
+                                                         stream_options={"include_usage": True})
+        chunks = [chunk async for chunk in streamed]
+        seeded = [await async_client.completions.create(model=base_name, prompt="hello world", max_tokens=8,
+                                                        temperature=1.0, seed=11) for _ in range(2)]
+        await async_client.close()
+    ids = [model.id for model in models.data]
+    assert ids == [base_name, *serving_model[1]]
+    assert done.object == "text_completion" and done.choices[0].finish_reason == "length"
+    assert done.usage.completion_tokens == 6 and done.usage.total_tokens == done.usage.prompt_tokens + 6
+    text = "".join(chunk.choices[0].text for chunk in chunks if chunk.choices)
+    assert text == done.choices[0].text and chunks[-1].usage.completion_tokens == 6 and not chunks[-1].choices
+    assert seeded[0].choices[0].text == seeded[1].choices[0].text
+
+
+async def test_chat_needs_a_chat_template_and_messages(serving_model):
+    async with serving(serving_model) as (_app, url):
+        client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as error:
+            await client.chat.completions.create(model="", messages=[{"role": "user", "content": "hi"}])
+        await client.close()
+    assert error.value.status_code == 400 and error.value.body["param"] == "messages"
+    assert "no chat template" in error.value.body["message"]
+
+
+async def test_errors_have_openai_shape_and_status(serving_model):
+    keys = [ApiKey(name="support", sha256=hashlib.sha256(b"k-support-1234").hexdigest(), adapters={"a_r4_qv"}),
+            ApiKey(name="full", sha256=hashlib.sha256(b"k-full-1234").hexdigest())]
+    async with serving(serving_model, api_keys=keys) as (_app, url):
+        good = sdk(url, "k-support-1234")
+        errors = {}
+        for kind, call in {
+            "unknown model": lambda: sdk(url, "k-full-1234").completions.create(model="missing", prompt="hi"),
+            "bad type": lambda: good.completions.create(model="a_r4_qv", prompt="hi", max_tokens="many"),
+            "out of range": lambda: good.completions.create(model="a_r4_qv", prompt="hi", max_tokens=10**9),
+            "unsupported": lambda: good.completions.create(model="a_r4_qv", prompt="hi", n=3),
+            "no key": lambda: sdk(url, "wrong").completions.create(model="a_r4_qv", prompt="hi"),
+            "not allowed": lambda: good.completions.create(model="b_r16_all", prompt="hi"),
+        }.items():
+            with pytest.raises(openai.APIStatusError) as error:
+                await asyncio.to_thread(call)
+            errors[kind] = error.value
+        listed = [model.id for model in (await asyncio.to_thread(good.models.list)).data]
+    assert {kind: e.status_code for kind, e in errors.items()} == {
+        "unknown model": 404, "bad type": 400, "out of range": 400, "unsupported": 400, "no key": 401,
+        "not allowed": 403}
+    assert errors["unknown model"].body["code"] == "model_not_found"
+    assert (errors["bad type"].body["param"], errors["bad type"].body["type"]) == ("max_tokens",
+                                                                                  "invalid_request_error")
+    assert "only 1 is supported" in errors["unsupported"].body["message"]
+    assert listed == ["a_r4_qv"]
+
+
+async def test_sse_framing_and_stop_strings_over_raw_http(serving_model):
+    async with serving(serving_model) as (_app, url):
+        request = urllib.request.Request(f"{url}/completions", method="POST", headers={
+            "content-type": "application/json"}, data=json.dumps({
+                "model": "b_r16_all", "prompt": "hello world", "max_tokens": 12, "temperature": 0,
+                "stream": True}).encode())
+        raw = await asyncio.to_thread(lambda: urllib.request.urlopen(request, timeout=30).read().decode())
+        full = json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(urllib.request.Request(
+            f"{url}/completions", method="POST", headers={"content-type": "application/json"}, data=json.dumps({
+                "model": "b_r16_all", "prompt": "hello world", "max_tokens": 12, "temperature": 0}).encode()),
+            timeout=30).read()))
+        text = full["choices"][0]["text"]
+        stop = text[3:5]
+        stopped = json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(urllib.request.Request(
+            f"{url}/completions", method="POST", headers={"content-type": "application/json"}, data=json.dumps({
+                "model": "b_r16_all", "prompt": "hello world", "max_tokens": 12, "temperature": 0,
+                "stop": [stop]}).encode()), timeout=30).read()))
+    frames = raw.split("\n\n")
+    assert frames[-1] == "" and frames[-2] == "data: [DONE]"
+    payloads = [json.loads(frame.removeprefix("data: ")) for frame in frames[:-2]]
+    assert all(frame.startswith("data: ") for frame in frames[:-1])
+    assert "".join(p["choices"][0]["text"] for p in payloads) == text
+    assert payloads[-1]["choices"][0]["finish_reason"] == "length"
+    assert stopped["choices"][0]["text"] == text[:text.find(stop)] and stopped["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_http_and_grpc_give_the_same_tokens(serving_model):
+    async with serving(serving_model) as (app, url):
+        async with AsyncClient(f"127.0.0.1:{app.port}") as grpc_client:
+            by_grpc = await grpc_client.generate(TOKENIZER_CORPUS[1], "c_r64_mlp_o_rslora", max_new_tokens=10,
+                                                 temperature=0.7, seed=5)
+        client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0)
+        by_http = await client.completions.create(model="c_r64_mlp_o_rslora", prompt=TOKENIZER_CORPUS[1],
+                                                  max_tokens=10, temperature=0.7, seed=5)
+        await client.close()
+    assert by_grpc.text and by_http.choices[0].text == by_grpc.text  # sampled with the same seed
+    assert by_http.usage.completion_tokens == len(by_grpc.token_ids) == 10
+
+
+async def test_a_client_that_disconnects_mid_stream_frees_its_sequence(serving_model):
+    async with serving(serving_model) as (app, url):
+        slow_steps(app, 0.01)
+        client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0)
+        stream = await client.completions.create(model="a_r4_qv", prompt="hello world", max_tokens=400,
+                                                 stream=True)
+        await anext(aiter(stream))
+        await stream.close()
+        await client.close()
+        cache = app.scheduler.engine.cache
+        for _ in range(500):
+            if cache.free_blocks == cache.num_blocks:
+                break
+            await asyncio.sleep(0.01)
+        assert cache.free_blocks == cache.num_blocks
+        assert app.scheduler.stats.cancelled == 1
+
+
+async def test_a_taken_http_port_fails_at_start(serving_model):
+    async with serving(serving_model) as (app, _url):
+        with pytest.raises(OSError, match=rf"cannot listen on 127.0.0.1:{app.http.port} \(HTTP\)"):
+            await start(load_settings(model=serving_model[0], host="127.0.0.1", port=0, http_port=app.http.port,
+                                      engine=EngineConfig(**TEST_ENGINE)))
