@@ -27,32 +27,24 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from transformers import PreTrainedTokenizerBase
 
+from loraplex.server import errors
 from loraplex.server.adapter_manager import check_reference
 from loraplex.server.auth import Authenticator, Principal
 from loraplex.server.detokenizer import IncrementalDetokenizer
 from loraplex.server.engine import FinishReason, SamplingParams
-from loraplex.server.errors import (
-    AdapterNotFound,
-    FailedPrecondition,
-    InvalidRequest,
-    Overloaded,
-    PermissionDenied,
-    RequestError,
-    ShuttingDown,
-    Unauthenticated,
-)
+from loraplex.server.errors import AdapterNotFound, InvalidRequest, RequestError
 from loraplex.server.grpc_service import RequestLimits
 from loraplex.server.scheduler import Request, Scheduler
 
 #: HTTP status and OpenAI error type of each refusal.
 HTTP_ERRORS: dict[type[RequestError], tuple[int, str]] = {
-    InvalidRequest: (400, "invalid_request_error"),
-    FailedPrecondition: (400, "invalid_request_error"),
-    Unauthenticated: (401, "authentication_error"),
-    PermissionDenied: (403, "permission_error"),
-    AdapterNotFound: (404, "not_found_error"),
-    Overloaded: (429, "rate_limit_error"),
-    ShuttingDown: (503, "service_unavailable"),
+    errors.InvalidRequest: (400, "invalid_request_error"),
+    errors.FailedPrecondition: (400, "invalid_request_error"),
+    errors.Unauthenticated: (401, "authentication_error"),
+    errors.PermissionDenied: (403, "permission_error"),
+    errors.AdapterNotFound: (404, "not_found_error"),
+    errors.Overloaded: (429, "rate_limit_error"),
+    errors.ShuttingDown: (503, "service_unavailable"),
 }
 FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
 MAX_STOP_STRINGS = 4
