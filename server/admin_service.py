@@ -42,7 +42,7 @@ class AdminService(pb_grpc.AdapterAdminServicer):
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext,
                           ) -> pb.LoadAdapterResponse:
         authorize(self._auth, context, "admin")
-        with _source_errors():
+        with source_errors():
             entry, _, changed = await self._off_loop(self._adapters.load, request.source, request.name, request.warm)
         status = await self._off_loop(self._adapters.status, entry.name)
         return pb.LoadAdapterResponse(adapter=encode_status(status), changed=changed)
@@ -65,14 +65,14 @@ class AdminService(pb_grpc.AdapterAdminServicer):
     async def DescribeAdapter(self, request: pb.DescribeAdapterRequest, context: grpc.aio.ServicerContext,
                               ) -> pb.AdapterStatus:
         authorize(self._auth, context, "admin")
-        with _source_errors():  # a malformed name
+        with source_errors():  # a malformed name
             return encode_status(await self._off_loop(self._adapters.status, request.name))
 
     async def ValidateAdapter(self, request: pb.ValidateAdapterRequest, context: grpc.aio.ServicerContext,
                               ) -> pb.ValidateAdapterResponse:
         authorize(self._auth, context, "admin")
         try:
-            with _source_errors(adapter_format=False):
+            with source_errors(adapter_format=False):
                 summary = await self._off_loop(self._adapters.validate, request.source)
         except AdapterFormatError as problem:
             return pb.ValidateAdapterResponse(valid=False, problem=str(problem))
@@ -81,7 +81,7 @@ class AdminService(pb_grpc.AdapterAdminServicer):
     async def PinAdapter(self, request: pb.PinAdapterRequest, context: grpc.aio.ServicerContext,
                          ) -> pb.AdapterStatus:
         authorize(self._auth, context, "admin")
-        with _source_errors():
+        with source_errors():
             entry = await self._off_loop(self._adapters.pin, request.name, request.pinned)
         return encode_status(await self._off_loop(self._adapters.status, entry.name))
 
@@ -97,7 +97,7 @@ class AdminService(pb_grpc.AdapterAdminServicer):
 
 
 @contextmanager
-def _source_errors(adapter_format: bool = True) -> Iterator[None]:
+def source_errors(adapter_format: bool = True) -> Iterator[None]:
     """Map the adapters package's refusals to request errors (AdapterFormatError passes through when
     `adapter_format` is False, for ValidateAdapter to report)."""
     try:

@@ -2,7 +2,8 @@
 
 Endpoints: GET /health (the process answers), GET /ready (the model is loaded and requests are taken),
 GET /v1/models (the base and every adapter the key may use), POST /v1/completions and
-POST /v1/chat/completions, each unary or streamed as server-sent events ending in `data: [DONE]`.
+POST /v1/chat/completions, each unary or streamed as server-sent events ending in `data: [DONE]`,
+and vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (scope "admin").
 `model` names the base (its folder name, or "") or an adapter ("NAME" or "NAME@VERSION").
 Supported: max_tokens / max_completion_tokens, temperature, top_p, seed, stop (a string or a list,
 matched on the decoded text), stream, stream_options.include_usage; parameters loraplex does not
@@ -13,6 +14,7 @@ rather than silently ignored; unknown parameters are ignored. Errors have OpenAI
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -29,12 +31,14 @@ from transformers import PreTrainedTokenizerBase
 
 from loraplex.server import errors
 from loraplex.server.adapter_manager import check_reference
+from loraplex.server.admin_service import source_errors
 from loraplex.server.auth import Authenticator, Principal
 from loraplex.server.detokenizer import IncrementalDetokenizer
 from loraplex.server.engine import FinishReason, SamplingParams
 from loraplex.server.errors import AdapterNotFound, InvalidRequest, RequestError
 from loraplex.server.grpc_service import RequestLimits
 from loraplex.server.scheduler import Request, Scheduler
+from loraplex.server.settings import Scope
 
 #: HTTP status and OpenAI error type of each refusal.
 HTTP_ERRORS: dict[type[RequestError], tuple[int, str]] = {
@@ -73,6 +77,8 @@ class HttpShim:
             Route("/health", self.health), Route("/ready", self.ready), Route("/v1/models", self.models),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/load_lora_adapter", self.load_lora_adapter, methods=["POST"]),
+            Route("/v1/unload_lora_adapter", self.unload_lora_adapter, methods=["POST"]),
         ], exception_handlers={RequestError: _error_response, json.JSONDecodeError: _bad_json})
 
     async def health(self, request: HttpRequest) -> Response:
@@ -116,6 +122,27 @@ class HttpShim:
         prompt_ids = tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
                                                    add_generation_prompt=True, tokenize=True, return_dict=False)
         return await self._answer(request, body, list(prompt_ids), chat=True)
+
+    async def load_lora_adapter(self, request: HttpRequest) -> Response:
+        """vLLM's endpoint: {"lora_name", "lora_path"} -> AdapterAdmin.LoadAdapter (scope "admin")."""
+        self._principal(request, "admin")
+        body = await _json_body(request)
+        name, path = _string(body, "lora_name"), _string(body, "lora_path")
+        adapters = self._scheduler.adapters
+        with source_errors():
+            _, summary, _ = await asyncio.get_running_loop().run_in_executor(adapters.admin_executor, adapters.load,
+                                                                             path, name)
+        return JSONResponse({"lora_name": name, "version": summary.digest})
+
+    async def unload_lora_adapter(self, request: HttpRequest) -> Response:
+        """vLLM's endpoint: {"lora_name"} -> AdapterAdmin.UnloadAdapter without waiting (scope "admin")."""
+        self._principal(request, "admin")
+        name = _string(await _json_body(request), "lora_name")
+        adapters = self._scheduler.adapters
+        with source_errors():
+            removed, _ = await asyncio.get_running_loop().run_in_executor(adapters.admin_executor, adapters.unload,
+                                                                          name)
+        return JSONResponse({"lora_name": name, "removed_versions": list(removed)})
 
     async def _answer(self, request: HttpRequest, body: dict, prompt_ids: list[int], chat: bool) -> Response:
         """Submit, then answer in one JSON document or as an event stream."""
@@ -188,9 +215,9 @@ class HttpShim:
         except ValueError as error:
             raise InvalidRequest(str(error).split("=")[0].rsplit(" ", 1)[-1], str(error)) from None
 
-    def _principal(self, request: HttpRequest) -> Principal:
+    def _principal(self, request: HttpRequest, scope: Scope = "inference") -> Principal:
         principal = self._auth.authenticate(request.headers.get("authorization"))
-        principal.require_scope("inference")
+        principal.require_scope(scope)
         return principal
 
     def _require_tokenizer(self, field: str) -> PreTrainedTokenizerBase:
@@ -237,6 +264,13 @@ async def _json_body(request: HttpRequest) -> dict:
     if not isinstance(body, dict):
         raise InvalidRequest("body", "must be a JSON object")
     return body
+
+
+def _string(values: dict, name: str) -> str:
+    value = values.get(name)
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(name, "must be a non-empty string")
+    return value
 
 
 def _flag(values: dict, name: str) -> bool:

@@ -23,9 +23,11 @@ LORAPLEX = str(Path(sys.executable).parent / "loraplex")  # the console script p
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def serve_args(serving_model) -> list[str]:
+def serve_args(serving_model, store: Path) -> list[str]:
+    """`loraplex serve` on the tiny model with its adapters, free ports, and the adapter store `store`."""
     base, adapters = serving_model
-    args = ["serve", "--model", str(base), "--port", "0", "--http_port", "0", "--no-reflection"]
+    args = ["serve", "--model", str(base), "--port", "0", "--http_port", "0", "--no-reflection",
+            "--adapters.store", str(store)]
     for name, folder in adapters.items():
         args += ["--adapter", f"{name}={folder}"]
     for name, value in TEST_ENGINE.items():
@@ -55,7 +57,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def server(serving_model, tmp_path_factory):
-    with server_process(serve_args(serving_model), tmp_path_factory.mktemp("log") / "server.log") as (_, target):
+    folder = tmp_path_factory.mktemp("server")
+    with server_process(serve_args(serving_model, folder / "store"), folder / "server.log") as (_, target):
         yield target
 
 
@@ -120,7 +123,7 @@ def test_serve_reads_the_config_file_named_by_the_flag(tmp_path, capsys):
 
 def test_sigterm_drains_in_flight_streams(serving_model, tmp_path):
     streams, new_tokens = 4, 200
-    with server_process(serve_args(serving_model), tmp_path / "server.log") as (process, target):
+    with server_process(serve_args(serving_model, tmp_path / "store"), tmp_path / "server.log") as (process, target):
         started = threading.Barrier(streams + 1)
         results: list[list[Chunk]] = [[] for _ in range(streams)]
 
@@ -151,7 +154,8 @@ def test_sigterm_drains_in_flight_streams(serving_model, tmp_path):
 @pytest.mark.slow
 def test_default_model_answers_paris(tmp_path):
     """`loraplex serve` on SmolLM2-135M-Instruct, then `loraplex generate` through its chat template."""
-    with server_process(["serve", "--port", "0", "--http_port", "0"], tmp_path / "server.log") as (process, target):
+    with server_process(["serve", "--port", "0", "--http_port", "0", "--adapters.store", str(tmp_path / "store")],
+                        tmp_path / "server.log") as (process, target):
         done = run_cli("generate", "--server", target, "--max-new-tokens", "24", "What is the capital of France?")
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0

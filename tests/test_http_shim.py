@@ -7,16 +7,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import urllib.error
 import urllib.request
 from contextlib import asynccontextmanager
 
 import openai
 import pytest
 
+from loraplex.adapters.identity import adapter_digest
 from loraplex.client.client import AsyncClient
 from loraplex.server.app import start
 from loraplex.server.engine import EngineConfig
-from loraplex.server.settings import ApiKey, load_settings
+from loraplex.server.settings import AdapterSettings, ApiKey, load_settings
 from serving_support import TEST_ENGINE, TOKENIZER_CORPUS, slow_steps
 
 
@@ -160,3 +162,37 @@ async def test_a_taken_http_port_fails_at_start(serving_model):
         with pytest.raises(OSError, match=rf"cannot listen on 127.0.0.1:{app.http.port} \(HTTP\)"):
             await start(load_settings(model=serving_model[0], host="127.0.0.1", port=0, http_port=app.http.port,
                                       engine=EngineConfig(**TEST_ENGINE)))
+
+
+def post(url: str, payload: dict, key: str | None = None) -> tuple[int, dict]:
+    headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(url, method="POST", headers=headers, data=json.dumps(payload).encode())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+async def test_vllm_style_load_and_unload_need_the_admin_scope(serving_model, tmp_path):
+    folder = serving_model[1]["d_r8_k_gate"]
+    keys = [ApiKey(name="admin", sha256=hashlib.sha256(b"k-admin-1234").hexdigest(), scopes={"admin", "inference"}),
+            ApiKey(name="user", sha256=hashlib.sha256(b"k-user-1234").hexdigest())]
+    async with serving(serving_model, adapter={}, api_keys=keys,
+                       adapters=AdapterSettings(store=tmp_path / "store", allowed_roots=[folder.parent])) as (
+            _app, url):
+        refused = await asyncio.to_thread(post, f"{url}/load_lora_adapter",
+                                          {"lora_name": "gate", "lora_path": str(folder)}, "k-user-1234")
+        loaded = await asyncio.to_thread(post, f"{url}/load_lora_adapter",
+                                         {"lora_name": "gate", "lora_path": str(folder)}, "k-admin-1234")
+        client = sdk(url, "k-admin-1234")
+        listed = [m.id for m in (await asyncio.to_thread(client.models.list)).data]
+        answer = await asyncio.to_thread(client.completions.create, model="gate", prompt="hello", max_tokens=3)
+        unloaded = await asyncio.to_thread(post, f"{url}/unload_lora_adapter", {"lora_name": "gate"}, "k-admin-1234")
+        gone = await asyncio.to_thread(post, f"{url}/unload_lora_adapter", {"lora_name": "gate"}, "k-admin-1234")
+        bad = await asyncio.to_thread(post, f"{url}/load_lora_adapter", {"lora_name": "x"}, "k-admin-1234")
+    assert refused[0] == 403 and refused[1]["error"]["type"] == "permission_error"
+    assert loaded == (200, {"lora_name": "gate", "version": adapter_digest(folder)})
+    assert listed == [serving_model[0].name, "gate"] and answer.usage.completion_tokens == 3
+    assert unloaded == (200, {"lora_name": "gate", "removed_versions": [adapter_digest(folder)]})
+    assert gone[0] == 404 and bad[0] == 400 and bad[1]["error"]["param"] == "lora_path"
