@@ -1,5 +1,5 @@
 """Serving under an S-LoRA-style load: throughput and latency over gRPC for N = 0, 8 and 100 adapters,
-and the gRPC path vs the engine driven directly on the same requests.
+the OpenAI-style HTTP API vs gRPC, and the gRPC path vs the engine driven directly on the same requests.
 
 One process, one engine. An in-process server (`loraplex.server.app.start`) on loopback holds 100
 PEFT adapters (r=8 on q_proj and v_proj: the LoRA arithmetic is small, so the comparison measures
@@ -7,23 +7,25 @@ the scheduler and adapter management). One trace of NUM_REQUESTS requests (seede
   - arrivals: a Poisson process of ARRIVAL_RATE requests/s;
   - prompt and output lengths: uniform over PROMPT_LENS and OUTPUT_LENS (output forced, ignore_eos);
   - adapters: Zipf(ZIPF_ALPHA) popularity over N adapters (N = 0: every request on the base model).
-Each N runs twice on the same engine: (grpc) an asyncio client streams every request at its arrival
-time; (direct) `Engine.step` driven in this thread, admitting the same requests at the same times
-under the same caps (MAX_RUNNING sequences, MAX_STEP_TOKENS per step, decodes first), with no
+Each N runs three times on the same engine: (grpc) an asyncio client streams every request at its arrival
+time; (http) the same through the HTTP API with the official openai SDK (streamed completions, one
+server-sent event per token); (direct) `Engine.step` driven in this thread, admitting the same
+requests at the same times under the same caps (MAX_RUNNING sequences, MAX_STEP_TOKENS per step, decodes first), with no
 transport and no scheduler thread. Reported per run: tokens/s and requests/s over the makespan
 (first arrival to last token), time to first token and inter-token latency p50/p99.
 
 Sizes: on 2 CPU cores SmolLM2-135M decodes about 120-150 tokens/s in batches of 32 and prefills
 about 500 tokens/s, so 96 requests of mean 72 prompt + 56 output tokens take about a minute per run;
 ARRIVAL_RATE 4/s (96 requests arrive within ~24 s) exceeds that capacity (~1.6 requests/s), so the
-queue builds up and throughput measures the server's capacity (TTFT includes the queueing). Six runs
-plus set-up (writing 100 adapters, loading, warm-up) stay under ~12 minutes.
+queue builds up and throughput measures the server's capacity (TTFT includes the queueing). Nine runs
+plus set-up (writing 100 adapters, loading, warm-up) take about 15 minutes.
 
     python benchmarks/serving.py          # SmolLM2-135M-Instruct, NF4 (the default model)
     python benchmarks/serving.py --tiny   # a random tiny llama, for a quick check
 
 Writes benchmarks/results/serving.json: `ratios.n100_vs_n0` (gRPC tokens/s, N=100 over N=0; target
->= 0.85) and `ratios.grpc_vs_direct` (the lowest over N of gRPC tokens/s over direct; target >= 0.9).
+>= 0.85), `ratios.grpc_vs_direct` (the lowest over N of gRPC tokens/s over direct; target >= 0.9) and
+`ratios.http_vs_grpc` (the lowest over N of HTTP tokens/s over gRPC; target >= 0.9; ITL p99 ratios too).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import openai
 import torch
 from engine_throughput import tiny_model, write_adapters
 
@@ -58,6 +61,7 @@ ZIPF_ALPHA = 1.0
 ADAPTER_COUNTS = (0, 8, 100)
 RANK, TARGETS = 8, ("q_proj", "v_proj")
 MAX_RUNNING, MAX_STEP_TOKENS = 32, 512
+PATHS = ("grpc", "http", "direct")
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,26 @@ async def run_grpc(target: str, trace: list[TraceRequest], adapters: list[str]) 
     return summarize(trace, [s for s, _ in results], [a for _, a in results])
 
 
+async def run_http(url: str, trace: list[TraceRequest], adapters: list[str]) -> dict:
+    """The same requests through the OpenAI-style HTTP API (the official SDK, streamed completions with token-id
+    prompts); one server-sent event per token, arrival times taken in the client."""
+    async with openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0) as client:
+        began = time.perf_counter()
+
+        async def one(request: TraceRequest, adapter: str) -> tuple[float, list[float]]:
+            await asyncio.sleep(max(0.0, began + request.arrival_s - time.perf_counter()))
+            start, arrivals = time.perf_counter(), []
+            stream = await client.completions.create(model=adapter, prompt=request.prompt, stream=True,
+                                                     max_tokens=request.output_len, extra_body={"ignore_eos": True})
+            async for chunk in stream:
+                if chunk.choices:
+                    arrivals.append(time.perf_counter())
+            return start, arrivals
+
+        results = await asyncio.gather(*(one(r, a) for r, a in zip(trace, adapters, strict=True)))
+    return summarize(trace, [s for s, _ in results], [a for _, a in results])
+
+
 def run_direct(engine: Engine, trace: list[TraceRequest], slots: list[int]) -> dict:
     """The same requests at the same times straight into `Engine.step`: FCFS admission up to
     MAX_RUNNING, decodes first then prefill chunks within MAX_STEP_TOKENS (the server's caps)."""
@@ -202,10 +226,12 @@ async def benchmark(base_folder: Path, adapters: dict[str, Path], device: str, n
     app = await start(settings)
     try:
         engine, target, names = app.scheduler.engine, f"127.0.0.1:{app.port}", list(adapters)
+        url = f"http://127.0.0.1:{app.http.port}/v1"
         slot_of = await resident_slots(app.scheduler.adapters, names)
         trace = make_trace(engine.spec.vocab_size, num_requests)
         warm = [TraceRequest(0.0, r.prompt, 4) for r in trace[:16]]  # kernels, allocator, BLAS shapes
         await run_grpc(target, warm, [names[i % len(names)] for i in range(len(warm))])
+        await run_http(url, warm, [names[i % len(names)] for i in range(len(warm))])
         run_direct(engine, warm, list(range(len(warm))))
         timer, runs = StepTimer(engine), {}
         for n in ADAPTER_COUNTS:
@@ -213,10 +239,11 @@ async def benchmark(base_folder: Path, adapters: dict[str, Path], device: str, n
             adapters = [names[i] if i != NO_ADAPTER else "" for i in indices]
             slots = [slot_of[name] if name else NO_ADAPTER for name in adapters]
             grpc_run = timer.measured(await run_grpc(target, trace, adapters))
+            http_run = timer.measured(await run_http(url, trace, adapters))
             runs[f"n{n}"] = {"distinct_adapters": len(set(slots) - {NO_ADAPTER}), "grpc": grpc_run,
-                             "direct": timer.measured(run_direct(engine, trace, slots))}
-            print(f"N={n}: grpc {runs[f'n{n}']['grpc']['tokens_per_s']:.1f} tokens/s, "
-                  f"direct {runs[f'n{n}']['direct']['tokens_per_s']:.1f} tokens/s", flush=True)
+                             "http": http_run, "direct": timer.measured(run_direct(engine, trace, slots))}
+            print(f"N={n}: " + ", ".join(f"{path} {runs[f'n{n}'][path]['tokens_per_s']:.1f} tokens/s"
+                                         for path in PATHS), flush=True)
         return {"lora_impl": engine.lora_impl, "dtype": str(engine.dtype), "runs": runs}
     finally:
         await app.stop(0)
@@ -241,8 +268,11 @@ def main() -> None:
         "n100_vs_n0": runs["n100"]["grpc"]["tokens_per_s"] / runs["n0"]["grpc"]["tokens_per_s"],
         "n8_vs_n0": runs["n8"]["grpc"]["tokens_per_s"] / runs["n0"]["grpc"]["tokens_per_s"],
         **{f"grpc_vs_direct_{n}": r["grpc"]["tokens_per_s"] / r["direct"]["tokens_per_s"] for n, r in runs.items()},
+        **{f"http_vs_grpc_{n}": r["http"]["tokens_per_s"] / r["grpc"]["tokens_per_s"] for n, r in runs.items()},
+        **{f"http_vs_grpc_itl_p99_{n}": r["http"]["itl_p99_s"] / r["grpc"]["itl_p99_s"] for n, r in runs.items()},
     }
     ratios["grpc_vs_direct"] = min(ratios[f"grpc_vs_direct_{n}"] for n in runs)
+    ratios["http_vs_grpc"] = min(ratios[f"http_vs_grpc_{n}"] for n in runs)
 
     print(f"\nmodel: {'tiny llama' if args.tiny else 'SmolLM2-135M-Instruct'}  device: {args.device}  "
           f"lora: {result['lora_impl']}  threads: {torch.get_num_threads()}")
@@ -251,7 +281,7 @@ def main() -> None:
     print(f"{'run':<12}{'adapters':>9}{'tokens/s':>10}{'req/s':>7}{'TTFT p50/p99 ms':>18}{'ITL p50/p99 ms':>17}"
           f"{'steps':>7}{'seqs/step':>10}{'in engine':>10}")
     for name, run in runs.items():
-        for path in ("grpc", "direct"):
+        for path in PATHS:
             r = run[path]
             print(f"{name + ' ' + path:<12}{run['distinct_adapters']:>9}{r['tokens_per_s']:>10.1f}"
                   f"{r['requests_per_s']:>7.2f}{r['ttft_p50_s'] * 1e3:>9.0f}/{r['ttft_p99_s'] * 1e3:<8.0f}"

@@ -6,7 +6,8 @@ POST /v1/chat/completions, each unary or streamed as server-sent events ending i
 and vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (scope "admin").
 `model` names the base (its folder name, or "") or an adapter ("NAME" or "NAME@VERSION").
 Supported: max_tokens / max_completion_tokens, temperature, top_p, seed, stop (a string or a list,
-matched on the decoded text), stream, stream_options.include_usage; parameters loraplex does not
+matched on the decoded text), stream (one event per token when no stop string is set),
+stream_options.include_usage, and vLLM's ignore_eos; parameters loraplex does not
 implement yet (n > 1, logprobs, top_logprobs, presence/frequency penalties) are refused with 400
 rather than silently ignored; unknown parameters are ignored. Errors have OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}`. A client that disconnects frees its sequence.
@@ -190,7 +191,10 @@ class HttpShim:
                     reason = "stop" if cut >= 0 else FINISH[event.finish_reason]
                     yield Generated(held[:cut] if cut >= 0 else held, reason, len(prompt_ids), generated)
                     return
-                if len(held) > holdback:
+                if not stops:  # one piece per token, as gRPC streams (its text may be empty)
+                    emit, held = held, ""
+                    yield Generated(emit)
+                elif len(held) > holdback:
                     emit, held = held[:len(held) - holdback], held[len(held) - holdback:]
                     yield Generated(emit)
         finally:  # done, stopped by a stop string, or the client went away: free the sequence
@@ -211,7 +215,7 @@ class HttpShim:
         if not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP_STRINGS:
             raise InvalidRequest("stop", f"must be a non-empty string or a list of up to {MAX_STOP_STRINGS}")
         try:
-            return SamplingParams(max_new_tokens=max_new_tokens, **values), stops
+            return SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=_flag(body, "ignore_eos"), **values), stops
         except ValueError as error:
             raise InvalidRequest(str(error).split("=")[0].rsplit(" ", 1)[-1], str(error)) from None
 
