@@ -29,18 +29,21 @@ import logging
 import os
 import threading
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
+
+from botocore.exceptions import BotoCoreError
 
 from loraplex.adapters.errors import AdapterFormatError
 from loraplex.adapters.host_cache import HostCache
 from loraplex.adapters.loading import load_version
 from loraplex.adapters.reference import InvalidAdapterReference, parse_reference
 from loraplex.adapters.registry import AdapterEntry, AdapterRegistry, UnknownAdapter
+from loraplex.adapters.s3_source import S3SourceError
 from loraplex.adapters.sources import AdapterSources
-from loraplex.adapters.store import SourceChanged, VersionNotStored
+from loraplex.adapters.store import SourceChanged, SourceNotAllowed, VersionNotStored
 from loraplex.adapters.validation import AdapterSummary
 from loraplex.server.adapter_slots import DeviceSlots
 from loraplex.server.engine import Engine
@@ -418,7 +421,7 @@ class AdapterManager:
 
     def _start_load(self, name: str, digest: str) -> None:
         """Load `digest` on a worker thread unless it is loading, loaded, or too many loads are pending."""
-        if digest in self._loading or self.host.get(digest) is not None:
+        if digest in self._loading or digest in self.host:
             return
         if len(self._loading) + self.host.num_held >= self._max_pending:
             return
@@ -488,6 +491,26 @@ class AdapterManager:
                 return
         with contextlib.suppress(VersionNotStored):  # already gone
             self.store.remove(name, digest)
+
+
+@contextlib.contextmanager
+def request_errors(adapter_format: bool = True) -> Iterator[None]:
+    """Map the adapters package's refusals (sources, names, formats) to request errors for any transport;
+    AdapterFormatError passes through when `adapter_format` is False (a dry-run validation reports it)."""
+    try:
+        yield
+    except InvalidAdapterReference as error:
+        raise InvalidRequest("name", str(error)) from None
+    except AdapterFormatError as error:  # before S3SourceError: an S3 prefix without adapter files is both
+        if not adapter_format:
+            raise
+        raise InvalidRequest("source", str(error)) from None
+    except (SourceNotAllowed, S3SourceError) as error:
+        raise InvalidRequest("source", str(error)) from None
+    except BotoCoreError as error:  # credentials, endpoint: the server's configuration, not the request
+        raise FailedPrecondition(f"source: S3 cannot be used: {error}") from None
+    except SourceChanged as error:
+        raise FailedPrecondition(f"source: {error}") from None
 
 
 def lower_thread_priority() -> None:

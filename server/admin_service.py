@@ -2,28 +2,22 @@
 
 Every handler authorizes, runs the manager call on the manager's low-priority admin threads (stores
 and sources do disk and network I/O and hash; the event loop and the engine keep serving generation
-meanwhile), and encodes the result. Refusals
-from the adapters package become server.errors exceptions here, which the interceptor maps to codes.
+meanwhile), and encodes the result. Refusals from the adapters package become server.errors exceptions
+(`adapter_manager.request_errors`), which the interceptor maps to codes.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import TypeVar
 
 import grpc
-from botocore.exceptions import BotoCoreError
 
 from loraplex.adapters.errors import AdapterFormatError
-from loraplex.adapters.reference import InvalidAdapterReference
-from loraplex.adapters.s3_source import S3SourceError
-from loraplex.adapters.store import SourceChanged, SourceNotAllowed
 from loraplex.adapters.validation import AdapterSummary
-from loraplex.server.adapter_manager import AdapterManager, AdapterStatus, VersionStatus
+from loraplex.server.adapter_manager import AdapterManager, AdapterStatus, VersionStatus, request_errors
 from loraplex.server.auth import Authenticator
-from loraplex.server.errors import FailedPrecondition, InvalidRequest
 from loraplex.server.grpc_service import authorize
 from loraplex.v1 import admin_pb2 as pb
 from loraplex.v1 import admin_pb2_grpc as pb_grpc
@@ -42,7 +36,7 @@ class AdminService(pb_grpc.AdapterAdminServicer):
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext,
                           ) -> pb.LoadAdapterResponse:
         authorize(self._auth, context, "admin")
-        with source_errors():
+        with request_errors():
             entry, _, changed = await self._off_loop(self._adapters.load, request.source, request.name, request.warm)
         status = await self._off_loop(self._adapters.status, entry.name)
         return pb.LoadAdapterResponse(adapter=encode_status(status), changed=changed)
@@ -65,14 +59,14 @@ class AdminService(pb_grpc.AdapterAdminServicer):
     async def DescribeAdapter(self, request: pb.DescribeAdapterRequest, context: grpc.aio.ServicerContext,
                               ) -> pb.AdapterStatus:
         authorize(self._auth, context, "admin")
-        with source_errors():  # a malformed name
+        with request_errors():  # a malformed name
             return encode_status(await self._off_loop(self._adapters.status, request.name))
 
     async def ValidateAdapter(self, request: pb.ValidateAdapterRequest, context: grpc.aio.ServicerContext,
                               ) -> pb.ValidateAdapterResponse:
         authorize(self._auth, context, "admin")
         try:
-            with source_errors(adapter_format=False):
+            with request_errors(adapter_format=False):
                 summary = await self._off_loop(self._adapters.validate, request.source)
         except AdapterFormatError as problem:
             return pb.ValidateAdapterResponse(valid=False, problem=str(problem))
@@ -81,7 +75,7 @@ class AdminService(pb_grpc.AdapterAdminServicer):
     async def PinAdapter(self, request: pb.PinAdapterRequest, context: grpc.aio.ServicerContext,
                          ) -> pb.AdapterStatus:
         authorize(self._auth, context, "admin")
-        with source_errors():
+        with request_errors():
             entry = await self._off_loop(self._adapters.pin, request.name, request.pinned)
         return encode_status(await self._off_loop(self._adapters.status, entry.name))
 
@@ -94,26 +88,6 @@ class AdminService(pb_grpc.AdapterAdminServicer):
     async def _off_loop(self, function: Callable[..., T], *args: object) -> T:
         """Run a blocking manager call on the manager's (low-priority) admin threads."""
         return await asyncio.get_running_loop().run_in_executor(self._adapters.admin_executor, function, *args)
-
-
-@contextmanager
-def source_errors(adapter_format: bool = True) -> Iterator[None]:
-    """Map the adapters package's refusals to request errors (AdapterFormatError passes through when
-    `adapter_format` is False, for ValidateAdapter to report)."""
-    try:
-        yield
-    except InvalidAdapterReference as error:
-        raise InvalidRequest("name", str(error)) from None
-    except AdapterFormatError as error:  # before S3SourceError: an S3 prefix without adapter files is both
-        if not adapter_format:
-            raise
-        raise InvalidRequest("source", str(error)) from None
-    except (SourceNotAllowed, S3SourceError) as error:
-        raise InvalidRequest("source", str(error)) from None
-    except BotoCoreError as error:  # credentials, endpoint: the server's configuration, not the request
-        raise FailedPrecondition(f"source: S3 cannot be used: {error}") from None
-    except SourceChanged as error:
-        raise FailedPrecondition(f"source: {error}") from None
 
 
 def encode_summary(summary: AdapterSummary) -> pb.AdapterVersion:

@@ -29,11 +29,11 @@ from loraplex.server.admin_service import AdminService
 from loraplex.server.auth import Authenticator
 from loraplex.server.default_model import default_model_path, loraplex_home
 from loraplex.server.engine import Engine
-from loraplex.server.grpc_service import GenerationService, RequestLimits
+from loraplex.server.grpc_service import GenerationService
 from loraplex.server.http_shim import EmbeddedServer, HttpShim
 from loraplex.server.interceptor import ErrorInterceptor
 from loraplex.server.model_files import base_digest, iter_weights, model_spec
-from loraplex.server.scheduler import Scheduler
+from loraplex.server.scheduler import RequestLimits, Scheduler
 from loraplex.server.settings import Settings
 from loraplex.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
 

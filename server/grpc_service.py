@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from importlib import metadata
 
 import grpc
@@ -22,7 +21,7 @@ from loraplex.server.auth import Authenticator, Principal
 from loraplex.server.detokenizer import IncrementalDetokenizer
 from loraplex.server.engine import FinishReason, SamplingParams
 from loraplex.server.errors import InvalidRequest
-from loraplex.server.scheduler import Request, Scheduler
+from loraplex.server.scheduler import Request, RequestLimits, Scheduler
 from loraplex.server.settings import Scope
 from loraplex.v1 import generation_pb2 as pb
 from loraplex.v1 import generation_pb2_grpc as pb_grpc
@@ -32,17 +31,6 @@ FINISH_REASONS = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH:
 
 #: Distributions whose versions ServerInfo reports besides loraplex itself.
 LIBRARIES = ("torch", "transformers", "bitsandbytes", "grpcio", "protobuf")
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    default_max_new_tokens: int
-    max_new_tokens_limit: int
-
-    def check_max_new_tokens(self, value: int, field: str) -> None:
-        """InvalidRequest(field) unless 1 <= value <= max_new_tokens_limit."""
-        if not 1 <= value <= self.max_new_tokens_limit:
-            raise InvalidRequest(field, f"{value} is outside [1, {self.max_new_tokens_limit}] (this server's limit)")
 
 
 def versions() -> pb.Versions:

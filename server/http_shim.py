@@ -31,14 +31,12 @@ from starlette.routing import Route
 from transformers import PreTrainedTokenizerBase
 
 from loraplex.server import errors
-from loraplex.server.adapter_manager import check_reference
-from loraplex.server.admin_service import source_errors
+from loraplex.server.adapter_manager import check_reference, request_errors
 from loraplex.server.auth import Authenticator, Principal
 from loraplex.server.detokenizer import IncrementalDetokenizer
 from loraplex.server.engine import FinishReason, SamplingParams
 from loraplex.server.errors import AdapterNotFound, InvalidRequest, RequestError
-from loraplex.server.grpc_service import RequestLimits
-from loraplex.server.scheduler import Request, Scheduler
+from loraplex.server.scheduler import Request, RequestLimits, Scheduler
 from loraplex.server.settings import Scope
 
 #: HTTP status and OpenAI error type of each refusal.
@@ -130,7 +128,7 @@ class HttpShim:
         body = await _json_body(request)
         name, path = _string(body, "lora_name"), _string(body, "lora_path")
         adapters = self._scheduler.adapters
-        with source_errors():
+        with request_errors():
             _, summary, _ = await asyncio.get_running_loop().run_in_executor(adapters.admin_executor, adapters.load,
                                                                              path, name)
         return JSONResponse({"lora_name": name, "version": summary.digest})
@@ -140,7 +138,7 @@ class HttpShim:
         self._principal(request, "admin")
         name = _string(await _json_body(request), "lora_name")
         adapters = self._scheduler.adapters
-        with source_errors():
+        with request_errors():
             removed, _ = await asyncio.get_running_loop().run_in_executor(adapters.admin_executor, adapters.unload,
                                                                           name)
         return JSONResponse({"lora_name": name, "removed_versions": list(removed)})

@@ -69,6 +69,19 @@ class Request:
     sampling: SamplingParams
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask for, checked by every transport before it submits."""
+
+    default_max_new_tokens: int
+    max_new_tokens_limit: int
+
+    def check_max_new_tokens(self, value: int, field: str) -> None:
+        """InvalidRequest(field) unless 1 <= value <= max_new_tokens_limit."""
+        if not 1 <= value <= self.max_new_tokens_limit:
+            raise InvalidRequest(field, f"{value} is outside [1, {self.max_new_tokens_limit}] (this server's limit)")
+
+
 @dataclass(eq=False)
 class _Entry:
     seq: SequenceState
