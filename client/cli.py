@@ -1,6 +1,8 @@
-"""The `loraplex` command: `serve` runs a server; `generate`, `info` and `adapters ...` call one.
+"""The `loraplex` command: `serve` runs a server; `http-shim` serves the HTTP API in front of a remote one;
+`generate`, `info` and `adapters ...` call one.
 
     loraplex serve [--config FILE] [--model DIR] [--adapter NAME=DIR ...] [--port N] [...]
+    loraplex http-shim --grpc-target HOST:PORT [--port 8000]  # the HTTP API alone, in front of a server
     loraplex generate [--adapter NAME] "What is the capital of France?"
     loraplex info
     loraplex adapters list [--json]                        # name, version, rank, targets, size, tier, use
@@ -38,6 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["serve"]:
         return serve(argv[1:])
     args = _parser().parse_args(argv)
+    if args.verb == "http-shim":
+        return http_shim(args)
     try:
         root_certificates = args.tls_ca.read_bytes() if args.tls_ca else None
         with Client(args.server, api_key=args.api_key, tls=args.tls, root_certificates=root_certificates) as client:
@@ -75,10 +79,35 @@ def serve(argv: list[str]) -> int:
     return 0
 
 
+def http_shim(args: argparse.Namespace) -> int:
+    """`loraplex http-shim`: the OpenAI-style HTTP API on this machine, in front of a remote gRPC server."""
+    import asyncio
+
+    from loraplex.server.remote_backend import serve_translator
+
+    root_certificates = args.tls_ca.read_bytes() if args.tls_ca else None
+    credentials = grpc.ssl_channel_credentials(root_certificates) if args.tls or root_certificates else None
+    try:
+        asyncio.run(serve_translator(args.grpc_target, args.host, args.port, credentials))
+    except OSError as error:  # port in use, ...
+        print(f"loraplex http-shim: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__.split("\n")[0])
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{serve,generate,info,adapters}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{serve,http-shim,generate,info,adapters}")
     verbs.add_parser("serve", help="run a server (`loraplex serve --help` lists every setting)")
+    shim = verbs.add_parser("http-shim", help="serve the OpenAI-style HTTP API in front of a remote loraplex "
+                            "gRPC server (API keys are checked by that server)")
+    shim.add_argument("--grpc-target", default=os.environ.get("LORAPLEX_SERVER", DEFAULT_TARGET), metavar="HOST:PORT",
+                      help="the loraplex server's gRPC address (default: $LORAPLEX_SERVER or %(default)s)")
+    shim.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
+    shim.add_argument("--port", type=int, default=8000, help="HTTP port; 0 picks a free one (default: %(default)s)")
+    shim.add_argument("--tls", action="store_true", help="reach the server with TLS (system root certificates)")
+    shim.add_argument("--tls-ca", type=Path, metavar="FILE", help="PEM root certificate to verify the server with "
+                      "(implies --tls)")
     generate = verbs.add_parser("generate", help="generate from a prompt, streaming text to the terminal")
     prompt = generate.add_mutually_exclusive_group(required=True)
     prompt.add_argument("prompt", nargs="?", help="prompt text")

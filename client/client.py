@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -48,7 +48,19 @@ class FinishReason(enum.Enum):
     """max_new_tokens or the model's context length was reached."""
 
 
+Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
+"""Text, token ids, or chat messages ({"role", "content"} dicts)."""
+
 _FINISH_REASONS = {pb.FINISH_REASON_STOP: FinishReason.STOP, pb.FINISH_REASON_LENGTH: FinishReason.LENGTH}
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A candidate token of one step: id, its text alone, log-probability (unprocessed distribution)."""
+
+    id: int
+    piece: str
+    logprob: float
 
 
 @dataclass(frozen=True)
@@ -60,10 +72,15 @@ class Token:
     """Text this token adds ("" while a UTF-8 character is incomplete, or without a tokenizer)."""
     logprob: float | None
     """Log-probability under the model's unprocessed distribution; None unless `logprobs=True` was asked."""
+    piece: str = ""
+    """The token decoded alone; "" unless `logprobs` or `top_logprobs` was asked."""
+    top_logprobs: tuple[TokenLogprob, ...] = ()
+    """The `top_logprobs` most likely tokens of this step, most likely first."""
 
     @classmethod
     def from_proto(cls, token: pb.Token) -> Token:
-        return cls(token.id, token.text, token.logprob if token.HasField("logprob") else None)
+        return cls(token.id, token.text, token.logprob if token.HasField("logprob") else None, token.piece,
+                   tuple(TokenLogprob(top.id, top.piece, top.logprob) for top in token.top_logprobs))
 
 
 @dataclass(frozen=True)
@@ -152,23 +169,31 @@ class RetryPolicy:
         return json.dumps({"methodConfig": methods})
 
 
-def build_request(prompt: str | Sequence[int], adapter: str = "", *, chat: bool = False,
-                  max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
-                  top_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None,
-                  stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
-                  logprobs: bool = False) -> pb.GenerateRequest:
-    """A GenerateRequest: `prompt` is text (tokenized by the server) or token ids; None leaves the
+def build_request(prompt: Prompt, adapter: str = "", *,
+                  chat: bool = False, max_new_tokens: int | None = None, temperature: float | None = None,
+                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
+                  seed: int | None = None, presence_penalty: float | None = None,
+                  frequency_penalty: float | None = None, stop_token_ids: Sequence[int] = (),
+                  ignore_eos: bool = False, logprobs: bool = False, top_logprobs: int = 0) -> pb.GenerateRequest:
+    """A GenerateRequest: `prompt` is text (tokenized by the server), token ids, or chat messages
+    (`{"role": ..., "content": ...}` dicts, rendered with the model's chat template); None leaves the
     server default; `adapter` is "NAME", "NAME@VERSION" or "" (the base model); `chat` applies the
-    model's chat template to text; `logprobs` asks for each token's log-probability."""
+    model's chat template to text; `logprobs` asks for each token's log-probability, `top_logprobs` for
+    that many most likely alternatives of each step."""
     sampling = {k: v for k, v in dict(temperature=temperature, top_k=top_k, top_p=top_p,
-                                      repetition_penalty=repetition_penalty, seed=seed).items() if v is not None}
+                                      repetition_penalty=repetition_penalty, seed=seed,
+                                      presence_penalty=presence_penalty,
+                                      frequency_penalty=frequency_penalty).items() if v is not None}
     request = pb.GenerateRequest(
         adapter=adapter, chat=chat, sampling=pb.SamplingParameters(**sampling), logprobs=logprobs,
+        top_logprobs=top_logprobs,
         stopping=pb.StoppingCriteria(max_new_tokens=max_new_tokens, stop_token_ids=list(stop_token_ids),
                                      ignore_eos=ignore_eos),
     )
     if isinstance(prompt, str):
         request.text = prompt
+    elif prompt and isinstance(prompt[0], Mapping):
+        request.messages.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in prompt)
     else:
         request.token_ids.ids.extend(prompt)
     return request
@@ -201,14 +226,14 @@ class Client:
         self._admin = admin_pb_grpc.AdapterAdminStub(self._channel)
         self._metadata = _metadata(api_key)
 
-    def generate(self, prompt: str | Sequence[int], adapter: str = "", timeout: float | None = None,
+    def generate(self, prompt: Prompt, adapter: str = "", timeout: float | None = None,
                  **options) -> Generation:
         """The whole generation in one answer; `options` are build_request's keyword arguments."""
         response = self._stub.Generate(build_request(prompt, adapter, **options), timeout=timeout,
                                        metadata=self._metadata)
         return Generation.from_proto(response)
 
-    def generate_stream(self, prompt: str | Sequence[int], adapter: str = "", timeout: float | None = None,
+    def generate_stream(self, prompt: Prompt, adapter: str = "", timeout: float | None = None,
                         **options) -> Iterator[Chunk]:
         """One chunk per generated token, as the server produces them; `options` are build_request's
         keyword arguments. Leaving the loop early cancels the request on the server."""
@@ -297,13 +322,13 @@ class AsyncClient:
         self._admin = admin_pb_grpc.AdapterAdminStub(self._channel)
         self._metadata = _metadata(api_key)
 
-    async def generate(self, prompt: str | Sequence[int], adapter: str = "", timeout: float | None = None,
+    async def generate(self, prompt: Prompt, adapter: str = "", timeout: float | None = None,
                        **options) -> Generation:
         response = await self._stub.Generate(build_request(prompt, adapter, **options), timeout=timeout,
                                              metadata=self._metadata)
         return Generation.from_proto(response)
 
-    async def generate_stream(self, prompt: str | Sequence[int], adapter: str = "", timeout: float | None = None,
+    async def generate_stream(self, prompt: Prompt, adapter: str = "", timeout: float | None = None,
                               **options) -> AsyncIterator[Chunk]:
         call = self._stub.GenerateStream(build_request(prompt, adapter, **options), timeout=timeout,
                                          metadata=self._metadata)

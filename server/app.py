@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,9 @@ from loraplex.server.admin_service import AdminService
 from loraplex.server.auth import Authenticator
 from loraplex.server.default_model import default_model_path, loraplex_home
 from loraplex.server.engine import Engine
+from loraplex.server.generation import GenerationCore
 from loraplex.server.grpc_service import GenerationService
-from loraplex.server.http_shim import EmbeddedServer, HttpShim
+from loraplex.server.http_shim import EmbeddedServer, HttpShim, bind_http_socket
 from loraplex.server.interceptor import ErrorInterceptor
 from loraplex.server.model_files import base_digest, iter_weights, model_spec
 from loraplex.server.scheduler import RequestLimits, Scheduler
@@ -91,7 +91,7 @@ async def start(settings: Settings, interceptors: Sequence[grpc.aio.ServerInterc
         log.warning("no api_keys are configured: listening on %s instead of %s (configure api_keys, or set "
                     "allow_unauthenticated_remote to serve other machines without authentication)", host, settings.host)
     port = _bind(server, host, settings.port, _server_credentials(settings))
-    http_socket = _bind_http(host, settings.http_port) if settings.http_port is not None else None
+    http_socket = bind_http_socket(host, settings.http_port) if settings.http_port is not None else None
     folder = settings.model or default_model_path()
     engine = Engine(model_spec(folder), iter_weights(folder), settings.engine)
     adapters = adapter_manager(engine, settings, base_digest(folder))
@@ -99,8 +99,8 @@ async def start(settings: Settings, interceptors: Sequence[grpc.aio.ServerInterc
     auth = Authenticator(settings.api_keys)
     tokenizer = load_tokenizer(folder)
     limits = RequestLimits(settings.default_max_new_tokens, settings.max_new_tokens_limit)
-    service = GenerationService(scheduler, tokenizer, auth, limits, folder.name)
-    generation_pb2_grpc.add_GenerationServicer_to_server(service, server)
+    core = GenerationCore(scheduler, tokenizer, auth, limits, folder.name)
+    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationService(core), server)
     admin_pb2_grpc.add_AdapterAdminServicer_to_server(AdminService(adapters, auth), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -118,22 +118,11 @@ async def start(settings: Settings, interceptors: Sequence[grpc.aio.ServerInterc
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     app = App(server, scheduler, health, host, port, folder.name, watcher)
     if http_socket is not None:
-        shim = HttpShim(scheduler, tokenizer, auth, limits, folder.name)
-        app.http = EmbeddedServer(uvicorn.Config(shim.app, log_level="warning", lifespan="off"))
+        app.http = EmbeddedServer(uvicorn.Config(HttpShim(core).app, log_level="warning", lifespan="off"))
         app.http_task = asyncio.create_task(app.http.serve(sockets=[http_socket]))
         while not app.http.started and not app.http_task.done():
             await asyncio.sleep(0.01)
     return app
-
-
-def _bind_http(host: str, port: int) -> socket.socket:
-    """The HTTP listening socket, bound before anything slow happens (a taken port fails at once)."""
-    address = host.removeprefix("[").removesuffix("]")
-    try:
-        family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
-        return socket.create_server((address, port), family=family)
-    except OSError as error:
-        raise OSError(f"cannot listen on {host}:{port} (HTTP): {error.strerror or error}") from None
 
 
 def adapter_manager(engine: Engine, settings: Settings, base: str) -> AdapterManager:

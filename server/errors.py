@@ -4,6 +4,10 @@ The scheduler, the request decoding and auth raise these; each transport maps th
 own status codes (gRPC: server/interceptor.py). Messages are shown to the caller as they are.
 """
 
+from __future__ import annotations
+
+from collections.abc import Mapping
+
 
 class RequestError(Exception):
     """A request the server refuses; the message says what to change."""
@@ -14,7 +18,11 @@ class InvalidRequest(RequestError):
 
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
-        self.field = field
+        self.field, self.problem = field, problem
+
+    def renamed(self, names: Mapping[str, str]) -> InvalidRequest:
+        """The same refusal with the field named as a transport calls it (`names`: neutral -> wire name)."""
+        return InvalidRequest(names.get(self.field, self.field), self.problem)
 
 
 class AdapterNotFound(RequestError):

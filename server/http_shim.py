@@ -1,16 +1,21 @@
-"""The OpenAI-style HTTP API, served next to gRPC on the same scheduler (Starlette app, uvicorn server).
+"""The OpenAI-style HTTP API (Starlette app, uvicorn server) over a generation backend.
 
-Endpoints: GET /health (the process answers), GET /ready (the model is loaded and requests are taken),
+The backend is the in-process `GenerationCore` when `loraplex serve` runs the shim next to gRPC, or a
+`RemoteBackend` (server/remote_backend.py) when `loraplex http-shim --grpc-target HOST:PORT` runs it
+alone in front of a remote server; the shim itself only translates JSON to `GenerateCall`s and
+`GeneratedToken`s to JSON, and forwards `Authorization: Bearer KEY` to the backend, which checks it.
+
+Endpoints: GET /health (the process answers), GET /ready (the backend takes requests; 503 otherwise),
 GET /v1/models (the base and every adapter the key may use), POST /v1/completions and
 POST /v1/chat/completions, each unary or streamed as server-sent events ending in `data: [DONE]`,
 and vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (scope "admin").
 `model` names the base (its folder name, or "") or an adapter ("NAME" or "NAME@VERSION").
 Supported: max_tokens / max_completion_tokens, temperature, top_p, seed, stop (a string or a list,
-matched on the decoded text), stream (one event per token when no stop string is set),
-stream_options.include_usage, and vLLM's ignore_eos; parameters loraplex does not
-implement yet (n > 1, logprobs, top_logprobs, presence/frequency penalties) are refused with 400
-rather than silently ignored; unknown parameters are ignored. Errors have OpenAI's shape
-`{"error": {"message", "type", "param", "code"}}`. A client that disconnects frees its sequence.
+matched on the decoded text), n (choice i samples with seed + i when a seed is given), logprobs and
+top_logprobs (chat: a flag and a count; completions: a count), presence_penalty / frequency_penalty,
+stream (one event per token and choice when no stop string is set), stream_options.include_usage, and
+vLLM's ignore_eos; unknown parameters are ignored. Errors have OpenAI's shape
+`{"error": {"message", "type", "param", "code"}}`. A client that disconnects frees its sequences.
 """
 
 from __future__ import annotations
@@ -18,26 +23,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from transformers import PreTrainedTokenizerBase
 
 from loraplex.server import errors
-from loraplex.server.adapter_manager import check_reference, request_errors
-from loraplex.server.auth import Authenticator, Principal
-from loraplex.server.detokenizer import IncrementalDetokenizer
-from loraplex.server.engine import FinishReason, SamplingParams
+from loraplex.server.engine import FinishReason
 from loraplex.server.errors import AdapterNotFound, InvalidRequest, RequestError
-from loraplex.server.scheduler import Request, RequestLimits, Scheduler
-from loraplex.server.settings import Scope
+from loraplex.server.generation import MAX_TOP_LOGPROBS, ChatMessage, GenerateCall, GeneratedToken, ModelList
 
 #: HTTP status and OpenAI error type of each refusal.
 HTTP_ERRORS: dict[type[RequestError], tuple[int, str]] = {
@@ -51,62 +53,93 @@ HTTP_ERRORS: dict[type[RequestError], tuple[int, str]] = {
 }
 FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
 MAX_STOP_STRINGS = 4
-UNSUPPORTED = {"n": 1, "logprobs": None, "top_logprobs": None, "presence_penalty": 0, "frequency_penalty": 0}
-"""Parameters not implemented yet, with the only value accepted (OpenAI's default)."""
+MAX_CHOICES = 16
+PARAMS = {"max_new_tokens": "max_tokens", "prompt": "prompt", "chat": "messages"}
+"""GenerateCall's field names as the OpenAI body spells them (in errors' `param`)."""
+
+
+class Backend(Protocol):
+    """Where the model runs: GenerationCore (in process) or RemoteBackend (a loraplex gRPC server).
+    `authorization` is the caller's header value ("Bearer KEY"); the backend authenticates it."""
+
+    def generate(self, authorization: str | None, call: GenerateCall) -> AsyncIterator[GeneratedToken]: ...
+
+    async def ready(self) -> bool: ...
+
+    async def models(self, authorization: str | None) -> ModelList: ...
+
+    async def load_adapter(self, authorization: str | None, name: str, source: str) -> str: ...
+
+    async def unload_adapter(self, authorization: str | None, name: str) -> list[str]: ...
 
 
 @dataclass(frozen=True)
-class Generated:
-    """One step of an answer: the text it adds, and on the last one the finish reason and token counts."""
+class Piece:
+    """One step of one choice: the text it adds and the tokens behind it; the last one has the finish
+    reason and the choice's token counts."""
 
     text: str
+    tokens: tuple[GeneratedToken, ...]
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
 
-class HttpShim:
-    """The Starlette app over one scheduler; `app` is the ASGI application."""
+@dataclass(frozen=True)
+class Answer:
+    """How one request is answered: the call of each choice and the wire options around it."""
 
-    def __init__(self, scheduler: Scheduler, tokenizer: PreTrainedTokenizerBase | None, auth: Authenticator,
-                 limits: RequestLimits, model_name: str) -> None:
-        self._scheduler, self._tokenizer, self._auth = scheduler, tokenizer, auth
-        self._limits, self._model_name = limits, model_name
+    calls: list[GenerateCall]
+    stops: tuple[str, ...]
+    chat: bool
+    model: str
+    stream: bool
+    include_usage: bool
+    legacy_logprobs: bool
+    """Completions' logprobs shape (tokens / token_logprobs / top_logprobs / text_offset), not chat's."""
+
+
+class HttpShim:
+    """The Starlette app over one backend; `app` is the ASGI application."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
         self.app = Starlette(routes=[
             Route("/health", self.health), Route("/ready", self.ready), Route("/v1/models", self.models),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/load_lora_adapter", self.load_lora_adapter, methods=["POST"]),
             Route("/v1/unload_lora_adapter", self.unload_lora_adapter, methods=["POST"]),
-        ], exception_handlers={RequestError: _error_response, json.JSONDecodeError: _bad_json})
+        ], exception_handlers={RequestError: _error_response, json.JSONDecodeError: _bad_json,
+                               Exception: _error_response})
 
     async def health(self, request: HttpRequest) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def ready(self, request: HttpRequest) -> Response:
-        return JSONResponse({"status": "ready", "model": self._model_name})
+        if await self._backend.ready():
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "unavailable"}, 503)
 
     async def models(self, request: HttpRequest) -> Response:
-        principal = self._principal(request)
-        statuses = self._scheduler.adapters.statuses()
-        base = [{"id": self._model_name, "object": "model", "created": 0, "owned_by": "loraplex"}]
-        adapters = [{"id": status.name, "object": "model", "created": 0, "owned_by": "loraplex",
-                     "parent": self._model_name, "version": status.current}
-                    for status in statuses if principal.may_use(status.name)]
-        return JSONResponse({"object": "list", "data": (base if principal.may_use("") else []) + adapters})
+        listed = await self._backend.models(_authorization(request))
+        card = {"object": "model", "created": 0, "owned_by": "loraplex"}
+        base = [{"id": listed.base, **card}] if listed.base is not None else []
+        adapters = [{"id": name, **card, "parent": listed.base, "version": version}
+                    for name, version in listed.adapters]
+        return JSONResponse({"object": "list", "data": base + adapters})
 
     async def completions(self, request: HttpRequest) -> Response:
         body = await _json_body(request)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
-        if isinstance(prompt, str) and prompt:
-            prompt_ids = self._require_tokenizer("prompt")(prompt)["input_ids"]
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            prompt_ids = prompt
-        else:
+        if not (isinstance(prompt, str) and prompt) and not (
+                isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                            for t in prompt)):
             raise InvalidRequest("prompt", "must be a non-empty string, or a list of token ids")
-        return await self._answer(request, body, prompt_ids, chat=False)
+        top = _optional_int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+        return await self._answer(request, body, prompt, chat=False, logprobs=top is not None, top_logprobs=top or 0)
 
     async def chat_completions(self, request: HttpRequest) -> Response:
         body = await _json_body(request)
@@ -115,150 +148,225 @@ class HttpShim:
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in messages):
             raise InvalidRequest("messages", "must be a non-empty list of {role, content} with string content")
-        tokenizer = self._require_tokenizer("messages")
-        if not tokenizer.chat_template:
-            raise InvalidRequest("messages", "this model has no chat template; use /v1/completions")
-        prompt_ids = tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
-                                                   add_generation_prompt=True, tokenize=True, return_dict=False)
-        return await self._answer(request, body, list(prompt_ids), chat=True)
+        logprobs = _flag(body, "logprobs")
+        top = _optional_int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+        if top and not logprobs:
+            raise InvalidRequest("top_logprobs", "needs logprobs: true")
+        prompt = [ChatMessage(m["role"], m["content"]) for m in messages]
+        return await self._answer(request, body, prompt, chat=True, logprobs=logprobs, top_logprobs=top or 0)
 
     async def load_lora_adapter(self, request: HttpRequest) -> Response:
         """vLLM's endpoint: {"lora_name", "lora_path"} -> AdapterAdmin.LoadAdapter (scope "admin")."""
-        self._principal(request, "admin")
         body = await _json_body(request)
         name, path = _string(body, "lora_name"), _string(body, "lora_path")
-        adapters = self._scheduler.adapters
-        with request_errors():
-            _, summary, _ = await asyncio.get_running_loop().run_in_executor(adapters.admin_executor, adapters.load,
-                                                                             path, name)
-        return JSONResponse({"lora_name": name, "version": summary.digest})
+        version = await self._backend.load_adapter(_authorization(request), name, path)
+        return JSONResponse({"lora_name": name, "version": version})
 
     async def unload_lora_adapter(self, request: HttpRequest) -> Response:
         """vLLM's endpoint: {"lora_name"} -> AdapterAdmin.UnloadAdapter without waiting (scope "admin")."""
-        self._principal(request, "admin")
         name = _string(await _json_body(request), "lora_name")
-        adapters = self._scheduler.adapters
-        with request_errors():
-            removed, _ = await asyncio.get_running_loop().run_in_executor(adapters.admin_executor, adapters.unload,
-                                                                          name)
-        return JSONResponse({"lora_name": name, "removed_versions": list(removed)})
+        removed = await self._backend.unload_adapter(_authorization(request), name)
+        return JSONResponse({"lora_name": name, "removed_versions": removed})
 
-    async def _answer(self, request: HttpRequest, body: dict, prompt_ids: list[int], chat: bool) -> Response:
-        """Submit, then answer in one JSON document or as an event stream."""
-        principal = self._principal(request)
-        model = body.get("model", "")
-        if not isinstance(model, str):
-            raise InvalidRequest("model", "must be a string")
-        adapter = "" if model in ("", self._model_name) else model
-        principal.require_adapter(check_reference(adapter))
-        sampling, stops = self._sampling(body)
-        stream = _flag(body, "stream")
-        include_usage = _flag(body.get("stream_options") or {}, "include_usage")
-        pieces = self._generate(Request(adapter, prompt_ids, sampling), prompt_ids, stops)
-        first = await anext(pieces)  # refusals (unknown model, overload) surface here, before any byte is sent
+    async def _answer(self, request: HttpRequest, body: dict, prompt: str | list[int] | list[ChatMessage],
+                      chat: bool, logprobs: bool, top_logprobs: int) -> Response:
+        """Start every choice, then answer in one JSON document or as an event stream."""
+        answer = _decode(body, prompt, chat, logprobs, top_logprobs)
+        authorization = _authorization(request)
+        choices = [self._pieces(self._backend.generate(authorization, call), answer.stops) for call in answer.calls]
+        try:  # refusals (unknown model, overload, bad parameter) surface here, before any byte is sent
+            firsts = await asyncio.gather(*(anext(choice) for choice in choices))
+        except BaseException:
+            await asyncio.gather(*(choice.aclose() for choice in choices), return_exceptions=True)
+            raise
         ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
-        if stream:
-            events = _events(first, pieces, ident, created, model, chat, include_usage)
-            return StreamingResponse(events, media_type="text/event-stream")
-        text, last = first.text, first
-        try:
-            async for piece in pieces:
-                text, last = text + piece.text, piece
-        finally:  # also when the client goes away mid-answer
-            await pieces.aclose()
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": last.finish_reason}
-                  if chat else {"index": 0, "text": text, "finish_reason": last.finish_reason, "logprobs": None})
+        if answer.stream:
+            return StreamingResponse(_events(answer, firsts, choices, ident, created), media_type="text/event-stream")
+        pieces = await asyncio.gather(*(_rest(first, choice) for first, choice in zip(firsts, choices, strict=True)))
+        rendered = [_choice(answer, index, _joined(choice_pieces), final=True)
+                    for index, choice_pieces in enumerate(pieces)]
         return JSONResponse({"id": ident, "object": "chat.completion" if chat else "text_completion",
-                             "created": created, "model": model, "choices": [choice], "usage": _usage(last)})
+                             "created": created, "model": answer.model, "choices": rendered,
+                             "usage": _usage([choice_pieces[-1] for choice_pieces in pieces])})
 
-    async def _generate(self, request: Request, prompt_ids: list[int], stops: tuple[str, ...],
-                        ) -> AsyncIterator[Generated]:
-        """Text pieces of one request: a first empty piece once it is accepted, then the text as it comes,
-        cut at the first stop string (held back while it may still be forming); the last piece finishes."""
-        stream = self._scheduler.submit(request)
-        yield Generated("")
-        detokenizer = IncrementalDetokenizer(self._tokenizer, prompt_ids) if self._tokenizer else None
-        held, generated, holdback = "", 0, max(map(len, stops), default=1) - 1
+    async def _pieces(self, tokens: AsyncIterator[GeneratedToken], stops: tuple[str, ...]) -> AsyncIterator[Piece]:
+        """One choice's pieces: its text as it comes, cut at the first stop string (held back while one may
+        still be forming); the last piece finishes. Field names in refusals are the OpenAI body's."""
+        held, held_tokens, generated, holdback = "", [], 0, max(map(len, stops), default=1) - 1
         try:
-            async for event in stream:
+            async for token in tokens:
                 generated += 1
-                final = event.finish_reason is not None
-                held += detokenizer.add(event.token_id, final) if detokenizer else ""
+                held += token.text
+                held_tokens.append(token)
                 cut = min((i for i in (held.find(stop) for stop in stops) if i >= 0), default=-1)
-                if cut >= 0 or final:
-                    reason = "stop" if cut >= 0 else FINISH[event.finish_reason]
-                    yield Generated(held[:cut] if cut >= 0 else held, reason, len(prompt_ids), generated)
+                if cut >= 0 or token.completion is not None:
+                    reason = "stop" if cut >= 0 else FINISH[token.completion.finish_reason]
+                    prompt_tokens = token.completion.prompt_tokens if token.completion else 0
+                    yield Piece(held[:cut] if cut >= 0 else held, tuple(held_tokens), reason, prompt_tokens, generated)
                     return
                 if not stops:  # one piece per token, as gRPC streams (its text may be empty)
-                    emit, held = held, ""
-                    yield Generated(emit)
+                    yield Piece(held, tuple(held_tokens))
+                    held, held_tokens = "", []
                 elif len(held) > holdback:
                     emit, held = held[:len(held) - holdback], held[len(held) - holdback:]
-                    yield Generated(emit)
+                    yield Piece(emit, tuple(held_tokens))
+                    held_tokens = []
+        except InvalidRequest as error:
+            raise error.renamed(PARAMS) from None
         finally:  # done, stopped by a stop string, or the client went away: free the sequence
-            stream.cancel()
-
-    def _sampling(self, body: dict) -> tuple[SamplingParams, tuple[str, ...]]:
-        for name, accepted in UNSUPPORTED.items():
-            if body.get(name, accepted) not in (accepted, None):
-                raise InvalidRequest(name, f"only {accepted!r} is supported by this server")
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        max_new_tokens = self._limits.default_max_new_tokens if max_tokens is None else _int(max_tokens, "max_tokens")
-        self._limits.check_max_new_tokens(max_new_tokens, "max_tokens")
-        values = {"temperature": _number(body, "temperature", 1.0), "top_p": _number(body, "top_p", 1.0)}
-        if body.get("seed") is not None:
-            values["seed"] = _int(body["seed"], "seed")
-        stop = body.get("stop")
-        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        if not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP_STRINGS:
-            raise InvalidRequest("stop", f"must be a non-empty string or a list of up to {MAX_STOP_STRINGS}")
-        try:
-            return SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=_flag(body, "ignore_eos"), **values), stops
-        except ValueError as error:
-            raise InvalidRequest(str(error).split("=")[0].rsplit(" ", 1)[-1], str(error)) from None
-
-    def _principal(self, request: HttpRequest, scope: Scope = "inference") -> Principal:
-        principal = self._auth.authenticate(request.headers.get("authorization"))
-        principal.require_scope(scope)
-        return principal
-
-    def _require_tokenizer(self, field: str) -> PreTrainedTokenizerBase:
-        if self._tokenizer is None:
-            raise InvalidRequest(field, "this model folder has no tokenizer; send token ids to /v1/completions")
-        return self._tokenizer
+            await tokens.aclose()
 
 
-async def _events(first: Generated, pieces: AsyncIterator[Generated], ident: str, created: int, model: str,
-                  chat: bool, include_usage: bool) -> AsyncIterator[str]:
-    """The SSE frames of one streamed answer (the role first for chat), then the usage chunk if asked, then [DONE]."""
-    kind = "chat.completion.chunk" if chat else "text_completion"
-    last = first
+def _decode(body: dict, prompt: str | list[int] | list[ChatMessage], chat: bool, logprobs: bool,
+            top_logprobs: int) -> Answer:
+    """The body's GenerateCall for each of its `n` choices and the answer's wire options."""
+    model = body.get("model", "")
+    if not isinstance(model, str):
+        raise InvalidRequest("model", "must be a string")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    sampling = {"temperature": _number(body, "temperature", 1.0), "top_p": _number(body, "top_p", 1.0),
+                "presence_penalty": _number(body, "presence_penalty", 0.0),
+                "frequency_penalty": _number(body, "frequency_penalty", 0.0)}
+    seed = _optional_int(body, "seed", -(2**63), 2**64 - 1)
+    stop = body.get("stop")
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP_STRINGS:
+        raise InvalidRequest("stop", f"must be a non-empty string or a list of up to {MAX_STOP_STRINGS}")
+    n = _optional_int(body, "n", 1, MAX_CHOICES) or 1
+    call = GenerateCall(adapter=model, prompt=prompt, max_new_tokens=None if max_tokens is None else
+                        _int(max_tokens, "max_tokens"), sampling=sampling, ignore_eos=_flag(body, "ignore_eos"),
+                        logprobs=logprobs, top_logprobs=top_logprobs)
+    calls = [replace(call, sampling={**sampling, "seed": (seed + i) % 2**64}) if seed is not None else call
+             for i in range(n)]
+    return Answer(calls, stops, chat, model, _flag(body, "stream"),
+                  _flag(body.get("stream_options") or {}, "include_usage"), legacy_logprobs=not chat)
+
+
+async def _rest(first: Piece, choice: AsyncIterator[Piece]) -> list[Piece]:
+    """Every piece of one choice, `first` included; the choice is closed also if the client goes away."""
+    pieces = [first]
+    try:
+        async for piece in choice:
+            pieces.append(piece)
+    finally:
+        await choice.aclose()
+    return pieces
+
+
+def _joined(pieces: Sequence[Piece]) -> Piece:
+    last = pieces[-1]
+    return Piece("".join(p.text for p in pieces), tuple(t for p in pieces for t in p.tokens), last.finish_reason,
+                 last.prompt_tokens, last.completion_tokens)
+
+
+async def _events(answer: Answer, firsts: list[Piece], choices: list[AsyncIterator[Piece]], ident: str,
+                  created: int) -> AsyncIterator[str]:
+    """The SSE frames of one streamed answer (each choice's role first for chat), then the usage chunk if
+    asked, then [DONE]."""
+    kind = "chat.completion.chunk" if answer.chat else "text_completion"
+    lasts = list(firsts)
+    offsets = [0] * len(choices)
 
     def frame(payload: dict) -> str:
-        return f"data: {json.dumps({'id': ident, 'object': kind, 'created': created, 'model': model, **payload})}\n\n"
+        header = {"id": ident, "object": kind, "created": created, "model": answer.model}
+        return f"data: {json.dumps({**header, **payload})}\n\n"
 
-    def choice(text: str, finish: str | None, role: bool = False) -> dict:
-        if chat:
-            delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
-            return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        return {"choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+    def chunk(index: int, piece: Piece) -> str:
+        lasts[index] = piece
+        rendered = _choice(answer, index, piece, final=False, offset=offsets[index])
+        offsets[index] += len(piece.text)
+        return frame({"choices": [rendered]})
 
     try:
-        if chat:
-            yield frame(choice("", None, role=True))
-        async for piece in pieces:
-            last = piece
-            yield frame(choice(piece.text, piece.finish_reason))
-    finally:  # a client that disconnects mid-stream frees its sequence
-        await pieces.aclose()
-    if include_usage:
-        yield frame({"choices": [], "usage": _usage(last)})
+        if answer.chat:
+            for index in range(len(choices)):
+                yield frame({"choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": None, "finish_reason": None}]})
+        for index, first in enumerate(firsts):
+            yield chunk(index, first)
+        async for index, piece in _merged([choice for choice, first in zip(choices, firsts, strict=True)
+                                           if first.finish_reason is None],
+                                          [i for i, first in enumerate(firsts) if first.finish_reason is None]):
+            yield chunk(index, piece)
+    finally:  # a client that disconnects mid-stream frees its sequences
+        await asyncio.gather(*(choice.aclose() for choice in choices), return_exceptions=True)
+    if answer.include_usage:
+        yield frame({"choices": [], "usage": _usage(lasts)})
     yield "data: [DONE]\n\n"
 
 
-def _usage(last: Generated) -> dict[str, int]:
-    return {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
-            "total_tokens": last.prompt_tokens + last.completion_tokens}
+async def _merged(choices: list[AsyncIterator[Piece]], indices: list[int]) -> AsyncIterator[tuple[int, Piece]]:
+    """(choice index, piece) as each choice produces them; one choice is iterated directly (no tasks)."""
+    if len(choices) == 1:
+        async for piece in choices[0]:
+            yield indices[0], piece
+        return
+    queue: asyncio.Queue[tuple[int, Piece | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, choice: AsyncIterator[Piece]) -> None:
+        try:
+            async for piece in choice:
+                await queue.put((index, piece))
+            await queue.put((index, None))
+        except BaseException as error:  # re-raised by the consumer (cancellation included)
+            await queue.put((index, error))
+
+    tasks = [asyncio.create_task(pump(index, choice)) for index, choice in zip(indices, choices, strict=True)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _choice(answer: Answer, index: int, piece: Piece, final: bool, offset: int = 0) -> dict:
+    """One rendered choice: a whole message (`final`, unary answers) or a streamed delta."""
+    logprobs = _logprobs(answer, piece, offset) if answer.calls[index].logprobs else None
+    if not answer.chat:
+        return {"index": index, "text": piece.text, "finish_reason": piece.finish_reason, "logprobs": logprobs}
+    if final:
+        content = {"message": {"role": "assistant", "content": piece.text}}
+    else:
+        content = {"delta": {"content": piece.text} if piece.text else {}}
+    return {"index": index, **content, "logprobs": logprobs, "finish_reason": piece.finish_reason}
+
+
+def _logprobs(answer: Answer, piece: Piece, offset: int) -> dict:
+    """The piece's tokens in OpenAI's logprobs shape: completions' parallel lists, or chat's content list."""
+    tokens = piece.tokens
+    if answer.legacy_logprobs:
+        offsets, position = [], offset
+        for token in tokens:
+            offsets.append(position)
+            position += len(token.text)
+        top = [{alt.piece: alt.logprob for alt in token.top_logprobs} for token in tokens]
+        return {"tokens": [t.piece for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+                "top_logprobs": top if answer.calls[0].top_logprobs else None, "text_offset": offsets}
+
+    def entry(piece_text: str, logprob: float) -> dict:
+        return {"token": piece_text, "logprob": logprob, "bytes": list(piece_text.encode())}
+
+    return {"content": [{**entry(t.piece, t.logprob), "top_logprobs": [entry(a.piece, a.logprob)
+                                                                        for a in t.top_logprobs]}
+                        for t in tokens]}
+
+
+def _usage(lasts: Sequence[Piece]) -> dict[str, int]:
+    prompt, completion = lasts[0].prompt_tokens, sum(last.completion_tokens for last in lasts)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _authorization(request: HttpRequest) -> str | None:
+    return request.headers.get("authorization")
 
 
 async def _json_body(request: HttpRequest) -> dict:
@@ -288,6 +396,16 @@ def _int(value: object, name: str) -> int:
     return value
 
 
+def _optional_int(body: dict, name: str, low: int, high: int) -> int | None:
+    """body[name] when set (an integer in [low, high]), else None."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if not low <= _int(value, name) <= high:
+        raise InvalidRequest(name, f"must lie in [{low}, {high}]")
+    return value
+
+
 def _number(body: dict, name: str, default: float) -> float:
     value = body.get(name)
     if value is None:
@@ -298,14 +416,26 @@ def _number(body: dict, name: str, default: float) -> float:
 
 
 async def _error_response(request: HttpRequest, error: Exception) -> Response:
+    """A refusal with its status and message; anything else as 500 without details (the log has them)."""
     status, kind = HTTP_ERRORS.get(type(error), (500, "server_error"))
+    message = str(error) if isinstance(error, RequestError) else "internal error (see the server log)"
     param = error.field if isinstance(error, InvalidRequest) else None
     code = "model_not_found" if isinstance(error, AdapterNotFound) else None
-    return JSONResponse({"error": {"message": str(error), "type": kind, "param": param, "code": code}}, status)
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
 
 
 async def _bad_json(request: HttpRequest, error: Exception) -> Response:
     return await _error_response(request, InvalidRequest("body", f"is not valid JSON ({error})"))
+
+
+def bind_http_socket(host: str, port: int) -> socket.socket:
+    """The HTTP listening socket, bound before anything slow happens (a taken port fails at once)."""
+    address = host.removeprefix("[").removesuffix("]")
+    try:
+        family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((address, port), family=family)
+    except OSError as error:
+        raise OSError(f"cannot listen on {host}:{port} (HTTP): {error.strerror or error}") from None
 
 
 class EmbeddedServer(uvicorn.Server):

@@ -186,6 +186,11 @@ class Scheduler:
                                  f"the whole cache holds {pool}: ask for fewer tokens")
 
     @property
+    def accepting(self) -> bool:
+        """Whether submits are taken (False once the server drains)."""
+        return self._accepting
+
+    @property
     def num_waiting(self) -> int:
         return sum(len(queue) for queue in self._waiting.values())
 

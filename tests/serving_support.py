@@ -3,15 +3,21 @@ helpers for tests against a running server."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
+import urllib.error
+import urllib.request
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
 import pytest
+from transformers import AutoTokenizer
 
 from loraplex.adapters.peft_format import read_lora_weights
 from loraplex.server.adapter_manager import AdapterManager
-from loraplex.server.app import App
+from loraplex.server.app import App, start
 from loraplex.server.app import adapter_manager as build_adapter_manager
 from loraplex.server.engine import Engine, EngineConfig, SamplingParams
 from loraplex.server.engine.lora import NO_ADAPTER
@@ -98,3 +104,42 @@ async def drain(stream) -> None:
     """Iterate an async stream to its end (or its error)."""
     async for _ in stream:
         pass
+
+
+@asynccontextmanager
+async def serving(serving_model, **overrides):
+    """An in-process server on the tiny model and its adapters (free gRPC and HTTP ports); yields
+    (app, the HTTP shim's base URL ending in /v1)."""
+    base, adapters = serving_model
+    values = dict(model=base, adapter=adapters, host="127.0.0.1", port=0, http_port=0, reflection=False,
+                  engine=EngineConfig(**TEST_ENGINE))
+    app = await start(load_settings(**{**values, **overrides}))
+    try:
+        yield app, f"http://127.0.0.1:{app.http.port}/v1"
+    finally:
+        await app.stop(0)
+
+
+def post(url: str, payload: dict, key: str | None = None) -> tuple[int, dict]:
+    """POST JSON with urllib (optionally `authorization: Bearer key`): (status, JSON answer)."""
+    headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(url, method="POST", headers=headers, data=json.dumps(payload).encode())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+"""A template whose text the test tokenizer can encode (only the contents, space-separated)."""
+
+
+def with_chat_template(serving_model: tuple[Path, dict[str, Path]], base: Path) -> tuple[Path, dict[str, Path]]:
+    """A copy of the serving model's base at `base` with CHAT_TEMPLATE (tokenizer files are not part of the
+    base's identity, so its adapters still apply)."""
+    shutil.copytree(serving_model[0], base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(base)
+    return base, serving_model[1]

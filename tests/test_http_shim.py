@@ -9,7 +9,7 @@ import hashlib
 import json
 import urllib.error
 import urllib.request
-from contextlib import asynccontextmanager
+from pathlib import Path
 
 import openai
 import pytest
@@ -19,19 +19,7 @@ from loraplex.client.client import AsyncClient
 from loraplex.server.app import start
 from loraplex.server.engine import EngineConfig
 from loraplex.server.settings import AdapterSettings, ApiKey, load_settings
-from serving_support import TEST_ENGINE, TOKENIZER_CORPUS, slow_steps
-
-
-@asynccontextmanager
-async def serving(serving_model, **overrides):
-    base, adapters = serving_model
-    values = dict(model=base, adapter=adapters, host="127.0.0.1", port=0, http_port=0, reflection=False,
-                  engine=EngineConfig(**TEST_ENGINE))
-    app = await start(load_settings(**{**values, **overrides}))
-    try:
-        yield app, f"http://127.0.0.1:{app.http.port}/v1"
-    finally:
-        await app.stop(0)
+from serving_support import TEST_ENGINE, TOKENIZER_CORPUS, post, serving, slow_steps, with_chat_template
 
 
 def sdk(url: str, key: str = "none") -> openai.OpenAI:
@@ -82,7 +70,7 @@ async def test_errors_have_openai_shape_and_status(serving_model):
             "unknown model": lambda: sdk(url, "k-full-1234").completions.create(model="missing", prompt="hi"),
             "bad type": lambda: good.completions.create(model="a_r4_qv", prompt="hi", max_tokens="many"),
             "out of range": lambda: good.completions.create(model="a_r4_qv", prompt="hi", max_tokens=10**9),
-            "unsupported": lambda: good.completions.create(model="a_r4_qv", prompt="hi", n=3),
+            "too many choices": lambda: good.completions.create(model="a_r4_qv", prompt="hi", n=100),
             "no key": lambda: sdk(url, "wrong").completions.create(model="a_r4_qv", prompt="hi"),
             "not allowed": lambda: good.completions.create(model="b_r16_all", prompt="hi"),
         }.items():
@@ -91,12 +79,12 @@ async def test_errors_have_openai_shape_and_status(serving_model):
             errors[kind] = error.value
         listed = [model.id for model in (await asyncio.to_thread(good.models.list)).data]
     assert {kind: e.status_code for kind, e in errors.items()} == {
-        "unknown model": 404, "bad type": 400, "out of range": 400, "unsupported": 400, "no key": 401,
+        "unknown model": 404, "bad type": 400, "out of range": 400, "too many choices": 400, "no key": 401,
         "not allowed": 403}
     assert errors["unknown model"].body["code"] == "model_not_found"
     assert (errors["bad type"].body["param"], errors["bad type"].body["type"]) == ("max_tokens",
                                                                                   "invalid_request_error")
-    assert "only 1 is supported" in errors["unsupported"].body["message"]
+    assert errors["too many choices"].body["param"] == "n" and "[1, 16]" in errors["too many choices"].body["message"]
     assert listed == ["a_r4_qv"]
 
 
@@ -164,16 +152,6 @@ async def test_a_taken_http_port_fails_at_start(serving_model):
                                       engine=EngineConfig(**TEST_ENGINE)))
 
 
-def post(url: str, payload: dict, key: str | None = None) -> tuple[int, dict]:
-    headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
-    request = urllib.request.Request(url, method="POST", headers=headers, data=json.dumps(payload).encode())
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 async def test_vllm_style_load_and_unload_need_the_admin_scope(serving_model, tmp_path):
     folder = serving_model[1]["d_r8_k_gate"]
     keys = [ApiKey(name="admin", sha256=hashlib.sha256(b"k-admin-1234").hexdigest(), scopes={"admin", "inference"}),
@@ -196,3 +174,86 @@ async def test_vllm_style_load_and_unload_need_the_admin_scope(serving_model, tm
     assert listed == [serving_model[0].name, "gate"] and answer.usage.completion_tokens == 3
     assert unloaded == (200, {"lora_name": "gate", "removed_versions": [adapter_digest(folder)]})
     assert gone[0] == 404 and bad[0] == 400 and bad[1]["error"]["param"] == "lora_path"
+
+
+@pytest.fixture(scope="module")
+def chat_model(serving_model, tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    return with_chat_template(serving_model, tmp_path_factory.mktemp("chat") / "base")
+
+
+async def test_n_choices_sample_with_consecutive_seeds(serving_model):
+    async with serving(serving_model) as (_app, url):
+        client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0)
+        options = dict(model="b_r16_all", prompt="hello world", max_tokens=6, temperature=1.0, ignore_eos=True)
+        many = await client.completions.create(n=3, seed=7, extra_body={"ignore_eos": True},
+                                               **{k: v for k, v in options.items() if k != "ignore_eos"})
+        alone = [await client.completions.create(seed=7 + i, extra_body={"ignore_eos": True},
+                                                 **{k: v for k, v in options.items() if k != "ignore_eos"})
+                 for i in range(3)]
+        stream = await client.completions.create(n=2, seed=7, stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True},
+                                                 **{k: v for k, v in options.items() if k != "ignore_eos"})
+        chunks = [chunk async for chunk in stream]
+        await client.close()
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert [c.text for c in many.choices] == [a.choices[0].text for a in alone]
+    assert len({c.text for c in many.choices}) > 1  # different seeds, different samples
+    assert many.usage.completion_tokens == 18 and many.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    streamed = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in (0, 1)]
+    assert streamed == [c.text for c in many.choices[:2]] and chunks[-1].usage.completion_tokens == 12
+
+
+async def test_logprobs_and_penalties_match_grpc(serving_model):
+    options = dict(max_new_tokens=10, temperature=0.0, frequency_penalty=1.5, presence_penalty=0.5)
+    async with serving(serving_model) as (app, url):
+        async with AsyncClient(f"127.0.0.1:{app.port}") as grpc_client:
+            by_grpc = await grpc_client.generate(TOKENIZER_CORPUS[1], "a_r4_qv", logprobs=True, top_logprobs=3,
+                                                 **options)
+            plain = await grpc_client.generate(TOKENIZER_CORPUS[1], "a_r4_qv", max_new_tokens=10)
+        client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0)
+        by_http = await client.completions.create(model="a_r4_qv", prompt=TOKENIZER_CORPUS[1], max_tokens=10,
+                                                  temperature=0, frequency_penalty=1.5, presence_penalty=0.5,
+                                                  logprobs=3)
+        await client.close()
+    assert len(set(plain.token_ids)) < len(plain.token_ids)  # unpenalized greedy output repeats tokens ...
+    assert len(set(by_grpc.token_ids)) > len(set(plain.token_ids))  # ... and the penalties reduce that
+    choice = by_http.choices[0]
+    assert choice.text == by_grpc.text
+    logprobs = choice.logprobs
+    assert logprobs.tokens == [t.piece for t in by_grpc.tokens]
+    assert logprobs.token_logprobs == pytest.approx([t.logprob for t in by_grpc.tokens], rel=1e-6)
+    for top, token in zip(logprobs.top_logprobs, by_grpc.tokens, strict=True):
+        assert top == {alt.piece: pytest.approx(alt.logprob, rel=1e-6) for alt in reversed(token.top_logprobs)}
+        assert len(token.top_logprobs) == 3
+        assert [a.logprob for a in token.top_logprobs] == sorted((a.logprob for a in token.top_logprobs),
+                                                                 reverse=True)
+    texts = [t.text for t in by_grpc.tokens]
+    assert logprobs.text_offset == [len("".join(texts[:i])) for i in range(len(texts))]
+
+
+async def test_chat_with_messages_logprobs_and_streaming(chat_model):
+    messages = [{"role": "system", "content": "hello world"}, {"role": "user", "content": "the quick brown fox"}]
+    async with serving(chat_model) as (app, url):
+        async with AsyncClient(f"127.0.0.1:{app.port}") as grpc_client:
+            by_grpc = await grpc_client.generate(messages, "c_r64_mlp_o_rslora", max_new_tokens=8, logprobs=True,
+                                                 top_logprobs=2)
+        client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0)
+        answer = await client.chat.completions.create(model="c_r64_mlp_o_rslora", messages=messages, max_tokens=8,
+                                                      temperature=0, logprobs=True, top_logprobs=2)
+        stream = await client.chat.completions.create(model="c_r64_mlp_o_rslora", messages=messages, max_tokens=8,
+                                                      temperature=0, stream=True)
+        chunks = [chunk async for chunk in stream]
+        refused = await asyncio.to_thread(post, f"{url}/chat/completions", {
+            "model": "c_r64_mlp_o_rslora", "messages": messages, "top_logprobs": 2})
+        await client.close()
+    message = answer.choices[0].message
+    assert message.role == "assistant" and message.content == by_grpc.text
+    content = answer.choices[0].logprobs.content
+    assert [entry.token for entry in content] == [t.piece for t in by_grpc.tokens]
+    for entry, token in zip(content, by_grpc.tokens, strict=True):
+        assert entry.logprob == pytest.approx(token.logprob, rel=1e-6) and entry.bytes == list(entry.token.encode())
+        assert [alt.token for alt in entry.top_logprobs] == [alt.piece for alt in token.top_logprobs]
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, rel=1e-6)  # greedy takes the top one
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == by_grpc.text
+    assert refused[0] == 400 and refused[1]["error"]["param"] == "top_logprobs"

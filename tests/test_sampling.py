@@ -1,9 +1,11 @@
 """Sampling semantics: repetition penalty, top-k/top-p against transformers' processors, greedy,
-per-request seeds (alone vs in a mixed batch on a real tiny engine) and SamplingParams validation."""
+OpenAI's presence/frequency penalties and top log-probabilities, per-request seeds (alone vs in a
+mixed batch on a real tiny engine) and SamplingParams validation."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,13 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from loraplex.server.engine import Engine, EngineConfig, FinishReason, SamplingParams
-from loraplex.server.engine.sampling import apply_repetition_penalty, filter_top_k_top_p, sample
+from loraplex.server.engine import Engine, EngineConfig, FinishReason, SamplingParams, SequenceState
+from loraplex.server.engine.sampling import (
+    apply_presence_frequency_penalties,
+    apply_repetition_penalty,
+    filter_top_k_top_p,
+    sample,
+)
 from loraplex.server.model_files import iter_weights, model_spec
 from support import write_tiny_model
 
@@ -26,6 +33,12 @@ VOCAB = 96
 
 def random_logits(rows: int, seed: int, scale: float = 3.0) -> torch.Tensor:
     return torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def row(params: SamplingParams, prompt: Sequence[int] = (), output: Sequence[int] = (),
+        generator: torch.Generator | None = None) -> SequenceState:
+    """A sequence as `sample` sees it: its sampling, prompt and generated ids, and its generator."""
+    return SequenceState(0, list(prompt), params, output_ids=list(output), generator=generator)
 
 
 def kept(logits: torch.Tensor) -> set[int]:
@@ -126,9 +139,9 @@ def test_temperature_top_k_top_p_chain_matches_transformers(temperature: float, 
 
 def test_greedy_is_argmax_with_raw_logprob() -> None:
     logits = random_logits(3, seed=6)
-    params = [SamplingParams()] * 3
-    tokens, logprobs = sample(logits, params, [[], [], []], [None, None, None])
+    tokens, logprobs, top_logprobs = sample(logits, [row(SamplingParams())] * 3)
     assert tokens == logits.argmax(-1).tolist()
+    assert top_logprobs == [(), (), ()]
     expected = torch.log_softmax(logits, -1)[torch.arange(3), logits.argmax(-1)]
     assert logprobs == pytest.approx(expected.tolist(), abs=1e-6)
 
@@ -136,10 +149,10 @@ def test_greedy_is_argmax_with_raw_logprob() -> None:
 def test_greedy_applies_repetition_penalty_but_reports_raw_logprob() -> None:
     logits = torch.zeros(1, VOCAB)
     logits[0, 10], logits[0, 20] = 4.0, 3.0
-    tokens, logprobs = sample(logits, [SamplingParams(repetition_penalty=2.0)], [[10]], [None])
+    tokens, logprobs, _ = sample(logits, [row(SamplingParams(repetition_penalty=2.0), prompt=[10])])
     assert tokens == [20], "4.0 / 2.0 = 2.0 falls below 3.0"
     assert logprobs[0] == pytest.approx(torch.log_softmax(logits[0], -1)[20].item(), abs=1e-6)
-    tokens, _ = sample(logits, [SamplingParams()], [[10]], [None])
+    tokens, _, _ = sample(logits, [row(SamplingParams(), prompt=[10])])
     assert tokens == [10]
 
 
@@ -147,8 +160,8 @@ def test_sampled_tokens_stay_inside_the_top_k_set() -> None:
     logits = random_logits(1, seed=7, scale=0.5)
     allowed = set(torch.topk(logits[0], 3).indices.tolist())
     generator = torch.Generator().manual_seed(0)
-    params = [SamplingParams(temperature=1.0, top_k=3)]
-    drawn = [sample(logits, params, [[]], [generator])[0][0] for _ in range(300)]
+    seqs = [row(SamplingParams(temperature=1.0, top_k=3), generator=generator)]
+    drawn = [sample(logits, seqs).tokens[0] for _ in range(300)]
     assert set(drawn) == allowed, "all three survivors of a flat distribution should be drawn, nothing else"
 
 
@@ -158,8 +171,8 @@ def test_temperature_scales_the_sampling_distribution() -> None:
     temperature = 0.5
     expected = (logits[0, :4] / temperature).softmax(-1)
     generator = torch.Generator().manual_seed(123)
-    params = [SamplingParams(temperature=temperature)]
-    draws = torch.tensor([sample(logits, params, [[]], [generator])[0][0] for _ in range(4000)])
+    seqs = [row(SamplingParams(temperature=temperature), generator=generator)]
+    draws = torch.tensor([sample(logits, seqs).tokens[0] for _ in range(4000)])
     frequencies = torch.bincount(draws, minlength=4)[:4].float() / len(draws)
     assert draws.max().item() < 4
     torch.testing.assert_close(frequencies, expected, rtol=0, atol=0.03)
@@ -170,14 +183,150 @@ def test_seeded_row_ignores_the_other_rows_of_the_batch() -> None:
     seeded = SamplingParams(temperature=0.9, top_p=0.9, seed=5)
 
     def draws_alone() -> list[int]:
-        generator = torch.Generator().manual_seed(5)
-        return [sample(logits[1:2], [seeded], [[]], [generator])[0][0] for _ in range(20)]
+        seqs = [row(seeded, generator=torch.Generator().manual_seed(5))]
+        return [sample(logits[1:2], seqs).tokens[0] for _ in range(20)]
 
-    generators = [torch.Generator().manual_seed(99), torch.Generator().manual_seed(5), None]
-    params = [SamplingParams(temperature=1.3, seed=99), seeded, SamplingParams()]
-    in_batch = [sample(logits, params, [[], [], []], generators)[0][1] for _ in range(20)]
+    seqs = [row(SamplingParams(temperature=1.3, seed=99), generator=torch.Generator().manual_seed(99)),
+            row(seeded, generator=torch.Generator().manual_seed(5)),
+            row(SamplingParams())]
+    in_batch = [sample(logits, seqs).tokens[1] for _ in range(20)]
     assert in_batch == draws_alone()
     assert len(set(in_batch)) > 1
+
+
+# -- presence / frequency penalties and top log-probabilities -----------------------------------------
+
+
+def penalized_by_formula(logits: torch.Tensor, generated: list[int], presence: float, frequency: float,
+                         ) -> torch.Tensor:
+    """logits: [vocab] -> OpenAI's formula applied token by token (the slow, obvious oracle)."""
+    expected = logits.clone()
+    for token in set(generated):
+        expected[token] -= frequency * generated.count(token) + presence
+    return expected
+
+
+def test_presence_frequency_penalties_follow_the_formula() -> None:
+    logits = random_logits(5, seed=9)
+    generated = [[3, 3, 3, 17, 40, 95, 0], [5, 6, 5], [7, 8], [], [1, 1, 2]]
+    presence = [0.5, -1.25, 0.0, 2.0, 0.0]
+    frequency = [0.3, 0.0, 0.0, -2.0, 1.5]
+    actual = apply_presence_frequency_penalties(logits.clone(), generated, presence, frequency)
+    for r in range(5):
+        expected = penalized_by_formula(logits[r], generated[r], presence[r], frequency[r])
+        torch.testing.assert_close(actual[r], expected, rtol=0, atol=1e-6)
+    assert torch.equal(actual[2], logits[2]), "both penalties 0: the row is left alone"
+    assert torch.equal(actual[3], logits[3]), "nothing generated yet: the row is left alone"
+
+
+@pytest.mark.parametrize(("presence", "frequency", "generated", "expected"), [
+    (0.0, 0.0, [10, 10, 20], 10),  # 4.0 > 3.5 > 3.0
+    (0.4, 0.0, [10], 10),  # 4.0 - 0.4 = 3.6 > 3.5
+    (0.6, 0.0, [10], 20),  # 4.0 - 0.6 = 3.4 < 3.5
+    (0.6, 0.0, [10, 10, 10], 20),  # presence counts once
+    (0.0, 0.3, [10, 10, 20], 10),  # 10: 4.0 - 0.6 = 3.4, 20: 3.5 - 0.3 = 3.2, 30: 3.0
+    (0.0, 0.6, [10, 10, 20], 30),  # 10: 4.0 - 1.2 = 2.8, 20: 3.5 - 0.6 = 2.9, 30: 3.0
+    (0.3, 0.2, [10, 10], 20),  # 10: 4.0 - 0.4 - 0.3 = 3.3 < 3.5
+    (-1.5, 0.0, [30], 30),  # a negative penalty favours what was generated: 3.0 + 1.5 = 4.5
+    (0.0, -0.4, [20, 20], 20),  # 3.5 + 0.8 = 4.3
+])
+def test_presence_frequency_penalties_change_the_greedy_choice(presence: float, frequency: float,
+                                                               generated: list[int], expected: int) -> None:
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 10], logits[0, 20], logits[0, 30] = 4.0, 3.5, 3.0
+    params = SamplingParams(presence_penalty=presence, frequency_penalty=frequency)
+    tokens, logprobs, _ = sample(logits, [row(params, prompt=[1, 2], output=generated)])
+    assert tokens == [expected]
+    assert logprobs[0] == pytest.approx(torch.log_softmax(logits[0], -1)[expected].item(), abs=1e-6), \
+        "the reported logprob is the unprocessed one"
+
+
+def test_presence_frequency_penalties_ignore_the_prompt() -> None:
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 10], logits[0, 20] = 4.0, 3.5
+    params = SamplingParams(presence_penalty=2.0, frequency_penalty=2.0)
+    assert sample(logits, [row(params, prompt=[10, 10, 10])]).tokens == [10]
+    assert sample(logits, [row(params, prompt=[10, 10, 10], output=[20])]).tokens == [10]
+    assert sample(logits, [row(params, prompt=[20], output=[10])]).tokens == [20]
+
+
+def test_presence_frequency_penalties_come_after_the_repetition_penalty() -> None:
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 10], logits[0, 20] = 4.0, 1.5
+    # repetition first: 4.0 / 2.0 = 2.0, then presence: 2.0 - 0.6 = 1.4 < 1.5; the other order gives 1.7
+    params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.6)
+    assert sample(logits, [row(params, output=[10])]).tokens == [20]
+
+
+def test_penalties_reshape_the_sampling_distribution() -> None:
+    logits = torch.full((1, VOCAB), -float("inf"))
+    logits[0, :3] = torch.tensor([1.0, 0.5, 0.0])
+    params = SamplingParams(temperature=0.5, presence_penalty=0.5, frequency_penalty=0.25)
+    generated = [0, 0, 1]
+    expected = (penalized_by_formula(logits[0], generated, 0.5, 0.25)[:3] / 0.5).softmax(-1)
+    seqs = [row(params, output=generated, generator=torch.Generator().manual_seed(321))]
+    draws = torch.tensor([sample(logits, seqs).tokens[0] for _ in range(4000)])
+    frequencies = torch.bincount(draws, minlength=3)[:3].float() / len(draws)
+    assert draws.max().item() < 3
+    torch.testing.assert_close(frequencies, expected, rtol=0, atol=0.03)
+
+
+def test_top_logprobs_are_the_most_likely_of_the_unprocessed_distribution() -> None:
+    logits = random_logits(4, seed=10)
+    asked = [5, 0, 1, 20]
+    seqs = [row(SamplingParams(top_logprobs=asked[0], presence_penalty=2.0, repetition_penalty=1.5),
+                prompt=[4], output=logits[0].topk(3).indices.tolist()),  # penalties move the choice, not the report
+            row(SamplingParams(top_logprobs=asked[1])),
+            row(SamplingParams(top_logprobs=asked[2], temperature=0.8), generator=torch.Generator().manual_seed(0)),
+            row(SamplingParams(top_logprobs=asked[3]))]
+    tokens, logprobs, top_logprobs = sample(logits, seqs)
+    raw = torch.log_softmax(logits, -1)  # [rows, vocab]
+    for r, k in enumerate(asked):
+        pairs = top_logprobs[r]
+        assert len(pairs) == k
+        if k == 0:
+            assert pairs == ()
+            continue
+        values, ids = raw[r].topk(k)
+        assert [t for t, _ in pairs] == ids.tolist()
+        assert [v for _, v in pairs] == pytest.approx(values.tolist(), abs=1e-6)
+        assert [v for _, v in pairs] == sorted((v for _, v in pairs), reverse=True)
+        assert all(isinstance(t, int) and isinstance(v, float) for t, v in pairs)
+    assert tokens[0] != top_logprobs[0][0][0], "the penalized row chose another token than the raw argmax"
+    assert tokens[3] == top_logprobs[3][0][0]
+    assert logprobs[3] == pytest.approx(top_logprobs[3][0][1], abs=1e-6)
+
+
+def test_rows_without_the_options_are_unaffected_in_a_mixed_batch() -> None:
+    logits = random_logits(5, seed=11, scale=1.0)
+    top3 = logits.topk(3, dim=-1).indices.tolist()
+    specs = [  # (params, generated, generator seed)
+        (SamplingParams(), top3[0], None),
+        (SamplingParams(presence_penalty=1.5, frequency_penalty=0.5, top_logprobs=4), top3[1] * 2, None),
+        (SamplingParams(temperature=0.9, seed=3), top3[2], 3),
+        (SamplingParams(temperature=0.9, seed=4, frequency_penalty=2.0, top_logprobs=2), top3[3], 4),
+        (SamplingParams(repetition_penalty=1.3), top3[4], None),
+    ]
+
+    def seqs() -> list[SequenceState]:
+        return [row(p, prompt=[7, 8], output=generated,
+                    generator=None if seed is None else torch.Generator().manual_seed(seed))
+                for p, generated, seed in specs]
+
+    in_batch = seqs()
+    batch = [sample(logits, in_batch) for _ in range(10)]  # seeded rows draw on from their generators
+    for r in range(5):
+        alone = seqs()[r]
+        for draw in range(10):
+            single = sample(logits[r:r + 1], [alone])
+            assert batch[draw].tokens[r] == single.tokens[0]
+            assert batch[draw].logprobs[r] == pytest.approx(single.logprobs[0], abs=1e-6)
+            assert len(batch[draw].top_logprobs[r]) == len(single.top_logprobs[0]) == specs[r][0].top_logprobs
+            assert [t for t, _ in batch[draw].top_logprobs[r]] == [t for t, _ in single.top_logprobs[0]]
+    plain = torch.log_softmax(logits, -1)
+    assert batch[0].tokens[0] == plain[0].argmax().item(), "no option: greedy stays the raw argmax"
+    assert batch[0].top_logprobs[0] == batch[0].top_logprobs[2] == batch[0].top_logprobs[4] == ()
+    assert batch[0].tokens[1] not in top3[1], "the penalized row left its generated tokens"
 
 
 # -- seeds on a real engine --------------------------------------------------------------------------
@@ -259,6 +408,58 @@ def test_stop_tokens_and_max_new_tokens_end_a_sequence(engine: Engine) -> None:
     assert seq.block_table == []
 
 
+def test_top_logprobs_on_every_token_event(engine: Engine) -> None:
+    target = prompt(9, seed=50)
+    plain = engine.generate([target], SamplingParams(max_new_tokens=8, ignore_eos=True))[0]
+    seq = engine.add_sequence(target, SamplingParams(max_new_tokens=8, ignore_eos=True, top_logprobs=3))
+    other = engine.add_sequence(prompt(5, seed=51), SamplingParams(max_new_tokens=8, ignore_eos=True))
+    events = engine.step([(seq, 4), (other, other.num_pending)])  # a partial prefill chunk reports nothing
+    assert [e.seq_id for e in events] == [other.seq_id] and events[0].top_logprobs == ()
+    events = engine.step([(seq, seq.num_pending), (other, 1)])
+    while not seq.finished:
+        mine = [e for e in events if e.seq_id == seq.seq_id]
+        assert len(mine) == 1
+        event = mine[0]
+        assert len(event.top_logprobs) == 3
+        assert event.top_logprobs[0][0] == event.token_id, "greedy picks the most likely token"
+        assert event.top_logprobs[0][1] == pytest.approx(event.logprob, abs=1e-6)
+        assert [v for _, v in event.top_logprobs] == sorted((v for _, v in event.top_logprobs), reverse=True)
+        assert len({t for t, _ in event.top_logprobs}) == 3
+        assert all(e.top_logprobs == () for e in events if e.seq_id != seq.seq_id)
+        events = engine.step([(s, 1) for s in (seq, other) if not s.finished])
+    assert len(events) >= 1 and len(events[0].top_logprobs) == 3
+    assert seq.output_ids == plain, "asking for alternatives does not change the choice"
+    assert engine.cache.free_blocks == engine.cache.num_blocks
+
+
+def test_presence_frequency_penalties_on_the_engine_count_generated_tokens_only(engine: Engine) -> None:
+    """Each greedy choice is the best of the step's raw top-20 (and the chosen token itself) after the
+    formula over the tokens generated so far; the prompt counts for nothing."""
+    target = prompt(9, seed=0)
+    plain = engine.generate([target], SamplingParams(max_new_tokens=16, ignore_eos=True))[0]
+    presence, frequency = -1.0, -0.5  # negative: the tiny model, which never repeats itself, starts to
+    seq = engine.add_sequence(target, SamplingParams(max_new_tokens=16, ignore_eos=True, top_logprobs=20,
+                                                     presence_penalty=presence, frequency_penalty=frequency))
+    events = engine.step([(seq, seq.num_pending)])
+    generated: list[int] = []
+    while True:
+        (event,) = events
+
+        def penalized(token: int, logprob: float) -> float:
+            count = generated.count(token)
+            return logprob - frequency * count - presence * (count > 0)
+
+        best = max(penalized(t, v) for t, v in event.top_logprobs)
+        assert penalized(event.token_id, event.logprob) >= best - 1e-5, f"step {len(generated)}"
+        generated.append(event.token_id)
+        if seq.finished:
+            break
+        events = engine.step([(seq, 1)])
+    assert seq.output_ids == generated
+    assert generated[0] == plain[0], "nothing generated yet: the prompt is not penalized"
+    assert len(set(plain)) == len(plain) and len(set(generated)) < len(generated)
+
+
 def test_max_model_len_ends_a_sequence(tmp_path: Path) -> None:
     folder = write_tiny_model("llama", tmp_path / "base")
     engine = Engine(model_spec(folder), iter_weights(folder),
@@ -287,6 +488,9 @@ def test_max_model_len_ends_a_sequence(tmp_path: Path) -> None:
     ("top_k", -1),
     ("top_p", 0.0), ("top_p", -0.5), ("top_p", 1.01), ("top_p", math.nan),
     ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("repetition_penalty", math.nan),
+    ("presence_penalty", 2.01), ("presence_penalty", -2.01), ("presence_penalty", math.nan),
+    ("frequency_penalty", 2.5), ("frequency_penalty", -3.0), ("frequency_penalty", math.nan),
+    ("top_logprobs", -1), ("top_logprobs", 21),
 ])
 def test_sampling_params_reject_bad_values(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=rf"\b{field}="):
@@ -296,4 +500,8 @@ def test_sampling_params_reject_bad_values(field: str, value: float) -> None:
 def test_sampling_params_accept_boundary_values() -> None:
     params = SamplingParams(max_new_tokens=1, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=0.5)
     assert params.greedy
+    for bound in (-2.0, 2.0):
+        SamplingParams(presence_penalty=bound, frequency_penalty=bound)
+    assert SamplingParams(top_logprobs=20).top_logprobs == 20
+    assert SamplingParams(top_logprobs=0).top_logprobs == 0
     assert not SamplingParams(temperature=1e-3, top_p=1e-6).greedy

@@ -195,15 +195,15 @@ class Engine:
             seq.num_computed += count
         if not sampled:
             return []
-        tokens, logprobs = sample(logits, [s.sampling for s in sampled], [s.token_ids for s in sampled],
-                                  [s.generator for s in sampled])
+        chosen = sample(logits, sampled)
         events = []
-        for seq, token, logprob in zip(sampled, tokens, logprobs, strict=True):
+        for seq, token, logprob, top in zip(sampled, chosen.tokens, chosen.logprobs, chosen.top_logprobs,
+                                            strict=True):
             seq.output_ids.append(token)
             seq.finish_reason = self._finish_reason(seq, token)
             if seq.finished:
                 self.release(seq)
-            events.append(TokenEvent(seq.seq_id, token, logprob, seq.finish_reason))
+            events.append(TokenEvent(seq.seq_id, token, logprob, seq.finish_reason, top))
         return events
 
     def _reserve_blocks(self, batch: Sequence[tuple[SequenceState, int]]) -> None:

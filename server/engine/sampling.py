@@ -1,10 +1,26 @@
-"""Next-token choice: repetition penalty, temperature, top-k, top-p, seeded sampling, greedy."""
+"""Next-token choice: repetition, presence and frequency penalties, temperature, top-k, top-p, seeded
+sampling, greedy; the chosen token's log-probability and the most likely alternatives."""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 
-from loraplex.server.engine.sequence import SamplingParams
+from loraplex.server.engine.sequence import SequenceState
+
+
+class Sampled(NamedTuple):
+    """`sample`'s choice for each row of the batch, on the host (one entry per row)."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    """Log-probability of each chosen token under the unprocessed distribution (log_softmax(logits))."""
+    top_logprobs: list[tuple[tuple[int, float], ...]]
+    """Per row, its sampling's `top_logprobs` most likely (token id, logprob) pairs of the unprocessed
+    distribution, most likely first; () for rows that asked for none."""
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: list[list[int]], penalties: list[float]) -> torch.Tensor:
@@ -16,6 +32,33 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: list[list[int]], penalt
         picked = logits[row, index]
         logits[row, index] = torch.where(picked < 0, picked * penalty, picked / penalty)
     return logits
+
+
+def apply_presence_frequency_penalties(logits: torch.Tensor, generated: list[list[int]], presence: list[float],
+                                       frequency: list[float]) -> torch.Tensor:
+    """logits: [rows, vocab], changed in place. OpenAI's penalties over each row's generated tokens:
+
+        logits[row, j] -= frequency[row] * count[row, j] + presence[row] * (count[row, j] > 0)
+
+    where count[row, j] is how often token j occurs in generated[row]. Rows with both penalties 0 or
+    nothing generated yet cost nothing; the others are counted together on the logits' device.
+    """
+    rows = [row for row, (tokens, p, f) in enumerate(zip(generated, presence, frequency, strict=True))
+            if tokens and (p != 0.0 or f != 0.0)]
+    if not rows:
+        return logits
+    device, vocab = logits.device, logits.shape[1]
+    lengths = [len(generated[row]) for row in rows]
+    token_ids = torch.tensor(list(itertools.chain.from_iterable(generated[row] for row in rows)),
+                             device=device)  # [total]
+    local_rows = torch.repeat_interleave(torch.arange(len(rows), device=device),
+                                         torch.tensor(lengths, device=device), output_size=sum(lengths))  # [total]
+    counts = torch.zeros(len(rows), vocab, dtype=logits.dtype, device=device)  # [penalized rows, vocab]
+    counts.view(-1).index_add_(0, local_rows * vocab + token_ids, torch.ones_like(token_ids, dtype=logits.dtype))
+    coefficients = torch.tensor([[frequency[row], presence[row]] for row in rows], dtype=logits.dtype,
+                                device=device)  # [penalized rows, 2]
+    penalty = counts * coefficients[:, :1] + (counts > 0) * coefficients[:, 1:]  # [penalized rows, vocab]
+    return logits.index_add_(0, torch.tensor(rows, device=device), penalty, alpha=-1)
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -31,21 +74,39 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], seen: list[list[int]],
-           generators: list[torch.Generator | None]) -> tuple[list[int], list[float]]:
-    """logits: [rows, vocab] float32 -> (token id per row, its log-probability under the raw logits).
+def sample(logits: torch.Tensor, seqs: Sequence[SequenceState]) -> Sampled:
+    """logits: [rows, vocab] float32, row i being the next-token logits of seqs[i] -> the chosen tokens.
 
-    Greedy rows take the argmax of the penalized logits; the others sample with their own generator,
-    so a seeded row's draw does not depend on the other rows of the batch.
+    The logits used for choosing get, in order: the repetition penalty (over prompt and output), the
+    presence and frequency penalties (over the output only), then, for sampled rows, temperature,
+    top-k and top-p. Greedy rows take the argmax of the penalized logits; the others sample with
+    their own generator, so a seeded row's draw does not depend on the other rows of the batch.
+    Reported log-probabilities (chosen and top alternatives) are those of the unprocessed logits.
+    `seqs` is only read.
     """
+    params = [s.sampling for s in seqs]
     logprobs = torch.log_softmax(logits, dim=-1)  # [rows, vocab]
-    penalized = apply_repetition_penalty(logits.clone(), seen, [p.repetition_penalty for p in params])
-    tokens = penalized.argmax(dim=-1).tolist()
-    for row, p in enumerate(params):
+    penalized = apply_repetition_penalty(
+        logits.clone(), [s.token_ids if s.sampling.repetition_penalty != 1.0 else [] for s in seqs],
+        [p.repetition_penalty for p in params])
+    penalized = apply_presence_frequency_penalties(
+        penalized, [s.output_ids for s in seqs], [p.presence_penalty for p in params],
+        [p.frequency_penalty for p in params])
+    tokens = penalized.argmax(dim=-1)  # [rows]
+    for row, (seq, p) in enumerate(zip(seqs, params, strict=True)):
         if p.greedy:
             continue
-        scaled = filter_top_k_top_p(penalized[row] / p.temperature, p.top_k, p.top_p)
-        probs = scaled.softmax(-1)
-        tokens[row] = int(torch.multinomial(probs, 1, generator=generators[row]).item())
-    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None]).squeeze(1)
-    return tokens, chosen.tolist()
+        scaled = filter_top_k_top_p(penalized[row] / p.temperature, p.top_k, p.top_p)  # [vocab]
+        tokens[row] = torch.multinomial(scaled.softmax(-1), 1, generator=seq.generator)[0]
+    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)  # [rows]
+
+    asking = [row for row, p in enumerate(params) if p.top_logprobs > 0]
+    top_logprobs: list[tuple[tuple[int, float], ...]] = [()] * len(seqs)
+    if asking:
+        k = min(max(params[row].top_logprobs for row in asking), logits.shape[1])
+        asked = logprobs if len(asking) == len(seqs) else logprobs[torch.tensor(asking, device=logits.device)]
+        top_values, top_ids = asked.topk(k, dim=-1)  # [len(asking), k] each, most likely first
+        for row, ids, values in zip(asking, top_ids.tolist(), top_values.tolist(), strict=True):
+            n = params[row].top_logprobs
+            top_logprobs[row] = tuple(zip(ids[:n], values[:n], strict=True))
+    return Sampled(tokens.tolist(), chosen.tolist(), top_logprobs)

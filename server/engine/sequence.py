@@ -9,6 +9,9 @@ import torch
 
 from loraplex.server.engine.lora import NO_ADAPTER
 
+MAX_TOP_LOGPROBS = 20
+"""Most alternatives one request may ask for per token (OpenAI's limit)."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -23,6 +26,14 @@ class SamplingParams:
     """Keep the smallest set of tokens whose probability reaches top_p; 1.0 keeps all."""
     repetition_penalty: float = 1.0
     """> 1 discourages tokens already in the prompt or output (CTRL-style, as transformers)."""
+    presence_penalty: float = 0.0
+    """In [-2, 2] (OpenAI's): subtracted once from the logit of every token already generated (output
+    only, not the prompt); > 0 favours new tokens."""
+    frequency_penalty: float = 0.0
+    """In [-2, 2] (OpenAI's): subtracted from each token's logit once per time it was generated so far
+    (output only, not the prompt); > 0 discourages verbatim repetition."""
+    top_logprobs: int = 0
+    """In [0, 20]: report this many most likely (token id, logprob) alternatives with every token."""
     seed: int | None = None
     """Same seed, same prompt, same adapter -> same output, whatever else is in the batch."""
     stop_token_ids: tuple[int, ...] = ()
@@ -35,6 +46,9 @@ class SamplingParams:
             "top_k": self.top_k >= 0,
             "top_p": 0.0 < self.top_p <= 1.0,
             "repetition_penalty": self.repetition_penalty > 0.0,
+            "presence_penalty": -2.0 <= self.presence_penalty <= 2.0,
+            "frequency_penalty": -2.0 <= self.frequency_penalty <= 2.0,
+            "top_logprobs": 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -61,6 +75,9 @@ class TokenEvent:
     logprob: float
     """Log-probability of the token under the model's (unprocessed) distribution."""
     finish_reason: FinishReason | None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    """The sampling's `top_logprobs` most likely (token id, logprob) pairs of this step's unprocessed
+    distribution, most likely first; empty when it asked for none."""
 
 
 @dataclass(eq=False)

@@ -1,0 +1,225 @@
+"""Transport-neutral generation: from a decoded request to generated tokens with their text.
+
+Both transports decode their wire format into a `GenerateCall` and iterate
+`GenerationCore.generate(authorization, call)`, which authenticates (scope "inference" and the key's
+adapter allow-list), tokenizes (text, or a conversation through the tokenizer's chat template), checks
+the request limits, submits a plain `Request` to the scheduler, and yields one `GeneratedToken` per
+generated token with its incremental text; the last one carries the `Completion`. Refusals are raised
+(server.errors) before the first token. The HTTP shim in front of a remote server
+(server/remote_backend.py) yields the same records from gRPC, so its code does not depend on where
+the model runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from loraplex.server.adapter_manager import check_reference, request_errors
+from loraplex.server.auth import Authenticator, Principal
+from loraplex.server.detokenizer import IncrementalDetokenizer
+from loraplex.server.engine import FinishReason, SamplingParams, TokenEvent
+from loraplex.server.errors import InvalidRequest
+from loraplex.server.scheduler import Request, RequestLimits, Scheduler
+from loraplex.server.settings import Scope
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerateCall:
+    """One generation request as a transport decodes it (field names are SamplingParams' where shared)."""
+
+    adapter: str
+    """"NAME", "NAME@VERSION", "" or the base model's name (both mean the base model alone)."""
+    prompt: str | Sequence[int] | Sequence[ChatMessage]
+    """Text (tokenized here), token ids (used as they are) or a conversation (chat template)."""
+    chat: bool = False
+    """Wrap text as one user message in the chat template."""
+    max_new_tokens: int | None = None
+    """None takes the server's default_max_new_tokens."""
+    sampling: Mapping[str, float | int] = field(default_factory=dict)
+    """SamplingParams fields the caller set: temperature, top_k, top_p, repetition_penalty, seed,
+    presence_penalty, frequency_penalty."""
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    """Report each token's log-probability and its text alone (GeneratedToken.logprob, piece)."""
+    top_logprobs: int = 0
+    """Also report this many most likely tokens of each step, in [0, MAX_TOP_LOGPROBS]."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A candidate token of one step: its id, its text alone, its log-probability (unprocessed)."""
+
+    id: int
+    piece: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Completion:
+    """How a generation ended and what it ran with."""
+
+    finish_reason: FinishReason
+    prompt_tokens: int
+    generated_tokens: int
+    """Tokens generated, the stop token included."""
+    adapter: str
+    """Adapter name ("" for the base model)."""
+    adapter_version: str
+    """Full content digest of the version used ("" for the base model)."""
+
+
+@dataclass(frozen=True)
+class GeneratedToken:
+    """One generated token: the text it adds to the output, and on the last one the completion."""
+
+    id: int
+    text: str
+    """Text this token completes ("" while a UTF-8 character is incomplete, or without a tokenizer)."""
+    logprob: float | None = None
+    """Log-probability under the unprocessed distribution; None unless GenerateCall.logprobs."""
+    piece: str = ""
+    """The token decoded alone; "" unless logprobs or top_logprobs were asked."""
+    top_logprobs: tuple[TokenLogprob, ...] = ()
+    completion: Completion | None = None
+
+
+@dataclass(frozen=True)
+class ModelList:
+    """What a caller may name: the base model (None when its key may not use it) and (adapter, version)s."""
+
+    base: str | None
+    adapters: list[tuple[str, str]]
+
+
+class GenerationCore:
+    """Generation for every transport, over one scheduler and the model's tokenizer (None: ids only)."""
+
+    def __init__(self, scheduler: Scheduler, tokenizer: PreTrainedTokenizerBase | None, auth: Authenticator,
+                 limits: RequestLimits, model_name: str) -> None:
+        self.scheduler, self.tokenizer, self.auth = scheduler, tokenizer, auth
+        self.limits, self.model_name = limits, model_name
+
+    def authorize(self, authorization: str | None, scope: Scope = "inference") -> Principal:
+        """The caller of this `authorization` value ("Bearer KEY"), if it has `scope`; else Unauthenticated
+        or PermissionDenied."""
+        principal = self.auth.authenticate(authorization)
+        principal.require_scope(scope)
+        return principal
+
+    async def generate(self, authorization: str | None, call: GenerateCall) -> AsyncIterator[GeneratedToken]:
+        """Authorize, tokenize, submit; then one GeneratedToken per generated token. Closing the iterator
+        early (the caller went away) cancels the request and frees its sequence."""
+        principal = self.authorize(authorization)
+        adapter = "" if call.adapter == self.model_name else call.adapter
+        principal.require_adapter(check_reference(adapter))
+        prompt_ids = self.prompt_ids(call)
+        stream = self.scheduler.submit(Request(adapter, prompt_ids, self.sampling(call)))
+        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer else None
+        generated = 0
+        try:
+            async for event in stream:
+                generated += 1
+                final = event.finish_reason is not None
+                text = detokenizer.add(event.token_id, final) if detokenizer else ""
+                completion = Completion(event.finish_reason, len(prompt_ids), generated, stream.lease.name,
+                                        stream.lease.version) if final else None
+                yield self._token(call, event, text, completion)
+        finally:  # done, or the caller went away (cancel, deadline, disconnect): free the sequence
+            stream.cancel()
+
+    async def ready(self) -> bool:
+        """Whether requests are taken (the model is loaded and the server is not draining)."""
+        return self.scheduler.accepting
+
+    async def models(self, authorization: str | None) -> ModelList:
+        """The base model (if the caller's key may use it) and every adapter it may use."""
+        principal = self.authorize(authorization)
+        statuses = await asyncio.to_thread(self.scheduler.adapters.statuses)  # may read stored files
+        return ModelList(self.model_name if principal.may_use("") else None,
+                         [(status.name, status.current) for status in statuses if principal.may_use(status.name)])
+
+    async def load_adapter(self, authorization: str | None, name: str, source: str) -> str:
+        """Register `source` under `name` (scope "admin"); its version."""
+        self.authorize(authorization, "admin")
+        adapters = self.scheduler.adapters
+        with request_errors():
+            _, summary, _ = await asyncio.get_running_loop().run_in_executor(adapters.admin_executor, adapters.load,
+                                                                             source, name)
+        return summary.digest
+
+    async def unload_adapter(self, authorization: str | None, name: str) -> list[str]:
+        """Unregister every version of `name` now, refusing while one is in use (scope "admin"); the
+        versions removed."""
+        self.authorize(authorization, "admin")
+        adapters = self.scheduler.adapters
+        with request_errors():
+            removed, _ = await asyncio.get_running_loop().run_in_executor(adapters.admin_executor, adapters.unload,
+                                                                          name)
+        return list(removed)
+
+    def prompt_ids(self, call: GenerateCall) -> list[int]:
+        """The prompt's token ids: ids as given, text tokenized, a conversation through the chat template."""
+        prompt = call.prompt
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequest("prompt", "must not be empty")
+            tokenizer = self._require_tokenizer()
+            if not call.chat:
+                return tokenizer(prompt)["input_ids"]
+            prompt = [ChatMessage("user", prompt)]
+        elif call.chat:
+            raise InvalidRequest("chat", "chat templating needs text input")
+        if not prompt:
+            raise InvalidRequest("prompt", "must not be empty")
+        if not isinstance(prompt[0], ChatMessage):
+            return list(prompt)
+        tokenizer = self._require_tokenizer()
+        if not tokenizer.chat_template:
+            field = "chat" if call.chat else "messages"
+            raise InvalidRequest(field, "this model has no chat template; send plain text")
+        return list(tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in prompt],
+                                                  add_generation_prompt=True, tokenize=True, return_dict=False))
+
+    def sampling(self, call: GenerateCall) -> SamplingParams:
+        """The call's SamplingParams within the request limits (InvalidRequest names the field)."""
+        max_new_tokens = self.limits.default_max_new_tokens if call.max_new_tokens is None else call.max_new_tokens
+        self.limits.check_max_new_tokens(max_new_tokens, "max_new_tokens")
+        vocab_size = self.scheduler.engine.spec.vocab_size
+        if any(not 0 <= t < vocab_size for t in call.stop_token_ids):
+            raise InvalidRequest("stop_token_ids", f"token ids must lie in [0, {vocab_size})")
+        if not 0 <= call.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequest("top_logprobs", f"must lie in [0, {MAX_TOP_LOGPROBS}]")
+        try:
+            return SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=call.stop_token_ids,
+                                  ignore_eos=call.ignore_eos, top_logprobs=call.top_logprobs, **call.sampling)
+        except ValueError as error:  # "invalid sampling parameter top_p=2.0"
+            raise InvalidRequest(str(error).split("=")[0].rsplit(" ", 1)[-1], str(error)) from None
+
+    def _token(self, call: GenerateCall, event: TokenEvent, text: str, completion: Completion | None,
+               ) -> GeneratedToken:
+        if not (call.logprobs or call.top_logprobs):
+            return GeneratedToken(event.token_id, text, completion=completion)
+        top = tuple(TokenLogprob(token_id, self._piece(token_id), logprob) for token_id, logprob in event.top_logprobs)
+        return GeneratedToken(event.token_id, text, event.logprob if call.logprobs else None,
+                              self._piece(event.token_id), top, completion)
+
+    def _piece(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
+
+    def _require_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None:
+            raise InvalidRequest("prompt", "this model folder has no tokenizer; send token ids")
+        return self.tokenizer
