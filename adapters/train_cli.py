@@ -10,6 +10,7 @@ why; nothing was stored), 2 bad settings, 130 interrupted (a checkpoint was save
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -19,6 +20,8 @@ from pydantic_settings import SettingsError
 
 from loraplex.adapters.train_config import TrainSettings, parse_settings
 from loraplex.adapters.trainer import Interrupted, TrainError, TrainResult, train
+from loraplex.adapters.training_runs import record_run
+from loraplex.server.default_model import loraplex_home
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,16 +34,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = train(settings)
     except TrainError as error:
         print(f"serve-train: {error}", file=sys.stderr)
+        _record(settings, "failed")
         return 1
     except Interrupted as error:
         print(f"serve-train: {error}", file=sys.stderr)
+        _record(settings, "interrupted")
         return 130
     if result.stored is None:  # not process 0 of a torchrun job: process 0 reports
         return 0
     print(summary(settings, result))
-    if settings.server is not None:
-        return promote(settings, result)
-    return 0
+    status, outcome = promote(settings, result) if settings.server is not None else (0, "succeeded")
+    _record(settings, outcome)
+    return status
 
 
 def summary(settings: TrainSettings, result: TrainResult) -> str:
@@ -56,23 +61,30 @@ def summary(settings: TrainSettings, result: TrainResult) -> str:
     ])
 
 
-def promote(settings: TrainSettings, result: TrainResult) -> int:
-    """Ask the server to load the stored adapter (unless --promote-if-better and it did not beat the base)."""
+def _record(settings: TrainSettings, outcome: str) -> None:
+    """Add the run to the store's training record (process 0 of a torchrun job only)."""
+    if os.environ.get("RANK", "0") == "0":
+        record_run(settings.store or loraplex_home() / "adapters", settings.name, outcome)
+
+
+def promote(settings: TrainSettings, result: TrainResult) -> tuple[int, str]:
+    """Ask the server to load the stored adapter (unless --promote-if-better and it did not beat the base);
+    (exit status, training-run outcome)."""
     from loraplex.client.client import Client
 
     if settings.promote_if_better and not result.adapter.score > result.base.score:
         print(f"not loaded into {settings.server}: the adapter's {settings.scorer} {result.adapter.score:.3f} does "
               f"not beat the base's {result.base.score:.3f}")
-        return 0
+        return 0, "rejected"
     try:
         with Client(settings.server, api_key=settings.api_key) as client:
             response = client.load_adapter(settings.name, str(result.stored.path))
     except grpc.RpcError as error:
         print(f"serve-train: the server at {settings.server} did not load the adapter: {error.code().name}: "
               f"{error.details()} (it stays in the store at {result.stored.path})", file=sys.stderr)
-        return 1
+        return 1, "rejected"
     print(f"loaded into {settings.server} as {settings.name}@{response.adapter.current_version[:12]}")
-    return 0
+    return 0, "succeeded"
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ the scheduler and adapter management). One trace of NUM_REQUESTS requests (seede
   - adapters: Zipf(ZIPF_ALPHA) popularity over N adapters (N = 0: every request on the base model).
 Each N runs three times on the same engine: (grpc) an asyncio client streams every request at its arrival
 time; (http) the same through the HTTP API with the official openai SDK (streamed completions, one
-server-sent event per token); (direct) `Engine.step` driven in this thread, admitting the same
+server-sent event per token) -- both clients run in a second process, as remote users would, so their
+own parsing does not hold the server's GIL; (direct) `Engine.step` driven in this thread, admitting the same
 requests at the same times under the same caps (MAX_RUNNING sequences, MAX_STEP_TOKENS per step, decodes first), with no
 transport and no scheduler thread. Reported per run: tokens/s and requests/s over the makespan
 (first arrival to last token), time to first token and inter-token latency p50/p99.
@@ -33,10 +34,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import platform
 import tempfile
 import time
 from collections import deque
+from collections.abc import Awaitable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +136,19 @@ class StepTimer:
         return {**summary, **figures}
 
 
+def replay(clients: ProcessPoolExecutor, path: str, address: str, trace: list[TraceRequest],
+           adapters: list[str]) -> Awaitable[dict]:
+    """Replay `trace` over `path` ("grpc" or "http") from the client process, as remote users would: the
+    client's own CPU time and GIL hold (SDK parsing, socket polling) then do not stall the server's event
+    loop, which they would in one process. Returns `summarize`'s figures, timed in the client."""
+    return asyncio.get_running_loop().run_in_executor(clients, replay_here, path, address, trace, adapters)
+
+
+def replay_here(path: str, address: str, trace: list[TraceRequest], adapters: list[str]) -> dict:
+    """`replay` inside the client process."""
+    return asyncio.run((run_grpc if path == "grpc" else run_http)(address, trace, adapters))
+
+
 async def run_grpc(target: str, trace: list[TraceRequest], adapters: list[str]) -> dict:
     """Each request streamed at its arrival time; token arrival times taken in the client."""
     async with AsyncClient(target) as client:
@@ -216,7 +233,7 @@ async def resident_slots(manager: AdapterManager, names: list[str]) -> dict[str,
 
 
 async def benchmark(base_folder: Path, adapters: dict[str, Path], device: str, num_requests: int,
-                    store: Path) -> dict:
+                    store: Path, clients: ProcessPoolExecutor) -> dict:
     settings = load_settings(model=base_folder, adapter=adapters, host="127.0.0.1", port=0, reflection=False,
                              adapters=AdapterSettings(store=store),
                              engine=EngineConfig(device=device, num_slots=len(adapters), max_rank=RANK,
@@ -230,16 +247,16 @@ async def benchmark(base_folder: Path, adapters: dict[str, Path], device: str, n
         slot_of = await resident_slots(app.scheduler.adapters, names)
         trace = make_trace(engine.spec.vocab_size, num_requests)
         warm = [TraceRequest(0.0, r.prompt, 4) for r in trace[:16]]  # kernels, allocator, BLAS shapes
-        await run_grpc(target, warm, [names[i % len(names)] for i in range(len(warm))])
-        await run_http(url, warm, [names[i % len(names)] for i in range(len(warm))])
+        for path, address in (("grpc", target), ("http", url)):
+            await replay(clients, path, address, warm, [names[i % len(names)] for i in range(len(warm))])
         run_direct(engine, warm, list(range(len(warm))))
         timer, runs = StepTimer(engine), {}
         for n in ADAPTER_COUNTS:
             indices = zipf_adapters(n, num_requests)
             adapters = [names[i] if i != NO_ADAPTER else "" for i in indices]
             slots = [slot_of[name] if name else NO_ADAPTER for name in adapters]
-            grpc_run = timer.measured(await run_grpc(target, trace, adapters))
-            http_run = timer.measured(await run_http(url, trace, adapters))
+            grpc_run = timer.measured(await replay(clients, "grpc", target, trace, adapters))
+            http_run = timer.measured(await replay(clients, "http", url, trace, adapters))
             runs[f"n{n}"] = {"distinct_adapters": len(set(slots) - {NO_ADAPTER}), "grpc": grpc_run,
                              "http": http_run, "direct": timer.measured(run_direct(engine, trace, slots))}
             print(f"N={n}: " + ", ".join(f"{path} {runs[f'n{n}'][path]['tokens_per_s']:.1f} tokens/s"
@@ -261,8 +278,9 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="loraplex-serving-bench-"))
     base_folder = tiny_model(workdir / "base") if args.tiny else default_model_path()
     folders = write_adapters(base_folder, workdir / "adapters", [RANK] * max(ADAPTER_COUNTS), TARGETS)
-    result = asyncio.run(benchmark(base_folder, {f.name: f for f in folders}, args.device, args.requests,
-                                   workdir / "store"))
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
+        result = asyncio.run(benchmark(base_folder, {f.name: f for f in folders}, args.device, args.requests,
+                                       workdir / "store", clients))
     runs = result["runs"]
     ratios = {
         "n100_vs_n0": runs["n100"]["grpc"]["tokens_per_s"] / runs["n0"]["grpc"]["tokens_per_s"],

@@ -28,6 +28,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -106,7 +107,13 @@ class AdapterStats:
     """Versions read from the store into host memory."""
     load_failures: int = 0
     installs: int = 0
-    """Versions copied into a device slot."""
+    """Versions copied into a device slot (device-tier misses)."""
+    device_hits: int = 0
+    """Admissions whose version was already in a slot."""
+    host_hits: int = 0
+    """Versions copied into a slot straight from host memory (no store read needed)."""
+    host_misses: int = 0
+    """Loads from the store started (the version was not in host memory)."""
     read_s: float = 0.0
     """Seconds spent reading stored files (and checking digests), summed over loads."""
     validate_s: float = 0.0
@@ -117,8 +124,12 @@ class AdapterManager:
     """Names, versions and tiers of the adapters served by `engine` (see the module docstring)."""
 
     def __init__(self, engine: Engine, registry: AdapterRegistry, sources: AdapterSources, host_cache_bytes: int,
-                 load_workers: int = 2, max_versions: int = 8) -> None:
+                 load_workers: int = 2, max_versions: int = 8,
+                 on_load_phase: Callable[[str, float], None] | None = None) -> None:
+        """`on_load_phase(phase, seconds)` hears the duration of each load phase: "read" and "validate" (on a
+        loader thread), "copy" into a slot (on the scheduler thread)."""
         self.engine = engine
+        self._on_load_phase = on_load_phase
         self.registry = registry
         self.sources = sources
         self.store = sources.store
@@ -138,6 +149,8 @@ class AdapterManager:
         self._requests: Counter[str] = Counter()
         self._summaries: dict[str, AdapterSummary] = {}
         self._loading: set[str] = set()
+        self._loaded_for_slot: set[str] = set()
+        """Versions read from the store whose first copy into a slot is still to come (not a host hit)."""
         self._failed: dict[str, FailedPrecondition] = {}
         self._warm: dict[str, str] = {}
         """digest -> name of versions to place in a slot when one is idle (pins and prefetches)."""
@@ -226,6 +239,7 @@ class AdapterManager:
         with self._lock:
             slot = self.slots.find(digest)
             if slot is not None:
+                self.stats.device_hits += 1
                 return slot
             if digest in self._failed:
                 raise self._failed[digest]
@@ -236,7 +250,13 @@ class AdapterManager:
             if slot is None:
                 return None
             self.slots.evict(slot)
+            if digest not in self._loaded_for_slot:
+                self.stats.host_hits += 1
+            self._loaded_for_slot.discard(digest)
+        began = time.perf_counter()
         self.engine.set_slot(slot, loaded.weights)  # validated on load; the only writer of slot buffers
+        if self._on_load_phase is not None:
+            self._on_load_phase("copy", time.perf_counter() - began)
         with self._lock:
             self.slots.assign(slot, digest)
             self._warm.pop(digest, None)
@@ -347,6 +367,22 @@ class AdapterManager:
         self._wake()
         return AdapterLease(name, digest)
 
+    def residency(self) -> dict[str, dict[str, int]]:
+        """name -> {tier: versions of it held there}: "store" counts its registered versions, "host" those
+        in host memory, "device" those in a slot."""
+        with self._lock:
+            return {entry.name: {"store": len(entry.versions),
+                                 "host": sum(digest in self.host for digest in entry.versions),
+                                 "device": sum(self.slots.holds(digest) for digest in entry.versions)}
+                    for entry in self.registry.entries()}
+
+    def tier_counters(self) -> dict[str, int]:
+        """{device,host}_{cache_hits,cache_misses,evictions} since start."""
+        stats = self.stats
+        return {"device_cache_hits": stats.device_hits, "device_cache_misses": stats.installs,
+                "device_evictions": self.slots.evictions, "host_cache_hits": stats.host_hits,
+                "host_cache_misses": stats.host_misses, "host_evictions": self.host.evictions}
+
     def status(self, name: str) -> AdapterStatus:
         """Versions, tiers and use counts of `name`; AdapterNotFound if it is not registered."""
         with self._lock:
@@ -426,6 +462,7 @@ class AdapterManager:
         if len(self._loading) + self.host.num_held >= self._max_pending:
             return
         self._loading.add(digest)
+        self.stats.host_misses += 1
         self._executor.submit(self._load, name, digest)
 
     def _load(self, name: str, digest: str) -> None:
@@ -447,9 +484,13 @@ class AdapterManager:
                 self._loading.discard(digest)
                 wanted = digest in self._version_uses or digest in self._warm
                 self.host.put(loaded, hold=wanted)
+                self._loaded_for_slot.add(digest)
                 self.stats.loads += 1
                 self.stats.read_s += loaded.read_s
                 self.stats.validate_s += loaded.validate_s
+            if self._on_load_phase is not None:
+                self._on_load_phase("read", loaded.read_s)
+                self._on_load_phase("validate", loaded.validate_s)
         self._wake()
 
     def _forget_tiers(self, digest: str) -> None:
@@ -458,6 +499,7 @@ class AdapterManager:
             return
         self.slots.forget(digest)
         self.host.discard(digest)
+        self._loaded_for_slot.discard(digest)
         self._warm.pop(digest, None)
 
     def _retire(self, name: str, digests: Collection[str]) -> list[str]:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
 import boto3
 import grpc
@@ -16,6 +17,7 @@ import uvicorn
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from loraplex.adapters.registry import AdapterRegistry
@@ -32,6 +34,8 @@ from loraplex.server.generation import GenerationCore
 from loraplex.server.grpc_service import GenerationService
 from loraplex.server.http_shim import EmbeddedServer, HttpShim, bind_http_socket
 from loraplex.server.interceptor import ErrorInterceptor
+from loraplex.server.logs import configure_logging
+from loraplex.server.metrics import ServerMetrics
 from loraplex.server.model_files import base_digest, iter_weights, model_spec
 from loraplex.server.scheduler import RequestLimits, Scheduler
 from loraplex.server.settings import Settings
@@ -59,6 +63,10 @@ class App:
     http: EmbeddedServer | None = None
     """The OpenAI-style HTTP server (None with http_port unset); `http.port` is the bound port."""
     http_task: asyncio.Task | None = None
+    metrics: ServerMetrics | None = None
+    """The server's metrics (None with metrics.enabled off)."""
+    metrics_server: WSGIServer | None = None
+    """The separate /metrics server (metrics.port); `metrics_server.server_port` is its bound port."""
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new work, let in-flight streams finish for up to `grace_s`, then stop the engine loop."""
@@ -70,6 +78,8 @@ class App:
             await self.http_task
         self.scheduler.stop_accepting()
         await self.server.stop(grace_s)
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         self.scheduler.close()
         self.scheduler.adapters.close()
 
@@ -93,13 +103,14 @@ async def start(settings: Settings, interceptors: Sequence[grpc.aio.ServerInterc
     port = _bind(server, host, settings.port, _server_credentials(settings))
     http_socket = bind_http_socket(host, settings.http_port) if settings.http_port is not None else None
     folder = settings.model or default_model_path()
+    metrics = ServerMetrics(settings.metrics.max_adapter_labels) if settings.metrics.enabled else None
     engine = Engine(model_spec(folder), iter_weights(folder), settings.engine)
-    adapters = adapter_manager(engine, settings, base_digest(folder))
-    scheduler = Scheduler(engine, adapters, settings.scheduler)
+    adapters = adapter_manager(engine, settings, base_digest(folder), metrics.observe_load if metrics else None)
+    scheduler = Scheduler(engine, adapters, settings.scheduler, metrics.observe_step if metrics else None)
     auth = Authenticator(settings.api_keys)
     tokenizer = load_tokenizer(folder)
     limits = RequestLimits(settings.default_max_new_tokens, settings.max_new_tokens_limit)
-    core = GenerationCore(scheduler, tokenizer, auth, limits, folder.name)
+    core = GenerationCore(scheduler, tokenizer, auth, limits, folder.name, metrics, settings.log_prompts)
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationService(core), server)
     admin_pb2_grpc.add_AdapterAdminServicer_to_server(AdminService(adapters, auth), server)
     health = health_aio.HealthServicer()
@@ -116,19 +127,24 @@ async def start(settings: Settings, interceptors: Sequence[grpc.aio.ServerInterc
     await server.start()
     for name in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    app = App(server, scheduler, health, host, port, folder.name, watcher)
+    app = App(server, scheduler, health, host, port, folder.name, watcher, metrics=metrics)
+    if metrics is not None:
+        metrics.watch(scheduler, adapters.store.root)
+        if settings.metrics.port is not None:
+            app.metrics_server, _ = start_http_server(settings.metrics.port, host.strip("[]"), metrics.registry)
     if http_socket is not None:
-        app.http = EmbeddedServer(uvicorn.Config(HttpShim(core).app, log_level="warning", lifespan="off"))
+        app.http = EmbeddedServer(uvicorn.Config(HttpShim(core, metrics).app, log_level="warning", lifespan="off"))
         app.http_task = asyncio.create_task(app.http.serve(sockets=[http_socket]))
         while not app.http.started and not app.http_task.done():
             await asyncio.sleep(0.01)
     return app
 
 
-def adapter_manager(engine: Engine, settings: Settings, base: str) -> AdapterManager:
+def adapter_manager(engine: Engine, settings: Settings, base: str,
+                    on_load_phase: Callable[[str, float], None] | None = None) -> AdapterManager:
     """The store, registry and tiers of `settings.adapters` on `engine` (base digest `base`), with the
     start-up `settings.adapter` folders registered and warmed (they and the watch folder count as allowed
-    roots)."""
+    roots); `on_load_phase` hears load-phase durations (metrics)."""
     config = settings.adapters
     root = config.store or loraplex_home() / "adapters"
     limits = Limits(max_rank=engine.config.max_rank, max_bytes=config.max_adapter_bytes)
@@ -138,7 +154,7 @@ def adapter_manager(engine: Engine, settings: Settings, base: str) -> AdapterMan
     sources = AdapterSources(store, lambda: boto3.client("s3", endpoint_url=config.s3_endpoint_url,
                                                          region_name=config.s3_region))
     manager = AdapterManager(engine, AdapterRegistry(store.root / REGISTRY_FILE), sources, config.host_cache_bytes,
-                             config.load_workers, config.max_versions)
+                             config.load_workers, config.max_versions, on_load_phase)
     for name, folder in settings.adapter.items():
         manager.load(str(folder.resolve()), name, warm=True)
     return manager
@@ -164,7 +180,7 @@ def _bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.Serve
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then drain and return (the process then exits 0)."""
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     app = await start(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -173,6 +189,8 @@ async def serve(settings: Settings) -> None:
     adapters = ", ".join(status.name for status in app.scheduler.adapters.statuses()) or "none"
     tls = " with TLS" if settings.tls_cert_file else ""
     http = f" (OpenAI-style HTTP on {app.host}:{app.http.port})" if app.http is not None else ""
+    if app.metrics_server is not None:
+        http += f" (metrics on {app.host}:{app.metrics_server.server_port})"
     print(f"loraplex serving {app.model_name} (adapters: {adapters}){tls}{http} on {app.host}:{app.port}", flush=True)
     await stop.wait()
     log.info("shutting down: draining in-flight requests for up to %.0fs", settings.shutdown_grace_s)

@@ -13,6 +13,8 @@ the model runs.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -22,11 +24,17 @@ from loraplex.server.adapter_manager import check_reference, request_errors
 from loraplex.server.auth import Authenticator, Principal
 from loraplex.server.detokenizer import IncrementalDetokenizer
 from loraplex.server.engine import FinishReason, SamplingParams, TokenEvent
-from loraplex.server.errors import InvalidRequest
+from loraplex.server.errors import AdapterNotFound, InvalidRequest, RequestError
+from loraplex.server.metrics import ServerMetrics
 from loraplex.server.scheduler import Request, RequestLimits, Scheduler
 from loraplex.server.settings import Scope
 
 MAX_TOP_LOGPROBS = 20
+log = logging.getLogger("loraplex.requests")
+
+
+class StopGeneration(Exception):
+    """Thrown into `generate` by a caller that met its own stop condition (e.g. an HTTP stop string)."""
 
 
 @dataclass(frozen=True)
@@ -108,9 +116,12 @@ class GenerationCore:
     """Generation for every transport, over one scheduler and the model's tokenizer (None: ids only)."""
 
     def __init__(self, scheduler: Scheduler, tokenizer: PreTrainedTokenizerBase | None, auth: Authenticator,
-                 limits: RequestLimits, model_name: str) -> None:
+                 limits: RequestLimits, model_name: str, metrics: ServerMetrics | None = None,
+                 log_prompts: bool = False) -> None:
+        """`metrics` (None: off) records every request; `log_prompts` adds the prompt to its log line."""
         self.scheduler, self.tokenizer, self.auth = scheduler, tokenizer, auth
         self.limits, self.model_name = limits, model_name
+        self.metrics, self.log_prompts = metrics, log_prompts
 
     def authorize(self, authorization: str | None, scope: Scope = "inference") -> Principal:
         """The caller of this `authorization` value ("Bearer KEY"), if it has `scope`; else Unauthenticated
@@ -120,25 +131,46 @@ class GenerationCore:
         return principal
 
     async def generate(self, authorization: str | None, call: GenerateCall) -> AsyncIterator[GeneratedToken]:
-        """Authorize, tokenize, submit; then one GeneratedToken per generated token. Closing the iterator
-        early (the caller went away) cancels the request and frees its sequence."""
-        principal = self.authorize(authorization)
+        """Authorize, tokenize, submit; then one GeneratedToken per generated token. Throwing StopGeneration
+        in ends the request as finished (the caller met its own stop condition); closing the iterator
+        early (the caller went away) cancels it. Either frees its sequence. Every request ends with one
+        log line (and its metrics): adapter, outcome, token counts, time to first token, duration."""
+        arrival, token_times = time.perf_counter(), []
         adapter = "" if call.adapter == self.model_name else call.adapter
-        principal.require_adapter(check_reference(adapter))
-        prompt_ids = self.prompt_ids(call)
-        stream = self.scheduler.submit(Request(adapter, prompt_ids, self.sampling(call)))
+        outcome, prompt_ids = "cancelled", []
+        try:
+            principal = self.authorize(authorization)
+            principal.require_adapter(check_reference(adapter))
+            prompt_ids = self.prompt_ids(call)
+            stream = self.scheduler.submit(Request(adapter, prompt_ids, self.sampling(call)))
+        except RequestError as error:
+            self._ended(None if isinstance(error, AdapterNotFound) else adapter, "refused", call, prompt_ids,
+                        token_times, arrival)
+            raise
         detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer else None
-        generated = 0
         try:
             async for event in stream:
-                generated += 1
+                token_times.append(time.perf_counter())
                 final = event.finish_reason is not None
                 text = detokenizer.add(event.token_id, final) if detokenizer else ""
-                completion = Completion(event.finish_reason, len(prompt_ids), generated, stream.lease.name,
+                completion = Completion(event.finish_reason, len(prompt_ids), len(token_times), stream.lease.name,
                                         stream.lease.version) if final else None
-                yield self._token(call, event, text, completion)
+                if final:
+                    outcome = event.finish_reason.value
+                try:
+                    yield self._token(call, event, text, completion)
+                except StopGeneration:
+                    outcome = "stop"
+                    return
+        except RequestError:  # accepted, then refused (shutting down, adapter files unloadable)
+            outcome = "refused"
+            raise
+        except Exception:
+            outcome = "error"
+            raise
         finally:  # done, or the caller went away (cancel, deadline, disconnect): free the sequence
             stream.cancel()
+            self._ended(adapter, outcome, call, prompt_ids, token_times, arrival)
 
     async def ready(self) -> bool:
         """Whether requests are taken (the model is loaded and the server is not draining)."""
@@ -207,6 +239,20 @@ class GenerationCore:
                                   ignore_eos=call.ignore_eos, top_logprobs=call.top_logprobs, **call.sampling)
         except ValueError as error:  # "invalid sampling parameter top_p=2.0"
             raise InvalidRequest(str(error).split("=")[0].rsplit(" ", 1)[-1], str(error)) from None
+
+    def _ended(self, adapter: str | None, outcome: str, call: GenerateCall, prompt_ids: list[int],
+               token_times: list[float], arrival: float) -> None:
+        """Metrics and the log line of one ended request (`adapter` None: not one the server has)."""
+        if self.metrics is not None:
+            self.metrics.record_request(adapter, outcome, len(prompt_ids), token_times, arrival)
+        fields = {"adapter": adapter, "outcome": outcome, "prompt_tokens": len(prompt_ids),
+                  "generated_tokens": len(token_times),
+                  "ttft_s": round(token_times[0] - arrival, 6) if token_times else None,
+                  "duration_s": round(time.perf_counter() - arrival, 6)}
+        if self.log_prompts:
+            fields["prompt"] = call.prompt if isinstance(call.prompt, str) else [
+                m.__dict__ if isinstance(m, ChatMessage) else m for m in call.prompt]
+        log.info("request %s", " ".join(f"{key}={value}" for key, value in fields.items()), extra={"fields": fields})
 
     def _token(self, call: GenerateCall, event: TokenEvent, text: str, completion: Completion | None,
                ) -> GeneratedToken:

@@ -31,15 +31,26 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraplex.server import errors
 from loraplex.server.engine import FinishReason
 from loraplex.server.errors import AdapterNotFound, InvalidRequest, RequestError
-from loraplex.server.generation import MAX_TOP_LOGPROBS, ChatMessage, GenerateCall, GeneratedToken, ModelList
+from loraplex.server.generation import (
+    MAX_TOP_LOGPROBS,
+    ChatMessage,
+    GenerateCall,
+    GeneratedToken,
+    ModelList,
+    StopGeneration,
+)
+from loraplex.server.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
+from loraplex.server.metrics import ServerMetrics
 
 #: HTTP status and OpenAI error type of each refusal.
 HTTP_ERRORS: dict[type[RequestError], tuple[int, str]] = {
@@ -102,16 +113,24 @@ class Answer:
 class HttpShim:
     """The Starlette app over one backend; `app` is the ASGI application."""
 
-    def __init__(self, backend: Backend) -> None:
-        self._backend = backend
-        self.app = Starlette(routes=[
+    def __init__(self, backend: Backend, metrics: ServerMetrics | None = None) -> None:
+        """`metrics`: served at GET /metrics (Prometheus text format) when given."""
+        self._backend, self._metrics = backend, metrics
+        routes = [
             Route("/health", self.health), Route("/ready", self.ready), Route("/v1/models", self.models),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/load_lora_adapter", self.load_lora_adapter, methods=["POST"]),
             Route("/v1/unload_lora_adapter", self.unload_lora_adapter, methods=["POST"]),
-        ], exception_handlers={RequestError: _error_response, json.JSONDecodeError: _bad_json,
-                               Exception: _error_response})
+        ]
+        if metrics is not None:
+            routes.append(Route("/metrics", self.metrics))
+        self.app = RequestIds(Starlette(routes=routes, exception_handlers={
+            RequestError: _error_response, json.JSONDecodeError: _bad_json, Exception: _error_response}))
+
+    async def metrics(self, request: HttpRequest) -> Response:
+        body = await asyncio.to_thread(self._metrics.exposition)  # reads adapter state under its lock
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     async def health(self, request: HttpRequest) -> Response:
         return JSONResponse({"status": "ok"})
@@ -193,15 +212,20 @@ class HttpShim:
         """One choice's pieces: its text as it comes, cut at the first stop string (held back while one may
         still be forming); the last piece finishes. Field names in refusals are the OpenAI body's."""
         held, held_tokens, generated, holdback = "", [], 0, max(map(len, stops), default=1) - 1
+        prompt_tokens = 0
         try:
             async for token in tokens:
                 generated += 1
+                if token.completion is not None:
+                    prompt_tokens = token.completion.prompt_tokens
                 held += token.text
                 held_tokens.append(token)
                 cut = min((i for i in (held.find(stop) for stop in stops) if i >= 0), default=-1)
+                if cut >= 0 and token.completion is None:  # the generation ends here, as finished
+                    with contextlib.suppress(StopAsyncIteration):
+                        await tokens.athrow(StopGeneration())
                 if cut >= 0 or token.completion is not None:
                     reason = "stop" if cut >= 0 else FINISH[token.completion.finish_reason]
-                    prompt_tokens = token.completion.prompt_tokens if token.completion else 0
                     yield Piece(held[:cut] if cut >= 0 else held, tuple(held_tokens), reason, prompt_tokens, generated)
                     return
                 if not stops:  # one piece per token, as gRPC streams (its text may be empty)
@@ -436,6 +460,29 @@ def bind_http_socket(host: str, port: int) -> socket.socket:
         return socket.create_server((address, port), family=family)
     except OSError as error:
         raise OSError(f"cannot listen on {host}:{port} (HTTP): {error.strerror or error}") from None
+
+
+class RequestIds:
+    """ASGI middleware: each HTTP request runs with its request id (the caller's `x-request-id` or a new one)
+    in logs.REQUEST_ID and answers with it in the `x-request-id` header."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(REQUEST_ID_HEADER.encode())
+        ident = request_id(given.decode("latin-1") if given is not None else None)
+        REQUEST_ID.set(ident)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), (REQUEST_ID_HEADER.encode(), ident.encode())]
+            await send(message)
+
+        await self._app(scope, receive, send_with_id)
 
 
 class EmbeddedServer(uvicorn.Server):

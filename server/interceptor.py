@@ -1,4 +1,6 @@
-"""One place that turns refusals into gRPC status codes (and anything unexpected into INTERNAL)."""
+"""One place that turns refusals into gRPC status codes (and anything unexpected into INTERNAL), and gives
+every call its request id (the caller's `x-request-id` metadata or a new one: logs.REQUEST_ID while it
+runs, returned in the trailing metadata `x-request-id`, errors included)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from loraplex.server.errors import (
     ShuttingDown,
     Unauthenticated,
 )
+from loraplex.server.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
 
 log = logging.getLogger(__name__)
 
@@ -52,35 +55,47 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: str) -> None:
+def _start(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]:
+    """Set the call's request id; its trailing metadata."""
+    ident = request_id(dict(context.invocation_metadata() or ()).get(REQUEST_ID_HEADER))
+    REQUEST_ID.set(ident)
+    trailing = ((REQUEST_ID_HEADER, ident),)
+    context.set_trailing_metadata(trailing)
+    return trailing
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: str,
+                 trailing: tuple[tuple[str, str], ...]) -> None:
     """Abort the call (raises AbortError): a RequestError with its status and message, anything else as INTERNAL."""
     if isinstance(error, RequestError):
-        await context.abort(STATUS_CODES[type(error)], str(error))
+        await context.abort(STATUS_CODES[type(error)], str(error), trailing)
     else:
         log.error("%s failed", method, exc_info=error)
-        await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the server log)", trailing)
 
 
 def _guard_unary(behavior, method: str):
     async def guarded(request, context: grpc.aio.ServicerContext):
+        trailing = _start(context)
         try:
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
         except Exception as error:
-            await _abort(context, error, method)
+            await _abort(context, error, method, trailing)
 
     return guarded
 
 
 def _guard_stream(behavior, method: str):
     async def guarded(request, context: grpc.aio.ServicerContext) -> AsyncIterator:
+        trailing = _start(context)
         try:
             async for response in behavior(request, context):
                 yield response
         except grpc.aio.AbortError:
             raise
         except Exception as error:
-            await _abort(context, error, method)
+            await _abort(context, error, method, trailing)
 
     return guarded

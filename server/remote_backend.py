@@ -19,7 +19,7 @@ import uvicorn
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraplex.server.errors import InvalidRequest, RequestError, ShuttingDown
-from loraplex.server.generation import GenerateCall, GeneratedToken, ModelList
+from loraplex.server.generation import GenerateCall, GeneratedToken, ModelList, StopGeneration
 from loraplex.server.grpc_service import FIELD_NAMES, decode_token, encode_request
 from loraplex.server.http_shim import EmbeddedServer, HttpShim, bind_http_socket
 from loraplex.server.interceptor import STATUS_CODES
@@ -46,11 +46,16 @@ class RemoteBackend:
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def generate(self, authorization: str | None, call: GenerateCall) -> AsyncIterator[GeneratedToken]:
-        """The server's tokens for `call`; closing the iterator cancels the RPC (the server frees the sequence)."""
+        """The server's tokens for `call`; throwing StopGeneration in or closing the iterator cancels the RPC
+        (the server frees the sequence)."""
         stream = self._generation.GenerateStream(encode_request(call), metadata=_metadata(authorization))
         try:
             async for response in stream:
-                yield decode_token(response.token, response.completion if response.HasField("completion") else None)
+                try:
+                    yield decode_token(response.token,
+                                       response.completion if response.HasField("completion") else None)
+                except StopGeneration:
+                    return
         except grpc.aio.AioRpcError as error:
             raise refusal(error) from None
         finally:

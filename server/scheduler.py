@@ -29,9 +29,11 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -90,6 +92,13 @@ class _Entry:
     cancelled: bool = False
 
 
+class Queues(NamedTuple):
+    """Adapter names ("" for the base model) of the running and of the waiting requests."""
+
+    running: list[str]
+    waiting: list[str]
+
+
 @dataclass
 class SchedulerStats:
     """Counters since start (read without the lock: approximate while running)."""
@@ -135,10 +144,13 @@ class RequestStream:
 class Scheduler:
     """Owns `engine` and routes its events to request streams; see the module docstring for the policy."""
 
-    def __init__(self, engine: Engine, adapters: AdapterManager, config: SchedulerConfig) -> None:
+    def __init__(self, engine: Engine, adapters: AdapterManager, config: SchedulerConfig,
+                 on_step: Callable[[int, float], None] | None = None) -> None:
+        """`on_step(sequences, seconds)` is called on the scheduler thread after each engine step (metrics)."""
         self.engine = engine
         self.adapters = adapters
         self.config = config
+        self._on_step = on_step
         self.stats = SchedulerStats()
         self.max_step_adapters = min(config.max_step_adapters or engine.num_slots, engine.num_slots)
         self._cond = threading.Condition()
@@ -184,6 +196,12 @@ class Scheduler:
         if needed > pool:
             raise InvalidRequest("max_new_tokens", f"prompt plus max_new_tokens needs {needed} KV blocks; "
                                  f"the whole cache holds {pool}: ask for fewer tokens")
+
+    def queues(self) -> Queues:
+        """The adapter reference of each running and each waiting request, now (any thread)."""
+        with self._cond:
+            return Queues([entry.lease.name for entry in self._running],
+                          [entry.lease.name for queue in self._waiting.values() for entry in queue])
 
     @property
     def accepting(self) -> bool:
@@ -252,7 +270,10 @@ class Scheduler:
             if not batch:
                 continue
             try:
+                began = time.perf_counter()
                 events = self.engine.step([(entry.seq, count) for entry, count in batch])
+                if self._on_step is not None:
+                    self._on_step(len(batch), time.perf_counter() - began)
             except Exception as exc:  # a failed step fails its requests, not the server
                 log.exception("engine step failed")
                 with self._cond:

@@ -98,6 +98,21 @@ def _check_folder(folder: Path) -> Path:
     return folder
 
 
+class MetricsSettings(BaseModel):
+    """Prometheus metrics (server/metrics.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    enabled: bool = True
+    """Record metrics and serve them at /metrics on the HTTP port (and on `port` if set)."""
+    port: int | None = Field(default=None, ge=0, le=65535)
+    """A separate port serving only /metrics (on the server's listen address); unset serves them on the
+    HTTP port only."""
+    max_adapter_labels: int = Field(default=100, ge=0, le=100_000)
+    """Adapters with their own `adapter` label value (the first ones to receive requests); the rest are
+    counted under `_other`, so a server with thousands of adapters keeps a bounded number of series."""
+
+
 class Settings(BaseSettings):
     """Everything `loraplex serve` needs. Flags win over LORAPLEX_* environment variables (nested ones
     as LORAPLEX_ENGINE__NUM_SLOTS), which win over the TOML file named by --config FILE or
@@ -151,6 +166,12 @@ class Settings(BaseSettings):
     """Serve gRPC server reflection (for grpcurl and similar tools)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Logging level of the server process."""
+    log_format: Literal["text", "json"] = "text"
+    """Log lines as text, or as JSON objects (one per line, with request_id and the record's fields)."""
+    log_prompts: bool = False
+    """Put each request's prompt in its log line (off: prompts never reach the logs)."""
+    metrics: MetricsSettings = MetricsSettings()
+    """Prometheus metrics."""
 
     @field_validator("adapter")
     @classmethod

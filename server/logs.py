@@ -1,0 +1,56 @@
+"""Logging: text or JSON lines, and the request id that ties a request's log lines to its answer.
+
+Each transport takes the caller's `x-request-id` (HTTP header or gRPC metadata; at most 64 characters of
+[A-Za-z0-9._:-]) or makes one up, sets `REQUEST_ID` for the request's task, and returns it to the caller
+(HTTP response header `x-request-id`, gRPC trailing metadata `x-request-id`). Every log record gets it as
+`request_id`; JSON lines carry it as a field, and a record's `extra={"fields": {...}}` as more fields.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Literal
+
+REQUEST_ID: ContextVar[str | None] = ContextVar("loraplex_request_id", default=None)
+REQUEST_ID_HEADER = "x-request-id"
+_VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def request_id(given: str | None) -> str:
+    """`given` if it is a usable request id, else a new random one."""
+    return given if given is not None and _VALID_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        return True
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object per record: time (UTC, ISO 8601), level, logger, message, request_id (when set),
+    the record's `fields`, and the traceback (`exception`) if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+                "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        if getattr(record, "request_id", None):
+            line["request_id"] = record.request_id
+        line.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def configure_logging(level: str, log_format: Literal["text", "json"]) -> None:
+    """The root logger at `level`, writing text lines (request id in brackets) or JSON lines to stderr."""
+    handler = logging.StreamHandler()
+    handler.addFilter(_RequestIdFilter())
+    handler.setFormatter(JsonLines() if log_format == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
