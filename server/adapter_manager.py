@@ -109,7 +109,7 @@ class AdapterStats:
     installs: int = 0
     """Versions copied into a device slot (device-tier misses)."""
     device_hits: int = 0
-    """Admissions whose version was already in a slot."""
+    """Admissions whose version was already in a slot (counted by the scheduler)."""
     host_hits: int = 0
     """Versions copied into a slot straight from host memory (no store read needed)."""
     host_misses: int = 0
@@ -239,7 +239,6 @@ class AdapterManager:
         with self._lock:
             slot = self.slots.find(digest)
             if slot is not None:
-                self.stats.device_hits += 1
                 return slot
             if digest in self._failed:
                 raise self._failed[digest]

@@ -326,6 +326,7 @@ class Scheduler:
             queue = self._waiting[name]
             entry = queue[0]
             slot = self.adapters.resident_slot(entry.lease)
+            resident = slot is not None and slot != NO_ADAPTER
             new_slot = slot != NO_ADAPTER and slot not in busy
             if new_slot and len(busy) >= self.max_step_adapters:
                 break
@@ -346,6 +347,8 @@ class Scheduler:
             if need > free:
                 break
             self._pop_waiting(name)
+            if resident:
+                self.adapters.stats.device_hits += 1
             entry.seq.slot = slot
             self._running.append(entry)
             batch.append((entry, count))
