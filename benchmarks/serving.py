@@ -18,15 +18,17 @@ transport and no scheduler thread. Reported per run: tokens/s and requests/s ove
 Sizes: on 2 CPU cores SmolLM2-135M decodes about 120-150 tokens/s in batches of 32 and prefills
 about 500 tokens/s, so 96 requests of mean 72 prompt + 56 output tokens take about a minute per run;
 ARRIVAL_RATE 4/s (96 requests arrive within ~24 s) exceeds that capacity (~1.6 requests/s), so the
-queue builds up and throughput measures the server's capacity (TTFT includes the queueing). Nine runs
-plus set-up (writing 100 adapters, loading, warm-up) take about 15 minutes.
+queue builds up and throughput measures the server's capacity (TTFT includes the queueing). Thirteen runs
+plus set-up (writing 100 adapters, loading two servers, warm-up) take about 20 minutes.
 
     python benchmarks/serving.py          # SmolLM2-135M-Instruct, NF4 (the default model)
     python benchmarks/serving.py --tiny   # a random tiny llama, for a quick check
 
 Writes benchmarks/results/serving.json: `ratios.n100_vs_n0` (gRPC tokens/s, N=100 over N=0; target
 >= 0.85), `ratios.grpc_vs_direct` (the lowest over N of gRPC tokens/s over direct; target >= 0.9) and
-`ratios.http_vs_grpc` (the lowest over N of HTTP tokens/s over gRPC; target >= 0.9; ITL p99 ratios too).
+`ratios.http_vs_grpc` (the lowest over N of HTTP tokens/s over gRPC; target >= 0.9; ITL p99 ratios too) and
+`ratios.metrics_on_vs_off` (gRPC tokens/s on the N=8 trace with Prometheus metrics on over off, two
+alternating runs each on two otherwise identical servers; target >= 0.97).
 """
 
 from __future__ import annotations
@@ -51,11 +53,11 @@ from engine_throughput import tiny_model, write_adapters
 
 from loraplex.client.client import AsyncClient
 from loraplex.server.adapter_manager import AdapterManager
-from loraplex.server.app import start
+from loraplex.server.app import App, start
 from loraplex.server.default_model import default_model_path
 from loraplex.server.engine import Engine, EngineConfig, SamplingParams, SequenceState
 from loraplex.server.engine.lora import NO_ADAPTER
-from loraplex.server.settings import AdapterSettings, load_settings
+from loraplex.server.settings import AdapterSettings, Settings, load_settings
 
 RESULTS = Path(__file__).parent / "results" / "serving.json"
 NUM_REQUESTS = 96
@@ -66,6 +68,7 @@ ADAPTER_COUNTS = (0, 8, 100)
 RANK, TARGETS = 8, ("q_proj", "v_proj")
 MAX_RUNNING, MAX_STEP_TOKENS = 32, 512
 PATHS = ("grpc", "http", "direct")
+METRICS_REPEATS = 2
 
 
 @dataclass(frozen=True)
@@ -234,13 +237,17 @@ async def resident_slots(manager: AdapterManager, names: list[str]) -> dict[str,
 
 async def benchmark(base_folder: Path, adapters: dict[str, Path], device: str, num_requests: int,
                     store: Path, clients: ProcessPoolExecutor) -> dict:
-    settings = load_settings(model=base_folder, adapter=adapters, host="127.0.0.1", port=0, reflection=False,
-                             adapters=AdapterSettings(store=store),
+    def settings(metrics: bool, store: Path) -> Settings:
+        return load_settings(model=base_folder, adapter=adapters, host="127.0.0.1", port=0, http_port=0,
+                             reflection=False,
+                             adapters=AdapterSettings(store=store), metrics={"enabled": metrics},
                              engine=EngineConfig(device=device, num_slots=len(adapters), max_rank=RANK,
                                                  kv_cache_bytes=2**30),
                              scheduler={"max_running": MAX_RUNNING, "max_step_tokens": MAX_STEP_TOKENS,
                                         "max_waiting": num_requests})
-    app = await start(settings)
+
+    app = await start(settings(True, store))
+    unmetered = await start(settings(False, store.with_name(store.name + "-unmetered")))
     try:
         engine, target, names = app.scheduler.engine, f"127.0.0.1:{app.port}", list(adapters)
         url = f"http://127.0.0.1:{app.http.port}/v1"
@@ -261,9 +268,28 @@ async def benchmark(base_folder: Path, adapters: dict[str, Path], device: str, n
                              "http": http_run, "direct": timer.measured(run_direct(engine, trace, slots))}
             print(f"N={n}: " + ", ".join(f"{path} {runs[f'n{n}'][path]['tokens_per_s']:.1f} tokens/s"
                                          for path in PATHS), flush=True)
-        return {"lora_impl": engine.lora_impl, "dtype": str(engine.dtype), "runs": runs}
+        metrics = await metrics_overhead(clients, target, f"127.0.0.1:{unmetered.port}", trace,
+                                         [names[i] if i != NO_ADAPTER else "" for i in zipf_adapters(8, num_requests)],
+                                         unmetered, names)
+        print(f"metrics on {metrics['on_tokens_per_s']}, off {metrics['off_tokens_per_s']} tokens/s", flush=True)
+        return {"lora_impl": engine.lora_impl, "dtype": str(engine.dtype), "runs": runs, "metrics": metrics}
     finally:
         await app.stop(0)
+        await unmetered.stop(0)
+
+
+async def metrics_overhead(clients: ProcessPoolExecutor, metered: str, unmetered_target: str,
+                           trace: list[TraceRequest], adapters: list[str], unmetered: App, names: list[str]) -> dict:
+    """The N=8 trace over gRPC, alternately on a server with metrics off (`unmetered_target`) and on
+    (`metered`, the main one), METRICS_REPEATS times each, so slow drifts of the machine hit both alike."""
+    await resident_slots(unmetered.scheduler.adapters, names)
+    warm = [TraceRequest(0.0, r.prompt, 4) for r in trace[:16]]
+    await replay(clients, "grpc", unmetered_target, warm, adapters[:16])
+    on, off = [], []
+    for _ in range(METRICS_REPEATS):
+        off.append((await replay(clients, "grpc", unmetered_target, trace, adapters))["tokens_per_s"])
+        on.append((await replay(clients, "grpc", metered, trace, adapters))["tokens_per_s"])
+    return {"on_tokens_per_s": on, "off_tokens_per_s": off}
 
 
 def main() -> None:
@@ -291,6 +317,7 @@ def main() -> None:
     }
     ratios["grpc_vs_direct"] = min(ratios[f"grpc_vs_direct_{n}"] for n in runs)
     ratios["http_vs_grpc"] = min(ratios[f"http_vs_grpc_{n}"] for n in runs)
+    ratios["metrics_on_vs_off"] = sum(result["metrics"]["on_tokens_per_s"]) / sum(result["metrics"]["off_tokens_per_s"])
 
     print(f"\nmodel: {'tiny llama' if args.tiny else 'SmolLM2-135M-Instruct'}  device: {args.device}  "
           f"lora: {result['lora_impl']}  threads: {torch.get_num_threads()}")

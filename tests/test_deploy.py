@@ -22,9 +22,9 @@ import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
 from prometheus_client.parser import text_string_to_metric_families
-from pydantic import TypeAdapter
+from pydantic import BaseModel, TypeAdapter
 
-from loraplex.adapters.train_config import TrainSettings, parse_settings
+from loraplex.adapters.train_config import parse_settings
 from loraplex.server.app import start
 from loraplex.server.engine import EngineConfig
 from loraplex.server.settings import Settings, load_settings
@@ -55,7 +55,7 @@ EPP_METRIC_FLAGS = {"total-queued-requests-metric", "total-running-requests-metr
                     "kv-cache-usage-percentage-metric", "lora-info-metric"}
 EPP_PLUGINS = {"lora-affinity-scorer", "queue-scorer", "kv-cache-utilization-scorer", "prefix-cache-scorer",
                "max-score-picker", "random-picker", "weighted-random-picker", "single-profile-handler"}
-FIELD_VALUES = {"metadata.name": "loraplex-7d9f-x2k4q", "metadata.namespace": "default",
+FIELD_VALUES = {"metadata.namespace": "default",
                 "metadata.annotations['batch.kubernetes.io/job-completion-index']": "0"}
 """What the downward API gives the containers, for the env var references of the manifests."""
 PROMQL_WORDS = {"sum", "avg", "min", "max", "count", "rate", "irate", "increase", "histogram_quantile", "topk",
@@ -140,18 +140,22 @@ def use_env(monkeypatch, env: dict[str, str], root: Path) -> dict[str, str]:
     return moved
 
 
-def server_settings(monkeypatch, env: dict[str, str], root: Path) -> Settings:
-    """Settings built from `env` (paths under `root`). Each LORAPLEX_ variable must name a setting
-    (LORAPLEX_ADAPTERS__WATCH_DIR: settings.adapters.watch_dir) and give it the value the setting's type reads
-    from it."""
-    moved = use_env(monkeypatch, env, root)
-    settings = load_settings()
-    for key, raw in moved.items():
-        model, value = Settings, settings
-        for part in key.removeprefix("LORAPLEX_").lower().split("__"):
+def assert_read(settings: BaseModel, variables: dict[str, str], prefix: str) -> None:
+    """Each of `variables` names a setting (PREFIX, then the field path with nested parts joined by "__":
+    LORAPLEX_ADAPTERS__WATCH_DIR is settings.adapters.watch_dir) that holds what its type reads from the value."""
+    for key, raw in variables.items():
+        model, value = type(settings), settings
+        for part in key.removeprefix(prefix).lower().split("__"):
             model, value = model.model_fields[part].annotation, getattr(value, part)
         reader = TypeAdapter(model)
         assert value == (reader.validate_json(raw) if raw.startswith(("[", "{")) else reader.validate_python(raw)), key
+
+
+def server_settings(monkeypatch, env: dict[str, str], root: Path) -> Settings:
+    """Settings built from `env` (paths under `root`), each variable read into the setting it names."""
+    moved = use_env(monkeypatch, env, root)
+    settings = load_settings()
+    assert_read(settings, moved, "LORAPLEX_")
     return settings
 
 
@@ -289,10 +293,12 @@ def test_the_trainer_sidecar_shares_the_pods_store_and_loads_into_its_server(k8s
     configured, env = container_env(server), container_env(trainer)
     assert env["LORAPLEX_TRAIN_STORE"] == configured["LORAPLEX_ADAPTERS__STORE"] == mounts["store"]
     assert configured["LORAPLEX_ADAPTERS__WATCH_DIR"] == f"{mounts['adapters']}/published"
+    assert configured["LORAPLEX_ADAPTERS__WATCH_DIR"] in container(pod, "adapter-layout")["command"]  # made first
     assert json.loads(configured["LORAPLEX_ADAPTERS__ALLOWED_ROOTS"]) == [mounts["adapters"]]
-    use_env(monkeypatch, env, tmp_path)
+    moved = use_env(monkeypatch, env, tmp_path)
     data = rooted(f"{mounts['adapters']}/data/orders/train.jsonl", tmp_path)
     settings = parse_settings(["--data", data, "--name", "orders", "--promote-if-better"])  # as deploy/README.md
+    assert_read(settings, moved, "LORAPLEX_TRAIN_")
     assert settings.server == f"127.0.0.1:{k8s_settings.port}"
     assert settings.api_key == find("Secret", "loraplex-api-keys")["stringData"]["LORAPLEX_TRAIN_API_KEY"]
     assert "nvidia.com/gpu" not in trainer["resources"]["requests"]
@@ -321,9 +327,8 @@ def test_the_training_job_runs_serve_train_under_torchrun_and_publishes_to_every
     assert rendezvous["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     assert torchrun.master_addr == f"{job['metadata']['name']}-0.{pod['spec']['subdomain']}"
     assert [port["port"] for port in rendezvous["spec"]["ports"]] == [torchrun.master_port]
-    use_env(monkeypatch, env, tmp_path)
-    settings = parse_settings([])
-    assert isinstance(settings, TrainSettings) and settings.name == env["LORAPLEX_TRAIN_NAME"]
+    moved = use_env(monkeypatch, env, tmp_path)
+    assert_read(parse_settings([]), moved, "LORAPLEX_TRAIN_")
     configured = container_env(container(find("Deployment", "loraplex")["spec"]["template"], "server"))
     assert f'"{configured["LORAPLEX_ADAPTERS__WATCH_DIR"]}/$LORAPLEX_TRAIN_NAME"' in script  # every replica loads it
     (shared,) = [mount["mountPath"] for mount in train["volumeMounts"] if mount["name"] == "adapters"]
@@ -348,8 +353,9 @@ def test_compose_runs_the_image_of_the_dockerfile_with_real_commands(monkeypatch
     assert sorted(server["ports"]) == sorted(f"127.0.0.1:{port}:{port}" for port in (settings.port, settings.http_port))
     assert int(server["stop_grace_period"].removesuffix("s")) > settings.shutdown_grace_s
     assert trainer["entrypoint"] == ["serve-train"] and trainer["pid"] == "service:loraplex"
-    use_env(monkeypatch, trainer["environment"], tmp_path / "server")  # the same folders as the server's
+    moved = use_env(monkeypatch, trainer["environment"], tmp_path / "server")  # the same folders as the server's
     train = parse_settings(rooted_args(trainer["command"], tmp_path / "trainer"))
+    assert_read(train, moved, "LORAPLEX_TRAIN_")
     assert train.server == f"loraplex:{settings.port}"
     assert train.store == settings.adapters.store  # the sidecar shares the server's store ...
     volumes = {name: dict(volume.split(":")[:2] for volume in service["volumes"]) for name, service in services.items()}
@@ -374,6 +380,8 @@ def test_grafana_is_provisioned_with_the_dashboard_and_prometheus():
     (providers,) = load_yaml(DEPLOY / "grafana" / "provisioning" / "dashboards" / "loraplex.yaml")
     (provider,) = providers["providers"]
     assert mounts["./grafana/dashboards"] == provider["options"]["path"]
+    home = compose["services"]["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{provider['options']['path']}/loraplex.json"
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "loraplex.json").read_text())
     queries = [panel for panel in dashboard["panels"] if panel["type"] != "row"]
     assert queries and all(panel["datasource"]["uid"] == source["uid"] for panel in queries)
