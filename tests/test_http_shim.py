@@ -257,3 +257,34 @@ async def test_chat_with_messages_logprobs_and_streaming(chat_model):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == by_grpc.text
     assert refused[0] == 400 and refused[1]["error"]["param"] == "top_logprobs"
+
+
+async def test_overload_is_429_and_a_failed_step_is_500(serving_model):
+    async with serving(serving_model, scheduler={"max_running": 1, "max_waiting": 1}) as (app, url):
+        slow_steps(app, 0.02)
+        client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0)
+        running = await client.completions.create(model="a_r4_qv", prompt="hello", max_tokens=200, stream=True,
+                                                  extra_body={"ignore_eos": True})
+        await anext(aiter(running))
+        waiting = asyncio.create_task(client.completions.create(model="a_r4_qv", prompt="hello", max_tokens=2))
+        while app.scheduler.num_waiting < 1:
+            await asyncio.sleep(0.005)
+        with pytest.raises(openai.RateLimitError) as overloaded:
+            await client.completions.create(model="a_r4_qv", prompt="hello", max_tokens=2)
+        await running.close()
+        await waiting
+        step = app.scheduler.engine.step
+
+        def failing_step(batch):
+            app.scheduler.engine.step = step  # fail once
+            raise RuntimeError("simulated device fault")
+
+        app.scheduler.engine.step = failing_step
+        with pytest.raises(openai.InternalServerError) as failed:
+            await client.completions.create(model="a_r4_qv", prompt="hello", max_tokens=2)
+        after = await client.completions.create(model="a_r4_qv", prompt="hello", max_tokens=2)
+        await client.close()
+    assert overloaded.value.status_code == 429 and "max_waiting=1" in overloaded.value.body["message"]
+    assert failed.value.status_code == 500 and failed.value.body["type"] == "server_error"
+    assert "simulated" not in failed.value.body["message"]  # details stay in the server log
+    assert after.usage.completion_tokens == 2  # the server goes on
