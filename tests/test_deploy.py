@@ -1,9 +1,9 @@
 """deploy/ checked offline against the code. The Kubernetes manifests: core kinds against the Kubernetes
 schemas, the InferencePool against the inference extension's v1 fields, the endpoint picker's flags and
-config, the training Job's torchrun and serve-train settings (through their real parsers). Settings,
-ports, probes and the drain timeout against Settings; the compose file, the Dockerfile, .dockerignore and
-the Grafana provisioning against each other; and every metric name written in deploy/ against the
-/metrics of a real server."""
+config, the training Job's torchrun and serve-train settings (through their real parsers) and its publish
+step (run, then loaded by two replicas' watchers). Settings, ports, probes and the drain timeout against
+Settings; the compose file, the Dockerfile, .dockerignore and the Grafana provisioning against each other;
+and every metric name written in deploy/ against the /metrics of a real server."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import json
 import os
 import re
 import shlex
+import shutil
+import subprocess
 import tomllib
 import urllib.request
 from pathlib import Path
@@ -25,11 +27,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, TypeAdapter
 
 from loraplex.adapters.train_config import parse_settings
+from loraplex.server.adapter_watcher import AdapterWatcher
 from loraplex.server.app import start
 from loraplex.server.engine import EngineConfig
 from loraplex.server.settings import Settings, load_settings
 from loraplex.v1 import generation_pb2
-from serving_support import TEST_ENGINE, TOKENIZER_CORPUS
+from serving_support import TEST_ENGINE, TOKENIZER_CORPUS, adapter_manager, make_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -335,6 +338,40 @@ def test_the_training_job_runs_serve_train_under_torchrun_and_publishes_to_every
     assert json.loads(configured["LORAPLEX_ADAPTERS__ALLOWED_ROOTS"]) == [shared]
     (volume,) = [volume for volume in pod["spec"]["volumes"] if volume["name"] == "adapters"]
     assert volume["persistentVolumeClaim"]["claimName"] == "loraplex-adapters"
+
+
+def test_what_the_training_job_publishes_is_loaded_by_every_replica(serving_model, tmp_path):
+    """The Job's step after torchrun (run by sh, the shared volume under `tmp_path`) points published/<NAME> at
+    the newest stored version; each replica's watcher (the ConfigMap's folders) loads it into its own store."""
+    base, adapters = serving_model
+    (train,) = find("Job", "loraplex-train")["spec"]["template"]["spec"]["containers"]
+    env = container_env(train)
+    (shared,) = [mount["mountPath"] for mount in train["volumeMounts"] if mount["name"] == "adapters"]
+    script = train["args"][0].replace(shared, rooted(shared, tmp_path))
+    publish = script[script.index("\n", script.index("torchrun")):]
+    configured = container_env(container(find("Deployment", "loraplex")["spec"]["template"], "server"))
+    watch_dir = Path(rooted(configured["LORAPLEX_ADAPTERS__WATCH_DIR"], tmp_path))
+    allowed = [Path(root) for root in json.loads(rooted(configured["LORAPLEX_ADAPTERS__ALLOWED_ROOTS"], tmp_path))]
+    replicas = [adapter_manager(make_engine(base), {}, tmp_path / f"replica-{i}", watch_dir=watch_dir,
+                                allowed_roots=allowed) for i in range(2)]
+    watchers = [AdapterWatcher(manager, watch_dir, interval_s=1.0) for manager in replicas]
+    store = Path(rooted(env["LORAPLEX_TRAIN_STORE"], tmp_path)) / env["LORAPLEX_TRAIN_NAME"]
+    published = []
+    try:
+        for run, adapter in enumerate(list(adapters.values())[:2]):  # two training runs, two versions
+            shutil.copytree(adapter, store / f"version-{run}")
+            os.utime(store / f"version-{run}", (run + 1, run + 1))
+            subprocess.run(["sh", "-c", "set -e" + publish], check=True, env={
+                "PATH": os.environ["PATH"], "PET_NODE_RANK": "0", "LORAPLEX_TRAIN_NAME": env["LORAPLEX_TRAIN_NAME"],
+                "LORAPLEX_TRAIN_STORE": str(store.parent)})
+            for watcher in watchers:
+                watcher.poll()
+                assert watcher.poll() == [env["LORAPLEX_TRAIN_NAME"]]
+            published.append({manager.status(env["LORAPLEX_TRAIN_NAME"]).current for manager in replicas})
+    finally:
+        for manager in replicas:
+            manager.close()
+    assert [len(versions) for versions in published] == [1, 1] and published[0] != published[1]
 
 
 def project_version() -> str:
