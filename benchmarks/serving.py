@@ -148,8 +148,10 @@ def replay(clients: ProcessPoolExecutor, path: str, address: str, trace: list[Tr
 
 
 def replay_here(path: str, address: str, trace: list[TraceRequest], adapters: list[str]) -> dict:
-    """`replay` inside the client process."""
-    return asyncio.run((run_grpc if path == "grpc" else run_http)(address, trace, adapters))
+    """`replay` inside the client process, plus the CPU seconds the client itself used (`client_cpu_s`)."""
+    began = time.process_time()
+    summary = asyncio.run((run_grpc if path == "grpc" else run_http)(address, trace, adapters))
+    return {**summary, "client_cpu_s": time.process_time() - began}
 
 
 async def run_grpc(target: str, trace: list[TraceRequest], adapters: list[str]) -> dict:
@@ -178,7 +180,7 @@ async def run_http(url: str, trace: list[TraceRequest], adapters: list[str]) -> 
         async def one(request: TraceRequest, adapter: str) -> tuple[float, list[float]]:
             await asyncio.sleep(max(0.0, began + request.arrival_s - time.perf_counter()))
             start, arrivals = time.perf_counter(), []
-            stream = await client.completions.create(model=adapter, prompt=request.prompt, stream=True,
+            stream = await client.completions.create(model=adapter, prompt=request.prompt, stream=True, temperature=0,
                                                      max_tokens=request.output_len, extra_body={"ignore_eos": True})
             async for chunk in stream:
                 if chunk.choices:
@@ -324,14 +326,15 @@ def main() -> None:
     print(f"{args.requests} requests/run, Poisson {ARRIVAL_RATE}/s, prompt U{PROMPT_LENS}, output U{OUTPUT_LENS}, "
           f"Zipf({ZIPF_ALPHA}) over N r={RANK} {'+'.join(TARGETS)} adapters")
     print(f"{'run':<12}{'adapters':>9}{'tokens/s':>10}{'req/s':>7}{'TTFT p50/p99 ms':>18}{'ITL p50/p99 ms':>17}"
-          f"{'steps':>7}{'seqs/step':>10}{'in engine':>10}")
+          f"{'steps':>7}{'seqs/step':>10}{'in engine':>10}{'client CPU s':>13}")
     for name, run in runs.items():
         for path in PATHS:
             r = run[path]
             print(f"{name + ' ' + path:<12}{run['distinct_adapters']:>9}{r['tokens_per_s']:>10.1f}"
                   f"{r['requests_per_s']:>7.2f}{r['ttft_p50_s'] * 1e3:>9.0f}/{r['ttft_p99_s'] * 1e3:<8.0f}"
                   f"{r['itl_p50_s'] * 1e3:>8.1f}/{r['itl_p99_s'] * 1e3:<8.1f}{r['steps']:>7}"
-                  f"{r['mean_batch_sequences']:>10.1f}{r['engine_busy_fraction']:>10.1%}")
+                  f"{r['mean_batch_sequences']:>10.1f}{r['engine_busy_fraction']:>10.1%}"
+                  f"{r.get('client_cpu_s', float('nan')):>13.1f}")
     for name, value in ratios.items():
         print(f"  {name:<22}{value:6.3f}")
     print(f"total {time.perf_counter() - began:.0f} s")

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from transformers import PreTrainedTokenizerBase
 
@@ -102,6 +102,8 @@ class GeneratedToken:
     """The token decoded alone; "" unless logprobs or top_logprobs were asked."""
     top_logprobs: tuple[TokenLogprob, ...] = ()
     completion: Completion | None = None
+    prompt_tokens: int = 0
+    """Tokens in the prompt, on the first token of a generation (0 on the others)."""
 
 
 @dataclass(frozen=True)
@@ -157,8 +159,11 @@ class GenerationCore:
                                         stream.lease.version) if final else None
                 if final:
                     outcome = event.finish_reason.value
+                token = self._token(call, event, text, completion)
+                if len(token_times) == 1:
+                    token = replace(token, prompt_tokens=len(prompt_ids))
                 try:
-                    yield self._token(call, event, text, completion)
+                    yield token
                 except StopGeneration:
                     outcome = "stop"
                     return

@@ -57,17 +57,18 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         response = pb.GenerateResponse()
-        async for token, completion in self._generate(request, context):
+        async for token in self._generate(request, context):
             response.text += token.text
-            response.tokens.append(token)
-            if completion is not None:
-                response.completion.CopyFrom(completion)
+            response.tokens.append(encode_token(token))
+            if token.completion is not None:
+                response.completion.CopyFrom(encode_completion(token.completion))
         return response
 
     async def GenerateStream(self, request: pb.GenerateRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateStreamResponse]:
-        async for token, completion in self._generate(request, context):
-            yield pb.GenerateStreamResponse(token=token, completion=completion)
+        async for token in self._generate(request, context):
+            yield pb.GenerateStreamResponse(token=encode_token(token), completion=encode_completion(token.completion),
+                                            prompt_tokens=token.prompt_tokens)
 
     async def ServerInfo(self, request: pb.ServerInfoRequest,
                          context: grpc.aio.ServicerContext) -> pb.ServerInfoResponse:
@@ -93,13 +94,13 @@ class GenerationService(pb_grpc.GenerationServicer):
         )
 
     async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
-                        ) -> AsyncIterator[tuple[pb.Token, pb.Completion | None]]:
-        """Decode, run through the core; then one (token, completion on the last one only) per generated token."""
+                        ) -> AsyncIterator[GeneratedToken]:
+        """Decode, run through the core; then its tokens (field names in refusals as GenerateRequest's)."""
         kind = request.WhichOneof("input")
         names = {**FIELD_NAMES, **({"prompt": "text"} if kind == "text" else {})}
         try:
             async for token in self._core.generate(_authorization(context), decode_request(request)):
-                yield encode_token(token), encode_completion(token.completion)
+                yield token
         except InvalidRequest as error:
             raise error.renamed(names) from None
 
@@ -138,13 +139,14 @@ def encode_request(call: GenerateCall) -> pb.GenerateRequest:
     return request
 
 
-def decode_token(token: pb.Token, completion: pb.Completion | None) -> GeneratedToken:
-    """The GeneratedToken `encode_token` / `encode_completion` sent."""
+def decode_token(token: pb.Token, completion: pb.Completion | None, prompt_tokens: int) -> GeneratedToken:
+    """The GeneratedToken a GenerateStreamResponse carries."""
     done = None if completion is None else Completion(
         FINISH_REASON_OF[completion.finish_reason], completion.prompt_tokens, completion.generated_tokens,
         completion.adapter, completion.adapter_version)
     return GeneratedToken(token.id, token.text, token.logprob if token.HasField("logprob") else None, token.piece,
-                          tuple(TokenLogprob(top.id, top.piece, top.logprob) for top in token.top_logprobs), done)
+                          tuple(TokenLogprob(top.id, top.piece, top.logprob) for top in token.top_logprobs), done,
+                          prompt_tokens)
 
 
 def encode_token(token: GeneratedToken) -> pb.Token:

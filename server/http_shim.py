@@ -216,8 +216,7 @@ class HttpShim:
         try:
             async for token in tokens:
                 generated += 1
-                if token.completion is not None:
-                    prompt_tokens = token.completion.prompt_tokens
+                prompt_tokens = token.prompt_tokens or prompt_tokens
                 held += token.text
                 held_tokens.append(token)
                 cut = min((i for i in (held.find(stop) for stop in stops) if i >= 0), default=-1)

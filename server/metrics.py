@@ -43,7 +43,8 @@ TIERS = ("device", "host", "store")
 
 
 class AdapterLabels:
-    """adapter name -> its label value, within `max_labels` distinct adapters (thread-safe)."""
+    """adapter name -> its label value, within `max_labels` distinct adapters (thread-safe). Only traffic
+    assigns labels (`__call__`); residency uses the labels traffic assigned (`known`)."""
 
     def __init__(self, max_labels: int) -> None:
         self._max_labels = max_labels
@@ -59,6 +60,10 @@ class AdapterLabels:
                 has_room = len(self._labels) - 1 < self._max_labels
                 self._labels[adapter] = adapter if has_room else OTHER_LABEL
             return self._labels[adapter]
+
+    def known(self, adapter: str) -> str:
+        """The label `adapter` already has, or `_other`; assigns none (for state, which is not traffic)."""
+        return self._labels.get(adapter, OTHER_LABEL)
 
 
 class ServerMetrics:
@@ -162,7 +167,7 @@ class ServerState(Collector):
         by_label: dict[tuple[str, str], int] = {}
         for name, tiers in scheduler.adapters.residency().items():
             for tier in TIERS:
-                key = (self._adapter_label(name), tier)
+                key = (self._adapter_label.known(name), tier)
                 by_label[key] = by_label.get(key, 0) + tiers.get(tier, 0)
         for (label, tier), count in sorted(by_label.items()):
             residency.add_metric([label, tier], count)

@@ -53,7 +53,8 @@ class RemoteBackend:
             async for response in stream:
                 try:
                     yield decode_token(response.token,
-                                       response.completion if response.HasField("completion") else None)
+                                       response.completion if response.HasField("completion") else None,
+                                       response.prompt_tokens)
                 except StopGeneration:
                     return
         except grpc.aio.AioRpcError as error:

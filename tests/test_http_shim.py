@@ -112,6 +112,7 @@ async def test_sse_framing_and_stop_strings_over_raw_http(serving_model):
     assert "".join(p["choices"][0]["text"] for p in payloads) == text
     assert payloads[-1]["choices"][0]["finish_reason"] == "length"
     assert stopped["choices"][0]["text"] == text[:text.find(stop)] and stopped["choices"][0]["finish_reason"] == "stop"
+    assert stopped["usage"]["prompt_tokens"] == full["usage"]["prompt_tokens"] > 0
 
 
 async def test_http_and_grpc_give_the_same_tokens(serving_model):

@@ -51,8 +51,9 @@ async def test_metrics_after_traffic_for_several_adapters(serving_model, tmp_pat
     store = tmp_path / "store"
     async with serving(serving_model, adapters=AdapterSettings(store=store),
                        metrics={"max_adapter_labels": 2, "port": 0}) as (app, url):
+        before = await asyncio.to_thread(scrape, url.removesuffix("/v1") + "/metrics")  # assigns no label
         async with AsyncClient(f"127.0.0.1:{app.port}") as client:
-            for adapter in ("a_r4_qv", "a_r4_qv", "b_r16_all", "c_r64_mlp_o_rslora", "d_r8_k_gate", ""):
+            for adapter in ("d_r8_k_gate", "d_r8_k_gate", "b_r16_all", "a_r4_qv", "c_r64_mlp_o_rslora", ""):
                 await client.generate([1, 2, 3], adapter, max_new_tokens=4, ignore_eos=True)
             try:
                 await client.generate([1, 2], "missing", max_new_tokens=2)
@@ -63,7 +64,8 @@ async def test_metrics_after_traffic_for_several_adapters(serving_model, tmp_pat
             await anext(stream)
             await stream.aclose()
         sdk = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0)
-        await sdk.completions.create(model="a_r4_qv", prompt=[1, 2, 3], max_tokens=3, extra_body={"ignore_eos": True})
+        await sdk.completions.create(model="d_r8_k_gate", prompt=[1, 2, 3], max_tokens=3,
+                                     extra_body={"ignore_eos": True})
         await sdk.close()
         record_run(store, "support", "succeeded")
         record_run(store, "support", "rejected")
@@ -81,23 +83,25 @@ async def test_metrics_after_traffic_for_several_adapters(serving_model, tmp_pat
             assert on_http[name][("type", ())] == kind, name
     requests = {dict(labels)["adapter"] + ":" + dict(labels)["outcome"]: value
                 for (name, labels), value in on_http["loraplex_requests"].items() if name.endswith("_total") and value}
-    assert requests == {"a_r4_qv:length": 3, "b_r16_all:length": 1, "b_r16_all:cancelled": 1,
+    assert sample(before, "loraplex_adapter_residency", "loraplex_adapter_residency", adapter="_other",
+                  tier="store") == 4
+    assert requests == {"d_r8_k_gate:length": 3, "b_r16_all:length": 1, "b_r16_all:cancelled": 1,
                         "_other:length": 2, "_other:refused": 1, "_base:length": 1}
     generated = {dict(labels)["adapter"]: value for (name, labels), value in
                  on_http["loraplex_generation_tokens"].items() if name.endswith("_total")}
-    assert generated["a_r4_qv"] == 4 + 4 + 3 and generated["_other"] == 8 and generated["_base"] == 4
+    assert generated["d_r8_k_gate"] == 4 + 4 + 3 and generated["_other"] == 8 and generated["_base"] == 4
     assert generated["b_r16_all"] >= 5  # 4 + at least the one token of the cancelled stream
     assert sample(on_http, "loraplex_time_to_first_token_seconds", "loraplex_time_to_first_token_seconds_count",
-                  adapter="a_r4_qv") == 3
+                  adapter="d_r8_k_gate") == 3
     assert sample(on_http, "loraplex_inter_token_latency_seconds", "loraplex_inter_token_latency_seconds_count",
-                  adapter="a_r4_qv") == 3 + 3 + 2
+                  adapter="d_r8_k_gate") == 3 + 3 + 2
     assert sample(on_http, "loraplex_prompt_tokens", "loraplex_prompt_tokens_total", adapter="_base") == 3
     assert sample(on_http, "loraplex_kv_cache_blocks_total", "loraplex_kv_cache_blocks_total") == blocks_total
     assert sample(on_http, "loraplex_num_requests_running", "loraplex_num_requests_running") == 0
     assert sample(on_http, "loraplex_batch_size", "loraplex_batch_size_count") > 0
     assert sample(on_http, "loraplex_adapter_load_seconds", "loraplex_adapter_load_seconds_count", phase="read") >= 4
     assert sample(on_http, "loraplex_adapter_load_seconds", "loraplex_adapter_load_seconds_count", phase="copy") >= 4
-    assert sample(on_http, "loraplex_adapter_residency", "loraplex_adapter_residency", adapter="a_r4_qv",
+    assert sample(on_http, "loraplex_adapter_residency", "loraplex_adapter_residency", adapter="d_r8_k_gate",
                   tier="store") == 1
     assert sample(on_http, "loraplex_adapter_residency", "loraplex_adapter_residency", adapter="_other",
                   tier="store") == 2

@@ -135,12 +135,14 @@ class GenerateResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., completion: _Optional[_Union[Completion, _Mapping]] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
-    __slots__ = ("token", "completion")
+    __slots__ = ("token", "completion", "prompt_tokens")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     token: Token
     completion: Completion
-    def __init__(self, token: _Optional[_Union[Token, _Mapping]] = ..., completion: _Optional[_Union[Completion, _Mapping]] = ...) -> None: ...
+    prompt_tokens: int
+    def __init__(self, token: _Optional[_Union[Token, _Mapping]] = ..., completion: _Optional[_Union[Completion, _Mapping]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class ServerInfoRequest(_message.Message):
     __slots__ = ()
