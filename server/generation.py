@@ -247,9 +247,11 @@ class GenerationCore:
 
     def _ended(self, adapter: str | None, outcome: str, call: GenerateCall, prompt_ids: list[int],
                token_times: list[float], arrival: float) -> None:
-        """Metrics and the log line of one ended request (`adapter` None: not one the server has)."""
+        """Metrics (by adapter name: "NAME@VERSION" counts as NAME) and the log line of one ended request
+        (`adapter` None: not one the server has)."""
         if self.metrics is not None:
-            self.metrics.record_request(adapter, outcome, len(prompt_ids), token_times, arrival)
+            name = adapter.partition("@")[0] if adapter is not None else None
+            self.metrics.record_request(name, outcome, len(prompt_ids), token_times, arrival)
         fields = {"adapter": adapter, "outcome": outcome, "prompt_tokens": len(prompt_ids),
                   "generated_tokens": len(token_times),
                   "ttft_s": round(token_times[0] - arrival, 6) if token_times else None,
