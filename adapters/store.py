@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -103,7 +104,7 @@ class AdapterStore:
     @contextmanager
     def temp_folder(self) -> Iterator[Path]:
         """A new empty folder in the store's hidden temp area (an allowed source), deleted on exit."""
-        temp = self.root / _TEMP / f"{os.getpid()}-{uuid.uuid4().hex}"
+        temp = self.root / _TEMP / f"{socket.gethostname()}@{os.getpid()}-{uuid.uuid4().hex}"
         temp.mkdir()
         try:
             yield temp
@@ -151,10 +152,14 @@ class AdapterStore:
         return folder, files
 
     def _remove_abandoned_temps(self) -> None:
-        """Delete temp folders left by processes that no longer run (a crash during put or remove)."""
+        """Delete temp folders left by processes of this host that no longer run (a crash during put or
+        remove). Folders are named HOST@PID-...; another host's are left to it, since its pids mean
+        nothing here (a store on a filesystem shared across machines, e.g. a multi-node training job)."""
+        here = socket.gethostname()
         for entry in (self.root / _TEMP).iterdir():
-            pid = entry.name.partition("-")[0]
-            if not (pid.isdigit() and _is_running(int(pid))):
+            host, _, rest = entry.name.rpartition("@")
+            pid = rest.partition("-")[0]
+            if host in ("", here) and not (pid.isdigit() and _is_running(int(pid))):
                 shutil.rmtree(entry, ignore_errors=True)
 
 

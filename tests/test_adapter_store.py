@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -116,9 +117,16 @@ def test_crash_leftovers_are_invisible_and_removed_on_open(trained, store: Adapt
     shutil.copytree(sources / "good", dead)
     alive = store.root / ".tmp" / f"{os.getpid()}-in-progress"
     alive.mkdir()
+    here = socket.gethostname()
+    dead_here = store.root / ".tmp" / f"{here}@999999999-crashed"
+    alive_here = store.root / ".tmp" / f"{here}@{os.getpid()}-in-progress"
+    other_host = store.root / ".tmp" / "other-node.example@999999999-in-progress"  # its pid means nothing here
+    for folder in (dead_here, alive_here, other_host):
+        folder.mkdir()
     assert visible(store) == [] and store.versions("good") == []
     AdapterStore(store.root, trained[0], LIMITS, [sources])
     assert not dead.exists() and alive.exists()
+    assert not dead_here.exists() and alive_here.exists() and other_host.exists()
 
 
 @pytest.mark.parametrize("name", ["../escape", ".hidden", "a/b", "", "x" * 65, "-dash"])
