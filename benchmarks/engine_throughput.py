@@ -3,6 +3,7 @@
 One process, one run, modes measured side by side:
   (a) base only            (b) 32 requests on one adapter     (c) 32 distinct r=16 all-linear adapters
   (d) 32 adapters, ranks 8/16/32/64                          (e) transformers + PEFT generate(adapter_names=...)
+  (f) base only, sampling (temperature 0.8, top-p 0.95, seeded) instead of greedy decoding
 It also measures memory bandwidth and matmul rate to compute the physical floor of (c)'s LoRA work.
 
     python benchmarks/engine_throughput.py            # SmolLM2-135M-Instruct, NF4 (the default model)
@@ -17,7 +18,8 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,6 +36,8 @@ RESULTS = Path(__file__).parent / "results" / "engine_throughput.json"
 NUM_REQUESTS, PROMPT_LEN, NEW_TOKENS = 32, 64, 64
 DECODE_BLOCK = 8  # decode steps a mode runs before the next mode takes over
 MIXED_RANKS = (8, 16, 32, 64)
+SAMPLED = {"temperature": 0.8, "top_p": 0.95}
+"""Mode (f)'s sampling: what a chat client typically asks for."""
 
 
 def tiny_model(folder: Path) -> Path:
@@ -95,16 +99,23 @@ def warm_up(engine: Engine, prompts: list[list[int]], modes: dict[str, list[int]
         engine.generate(prompts, SamplingParams(max_new_tokens=3, ignore_eos=True), slots)
 
 
-def run_engine_modes(engine: Engine, prompts: list[list[int]], modes: dict[str, list[int]]) -> dict[str, dict]:
+def run_engine_modes(engine: Engine, prompts: list[list[int]], modes: dict[str, list[int]],
+                     sampled: Collection[str] = ()) -> dict[str, dict]:
     """Run every mode's batch in the same engine, interleaved in blocks of decode steps, so that the
-    machine's drift (other tenants, clocks) falls on all modes alike.
+    machine's drift (other tenants, clocks) falls on all modes alike. Modes in `sampled` sample
+    (SAMPLED: temperature, top-p, a seed per request); the others decode greedily.
 
     Per mode: tokens/s = generated tokens / (prefill + decode steps x median decode step time): the
     median keeps a step stalled by another tenant of this shared machine from deciding a ratio. The
     plain wall-clock figure is kept as `wall_tokens_per_s`.
     """
-    sampling = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    batches = {mode: [engine.add_sequence(p, sampling, s) for p, s in zip(prompts, slots, strict=True)]
+    greedy = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+
+    def sampling(mode: str, row: int) -> SamplingParams:
+        return replace(greedy, **SAMPLED, seed=row) if mode in sampled else greedy
+
+    batches = {mode: [engine.add_sequence(p, sampling(mode, row), s)
+                      for row, (p, s) in enumerate(zip(prompts, slots, strict=True))]
                for mode, slots in modes.items()}
     elapsed = dict.fromkeys(modes, 0.0)
     prefill, steps = {}, {mode: [] for mode in modes}
@@ -204,7 +215,7 @@ def main() -> None:
     mixed = write_adapters(base_folder, workdir / "mixed", [MIXED_RANKS[i % 4] for i in range(NUM_REQUESTS)])
     engine = Engine(spec, iter_weights(base_folder),
                     EngineConfig(device=args.device, num_slots=2 * NUM_REQUESTS, max_rank=max(MIXED_RANKS),
-                                 kv_cache_bytes=2**30))  # four modes' sequences live at once
+                                 kv_cache_bytes=3 * 2**29))  # five modes' sequences live at once
     dtype = engine.dtype
     distinct_weights = [read_lora_weights(f, dtype) for f in distinct]
     for slot, weights in enumerate(distinct_weights):
@@ -219,9 +230,10 @@ def main() -> None:
         "b_one_adapter": [0] * NUM_REQUESTS,
         "c_distinct_r16": list(range(NUM_REQUESTS)),
         "d_mixed_ranks": list(range(NUM_REQUESTS, 2 * NUM_REQUESTS)),
+        "f_base_sampled": [-1] * NUM_REQUESTS,
     }
     warm_up(engine, prompts, modes)
-    results = run_engine_modes(engine, prompts, modes)
+    results = run_engine_modes(engine, prompts, modes, sampled={"f_base_sampled"})
     profile = {mode: profile_decode(engine, prompts, modes[mode]) for mode in ("a_base", "c_distinct_r16")}
     if not args.skip_peft:
         results["e_peft"] = run_peft(base_folder, distinct, prompts, dtype, args.device)
@@ -235,6 +247,7 @@ def main() -> None:
         "shared_vs_base": tps["b_one_adapter"] / tps["a_base"],
         "distinct_vs_base": tps["c_distinct_r16"] / tps["a_base"],
         "mixed_ranks_vs_base": tps["d_mixed_ranks"] / tps["a_base"],
+        "sampled_vs_greedy": tps["f_base_sampled"] / tps["a_base"],
         "lora_overhead_vs_floor": (results["c_distinct_r16"]["decode_step_s"] - results["a_base"]["decode_step_s"])
         / floor["floor_s"],
         "nf4_linear_bytes_vs_bf16": base_bytes / bf16_bytes,

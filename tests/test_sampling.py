@@ -22,6 +22,7 @@ from loraplex.server.engine import Engine, EngineConfig, FinishReason, SamplingP
 from loraplex.server.engine.sampling import (
     apply_presence_frequency_penalties,
     apply_repetition_penalty,
+    draw,
     filter_top_k_top_p,
     sample,
 )
@@ -317,12 +318,12 @@ def test_rows_without_the_options_are_unaffected_in_a_mixed_batch() -> None:
     batch = [sample(logits, in_batch) for _ in range(10)]  # seeded rows draw on from their generators
     for r in range(5):
         alone = seqs()[r]
-        for draw in range(10):
+        for attempt in range(10):
             single = sample(logits[r:r + 1], [alone])
-            assert batch[draw].tokens[r] == single.tokens[0]
-            assert batch[draw].logprobs[r] == pytest.approx(single.logprobs[0], abs=1e-6)
-            assert len(batch[draw].top_logprobs[r]) == len(single.top_logprobs[0]) == specs[r][0].top_logprobs
-            assert [t for t, _ in batch[draw].top_logprobs[r]] == [t for t, _ in single.top_logprobs[0]]
+            assert batch[attempt].tokens[r] == single.tokens[0]
+            assert batch[attempt].logprobs[r] == pytest.approx(single.logprobs[0], abs=1e-6)
+            assert len(batch[attempt].top_logprobs[r]) == len(single.top_logprobs[0]) == specs[r][0].top_logprobs
+            assert [t for t, _ in batch[attempt].top_logprobs[r]] == [t for t, _ in single.top_logprobs[0]]
     plain = torch.log_softmax(logits, -1)
     assert batch[0].tokens[0] == plain[0].argmax().item(), "no option: greedy stays the raw argmax"
     assert batch[0].top_logprobs[0] == batch[0].top_logprobs[2] == batch[0].top_logprobs[4] == ()
@@ -505,3 +506,15 @@ def test_sampling_params_accept_boundary_values() -> None:
     assert SamplingParams(top_logprobs=20).top_logprobs == 20
     assert SamplingParams(top_logprobs=0).top_logprobs == 0
     assert not SamplingParams(temperature=1e-3, top_p=1e-6).greedy
+
+
+def test_draw_follows_the_distribution_and_its_generator():
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.0, 0.3])  # zero-probability tokens must never come out
+    generator = torch.Generator().manual_seed(3)
+    draws = torch.stack([draw(probs, generator) for _ in range(20_000)])
+    frequencies = torch.bincount(draws, minlength=5).float() / len(draws)
+    assert frequencies[1] == frequencies[3] == 0
+    assert torch.allclose(frequencies, probs, atol=0.015)  # about 4 standard errors at p=0.6
+    again = torch.Generator().manual_seed(3)
+    assert [int(draw(probs, again)) for _ in range(50)] == draws[:50].tolist()
+    assert int(draw(torch.tensor([0.0, 0.0, 1.0]), generator)) == 2
