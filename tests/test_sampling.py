@@ -20,6 +20,7 @@ from transformers.generation.logits_process import (
 
 from loraplex.server.engine import Engine, EngineConfig, FinishReason, SamplingParams, SequenceState
 from loraplex.server.engine.sampling import (
+    NUCLEUS_CANDIDATES,
     apply_presence_frequency_penalties,
     apply_repetition_penalty,
     draw,
@@ -107,6 +108,16 @@ def test_top_p_keeps_transformers_set(top_p: float, scale: float) -> None:
         assert mass >= top_p - 1e-6
         smallest_kept = probs[sorted(kept(actual))].min().item()
         assert mass - smallest_kept < top_p
+
+
+@pytest.mark.parametrize(("scale", "top_p", "grows"), [(0.3, 0.9, True), (3.0, 0.9, True), (4.0, 0.9, False),
+                                                       (8.0, 0.5, False), (0.05, 0.999, True)])
+def test_top_p_on_a_large_vocabulary_ranks_only_what_it_needs(scale: float, top_p: float, grows: bool) -> None:
+    """49k tokens: the nucleus may need far more than NUCLEUS_CANDIDATES (flat logits) or a handful."""
+    logits = torch.randn(49_152, generator=torch.Generator().manual_seed(9)) * scale
+    expected = kept(TopPLogitsWarper(top_p)(None, logits[None])[0])
+    assert kept(filter_top_k_top_p(logits, 0, top_p)) == expected
+    assert (len(expected) > NUCLEUS_CANDIDATES) == grows  # both the grown and the first-try path
 
 
 def test_top_p_keeps_the_argmax_when_it_alone_exceeds_top_p() -> None:

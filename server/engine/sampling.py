@@ -61,17 +61,37 @@ def apply_presence_frequency_penalties(logits: torch.Tensor, generated: list[lis
     return logits.index_add_(0, torch.tensor(rows, device=device), penalty, alpha=-1)
 
 
+NUCLEUS_CANDIDATES = 256
+
+
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """logits: [vocab] -> same, with tokens outside top-k / the top-p nucleus set to -inf."""
     if top_k > 0 and top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
-        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
+        logits = logits.masked_fill(_outside_nucleus(logits, top_p), float("-inf"))
     return logits
+
+
+def _outside_nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """logits: [vocab] -> [vocab] bool, True for tokens outside the top-p nucleus: the most likely tokens
+    whose probability before them (in descending order) is below top_p stay, so the one that crosses
+    top_p stays too. Only the NUCLEUS_CANDIDATES most likely tokens are ranked (growing 4x while they do
+    not reach top_p): a full sort of a 49k vocabulary costs ~5 ms per row on CPU, top-256 ~0.3 ms."""
+    vocab = logits.numel()
+    log_normalizer = torch.logsumexp(logits, -1)
+    candidates = min(NUCLEUS_CANDIDATES, vocab)
+    while True:
+        top_logits, order = torch.topk(logits, candidates)  # [candidates], most likely first
+        probs = (top_logits - log_normalizer).exp()
+        cumulative = probs.cumsum(-1)
+        if candidates == vocab or cumulative[-1] >= top_p:  # the nucleus lies within the candidates
+            break
+        candidates = min(4 * candidates, vocab)
+    outside = torch.ones_like(logits, dtype=torch.bool)
+    outside[order[cumulative - probs < top_p]] = False
+    return outside
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
