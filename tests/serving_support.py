@@ -131,6 +131,15 @@ def post(url: str, payload: dict, key: str | None = None) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
+def status_of(url: str) -> int:
+    """The HTTP status of GET url."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 """A template whose text the test tokenizer can encode (only the contents, space-separated)."""
 

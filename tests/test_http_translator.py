@@ -11,15 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import openai
 
 from loraplex.adapters.identity import adapter_digest
 from loraplex.server.settings import AdapterSettings, ApiKey
-from serving_support import TOKENIZER_CORPUS, post, serving, with_chat_template
+from serving_support import TOKENIZER_CORPUS, post, serving, status_of, with_chat_template
 
 LORAPLEX = str(Path(sys.executable).parent / "loraplex")
 ADMIN, USER = "k-admin-1234", "k-user-1234"
@@ -35,14 +33,6 @@ def start_translator(grpc_port: int) -> tuple[subprocess.Popen, str]:
     match = re.search(r" on (127\.0\.0\.1:\d+) in front of ", line)
     assert match, f"the translator did not start: {line!r}"
     return process, f"http://{match.group(1)}/v1"
-
-
-def get(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
 
 
 def completions(url: str, key: str, **body) -> tuple[int, dict]:
@@ -81,10 +71,10 @@ async def test_translator_answers_like_the_embedded_shim(serving_model, tmp_path
             loaded = await asyncio.to_thread(post, f"{url}/load_lora_adapter",
                                              {"lora_name": "gate", "lora_path": str(gate)}, ADMIN)
             unloaded = await asyncio.to_thread(post, f"{url}/unload_lora_adapter", {"lora_name": "gate"}, ADMIN)
-            ready_while_serving = await asyncio.to_thread(get, f"{url.removesuffix('/v1')}/ready")
+            ready_while_serving = await asyncio.to_thread(status_of, f"{url.removesuffix('/v1')}/ready")
             await remote.close()
             await app.stop(0)
-            ready_after_stop = await asyncio.to_thread(get, f"{url.removesuffix('/v1')}/ready")
+            ready_after_stop = await asyncio.to_thread(status_of, f"{url.removesuffix('/v1')}/ready")
             after_stop = await asyncio.to_thread(completions, url, ADMIN, model="a_r4_qv", prompt="hi")
         finally:
             process.send_signal(signal.SIGTERM)

@@ -19,7 +19,7 @@ from loraplex.adapters.training_runs import record_run
 from loraplex.client.client import AsyncClient, build_request
 from loraplex.server.logs import configure_logging
 from loraplex.server.settings import AdapterSettings
-from serving_support import post, serving, slow_steps
+from serving_support import post, serving, slow_steps, status_of
 
 EXPORTED = {
     "counter": ["loraplex_requests", "loraplex_prompt_tokens", "loraplex_generation_tokens",
@@ -161,11 +161,3 @@ async def test_request_ids_reach_the_caller_and_every_log_line(serving_model, tm
 
 def client_request():
     return build_request([1, 2, 3], "a_r4_qv", max_new_tokens=2)
-
-
-def status_of(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
