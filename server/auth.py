@@ -47,6 +47,13 @@ class Authenticator:
     def __init__(self, keys: Sequence[ApiKey]) -> None:
         self._by_digest = {key.sha256: Principal(key.name, key.scopes, key.adapters) for key in keys}
 
+    def authorize(self, authorization: str | None, scope: Scope) -> Principal:
+        """The caller of this `authorization` value ("Bearer KEY"), if it has `scope`; else Unauthenticated
+        or PermissionDenied. Every transport checks callers through here."""
+        principal = self.authenticate(authorization)
+        principal.require_scope(scope)
+        return principal
+
     def authenticate(self, authorization: str | None) -> Principal:
         """Raises Unauthenticated for a missing, malformed or unknown key (when keys are configured)."""
         if not self._by_digest:

@@ -126,11 +126,8 @@ class GenerationCore:
         self.metrics, self.log_prompts = metrics, log_prompts
 
     def authorize(self, authorization: str | None, scope: Scope = "inference") -> Principal:
-        """The caller of this `authorization` value ("Bearer KEY"), if it has `scope`; else Unauthenticated
-        or PermissionDenied."""
-        principal = self.auth.authenticate(authorization)
-        principal.require_scope(scope)
-        return principal
+        """The caller, if it has `scope` (Authenticator.authorize)."""
+        return self.auth.authorize(authorization, scope)
 
     async def generate(self, authorization: str | None, call: GenerateCall) -> AsyncIterator[GeneratedToken]:
         """Authorize, tokenize, submit; then one GeneratedToken per generated token. Throwing StopGeneration

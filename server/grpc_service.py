@@ -166,9 +166,7 @@ def encode_completion(completion: Completion | None) -> pb.Completion | None:
 def authorize(auth: Authenticator, context: grpc.aio.ServicerContext, scope: Scope) -> Principal:
     """The caller of `context` (its `authorization` metadata), if it has `scope`; else Unauthenticated or
     PermissionDenied."""
-    principal = auth.authenticate(_authorization(context))
-    principal.require_scope(scope)
-    return principal
+    return auth.authorize(_authorization(context), scope)
 
 
 def _authorization(context: grpc.aio.ServicerContext) -> str | None:
