@@ -24,6 +24,7 @@ into the store happens outside both locks.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -33,7 +34,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 from botocore.exceptions import BotoCoreError
 
@@ -52,6 +53,7 @@ from loraplex.server.engine.lora import NO_ADAPTER
 from loraplex.server.errors import AdapterNotFound, FailedPrecondition, InvalidRequest
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BASE_MODEL = ""
 """The adapter reference that means the base model alone."""
@@ -143,7 +145,7 @@ class AdapterManager:
                                             initializer=lower_thread_priority)
         self.admin_executor = ThreadPoolExecutor(ADMIN_WORKERS, thread_name_prefix="loraplex-adapter-admin",
                                                  initializer=lower_thread_priority)
-        """Where transports run the blocking admin calls (load, validate, unload, ...)."""
+        """Where admin calls run (`run_admin` from the event loop): load, validate, unload, ..."""
         self._uses: Counter[tuple[str, str]] = Counter()
         self._version_uses: Counter[str] = Counter()
         self._requests: Counter[str] = Counter()
@@ -162,6 +164,11 @@ class AdapterManager:
         self._wake: Callable[[], None] = lambda: None
         with self._lock:
             self._refresh_pins()
+
+    async def run_admin(self, function: Callable[..., T], *args: object) -> T:
+        """`function(*args)` on the low-priority admin threads, awaited from the event loop (transports'
+        load, unload, validate, ... calls do disk and network I/O and hashing; serving goes on meanwhile)."""
+        return await asyncio.get_running_loop().run_in_executor(self.admin_executor, function, *args)
 
     def on_ready(self, wake: Callable[[], None]) -> None:
         """Call `wake` (without arguments, from any thread) whenever a load ends or a slot should be filled."""

@@ -8,10 +8,6 @@ meanwhile), and encodes the result. Refusals from the adapters package become se
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
-from typing import TypeVar
-
 import grpc
 
 from loraplex.adapters.errors import AdapterFormatError
@@ -22,7 +18,6 @@ from loraplex.server.grpc_service import authorize
 from loraplex.v1 import admin_pb2 as pb
 from loraplex.v1 import admin_pb2_grpc as pb_grpc
 
-T = TypeVar("T")
 TIERS = {"device": pb.ADAPTER_TIER_DEVICE, "host": pb.ADAPTER_TIER_HOST, "store": pb.ADAPTER_TIER_STORE}
 DEADLINE_MARGIN_S = 0.5
 """An UnloadAdapter that waits answers this long before the caller's deadline."""
@@ -37,8 +32,9 @@ class AdminService(pb_grpc.AdapterAdminServicer):
                           ) -> pb.LoadAdapterResponse:
         authorize(self._auth, context, "admin")
         with request_errors():
-            entry, _, changed = await self._off_loop(self._adapters.load, request.source, request.name, request.warm)
-        status = await self._off_loop(self._adapters.status, entry.name)
+            entry, _, changed = await self._adapters.run_admin(self._adapters.load, request.source, request.name,
+                                                               request.warm)
+        status = await self._adapters.run_admin(self._adapters.status, entry.name)
         return pb.LoadAdapterResponse(adapter=encode_status(status), changed=changed)
 
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext,
@@ -46,28 +42,28 @@ class AdminService(pb_grpc.AdapterAdminServicer):
         authorize(self._auth, context, "admin")
         remaining = context.time_remaining()
         timeout = None if remaining is None else max(remaining - DEADLINE_MARGIN_S, 0.0)
-        removed, drained = await self._off_loop(self._adapters.unload, request.name, request.version, request.wait,
-                                           timeout)
+        removed, drained = await self._adapters.run_admin(self._adapters.unload, request.name, request.version,
+                                                          request.wait, timeout)
         return pb.UnloadAdapterResponse(removed_versions=removed, drained=drained)
 
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext,
                            ) -> pb.ListAdaptersResponse:
         authorize(self._auth, context, "admin")
-        statuses = await self._off_loop(self._adapters.statuses)
+        statuses = await self._adapters.run_admin(self._adapters.statuses)
         return pb.ListAdaptersResponse(adapters=[encode_status(status) for status in statuses])
 
     async def DescribeAdapter(self, request: pb.DescribeAdapterRequest, context: grpc.aio.ServicerContext,
                               ) -> pb.AdapterStatus:
         authorize(self._auth, context, "admin")
         with request_errors():  # a malformed name
-            return encode_status(await self._off_loop(self._adapters.status, request.name))
+            return encode_status(await self._adapters.run_admin(self._adapters.status, request.name))
 
     async def ValidateAdapter(self, request: pb.ValidateAdapterRequest, context: grpc.aio.ServicerContext,
                               ) -> pb.ValidateAdapterResponse:
         authorize(self._auth, context, "admin")
         try:
             with request_errors(adapter_format=False):
-                summary = await self._off_loop(self._adapters.validate, request.source)
+                summary = await self._adapters.run_admin(self._adapters.validate, request.source)
         except AdapterFormatError as problem:
             return pb.ValidateAdapterResponse(valid=False, problem=str(problem))
         return pb.ValidateAdapterResponse(valid=True, summary=encode_summary(summary))
@@ -76,18 +72,14 @@ class AdminService(pb_grpc.AdapterAdminServicer):
                          ) -> pb.AdapterStatus:
         authorize(self._auth, context, "admin")
         with request_errors():
-            entry = await self._off_loop(self._adapters.pin, request.name, request.pinned)
-        return encode_status(await self._off_loop(self._adapters.status, entry.name))
+            entry = await self._adapters.run_admin(self._adapters.pin, request.name, request.pinned)
+        return encode_status(await self._adapters.run_admin(self._adapters.status, entry.name))
 
     async def PrefetchAdapter(self, request: pb.PrefetchAdapterRequest, context: grpc.aio.ServicerContext,
                               ) -> pb.AdapterStatus:
         authorize(self._auth, context, "admin")
-        lease = await self._off_loop(self._adapters.prefetch, request.adapter)
-        return encode_status(await self._off_loop(self._adapters.status, lease.name))
-
-    async def _off_loop(self, function: Callable[..., T], *args: object) -> T:
-        """Run a blocking manager call on the manager's (low-priority) admin threads."""
-        return await asyncio.get_running_loop().run_in_executor(self._adapters.admin_executor, function, *args)
+        lease = await self._adapters.run_admin(self._adapters.prefetch, request.adapter)
+        return encode_status(await self._adapters.run_admin(self._adapters.status, lease.name))
 
 
 def encode_summary(summary: AdapterSummary) -> pb.AdapterVersion:

@@ -190,8 +190,7 @@ class GenerationCore:
         self.authorize(authorization, "admin")
         adapters = self.scheduler.adapters
         with request_errors():
-            _, summary, _ = await asyncio.get_running_loop().run_in_executor(adapters.admin_executor, adapters.load,
-                                                                             source, name)
+            _, summary, _ = await adapters.run_admin(adapters.load, source, name)
         return summary.digest
 
     async def unload_adapter(self, authorization: str | None, name: str) -> list[str]:
@@ -200,8 +199,7 @@ class GenerationCore:
         self.authorize(authorization, "admin")
         adapters = self.scheduler.adapters
         with request_errors():
-            removed, _ = await asyncio.get_running_loop().run_in_executor(adapters.admin_executor, adapters.unload,
-                                                                          name)
+            removed, _ = await adapters.run_admin(adapters.unload, name)
         return list(removed)
 
     def prompt_ids(self, call: GenerateCall) -> list[int]:
