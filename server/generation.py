@@ -23,13 +23,12 @@ from transformers import PreTrainedTokenizerBase
 from loraplex.server.adapter_manager import check_reference, request_errors
 from loraplex.server.auth import Authenticator, Principal
 from loraplex.server.detokenizer import IncrementalDetokenizer
-from loraplex.server.engine import FinishReason, SamplingParams, TokenEvent
+from loraplex.server.engine import FinishReason, InvalidSamplingParameter, SamplingParams, TokenEvent
 from loraplex.server.errors import AdapterNotFound, InvalidRequest, RequestError
 from loraplex.server.metrics import ServerMetrics
 from loraplex.server.scheduler import Request, RequestLimits, Scheduler
 from loraplex.server.settings import Scope
 
-MAX_TOP_LOGPROBS = 20
 log = logging.getLogger("loraplex.requests")
 
 
@@ -63,7 +62,7 @@ class GenerateCall:
     logprobs: bool = False
     """Report each token's log-probability and its text alone (GeneratedToken.logprob, piece)."""
     top_logprobs: int = 0
-    """Also report this many most likely tokens of each step, in [0, MAX_TOP_LOGPROBS]."""
+    """Also report this many most likely tokens of each step, in [0, engine.MAX_TOP_LOGPROBS]."""
 
 
 @dataclass(frozen=True)
@@ -232,13 +231,11 @@ class GenerationCore:
         vocab_size = self.scheduler.engine.spec.vocab_size
         if any(not 0 <= t < vocab_size for t in call.stop_token_ids):
             raise InvalidRequest("stop_token_ids", f"token ids must lie in [0, {vocab_size})")
-        if not 0 <= call.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise InvalidRequest("top_logprobs", f"must lie in [0, {MAX_TOP_LOGPROBS}]")
         try:
             return SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=call.stop_token_ids,
                                   ignore_eos=call.ignore_eos, top_logprobs=call.top_logprobs, **call.sampling)
-        except ValueError as error:  # "invalid sampling parameter top_p=2.0"
-            raise InvalidRequest(str(error).split("=")[0].rsplit(" ", 1)[-1], str(error)) from None
+        except InvalidSamplingParameter as error:
+            raise InvalidRequest(error.field, str(error)) from None
 
     def _ended(self, adapter: str | None, outcome: str, call: GenerateCall, prompt_ids: list[int],
                token_times: list[float], arrival: float) -> None:

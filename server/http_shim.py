@@ -39,10 +39,9 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraplex.server import errors
-from loraplex.server.engine import FinishReason
+from loraplex.server.engine import MAX_TOP_LOGPROBS, FinishReason
 from loraplex.server.errors import AdapterNotFound, InvalidRequest, RequestError
 from loraplex.server.generation import (
-    MAX_TOP_LOGPROBS,
     ChatMessage,
     GenerateCall,
     GeneratedToken,

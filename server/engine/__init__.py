@@ -5,13 +5,22 @@ ids and tensors and returns token ids.
 """
 
 from loraplex.server.engine.engine import Engine, EngineConfig
-from loraplex.server.engine.sequence import FinishReason, SamplingParams, SequenceState, TokenEvent
+from loraplex.server.engine.sequence import (
+    MAX_TOP_LOGPROBS,
+    FinishReason,
+    InvalidSamplingParameter,
+    SamplingParams,
+    SequenceState,
+    TokenEvent,
+)
 from loraplex.server.engine.spec import ModelSpec
 
 __all__ = [
+    "MAX_TOP_LOGPROBS",
     "Engine",
     "EngineConfig",
     "FinishReason",
+    "InvalidSamplingParameter",
     "ModelSpec",
     "SamplingParams",
     "SequenceState",

@@ -13,6 +13,14 @@ MAX_TOP_LOGPROBS = 20
 """Most alternatives one request may ask for per token (OpenAI's limit)."""
 
 
+class InvalidSamplingParameter(ValueError):
+    """A SamplingParams field out of its bounds; `field` names it."""
+
+    def __init__(self, field: str, value: object) -> None:
+        super().__init__(f"invalid sampling parameter {field}={value!r}")
+        self.field = field
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How the next token is chosen and when a sequence stops."""
@@ -52,7 +60,7 @@ class SamplingParams:
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"invalid sampling parameter {bad[0]}={getattr(self, bad[0])!r}")
+            raise InvalidSamplingParameter(bad[0], getattr(self, bad[0]))
 
     @property
     def greedy(self) -> bool:
