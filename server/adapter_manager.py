@@ -114,8 +114,6 @@ class AdapterStats:
     """Admissions whose version was already in a slot (counted by the scheduler)."""
     host_hits: int = 0
     """Versions copied into a slot straight from host memory (no store read needed)."""
-    host_misses: int = 0
-    """Loads from the store started (the version was not in host memory)."""
     read_s: float = 0.0
     """Seconds spent reading stored files (and checking digests), summed over loads."""
     validate_s: float = 0.0
@@ -383,11 +381,12 @@ class AdapterManager:
                     for entry in self.registry.entries()}
 
     def tier_counters(self) -> dict[str, int]:
-        """{device,host}_{cache_hits,cache_misses,evictions} since start."""
+        """{device,host}_{cache_hits,cache_misses,evictions} since start (a host miss is a store read, done
+        or failed)."""
         stats = self.stats
         return {"device_cache_hits": stats.device_hits, "device_cache_misses": stats.installs,
                 "device_evictions": self.slots.evictions, "host_cache_hits": stats.host_hits,
-                "host_cache_misses": stats.host_misses, "host_evictions": self.host.evictions}
+                "host_cache_misses": stats.loads + stats.load_failures, "host_evictions": self.host.evictions}
 
     def status(self, name: str) -> AdapterStatus:
         """Versions, tiers and use counts of `name`; AdapterNotFound if it is not registered."""
@@ -468,7 +467,6 @@ class AdapterManager:
         if len(self._loading) + self.host.num_held >= self._max_pending:
             return
         self._loading.add(digest)
-        self.stats.host_misses += 1
         self._executor.submit(self._load, name, digest)
 
     def _load(self, name: str, digest: str) -> None:
