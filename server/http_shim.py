@@ -105,8 +105,6 @@ class Answer:
     model: str
     stream: bool
     include_usage: bool
-    legacy_logprobs: bool
-    """Completions' logprobs shape (tokens / token_logprobs / top_logprobs / text_offset), not chat's."""
 
 
 class HttpShim:
@@ -261,7 +259,7 @@ def _decode(body: dict, prompt: str | list[int] | list[ChatMessage], chat: bool,
     calls = [replace(call, sampling={**sampling, "seed": (seed + i) % 2**64}) if seed is not None else call
              for i in range(n)]
     return Answer(calls, stops, chat, model, _flag(body, "stream"),
-                  _flag(body.get("stream_options") or {}, "include_usage"), legacy_logprobs=not chat)
+                  _flag(body.get("stream_options") or {}, "include_usage"))
 
 
 async def _rest(first: Piece, choice: AsyncIterator[Piece]) -> list[Piece]:
@@ -365,7 +363,7 @@ def _choice(answer: Answer, index: int, piece: Piece, final: bool, offset: int =
 def _logprobs(answer: Answer, piece: Piece, offset: int) -> dict:
     """The piece's tokens in OpenAI's logprobs shape: completions' parallel lists, or chat's content list."""
     tokens = piece.tokens
-    if answer.legacy_logprobs:
+    if not answer.chat:  # completions' shape: parallel lists
         offsets, position = [], offset
         for token in tokens:
             offsets.append(position)
