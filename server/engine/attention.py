@@ -73,6 +73,26 @@ def _group(first_queries: list[int], num_queries: int, starts: list[int], rows: 
     return AttentionGroup(query_index, context_rows, masks, num_queries)
 
 
+def batch_invariant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor,
+                              enable_gqa: bool = True) -> torch.Tensor:
+    """softmax(q @ k.T / sqrt(D) masked) @ v, per sequence of the group, with results that do not
+    depend on the other sequences: q [G, heads, Q, D], k/v [G, kv_heads, K, D], attn_mask bool
+    [G, 1, Q, K] -> [G, heads, Q, D].
+
+    `F.scaled_dot_product_attention` on the CPU gives two identical sequences of one padded batch
+    different bits (its kernel splits the work by batch position), so a request's tokens would
+    depend on which others share its step; batched matmuls and a softmax compute each sequence the
+    same way wherever it sits. Query heads share their kv head in consecutive groups (GQA).
+    """
+    num_seqs, heads, num_queries, head_dim = q.shape
+    kv_heads = k.shape[1]
+    grouped = q.reshape(num_seqs, kv_heads, heads // kv_heads * num_queries, head_dim)
+    scores = (grouped @ k.transpose(-1, -2)) * head_dim ** -0.5  # [G, kv_heads, heads/kv_heads * Q, K]
+    scores = scores.view(num_seqs, heads, num_queries, -1).masked_fill(~attn_mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).view(num_seqs, kv_heads, heads // kv_heads * num_queries, -1)
+    return (weights @ v).view(num_seqs, heads, num_queries, head_dim)
+
+
 def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: AttentionBatch,
                     window: int | None) -> torch.Tensor:
     """q: [num_tokens, heads, head_dim]; keys/values: one layer's storage [rows, kv_heads, head_dim],
@@ -84,9 +104,8 @@ def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, b
         rows = group.context_rows.view(-1)
         k_g = keys.index_select(0, rows).view(num_seqs, context, *keys.shape[1:])  # [G, K, kv_heads, D]
         v_g = values.index_select(0, rows).view(num_seqs, context, *values.shape[1:])
-        attended = F.scaled_dot_product_attention(
-            q_g.transpose(1, 2), k_g.transpose(1, 2), v_g.transpose(1, 2),
-            attn_mask=group.masks[window], enable_gqa=True,
-        )  # [G, heads, Q, D]
+        attend = F.scaled_dot_product_attention if num_seqs == 1 else batch_invariant_attention
+        attended = attend(q_g.transpose(1, 2), k_g.transpose(1, 2), v_g.transpose(1, 2),
+                          attn_mask=group.masks[window], enable_gqa=True)  # [G, heads, Q, D]
         out.index_copy_(0, group.query_index, attended.transpose(1, 2).reshape(-1, *q.shape[1:]))
     return out

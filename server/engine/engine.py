@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from loraplex.server.engine import lora_cpu
+from loraplex.server.engine import lora_cpu, nf4_cpu
 from loraplex.server.engine.attention import AttentionBatch
 from loraplex.server.engine.kv_cache import OutOfBlocks, PagedKVCache
 from loraplex.server.engine.lora import NO_ADAPTER, LoraBatch, lora_grouped, lora_reference
@@ -57,6 +57,12 @@ class EngineConfig(BaseModel):
     """LoRA op: "cpu_kernel" (compiled per-token kernel + BLAS, float32 on CPU), "grouped" (batched
     matmuls over gathered slots, any device), "reference" (the plain test oracle); "auto" picks
     cpu_kernel where it applies and compiles, else grouped."""
+    nf4_kernel: Literal["auto", "fused", "bitsandbytes"] = "auto"
+    """NF4 base matmul: "fused" (the compiled CPU kernel that dequantizes tiles of the packed weight
+    in registers and L1; float32 or bfloat16 compute on the CPU, in_features a multiple of 16),
+    "bitsandbytes" (bitsandbytes' matmul_4bit: the whole weight dequantized per call, then a matmul);
+    "auto" picks fused wherever it applies and compiles, else bitsandbytes. Same dequantized values
+    either way."""
 
     def torch_dtype(self) -> torch.dtype:
         if self.compute_dtype is not None:
@@ -92,7 +98,7 @@ class Engine:
         self.num_slots = slots_within_budget(spec, config, self.dtype)
         self.model = DecoderModel.from_weights(
             spec, iter(weights), dtype=self.dtype, device=self.device, quantize=config.quantize,
-            num_slots=self.num_slots, max_rank=config.max_rank,
+            num_slots=self.num_slots, max_rank=config.max_rank, fused_nf4=self._fused_nf4(spec),
         )
         self.lora_impl = self._pick_lora_impl()
         self.model.lora_op = LORA_OPS[self.lora_impl]
@@ -105,6 +111,16 @@ class Engine:
         self.slot_ranks = [0] * self.num_slots
         self._windows = set(spec.sliding_windows)
         self._seq_ids: Iterator[int] = itertools.count()
+
+    def _fused_nf4(self, spec: ModelSpec) -> bool:
+        """Whether the base projections use the fused NF4 kernel (config.nf4_kernel; see EngineConfig)."""
+        if not self.config.quantize or self.config.nf4_kernel == "bitsandbytes":
+            return False
+        fits = all(nf4_cpu.supports(spec.projection_shape(proj)[::-1], self.device, self.dtype) for proj in PROJECTIONS)
+        if self.config.nf4_kernel == "fused" and not (fits and nf4_cpu.available()):
+            raise ValueError("nf4_kernel='fused' needs the CPU, float32 or bfloat16 compute, in_features that are "
+                             "multiples of 16, and a C++ compiler; use 'auto' or 'bitsandbytes'")
+        return fits and nf4_cpu.available()
 
     def _pick_lora_impl(self) -> str:
         fits_kernel = self.device.type == "cpu" and self.dtype == torch.float32

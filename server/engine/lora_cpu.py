@@ -11,24 +11,18 @@ three times. This path reads them in place, from the slot buffers, once:
 - groups of at least `LARGE_GROUP` tokens (prefill chunks) go through `grouped_matmul`: batched
   BLAS matmuls, where the one gathered copy of each adapter is small next to the token work.
 
-The kernel is compiled on first use for the host CPU (build cached under the loraplex home, keyed
-by the CPU's flags); when no compiler is available `available()` is False and the engine uses
-`lora_grouped` instead.
+The kernel is compiled on first use for the host CPU (`cpu_extension`); when no compiler is
+available `available()` is False and the engine uses `lora_grouped` instead.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import logging
-import os
-from pathlib import Path
 
 import torch
 
+from loraplex.server.engine import cpu_extension
 from loraplex.server.engine.lora import LoraBatch, LoraSlots, grouped_matmul
-
-log = logging.getLogger(__name__)
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -122,31 +116,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("lora_bgmv", &lora_bgmv); }
 """
 
 
-def _build_dir() -> Path:
-    from loraplex.server.default_model import loraplex_home
-
-    flags = ""
-    if Path("/proc/cpuinfo").is_file():
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    key = hashlib.sha256((_SOURCE + flags + torch.__version__).encode()).hexdigest()[:16]
-    path = loraplex_home() / "torch_extensions" / f"lora_bgmv_{key}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 @functools.cache
 def _extension():
     """The compiled kernel module, or None when it cannot be built here."""
-    if os.environ.get("LORAPLEX_DISABLE_CPU_KERNEL"):
-        return None
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        return load_inline(name="loraplex_lora_bgmv", cpp_sources=[_SOURCE], build_directory=str(_build_dir()),
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False)
-    except Exception as error:  # no compiler, no ninja, unsupported platform: fall back, loudly
-        log.warning("CPU LoRA kernel unavailable (%s); using the grouped torch path", error)
-        return None
+    return cpu_extension.build("lora_bgmv", _SOURCE)
 
 
 def available() -> bool:

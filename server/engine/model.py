@@ -99,8 +99,10 @@ class DecoderModel(torch.nn.Module):
 
     @classmethod
     def from_weights(cls, spec: ModelSpec, weights: Iterator[tuple[str, torch.Tensor]], *, dtype: torch.dtype,
-                     device: torch.device, quantize: bool, num_slots: int, max_rank: int) -> DecoderModel:
-        """Build from (Hugging Face parameter name, tensor) pairs, quantizing projections as they arrive.
+                     device: torch.device, quantize: bool, num_slots: int, max_rank: int,
+                     fused_nf4: bool = False) -> DecoderModel:
+        """Build from (Hugging Face parameter name, tensor) pairs, quantizing projections as they arrive
+        (computed by the fused NF4 kernel with `fused_nf4`, else by bitsandbytes).
 
         Each tensor is moved to `device` and cast to `dtype` first, so NF4 blocks are computed from the
         same values a transformers model loaded in `dtype` would quantize.
@@ -114,7 +116,7 @@ class DecoderModel(torch.nn.Module):
             if len(parts) == 6 and parts[4] in PROJECTIONS:  # model.layers.{i}.{self_attn|mlp}.{proj}.{weight|bias}
                 key = (int(parts[2]), parts[4])
                 if parts[5] == "weight":
-                    bases[key] = BaseLinear(tensor, dtype, quantize)  # quantized now: no dense copy kept
+                    bases[key] = BaseLinear(tensor, dtype, quantize, fused=fused_nf4)  # quantized now: no dense copy
                 else:
                     biases[key] = tensor
             else:

@@ -6,6 +6,8 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import torch
 
+from loraplex.server.engine import nf4_cpu
+
 #: NF4 quantization settings; the training sidecar and the parity tests' references use the same.
 NF4_BLOCKSIZE = 64
 NF4_DOUBLE_QUANT = True
@@ -15,11 +17,13 @@ class BaseLinear(torch.nn.Module):
     """`y = x @ W.T + b` with W stored as bitsandbytes NF4 (double-quantized, blocksize 64).
 
     With `quantize=False` W stays dense in the compute dtype (a debugging aid). The bias, when the
-    architecture has one, stays in the compute dtype either way.
+    architecture has one, stays in the compute dtype either way. With `fused` the NF4 product runs
+    in `nf4_cpu`'s kernel (same dequantized values, no dense copy of W); otherwise through
+    bitsandbytes' `matmul_4bit`.
     """
 
     def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype, quantize: bool,
-                 bias: torch.Tensor | None = None) -> None:
+                 bias: torch.Tensor | None = None, fused: bool = False) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.compute_dtype = compute_dtype
@@ -32,15 +36,19 @@ class BaseLinear(torch.nn.Module):
             self.quant_state: bnbf.QuantState | None = state
             self.quant_state.dtype = compute_dtype  # dequantize straight into the compute dtype
             self.dense_weight: torch.Tensor | None = None
+            self.fused_weight = nf4_cpu.Nf4Weight.from_quant_state(packed, state) if fused else None
         else:
             self.packed_weight = None
             self.quant_state = None
             self.dense_weight = weight.to(compute_dtype)  # [out, in]
+            self.fused_weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [num_tokens, in] -> [num_tokens, out]."""
         if self.dense_weight is not None:
             return torch.nn.functional.linear(x, self.dense_weight, self.bias)
+        if self.fused_weight is not None:
+            return nf4_cpu.nf4_linear(x, self.fused_weight, self.bias)
         return bnb.matmul_4bit(x, self.packed_weight.t(), quant_state=self.quant_state, bias=self.bias)
 
     def resident_bytes(self) -> int:

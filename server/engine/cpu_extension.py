@@ -1,0 +1,51 @@
+"""Compiling the engine's C++ CPU kernels: on first use, for the host CPU, cached on disk.
+
+Each kernel module (`lora_cpu`, `nf4_cpu`) hands its source here. The build is keyed by the source,
+the CPU's flags and the torch version, so a machine with other CPU features (AVX2 only vs AVX-512 /
+AMX) or another torch builds its own copy, compiled with `-march=native`: the kernels pick their
+vector path at compile time from what that CPU has (`__AVX512F__`, `__AVX2__`, or plain C++).
+When nothing compiles (no compiler, no ninja) the build returns None and the caller falls back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+#: Set (to anything) to skip every compiled CPU kernel, as on a machine without a compiler.
+DISABLE_ENV = "LORAPLEX_DISABLE_CPU_KERNEL"
+
+
+def cpu_flags() -> str:
+    """The host CPU's feature flags as /proc/cpuinfo lists them ("" where there is no such file)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return ""
+    return next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
+
+
+def build(name: str, source: str, extra_cflags: tuple[str, ...] = ()) -> ModuleType | None:
+    """The compiled extension `name` built from C++ `source`, or None (logged) when it cannot be built."""
+    if os.environ.get(DISABLE_ENV):
+        return None
+    from loraplex.server.default_model import loraplex_home
+
+    cflags = ["-O3", "-march=native", "-fopenmp", *extra_cflags]
+    key = hashlib.sha256((source + cpu_flags() + torch.__version__ + " ".join(cflags)).encode()).hexdigest()[:16]
+    folder = loraplex_home() / "torch_extensions" / f"{name}_{key}"
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        folder.mkdir(parents=True, exist_ok=True)
+        return load_inline(name=f"loraplex_{name}", cpp_sources=[source], build_directory=str(folder),
+                           extra_cflags=cflags, verbose=False)
+    except Exception as error:  # no compiler, no ninja, unsupported platform: fall back, loudly
+        log.warning("CPU kernel %s unavailable (%s); using the portable torch path", name, error)
+        return None

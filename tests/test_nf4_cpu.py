@@ -1,0 +1,147 @@
+"""The fused NF4 kernel (server/engine/nf4_cpu.py) against bitsandbytes' dequantize + matmul."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import bitsandbytes.functional as bnbf
+import pytest
+import torch
+
+from loraplex.server.default_model import default_model_path
+from loraplex.server.engine import Engine, EngineConfig, SamplingParams, nf4_cpu
+from loraplex.server.engine.nf4 import NF4_BLOCKSIZE, NF4_DOUBLE_QUANT
+from loraplex.server.engine.spec import PROJECTIONS
+from loraplex.server.model_files import iter_weights, model_spec
+from support import ARCHITECTURES, write_tiny_model
+
+pytestmark = pytest.mark.skipif(not nf4_cpu.available(), reason="no C++ compiler: the kernel cannot be built here")
+
+TOKEN_COUNTS = [*range(1, 68), 512]
+
+
+def projection_shapes(folder: Path) -> set[tuple[int, int]]:
+    """{(out_features, in_features)} of every projection of the model in `folder`."""
+    spec = model_spec(folder)
+    return {spec.projection_shape(proj)[::-1] for proj in PROJECTIONS}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> list[tuple[int, int]]:
+    root = tmp_path_factory.mktemp("families")
+    found = set().union(*(projection_shapes(write_tiny_model(arch, root / arch)) for arch in ARCHITECTURES))
+    return sorted(found | projection_shapes(default_model_path()))
+
+
+def quantized(out_features: int, in_features: int, seed: int) -> tuple[torch.Tensor, bnbf.QuantState]:
+    weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed))
+    return bnbf.quantize_4bit(weight, blocksize=NF4_BLOCKSIZE, compress_statistics=NF4_DOUBLE_QUANT, quant_type="nf4")
+
+
+def test_the_shapes_cover_the_tiny_families_and_smollm2(shapes) -> None:
+    assert (576, 576) in shapes and (1536, 576) in shapes and (576, 1536) in shapes and (192, 576) in shapes
+    assert (64, 64) in shapes and len(shapes) >= 8
+
+
+def test_dequantized_values_are_bit_identical_to_bitsandbytes(shapes) -> None:
+    for seed, (out_features, in_features) in enumerate(shapes):
+        packed, state = quantized(out_features, in_features, seed)
+        weight = nf4_cpu.Nf4Weight.from_quant_state(packed, state)
+        assert torch.equal(nf4_cpu.nf4_dequantize(weight), bnbf.dequantize_4bit(packed, state))
+        state.dtype = torch.bfloat16
+        assert torch.equal(nf4_cpu.nf4_dequantize(weight, bf16=True), bnbf.dequantize_4bit(packed, state).float())
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+def test_products_match_bitsandbytes_dequantize_then_matmul(shapes, with_bias: bool) -> None:
+    """Every shape, every token count 1..67 and 512, through the kernel's own loop and its BLAS path."""
+    generator = torch.Generator().manual_seed(3)
+    for seed, (out_features, in_features) in enumerate(shapes):
+        packed, state = quantized(out_features, in_features, seed)
+        weight = nf4_cpu.Nf4Weight.from_quant_state(packed, state)
+        dense = bnbf.dequantize_4bit(packed, state).double()  # [out, in]
+        bias = torch.randn(out_features, generator=generator) if with_bias else None
+        for tokens in TOKEN_COUNTS:
+            x = torch.randn(tokens, in_features, generator=generator)
+            expected = x.double() @ dense.T + (0 if bias is None else bias.double())
+            actual = nf4_cpu.nf4_linear(x, weight, bias)
+            assert actual.shape == (tokens, out_features) and actual.dtype == torch.float32
+            # float32 accumulation over in_features terms: error relative to the sum of |terms|
+            bound = 1e-6 * in_features * (x.abs().double() @ dense.abs().T + 1)
+            assert ((actual.double() - expected).abs() <= bound).all(), (out_features, in_features, tokens)
+
+
+def test_both_paths_agree_and_rows_do_not_depend_on_their_neighbours() -> None:
+    packed, state = quantized(192, 576, seed=0)
+    weight = nf4_cpu.Nf4Weight.from_quant_state(packed, state)
+    x = torch.randn(40, 576, generator=torch.Generator().manual_seed(1))
+    loop = nf4_cpu.nf4_linear(x, weight, blas_min_tokens=10**6)
+    blas = nf4_cpu.nf4_linear(x, weight, blas_min_tokens=1)
+    assert ((loop - blas).abs().max() / blas.abs().max()).item() < 1e-6
+    for row in (0, 7, 39):  # the loop computes each token alone: same bits at any position of any batch
+        assert torch.equal(nf4_cpu.nf4_linear(x[row:row + 1], weight, blas_min_tokens=10**6)[0], loop[row])
+
+
+def test_bfloat16_activations_give_bfloat16_products_of_bf16_rounded_weights() -> None:
+    packed, state = quantized(96, 64, seed=2)
+    weight = nf4_cpu.Nf4Weight.from_quant_state(packed, state)
+    state.dtype = torch.bfloat16
+    dense = bnbf.dequantize_4bit(packed, state)  # [out, in] bfloat16, as bitsandbytes gives it
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    actual = nf4_cpu.nf4_linear(x, weight)
+    assert actual.dtype == torch.bfloat16
+    expected = (x.double() @ dense.double().T).to(torch.bfloat16)  # exact products, one rounding at the end
+    assert (actual.float() - expected.float()).abs().max().item() <= 2 ** -7 * expected.float().abs().max().item()
+
+
+# -- the engine's choice -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    return write_tiny_model("qwen2", tmp_path_factory.mktemp("qwen2") / "base")  # qkv bias: the bias path too
+
+
+def engine(folder: Path, nf4_kernel: str) -> Engine:
+    return Engine(model_spec(folder), iter_weights(folder),
+                  EngineConfig(nf4_kernel=nf4_kernel, num_slots=2, max_rank=8, kv_cache_bytes=2**20))
+
+
+def test_auto_uses_the_fused_kernel_and_matches_bitsandbytes(tiny_llama: Path) -> None:
+    fused, portable = engine(tiny_llama, "auto"), engine(tiny_llama, "bitsandbytes")
+    assert all(p.base.fused_weight is not None for _, _, p in fused.model.projections())
+    assert all(p.base.fused_weight is None for _, _, p in portable.model.projections())
+    prompts = [[1, 2, 3, 4, 5], [9, 8, 7], list(range(10, 60))]
+    sampling = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    assert fused.generate(prompts, sampling) == portable.generate(prompts, sampling)
+
+
+def test_auto_falls_back_to_bitsandbytes_without_the_kernel(tiny_llama: Path, monkeypatch) -> None:
+    monkeypatch.setattr(nf4_cpu, "available", lambda: False)
+    assert all(p.base.fused_weight is None for _, _, p in engine(tiny_llama, "auto").model.projections())
+    with pytest.raises(ValueError, match="nf4_kernel='fused' needs"):
+        engine(tiny_llama, "fused")
+
+
+def test_a_machine_without_a_compiler_serves_through_bitsandbytes(tiny_llama: Path, tmp_path: Path) -> None:
+    """A fresh build folder and no working C++ compiler: the engine starts and generates, on bitsandbytes."""
+    script = (
+        "import sys\nfrom pathlib import Path\n"
+        "from loraplex.server.engine import Engine, EngineConfig, SamplingParams, nf4_cpu\n"
+        "from loraplex.server.model_files import iter_weights, model_spec\n"
+        "folder = Path(sys.argv[1])\n"
+        "config = EngineConfig(num_slots=1, max_rank=8, kv_cache_bytes=2**20)\n"
+        "e = Engine(model_spec(folder), iter_weights(folder), config)\n"
+        "assert not nf4_cpu.available()\n"
+        "assert all(p.base.fused_weight is None for _, _, p in e.model.projections())\n"
+        "print(e.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4, ignore_eos=True))[0])\n"
+    )
+    env = {**os.environ, "LORAPLEX_HOME": str(tmp_path / "home"), "CXX": str(tmp_path / "no-such-compiler")}
+    done = subprocess.run([sys.executable, "-c", script, str(tiny_llama)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "unavailable" in done.stderr and len(ast.literal_eval(done.stdout.strip())) == 4
