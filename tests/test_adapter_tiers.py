@@ -134,7 +134,7 @@ async def test_eviction_never_touches_an_adapter_in_use(cold, serving_model, ref
     outputs = await asyncio.wait_for(asyncio.gather(*(collect(scheduler, *r) for r in requests)), 60)
     for (name, prompt, sampling), output in zip(requests, outputs, strict=True):
         assert output == generate_alone(reference_engine, serving_model[1], prompt, name, sampling), name
-    assert manager.slots.evictions >= 3
+    assert manager.slots.evictions >= 2  # three adapters took turns in the one free slot (more if they interleaved)
 
 
 async def test_a_pinned_adapter_stays_in_its_slot_and_one_slot_stays_unpinned(cold, serving_model):

@@ -449,7 +449,7 @@ def test_presence_frequency_penalties_on_the_engine_count_generated_tokens_only(
     formula over the tokens generated so far; the prompt counts for nothing."""
     target = prompt(9, seed=0)
     plain = engine.generate([target], SamplingParams(max_new_tokens=16, ignore_eos=True))[0]
-    presence, frequency = -1.0, -0.5  # negative: the tiny model, which never repeats itself, starts to
+    presence, frequency = -1.0, -0.5  # negative: the tiny model repeats itself more than without them
     seq = engine.add_sequence(target, SamplingParams(max_new_tokens=16, ignore_eos=True, top_logprobs=20,
                                                      presence_penalty=presence, frequency_penalty=frequency))
     events = engine.step([(seq, seq.num_pending)])
@@ -469,7 +469,7 @@ def test_presence_frequency_penalties_on_the_engine_count_generated_tokens_only(
         events = engine.step([(seq, 1)])
     assert seq.output_ids == generated
     assert generated[0] == plain[0], "nothing generated yet: the prompt is not penalized"
-    assert len(set(plain)) == len(plain) and len(set(generated)) < len(generated)
+    assert len(set(generated)) < len(set(plain)), "negative penalties make the model repeat itself more"
 
 
 def test_max_model_len_ends_a_sequence(tmp_path: Path) -> None:
