@@ -1,10 +1,14 @@
 """Engine throughput with many adapters vs the base alone vs transformers + PEFT (issue: engine core).
 
-One process, one run, modes measured side by side:
+One process, one run, modes measured side by side (32 requests unless the name says otherwise):
   (a) base only            (b) 32 requests on one adapter     (c) 32 distinct r=16 all-linear adapters
   (d) 32 adapters, ranks 8/16/32/64                          (e) transformers + PEFT generate(adapter_names=...)
   (f) base only, sampling (temperature 0.8, top-p 0.95, seeded) instead of greedy decoding
-It also measures memory bandwidth and matmul rate to compute the physical floor of (c)'s LoRA work.
+  (g) base only on dense float32 weights, same engine code   (h) 8 distinct adapters, 4 requests each
+  (a)/(g) also with 8 and 1 requests, and (a) with nf4_kernel=bitsandbytes
+It also measures memory bandwidth and matmul rate to compute the physical floor of (c)'s LoRA work,
+times every projection shape alone (fused NF4 kernel vs bitsandbytes vs dense float32 vs the
+kernel's dequantize + BLAS path, over token counts), and profiles one decode step of (a) by op.
 
     python benchmarks/engine_throughput.py            # SmolLM2-135M-Instruct, NF4 (the default model)
     python benchmarks/engine_throughput.py --tiny     # a random tiny llama, for a quick check
@@ -28,7 +32,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from loraplex.adapters.bnb_compat import nf4_config, use_portable_nf4_path
 from loraplex.adapters.peft_format import read_lora_weights
 from loraplex.server.default_model import default_model_path
-from loraplex.server.engine import Engine, EngineConfig, SamplingParams
+from loraplex.server.engine import Engine, EngineConfig, SamplingParams, cpu_extension, nf4_cpu
 from loraplex.server.engine.spec import PROJECTIONS
 from loraplex.server.model_files import iter_weights, model_spec
 
@@ -92,18 +96,22 @@ def measure_matmul_rate() -> float:
     return 2 * 1024**3 / best
 
 
-def warm_up(engine: Engine, prompts: list[list[int]], modes: dict[str, list[int]]) -> None:
+#: A mode: the engine it runs on and one adapter slot per request (-1: the base model).
+Mode = tuple[Engine, list[int]]
+
+
+def warm_up(prompts: list[list[int]], modes: dict[str, Mode]) -> None:
     """One prefill and a few decode steps of every mode, discarded: first calls pay for kernel
     builds, allocator growth and BLAS setup for new shapes."""
-    for slots in modes.values():
-        engine.generate(prompts, SamplingParams(max_new_tokens=3, ignore_eos=True), slots)
+    for engine, slots in modes.values():
+        engine.generate(prompts[:len(slots)], SamplingParams(max_new_tokens=3, ignore_eos=True), slots)
 
 
-def run_engine_modes(engine: Engine, prompts: list[list[int]], modes: dict[str, list[int]],
-                     sampled: Collection[str] = ()) -> dict[str, dict]:
-    """Run every mode's batch in the same engine, interleaved in blocks of decode steps, so that the
-    machine's drift (other tenants, clocks) falls on all modes alike. Modes in `sampled` sample
-    (SAMPLED: temperature, top-p, a seed per request); the others decode greedily.
+def run_engine_modes(prompts: list[list[int]], modes: dict[str, Mode], sampled: Collection[str] = ()
+                     ) -> dict[str, dict]:
+    """Run every mode's batch (the first len(slots) prompts), interleaved in blocks of decode steps, so
+    that the machine's drift (other tenants, clocks) falls on all modes alike. Modes in `sampled`
+    sample (SAMPLED: temperature, top-p, a seed per request); the others decode greedily.
 
     Per mode: tokens/s = generated tokens / (prefill + decode steps x median decode step time): the
     median keeps a step stalled by another tenant of this shared machine from deciding a ratio. The
@@ -115,13 +123,13 @@ def run_engine_modes(engine: Engine, prompts: list[list[int]], modes: dict[str, 
         return replace(greedy, **SAMPLED, seed=row) if mode in sampled else greedy
 
     batches = {mode: [engine.add_sequence(p, sampling(mode, row), s)
-                      for row, (p, s) in enumerate(zip(prompts, slots, strict=True))]
-               for mode, slots in modes.items()}
+                      for row, (p, s) in enumerate(zip(prompts, slots, strict=False))]
+               for mode, (engine, slots) in modes.items()}
     elapsed = dict.fromkeys(modes, 0.0)
     prefill, steps = {}, {mode: [] for mode in modes}
     for mode, seqs in batches.items():
         start = time.perf_counter()
-        engine.step([(s, s.num_pending) for s in seqs])
+        modes[mode][0].step([(s, s.num_pending) for s in seqs])
         prefill[mode] = elapsed[mode] = time.perf_counter() - start
     while not all(seqs[0].finished for seqs in batches.values()):
         for mode, seqs in batches.items():
@@ -129,15 +137,17 @@ def run_engine_modes(engine: Engine, prompts: list[list[int]], modes: dict[str, 
                 if seqs[0].finished:
                     break
                 start = time.perf_counter()
-                engine.step([(s, 1) for s in seqs])
+                modes[mode][0].step([(s, 1) for s in seqs])
                 steps[mode].append(time.perf_counter() - start)
                 elapsed[mode] += steps[mode][-1]
     results = {}
     for mode in modes:
         median_step = statistics.median(steps[mode])
+        generated = len(batches[mode]) * NEW_TOKENS
         results[mode] = {
-            "tokens_per_s": NUM_REQUESTS * NEW_TOKENS / (prefill[mode] + len(steps[mode]) * median_step),
-            "wall_tokens_per_s": NUM_REQUESTS * NEW_TOKENS / elapsed[mode],
+            "requests": len(batches[mode]),
+            "tokens_per_s": generated / (prefill[mode] + len(steps[mode]) * median_step),
+            "wall_tokens_per_s": generated / elapsed[mode],
             "prefill_s": prefill[mode],
             "decode_step_s": median_step,
         }
@@ -167,6 +177,71 @@ def profile_decode(engine: Engine, prompts: list[list[int]], slots: list[int], s
     finally:
         engine.model.lora_op = op
     return {"decode_step_s": step, "lora_op_s": lora_time[0] / steps}
+
+
+def profile_ops(engine: Engine, prompts: list[list[int]], slots: list[int], steps: int = 8, top: int = 8) -> list:
+    """The `top` ops of a decode step by self CPU time, as (name, % of the step): torch's profiler,
+    with the fused NF4 kernel and the LoRA op named (they are not aten ops)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def named(name: str, fn):
+        def call(*args, **kwargs):
+            with record_function(name):
+                return fn(*args, **kwargs)
+        return call
+
+    seqs = [engine.add_sequence(p, SamplingParams(max_new_tokens=steps + 1, ignore_eos=True), s)
+            for p, s in zip(prompts, slots, strict=False)]
+    engine.step([(s, s.num_pending) for s in seqs])
+    fused = nf4_cpu.nf4_linear
+    nf4_cpu.nf4_linear = named("loraplex::nf4_linear", fused)  # BaseLinear looks it up per call
+    op, engine.model.lora_op = engine.model.lora_op, named(f"loraplex::lora_{engine.lora_impl}", engine.model.lora_op)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            while not seqs[0].finished:
+                engine.step([(s, 1) for s in seqs])
+            total_us = (time.perf_counter() - start) * 1e6
+    finally:
+        engine.model.lora_op = op
+        nf4_cpu.nf4_linear = fused
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    rows = [(e.key, 100 * e.self_cpu_time_total / total_us) for e in events[:top]]
+    return [*rows, ("(python and the rest)", 100 - 100 * sum(e.self_cpu_time_total for e in events) / total_us)]
+
+
+def projection_microbenchmark(spec, token_counts: Sequence[int] = (1, 8, 32, 48, 64, 128, 512)) -> dict:
+    """Median time of one projection of every distinct shape of `spec`, per token count: the fused
+    kernel (its own loop below BLAS_MIN_TOKENS, else dequantize + BLAS), its loop and its BLAS path
+    forced, bitsandbytes' matmul_4bit, and F.linear on the dense float32 weight."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    def median_time(fn, reps: int = 15) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    results = {}
+    generator = torch.Generator().manual_seed(0)
+    for in_features, out_features in sorted({spec.projection_shape(proj) for proj in PROJECTIONS}):
+        weight = torch.randn(out_features, in_features, generator=generator)
+        packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+        fused, dense = nf4_cpu.Nf4Weight.from_quant_state(packed, state), bnbf.dequantize_4bit(packed, state)
+        for tokens in token_counts:
+            x = torch.randn(tokens, in_features, generator=generator)
+            results[f"{out_features}x{in_features}@{tokens}"] = {
+                "fused": median_time(lambda: nf4_cpu.nf4_linear(x, fused)),  # noqa: B023 (timed at once)
+                "fused_loop": median_time(lambda: nf4_cpu.nf4_linear(x, fused, blas_min_tokens=10**9)),  # noqa: B023
+                "fused_blas": median_time(lambda: nf4_cpu.nf4_linear(x, fused, blas_min_tokens=0)),  # noqa: B023
+                "bitsandbytes": median_time(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state)),  # noqa: B023
+                "dense_fp32": median_time(lambda: torch.nn.functional.linear(x, dense)),  # noqa: B023
+            }
+    return results
 
 
 def run_peft(base_folder: Path, adapter_folders: list[Path], prompts: list[list[int]], dtype: torch.dtype,
@@ -215,7 +290,10 @@ def main() -> None:
     mixed = write_adapters(base_folder, workdir / "mixed", [MIXED_RANKS[i % 4] for i in range(NUM_REQUESTS)])
     engine = Engine(spec, iter_weights(base_folder),
                     EngineConfig(device=args.device, num_slots=2 * NUM_REQUESTS, max_rank=max(MIXED_RANKS),
-                                 kv_cache_bytes=3 * 2**29))  # five modes' sequences live at once
+                                 kv_cache_bytes=3 * 2**29))  # the modes' sequences live at once
+    side = {"device": args.device, "num_slots": 1, "max_rank": 8, "kv_cache_bytes": 2**29}
+    dense = Engine(spec, iter_weights(base_folder), EngineConfig(quantize=False, **side))
+    portable = Engine(spec, iter_weights(base_folder), EngineConfig(nf4_kernel="bitsandbytes", **side))
     dtype = engine.dtype
     distinct_weights = [read_lora_weights(f, dtype) for f in distinct]
     for slot, weights in enumerate(distinct_weights):
@@ -225,16 +303,28 @@ def main() -> None:
 
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(100, spec.vocab_size, (NUM_REQUESTS, PROMPT_LEN), generator=generator).tolist()
-    modes = {
-        "a_base": [-1] * NUM_REQUESTS,
-        "b_one_adapter": [0] * NUM_REQUESTS,
-        "c_distinct_r16": list(range(NUM_REQUESTS)),
-        "d_mixed_ranks": list(range(NUM_REQUESTS, 2 * NUM_REQUESTS)),
-        "f_base_sampled": [-1] * NUM_REQUESTS,
+    base = [-1] * NUM_REQUESTS
+    modes: dict[str, Mode] = {
+        "a_base": (engine, base),
+        "b_one_adapter": (engine, [0] * NUM_REQUESTS),
+        "c_distinct_r16": (engine, list(range(NUM_REQUESTS))),
+        "d_mixed_ranks": (engine, list(range(NUM_REQUESTS, 2 * NUM_REQUESTS))),
+        "f_base_sampled": (engine, base),
+        "g_dense_fp32": (dense, base),
+        "h_distinct8_r16": (engine, [i % 8 for i in range(NUM_REQUESTS)]),
+        "a_base_batch8": (engine, base[:8]),
+        "g_dense_fp32_batch8": (dense, base[:8]),
+        "a_base_batch1": (engine, base[:1]),
+        "g_dense_fp32_batch1": (dense, base[:1]),
+        "a_base_bitsandbytes": (portable, base),
+        "a_base_bitsandbytes_batch8": (portable, base[:8]),
     }
-    warm_up(engine, prompts, modes)
-    results = run_engine_modes(engine, prompts, modes, sampled={"f_base_sampled"})
-    profile = {mode: profile_decode(engine, prompts, modes[mode]) for mode in ("a_base", "c_distinct_r16")}
+    warm_up(prompts, modes)
+    results = run_engine_modes(prompts, modes, sampled={"f_base_sampled"})
+    profile = {mode: profile_decode(engine, prompts, modes[mode][1]) for mode in ("a_base", "c_distinct_r16")}
+    op_profile = {mode: profile_ops(engine, prompts, modes[mode][1]) for mode in ("a_base", "a_base_batch8")}
+    del dense, portable
+    micro = projection_microbenchmark(spec)
     if not args.skip_peft:
         results["e_peft"] = run_peft(base_folder, distinct, prompts, dtype, args.device)
 
@@ -243,11 +333,25 @@ def main() -> None:
     base_bytes = engine.model.base_linear_bytes()
     bf16_bytes = sum(2 * p.base.in_features * p.base.out_features for _, _, p in engine.model.projections())
     tps = {mode: r["tokens_per_s"] for mode, r in results.items()}
+
+    def micro_ratio(numerator: str, denominator: str, tokens: int) -> float:
+        """Median over the projection shapes of numerator time / denominator time at `tokens` rows."""
+        return statistics.median(t[numerator] / t[denominator] for key, t in micro.items()
+                                 if key.endswith(f"@{tokens}"))
+
     ratios = {
         "shared_vs_base": tps["b_one_adapter"] / tps["a_base"],
         "distinct_vs_base": tps["c_distinct_r16"] / tps["a_base"],
+        "distinct8_vs_base": tps["h_distinct8_r16"] / tps["a_base"],
         "mixed_ranks_vs_base": tps["d_mixed_ranks"] / tps["a_base"],
         "sampled_vs_greedy": tps["f_base_sampled"] / tps["a_base"],
+        "nf4_vs_dense_fp32": tps["a_base"] / tps["g_dense_fp32"],
+        "nf4_vs_dense_fp32_batch8": tps["a_base_batch8"] / tps["g_dense_fp32_batch8"],
+        "nf4_vs_dense_fp32_batch1": tps["a_base_batch1"] / tps["g_dense_fp32_batch1"],
+        "fused_vs_bitsandbytes_engine": tps["a_base"] / tps["a_base_bitsandbytes"],
+        "fused_vs_bitsandbytes_engine_batch8": tps["a_base_batch8"] / tps["a_base_bitsandbytes_batch8"],
+        "fused_vs_bitsandbytes_32": micro_ratio("bitsandbytes", "fused", 32),
+        "fused_vs_bitsandbytes_1": micro_ratio("bitsandbytes", "fused", 1),
         "lora_overhead_vs_floor": (results["c_distinct_r16"]["decode_step_s"] - results["a_base"]["decode_step_s"])
         / floor["floor_s"],
         "nf4_linear_bytes_vs_bf16": base_bytes / bf16_bytes,
@@ -257,11 +361,19 @@ def main() -> None:
 
     print(f"\nmodel: {'tiny llama' if args.tiny else 'SmolLM2-135M-Instruct'}  device: {args.device}  "
           f"dtype: {dtype}  lora: {engine.lora_impl}  threads: {torch.get_num_threads()}")
-    print(f"{NUM_REQUESTS} requests x {PROMPT_LEN} prompt + {NEW_TOKENS} new tokens")
-    print(f"{'mode':<18}{'tokens/s':>10}{'vs base':>9}{'decode step ms':>16}")
+    print(f"requests of {PROMPT_LEN} prompt + {NEW_TOKENS} new tokens")
+    print(f"{'mode':<28}{'requests':>9}{'tokens/s':>10}{'vs base':>9}{'decode step ms':>16}")
     for mode, r in results.items():
         step = f"{r['decode_step_s'] * 1e3:.1f}" if "decode_step_s" in r else "-"
-        print(f"{mode:<18}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / tps['a_base']:>9.2f}{step:>16}")
+        print(f"{mode:<28}{r.get('requests', NUM_REQUESTS):>9}{r['tokens_per_s']:>10.1f}"
+              f"{r['tokens_per_s'] / tps['a_base']:>9.2f}{step:>16}")
+    print(f"\n{'projection@tokens':<20}" + "".join(f"{name:>14}" for name in next(iter(micro.values()))) + "  (us)")
+    for key, times in micro.items():
+        print(f"{key:<20}" + "".join(f"{t * 1e6:>14.0f}" for t in times.values()))
+    for mode, rows in op_profile.items():
+        print(f"\ndecode step of {mode}, top ops by self CPU time:")
+        for name, share in rows:
+            print(f"  {share:5.1f}%  {name}")
     print(f"bandwidth {bandwidth / 1e9:.1f} GB/s, matmul {matmul_rate / 1e9:.1f} GFLOP/s; (c) LoRA floor "
           f"{floor['floor_s'] * 1e3:.1f} ms/step ({floor['adapter_bytes'] / 2**20:.0f} MiB of adapters)")
     for mode, p in profile.items():
@@ -275,7 +387,11 @@ def main() -> None:
         "model": "tiny" if args.tiny else "SmolLM2-135M-Instruct", "device": args.device, "dtype": str(dtype),
         "lora_impl": engine.lora_impl,
         "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+        "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+                      if f in cpu_extension.cpu_flags().split()],
+        "nf4_blas_min_tokens": nf4_cpu.BLAS_MIN_TOKENS,
         "tokens_per_s": tps, "ratios": ratios, "modes": results, "floor": floor, "profile": profile,
+        "decode_op_profile_percent": op_profile, "projection_microbenchmark_s": micro,
         "bandwidth_bytes_per_s": bandwidth, "matmul_flops_per_s": matmul_rate,
         "nf4_linear_bytes": base_bytes, "bf16_linear_bytes": bf16_bytes,
     }, indent=2) + "\n")
