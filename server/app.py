@@ -1,9 +1,11 @@
 """Builds one serving process from Settings: engine + adapters + scheduler + gRPC server; runs it until
-SIGTERM/SIGINT, then drains (new requests are refused, in-flight streams get `shutdown_grace_s`)."""
+SIGTERM/SIGINT, then drains (`App.stop`: new requests are refused on every transport at once, in-flight
+ones get `shutdown_grace_s`, then what remains is cancelled and the process exits 0)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable, Sequence
@@ -44,6 +46,8 @@ from loraplex.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb
 log = logging.getLogger("loraplex")
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdapterAdmin"].full_name
+HTTP_CLOSE_S = 2.0
+"""After the drain, how long the HTTP server gets to finish its last responses before they are cancelled."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 REGISTRY_FILE = ".registry.json"
 """The registry's state file, inside the store folder (adapter names never start with '.')."""
@@ -55,6 +59,7 @@ class App:
 
     server: grpc.aio.Server
     scheduler: Scheduler
+    core: GenerationCore
     health: health_aio.HealthServicer
     host: str
     port: int
@@ -69,19 +74,29 @@ class App:
     """The separate /metrics server (metrics.port); `metrics_server.server_port` is its bound port."""
 
     async def stop(self, grace_s: float) -> None:
-        """Refuse new work, let in-flight streams finish for up to `grace_s`, then stop the engine loop."""
+        """Drain and stop within about `grace_s` + HTTP_CLOSE_S seconds, whatever the clients do.
+
+        At once, every transport refuses new generations (ShuttingDown: gRPC UNAVAILABLE, HTTP 503), gRPC
+        health says NOT_SERVING and /ready 503, and the gRPC server stops taking calls; the HTTP listener
+        keeps answering. In-flight generations of both transports get up to `grace_s` to finish; then the
+        scheduler stops (what remains ends with ShuttingDown: gRPC UNAVAILABLE, an SSE error event) and the
+        servers close (HTTP responses still open after HTTP_CLOSE_S are cancelled)."""
+        self.scheduler.stop_accepting()
         await self.health.enter_graceful_shutdown()
         if self.watcher is not None:
             self.watcher.stop()
+        grpc_stopped = asyncio.create_task(self.server.stop(grace_s))
+        await self.core.drain(grace_s)
+        self.scheduler.close()
         if self.http is not None:
-            self.http.should_exit = True  # finishes the responses in flight, then returns
-            await self.http_task
-        self.scheduler.stop_accepting()
-        await self.server.stop(grace_s)
+            self.http.should_exit = True  # closes the listener, then waits timeout_graceful_shutdown at most
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.http_task, HTTP_CLOSE_S + 1.0)  # cancels it past that
+        await grpc_stopped
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
-        self.scheduler.close()
         self.scheduler.adapters.close()
+        self.core.close()
 
 
 def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
@@ -95,7 +110,8 @@ async def start(settings: Settings, interceptors: Sequence[grpc.aio.ServerInterc
     """Bind the port, load the model and adapters, start the scheduler thread and the gRPC server.
 
     `interceptors` (tests, metrics) see each call before the error interceptor does."""
-    server = grpc.aio.server(interceptors=[*interceptors, ErrorInterceptor()], options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(interceptors=[*interceptors, ErrorInterceptor()], options=[
+        ("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", settings.grpc_max_message_bytes)])
     host = settings.listen_host()
     if host != settings.host:
         log.warning("no api_keys are configured: listening on %s instead of %s (configure api_keys, or set "
@@ -127,13 +143,15 @@ async def start(settings: Settings, interceptors: Sequence[grpc.aio.ServerInterc
     await server.start()
     for name in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    app = App(server, scheduler, health, host, port, folder.name, watcher, metrics=metrics)
+    app = App(server, scheduler, core, health, host, port, folder.name, watcher, metrics=metrics)
     if metrics is not None:
         metrics.watch(scheduler, adapters.store.root)
         if settings.metrics.port is not None:
             app.metrics_server, _ = start_http_server(settings.metrics.port, host.strip("[]"), metrics.registry)
     if http_socket is not None:
-        app.http = EmbeddedServer(uvicorn.Config(HttpShim(core, metrics).app, log_level="warning", lifespan="off"))
+        shim = HttpShim(core, metrics, settings.http_max_body_bytes)
+        app.http = EmbeddedServer(uvicorn.Config(shim.app, log_level="warning", lifespan="off",
+                                                 timeout_graceful_shutdown=HTTP_CLOSE_S))
         app.http_task = asyncio.create_task(app.http.serve(sockets=[http_socket]))
         while not app.http.started and not app.http_task.done():
             await asyncio.sleep(0.01)

@@ -34,6 +34,10 @@ class FailedPrecondition(RequestError):
     loaded, too many adapters are pinned; the message says what to do."""
 
 
+class TooLarge(RequestError):
+    """The request is larger than the server accepts (settings.http_max_body_bytes)."""
+
+
 class Overloaded(RequestError):
     """The waiting queue is full; retry later."""
 

@@ -13,9 +13,11 @@ the model runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from transformers import PreTrainedTokenizerBase
@@ -30,6 +32,13 @@ from loraplex.server.scheduler import Request, RequestLimits, Scheduler
 from loraplex.server.settings import Scope
 
 log = logging.getLogger("loraplex.requests")
+
+MAX_CHARS_PER_POSITION = 32
+"""A text prompt (or a conversation's contents together) longer than this many characters per position of
+the model's max_model_len is refused before it is tokenized: no tokenizer averages that many characters
+per token, so it could not fit anyway."""
+TOKENIZE_WORKERS = 2
+"""Threads that tokenize and apply chat templates, off the event loop."""
 
 
 class StopGeneration(Exception):
@@ -123,6 +132,10 @@ class GenerationCore:
         self.scheduler, self.tokenizer, self.auth = scheduler, tokenizer, auth
         self.limits, self.model_name = limits, model_name
         self.metrics, self.log_prompts = metrics, log_prompts
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tokenizing = ThreadPoolExecutor(TOKENIZE_WORKERS, thread_name_prefix="loraplex-tokenize")
 
     def authorize(self, authorization: str | None, scope: Scope = "inference") -> Principal:
         """The caller, if it has `scope` (Authenticator.authorize)."""
@@ -133,49 +146,71 @@ class GenerationCore:
         in ends the request as finished (the caller met its own stop condition); closing the iterator
         early (the caller went away) cancels it. Either frees its sequence. Every request ends with one
         log line (and its metrics): adapter, outcome, token counts, time to first token, duration."""
-        arrival, token_times = time.perf_counter(), []
-        adapter = "" if call.adapter == self.model_name else call.adapter
-        outcome, prompt_ids = "cancelled", []
-        try:
-            principal = self.authorize(authorization)
-            principal.require_adapter(check_reference(adapter))
-            prompt_ids = self.prompt_ids(call)
-            stream = self.scheduler.submit(Request(adapter, prompt_ids, self.sampling(call)))
-        except RequestError as error:
-            self._ended(None if isinstance(error, AdapterNotFound) else adapter, "refused", call, prompt_ids,
-                        token_times, arrival)
-            raise
-        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer else None
-        try:
-            async for event in stream:
-                token_times.append(time.perf_counter())
-                final = event.finish_reason is not None
-                text = detokenizer.add(event.token_id, final) if detokenizer else ""
-                completion = Completion(event.finish_reason, len(prompt_ids), len(token_times), stream.lease.name,
-                                        stream.lease.version) if final else None
-                if final:
-                    outcome = event.finish_reason.value
-                token = self._token(call, event, text, completion)
-                if len(token_times) == 1:
-                    token = replace(token, prompt_tokens=len(prompt_ids))
-                try:
-                    yield token
-                except StopGeneration:
-                    outcome = "stop"
-                    return
-        except RequestError:  # accepted, then refused (shutting down, adapter files unloadable)
-            outcome = "refused"
-            raise
-        except Exception:
-            outcome = "error"
-            raise
-        finally:  # done, or the caller went away (cancel, deadline, disconnect): free the sequence
-            stream.cancel()
-            self._ended(adapter, outcome, call, prompt_ids, token_times, arrival)
+        with self._tracked():  # from the first look at the call: drain() waits for it
+            arrival, token_times = time.perf_counter(), []
+            adapter = "" if call.adapter == self.model_name else call.adapter
+            outcome, prompt_ids = "cancelled", []
+            try:
+                principal = self.authorize(authorization)
+                principal.require_adapter(check_reference(adapter))
+                prompt_ids = await self.prompt_ids(call)
+                stream = self.scheduler.submit(Request(adapter, prompt_ids, self.sampling(call)))
+            except RequestError as error:
+                self._ended(None if isinstance(error, AdapterNotFound) else adapter, "refused", call, prompt_ids,
+                            token_times, arrival)
+                raise
+            detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer else None
+            try:
+                async for event in stream:
+                    token_times.append(time.perf_counter())
+                    final = event.finish_reason is not None
+                    text = detokenizer.add(event.token_id, final) if detokenizer else ""
+                    completion = Completion(event.finish_reason, len(prompt_ids), len(token_times), stream.lease.name,
+                                            stream.lease.version) if final else None
+                    if final:
+                        outcome = event.finish_reason.value
+                    token = self._token(call, event, text, completion)
+                    if len(token_times) == 1:
+                        token = replace(token, prompt_tokens=len(prompt_ids))
+                    try:
+                        yield token
+                    except StopGeneration:
+                        outcome = "stop"
+                        return
+            except RequestError:  # accepted, then refused (shutting down, adapter files unloadable)
+                outcome = "refused"
+                raise
+            except Exception:
+                outcome = "error"
+                raise
+            finally:  # done, or the caller went away (cancel, deadline, disconnect): free the sequence
+                stream.cancel()
+                self._ended(adapter, outcome, call, prompt_ids, token_times, arrival)
 
     async def ready(self) -> bool:
         """Whether requests are taken (the model is loaded and the server is not draining)."""
         return self.scheduler.accepting
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until no `generate` is in flight (True), or at most `timeout_s` seconds (False). Call it after
+        `scheduler.stop_accepting()`, so that no new one starts generating."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def _tracked(self) -> Iterator[None]:
+        """Count one generation in flight while the block runs."""
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
 
     async def models(self, authorization: str | None) -> ModelList:
         """The base model (if the caller's key may use it) and every adapter it may use."""
@@ -201,28 +236,43 @@ class GenerationCore:
             removed, _ = await adapters.run_admin(adapters.unload, name)
         return list(removed)
 
-    def prompt_ids(self, call: GenerateCall) -> list[int]:
-        """The prompt's token ids: ids as given, text tokenized, a conversation through the chat template."""
+    async def prompt_ids(self, call: GenerateCall) -> list[int]:
+        """The prompt's token ids: ids as given, text tokenized, a conversation through the chat template.
+        Text longer than MAX_CHARS_PER_POSITION * max_model_len is refused untokenized; tokenizing runs on
+        the core's tokenizer threads, so a long prompt delays no other request."""
         prompt = call.prompt
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequest("prompt", "must not be empty")
-            tokenizer = self._require_tokenizer()
-            if not call.chat:
-                return tokenizer(prompt)["input_ids"]
-            prompt = [ChatMessage("user", prompt)]
+            if call.chat:
+                prompt = [ChatMessage("user", prompt)]
         elif call.chat:
             raise InvalidRequest("chat", "chat templating needs text input")
         if not prompt:
             raise InvalidRequest("prompt", "must not be empty")
-        if not isinstance(prompt[0], ChatMessage):
+        if not isinstance(prompt, str) and not isinstance(prompt[0], ChatMessage):
             return list(prompt)
         tokenizer = self._require_tokenizer()
+        chars = len(prompt) if isinstance(prompt, str) else sum(len(m.content) for m in prompt)
+        limit = MAX_CHARS_PER_POSITION * self.scheduler.engine.max_model_len
+        if chars > limit:
+            raise InvalidRequest("prompt", f"{chars} characters is more than this model's max_model_len can hold "
+                                 f"(at most {limit} characters are tokenized)")
+        if isinstance(prompt, str):
+            return await self._off_loop(lambda: tokenizer(prompt)["input_ids"])
         if not tokenizer.chat_template:
             field = "chat" if call.chat else "messages"
             raise InvalidRequest(field, "this model has no chat template; send plain text")
-        return list(tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in prompt],
-                                                  add_generation_prompt=True, tokenize=True, return_dict=False))
+        conversation = [{"role": m.role, "content": m.content} for m in prompt]
+        return list(await self._off_loop(lambda: tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=True, return_dict=False)))
+
+    async def _off_loop(self, work: Callable[[], list[int]]) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, work)
+
+    def close(self) -> None:
+        """Stop the tokenizer threads (after the drain: no request is being tokenized any more)."""
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
 
     def sampling(self, call: GenerateCall) -> SamplingParams:
         """The call's SamplingParams within the request limits (InvalidRequest names the field)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import time
 import uuid
@@ -40,7 +41,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraplex.server import errors
 from loraplex.server.engine import MAX_TOP_LOGPROBS, FinishReason
-from loraplex.server.errors import AdapterNotFound, InvalidRequest, RequestError
+from loraplex.server.errors import AdapterNotFound, InvalidRequest, RequestError, TooLarge
 from loraplex.server.generation import (
     ChatMessage,
     GenerateCall,
@@ -51,6 +52,8 @@ from loraplex.server.generation import (
 from loraplex.server.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
 from loraplex.server.metrics import ServerMetrics
 
+log = logging.getLogger(__name__)
+
 #: HTTP status and OpenAI error type of each refusal.
 HTTP_ERRORS: dict[type[RequestError], tuple[int, str]] = {
     errors.InvalidRequest: (400, "invalid_request_error"),
@@ -58,10 +61,13 @@ HTTP_ERRORS: dict[type[RequestError], tuple[int, str]] = {
     errors.Unauthenticated: (401, "authentication_error"),
     errors.PermissionDenied: (403, "permission_error"),
     errors.AdapterNotFound: (404, "not_found_error"),
+    errors.TooLarge: (413, "invalid_request_error"),
     errors.Overloaded: (429, "rate_limit_error"),
     errors.ShuttingDown: (503, "service_unavailable"),
 }
 FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20
+"""settings.http_max_body_bytes' default (the http-shim translator uses it)."""
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16
 PARAMS = {"max_new_tokens": "max_tokens", "prompt": "prompt", "chat": "messages"}
@@ -110,9 +116,11 @@ class Answer:
 class HttpShim:
     """The Starlette app over one backend; `app` is the ASGI application."""
 
-    def __init__(self, backend: Backend, metrics: ServerMetrics | None = None) -> None:
-        """`metrics`: served at GET /metrics (Prometheus text format) when given."""
-        self._backend, self._metrics = backend, metrics
+    def __init__(self, backend: Backend, metrics: ServerMetrics | None = None,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+        """`metrics`: served at GET /metrics (Prometheus text format) when given; a request body over
+        `max_body_bytes` is refused with 413 (TooLarge) as soon as it is known to be."""
+        self._backend, self._metrics, self._max_body_bytes = backend, metrics, max_body_bytes
         routes = [
             Route("/health", self.health), Route("/ready", self.ready), Route("/v1/models", self.models),
             Route("/v1/completions", self.completions, methods=["POST"]),
@@ -146,7 +154,7 @@ class HttpShim:
         return JSONResponse({"object": "list", "data": base + adapters})
 
     async def completions(self, request: HttpRequest) -> Response:
-        body = await _json_body(request)
+        body = await self._json_body(request)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -158,7 +166,7 @@ class HttpShim:
         return await self._answer(request, body, prompt, chat=False, logprobs=top is not None, top_logprobs=top or 0)
 
     async def chat_completions(self, request: HttpRequest) -> Response:
-        body = await _json_body(request)
+        body = await self._json_body(request)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
@@ -173,16 +181,37 @@ class HttpShim:
 
     async def load_lora_adapter(self, request: HttpRequest) -> Response:
         """vLLM's endpoint: {"lora_name", "lora_path"} -> AdapterAdmin.LoadAdapter (scope "admin")."""
-        body = await _json_body(request)
+        body = await self._json_body(request)
         name, path = _string(body, "lora_name"), _string(body, "lora_path")
         version = await self._backend.load_adapter(_authorization(request), name, path)
         return JSONResponse({"lora_name": name, "version": version})
 
     async def unload_lora_adapter(self, request: HttpRequest) -> Response:
         """vLLM's endpoint: {"lora_name"} -> AdapterAdmin.UnloadAdapter without waiting (scope "admin")."""
-        name = _string(await _json_body(request), "lora_name")
+        name = _string(await self._json_body(request), "lora_name")
         removed = await self._backend.unload_adapter(_authorization(request), name)
         return JSONResponse({"lora_name": name, "removed_versions": removed})
+
+    async def _json_body(self, request: HttpRequest) -> dict:
+        """The body as a JSON object, read up to the size limit."""
+        body = json.loads(await self._read_body(request))
+        if not isinstance(body, dict):
+            raise InvalidRequest("body", "must be a JSON object")
+        return body
+
+    async def _read_body(self, request: HttpRequest) -> bytes:
+        """The raw body; TooLarge once its Content-Length or the bytes read so far exceed the limit."""
+        limit = self._max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise TooLarge(f"the body has {declared} bytes; this server accepts at most {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise TooLarge(f"the body has more than {limit} bytes, the most this server accepts")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def _answer(self, request: HttpRequest, body: dict, prompt: str | list[int] | list[ChatMessage],
                       chat: bool, logprobs: bool, top_logprobs: int) -> Response:
@@ -308,6 +337,11 @@ async def _events(answer: Answer, firsts: list[Piece], choices: list[AsyncIterat
                                            if first.finish_reason is None],
                                           [i for i, first in enumerate(firsts) if first.finish_reason is None]):
             yield chunk(index, piece)
+    except Exception as error:  # the status line is sent: the failure is the last event (no [DONE])
+        if not isinstance(error, RequestError):
+            log.error("streamed answer failed", exc_info=error)
+        yield f"data: {json.dumps(_error_body(error)[1])}\n\n"
+        return
     finally:  # a client that disconnects mid-stream frees its sequences
         await asyncio.gather(*(choice.aclose() for choice in choices), return_exceptions=True)
     if answer.include_usage:
@@ -389,11 +423,6 @@ def _authorization(request: HttpRequest) -> str | None:
     return request.headers.get("authorization")
 
 
-async def _json_body(request: HttpRequest) -> dict:
-    body = json.loads(await request.body())
-    if not isinstance(body, dict):
-        raise InvalidRequest("body", "must be a JSON object")
-    return body
 
 
 def _string(values: dict, name: str) -> str:
@@ -435,13 +464,18 @@ def _number(body: dict, name: str, default: float) -> float:
     return float(value)
 
 
-async def _error_response(request: HttpRequest, error: Exception) -> Response:
-    """A refusal with its status and message; anything else as 500 without details (the log has them)."""
+def _error_body(error: Exception) -> tuple[int, dict]:
+    """(HTTP status, OpenAI error object) of a refusal; anything else is 500 without details (the log has them)."""
     status, kind = HTTP_ERRORS.get(type(error), (500, "server_error"))
     message = str(error) if isinstance(error, RequestError) else "internal error (see the server log)"
     param = error.field if isinstance(error, InvalidRequest) else None
     code = "model_not_found" if isinstance(error, AdapterNotFound) else None
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+    return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+async def _error_response(request: HttpRequest, error: Exception) -> Response:
+    status, body = _error_body(error)
+    return JSONResponse(body, status)
 
 
 async def _bad_json(request: HttpRequest, error: Exception) -> Response:

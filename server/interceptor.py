@@ -17,6 +17,7 @@ from loraplex.server.errors import (
     PermissionDenied,
     RequestError,
     ShuttingDown,
+    TooLarge,
     Unauthenticated,
 )
 from loraplex.server.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
@@ -28,6 +29,7 @@ STATUS_CODES: dict[type[RequestError], grpc.StatusCode] = {
     AdapterNotFound: grpc.StatusCode.NOT_FOUND,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,

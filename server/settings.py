@@ -161,7 +161,14 @@ class Settings(BaseSettings):
     tls_key_file: Path | None = None
     """PEM private key of tls_cert_file."""
     shutdown_grace_s: float = Field(default=30.0, ge=0.0, le=3600.0)
-    """On SIGTERM/SIGINT: seconds in-flight requests get to finish before they are cancelled."""
+    """On SIGTERM/SIGINT: seconds in-flight requests (both transports) get to finish before they are
+    cancelled; new requests are refused from the signal on, and the process exits 0 about 2 s after the
+    grace at the latest."""
+    http_max_body_bytes: int = Field(default=4 * 2**20, ge=1024, le=2**30)
+    """Largest HTTP request body; a longer one is refused with 413 while it is read (or at once when its
+    Content-Length says so)."""
+    grpc_max_message_bytes: int = Field(default=4 * 2**20, ge=1024, le=2**30)
+    """Largest gRPC request message the server receives (RESOURCE_EXHAUSTED beyond it)."""
     reflection: bool = True
     """Serve gRPC server reflection (for grpcurl and similar tools)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"

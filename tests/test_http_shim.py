@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import http.client
+import itertools
 import json
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import grpc
 import openai
 import pytest
 
@@ -18,8 +22,17 @@ from loraplex.adapters.identity import adapter_digest
 from loraplex.client.client import AsyncClient
 from loraplex.server.app import start
 from loraplex.server.engine import EngineConfig
+from loraplex.server.generation import MAX_CHARS_PER_POSITION
 from loraplex.server.settings import AdapterSettings, ApiKey, load_settings
-from serving_support import TEST_ENGINE, TOKENIZER_CORPUS, post, serving, slow_steps, with_chat_template
+from serving_support import (
+    TEST_ENGINE,
+    TOKENIZER_CORPUS,
+    post,
+    serving,
+    slow_steps,
+    status_of,
+    with_chat_template,
+)
 
 
 def sdk(url: str, key: str = "none") -> openai.OpenAI:
@@ -289,3 +302,89 @@ async def test_overload_is_429_and_a_failed_step_is_500(serving_model):
     assert failed.value.status_code == 500 and failed.value.body["type"] == "server_error"
     assert "simulated" not in failed.value.body["message"]  # details stay in the server log
     assert after.usage.completion_tokens == 2  # the server goes on
+
+
+class SlowTokenizer:
+    """The server's tokenizer, taking `seconds` longer to tokenize (as a long prompt would)."""
+
+    def __init__(self, tokenizer, seconds: float) -> None:
+        self._tokenizer, self._seconds = tokenizer, seconds
+
+    def __call__(self, *args, **kwargs):
+        time.sleep(self._seconds)
+        return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._tokenizer, name)
+
+
+def post_headers_only(port: int, declared_bytes: int) -> tuple[int, dict, float]:
+    """POST /v1/completions declaring a `declared_bytes` body without sending it: (status, JSON, seconds)."""
+    began = time.monotonic()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.putrequest("POST", "/v1/completions")
+    connection.putheader("content-type", "application/json")
+    connection.putheader("content-length", str(declared_bytes))
+    connection.endheaders()
+    response = connection.getresponse()
+    answer = response.status, json.loads(response.read())
+    connection.close()
+    return *answer, time.monotonic() - began
+
+
+def timed_status(url: str) -> tuple[int, float]:
+    began = time.monotonic()
+    return status_of(url), time.monotonic() - began
+
+
+async def test_no_prompt_delays_other_requests(serving_model):
+    """While a gRPC stream runs: a 20 MB HTTP body is refused at once (413), a 20 MB gRPC message too
+    (RESOURCE_EXHAUSTED), a prompt over the character limit is refused untokenized (400) and the longest
+    allowed prompt is tokenized off the event loop (2 s here): the stream's largest gap stays under 1 s
+    and /health answers within 1 s."""
+    async with serving(serving_model) as (app, url):
+        app.core.tokenizer = SlowTokenizer(app.core.tokenizer, 2.0)
+        slow_steps(app, 0.01)
+        longest = MAX_CHARS_PER_POSITION * app.scheduler.engine.max_model_len
+        text = ("hello world " * longest)[:longest]
+        port = app.http.port
+        times: list[float] = []
+        async with AsyncClient(f"127.0.0.1:{app.port}") as client:
+            async def stream() -> None:
+                async for _ in client.generate_stream([1, 2, 3, 4], max_new_tokens=240, ignore_eos=True):
+                    times.append(time.monotonic())
+
+            streaming = asyncio.create_task(stream())
+            while not times:
+                await asyncio.sleep(0.005)
+            tokenized = asyncio.create_task(asyncio.to_thread(post, f"{url}/completions", {"prompt": text}))
+            await asyncio.sleep(0.2)  # the long prompt is being tokenized
+            health, too_long, huge_http = await asyncio.gather(
+                asyncio.to_thread(timed_status, f"{url.removesuffix('/v1')}/health"),
+                asyncio.to_thread(post, f"{url}/completions", {"prompt": text + "x"}),
+                asyncio.to_thread(post_headers_only, port, 20 * 2**20))
+            with pytest.raises(grpc.aio.AioRpcError) as huge_grpc:
+                await client.generate("x" * 20 * 2**20, max_new_tokens=1)
+            allowed = await tokenized
+            await streaming
+    assert max(b - a for a, b in itertools.pairwise(times)) < 1.0
+    assert health[0] == 200 and health[1] < 1.0
+    assert huge_http[0] == 413 and huge_http[1]["error"]["type"] == "invalid_request_error" and huge_http[2] < 1.0
+    assert huge_grpc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert too_long[0] == 400 and too_long[1]["error"]["param"] == "prompt"
+    assert "characters" in too_long[1]["error"]["message"]
+    assert allowed[0] == 400 and "max_model_len" in allowed[1]["error"]["message"]  # tokenized: too many tokens
+
+
+async def test_a_chunked_body_over_the_limit_is_refused_while_read(serving_model):
+    async with serving(serving_model, http_max_body_bytes=4096) as (app, url):
+        connection = http.client.HTTPConnection("127.0.0.1", app.http.port, timeout=10)
+        body = json.dumps({"prompt": "x" * 5000}).encode()
+        connection.request("POST", "/v1/completions", iter([body[:2000], body[2000:]]),
+                           {"content-type": "application/json"}, encode_chunked=True)
+        response = await asyncio.to_thread(connection.getresponse)
+        status, answer = response.status, json.loads(response.read())
+        connection.close()
+        small = await asyncio.to_thread(post, f"{url}/completions", {"prompt": "hello", "max_tokens": 2})
+    assert status == 413 and "4096" in answer["error"]["message"]
+    assert small[0] == 200
