@@ -149,7 +149,7 @@ async def start(settings: Settings, interceptors: Sequence[grpc.aio.ServerInterc
         if settings.metrics.port is not None:
             app.metrics_server, _ = start_http_server(settings.metrics.port, host.strip("[]"), metrics.registry)
     if http_socket is not None:
-        shim = HttpShim(core, metrics, settings.http_max_body_bytes)
+        shim = HttpShim(core, core if metrics is not None else None, settings.http_max_body_bytes)
         app.http = EmbeddedServer(uvicorn.Config(shim.app, log_level="warning", lifespan="off",
                                                  timeout_graceful_shutdown=HTTP_CLOSE_S))
         app.http_task = asyncio.create_task(app.http.serve(sockets=[http_socket]))

@@ -24,9 +24,11 @@ class Principal:
     scopes: frozenset[Scope]
     adapters: frozenset[str] | None
 
-    def require_scope(self, scope: Scope) -> None:
-        if scope not in self.scopes:
-            raise PermissionDenied(f"API key {self.name!r} lacks the {scope!r} scope")
+    def require_scope(self, scope: Scope, *alternatives: Scope) -> None:
+        """PermissionDenied unless the key has `scope` or one of `alternatives`."""
+        wanted = (scope, *alternatives)
+        if self.scopes.isdisjoint(wanted):
+            raise PermissionDenied(f"API key {self.name!r} lacks the {' or '.join(map(repr, wanted))} scope")
 
     def may_use(self, adapter: str) -> bool:
         """Whether the key's allow-list admits `adapter` ("" is the base model)."""
@@ -47,11 +49,11 @@ class Authenticator:
     def __init__(self, keys: Sequence[ApiKey]) -> None:
         self._by_digest = {key.sha256: Principal(key.name, key.scopes, key.adapters) for key in keys}
 
-    def authorize(self, authorization: str | None, scope: Scope) -> Principal:
-        """The caller of this `authorization` value ("Bearer KEY"), if it has `scope`; else Unauthenticated
-        or PermissionDenied. Every transport checks callers through here."""
+    def authorize(self, authorization: str | None, scope: Scope, *alternatives: Scope) -> Principal:
+        """The caller of this `authorization` value ("Bearer KEY"), if it has `scope` or one of
+        `alternatives`; else Unauthenticated or PermissionDenied. Every transport checks callers through here."""
         principal = self.authenticate(authorization)
-        principal.require_scope(scope)
+        principal.require_scope(scope, *alternatives)
         return principal
 
     def authenticate(self, authorization: str | None) -> Principal:

@@ -27,7 +27,7 @@ from loraplex.server.auth import Authenticator, Principal
 from loraplex.server.detokenizer import IncrementalDetokenizer
 from loraplex.server.engine import FinishReason, InvalidSamplingParameter, SamplingParams, TokenEvent
 from loraplex.server.errors import AdapterNotFound, InvalidRequest, RequestError
-from loraplex.server.metrics import ServerMetrics
+from loraplex.server.metrics import REFUSED_LABEL, UNKNOWN_LABEL, ServerMetrics
 from loraplex.server.scheduler import Request, RequestLimits, Scheduler
 from loraplex.server.settings import Scope
 
@@ -156,8 +156,8 @@ class GenerationCore:
                 prompt_ids = await self.prompt_ids(call)
                 stream = self.scheduler.submit(Request(adapter, prompt_ids, self.sampling(call)))
             except RequestError as error:
-                self._ended(None if isinstance(error, AdapterNotFound) else adapter, "refused", call, prompt_ids,
-                            token_times, arrival)
+                label = UNKNOWN_LABEL if isinstance(error, AdapterNotFound) else REFUSED_LABEL
+                self._ended(adapter, label, "refused", call, prompt_ids, token_times, arrival)
                 raise
             detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer else None
             try:
@@ -185,7 +185,12 @@ class GenerationCore:
                 raise
             finally:  # done, or the caller went away (cancel, deadline, disconnect): free the sequence
                 stream.cancel()
-                self._ended(adapter, outcome, call, prompt_ids, token_times, arrival)
+                self._ended(adapter, stream.lease.name, outcome, call, prompt_ids, token_times, arrival)
+
+    async def exposition(self, authorization: str | None) -> bytes:
+        """The Prometheus text of every metric, for a caller with scope "metrics" or "admin"."""
+        self.auth.authorize(authorization, "metrics", "admin")
+        return await asyncio.to_thread(self.metrics.exposition)  # reads adapter state under its lock
 
     async def ready(self) -> bool:
         """Whether requests are taken (the model is loaded and the server is not draining)."""
@@ -287,13 +292,12 @@ class GenerationCore:
         except InvalidSamplingParameter as error:
             raise InvalidRequest(error.field, str(error)) from None
 
-    def _ended(self, adapter: str | None, outcome: str, call: GenerateCall, prompt_ids: list[int],
+    def _ended(self, adapter: str, label: str, outcome: str, call: GenerateCall, prompt_ids: list[int],
                token_times: list[float], arrival: float) -> None:
-        """Metrics (by adapter name: "NAME@VERSION" counts as NAME) and the log line of one ended request
-        (`adapter` None: not one the server has)."""
+        """Metrics and the log line of one ended request: `adapter` as the caller named it, `label` the
+        adapter it ran on ("" for the base) or REFUSED_LABEL / UNKNOWN_LABEL when it was refused first."""
         if self.metrics is not None:
-            name = adapter.partition("@")[0] if adapter is not None else None
-            self.metrics.record_request(name, outcome, len(prompt_ids), token_times, arrival)
+            self.metrics.record_request(label, outcome, len(prompt_ids), token_times, arrival)
         fields = {"adapter": adapter, "outcome": outcome, "prompt_tokens": len(prompt_ids),
                   "generated_tokens": len(token_times),
                   "ttft_s": round(token_times[0] - arrival, 6) if token_times else None,

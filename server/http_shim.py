@@ -50,7 +50,6 @@ from loraplex.server.generation import (
     StopGeneration,
 )
 from loraplex.server.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
-from loraplex.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +88,12 @@ class Backend(Protocol):
     async def unload_adapter(self, authorization: str | None, name: str) -> list[str]: ...
 
 
+class MetricsSource(Protocol):
+    """Where /metrics comes from (GenerationCore): the exposition, if the caller's key may read it."""
+
+    async def exposition(self, authorization: str | None) -> bytes: ...
+
+
 @dataclass(frozen=True)
 class Piece:
     """One step of one choice: the text it adds and the tokens behind it; the last one has the finish
@@ -116,10 +121,11 @@ class Answer:
 class HttpShim:
     """The Starlette app over one backend; `app` is the ASGI application."""
 
-    def __init__(self, backend: Backend, metrics: ServerMetrics | None = None,
+    def __init__(self, backend: Backend, metrics: MetricsSource | None = None,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
-        """`metrics`: served at GET /metrics (Prometheus text format) when given; a request body over
-        `max_body_bytes` is refused with 413 (TooLarge) as soon as it is known to be."""
+        """`metrics`: served at GET /metrics (Prometheus text format, to keys with scope "metrics" or
+        "admin") when given; a request body over `max_body_bytes` is refused with 413 (TooLarge) as soon as
+        it is known to be."""
         self._backend, self._metrics, self._max_body_bytes = backend, metrics, max_body_bytes
         routes = [
             Route("/health", self.health), Route("/ready", self.ready), Route("/v1/models", self.models),
@@ -134,8 +140,7 @@ class HttpShim:
             RequestError: _error_response, json.JSONDecodeError: _bad_json, Exception: _error_response}))
 
     async def metrics(self, request: HttpRequest) -> Response:
-        body = await asyncio.to_thread(self._metrics.exposition)  # reads adapter state under its lock
-        return Response(body, media_type=CONTENT_TYPE_LATEST)
+        return Response(await self._metrics.exposition(_authorization(request)), media_type=CONTENT_TYPE_LATEST)
 
     async def health(self, request: HttpRequest) -> Response:
         return JSONResponse({"status": "ok"})

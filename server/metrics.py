@@ -8,8 +8,10 @@ residency per tier, tier hit/miss/eviction counters, training runs recorded in t
 
 Adapter label cardinality is bounded: the first `max_adapter_labels` adapters to receive requests keep
 their own `adapter` label value for the life of the process (a label value never moves, so counters stay
-monotonic), later ones are counted under `_other`; the base model is `_base`. Adapter names start with a
-letter or digit, so neither can collide with one.
+monotonic), later ones are counted under `_other`; the base model is `_base`. Only adapters that exist get
+a label: a request refused before it runs is counted under `_unknown` (it named no adapter the server has)
+or `_refused` (any other refusal: key, scope, bad field, overload), never under the name it sent. Adapter
+names start with a letter or digit, so none of these can collide with one.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from loraplex.adapters.training_runs import count_runs
 if TYPE_CHECKING:
     from loraplex.server.scheduler import Scheduler
 
-BASE_LABEL, OTHER_LABEL = "_base", "_other"
+BASE_LABEL, OTHER_LABEL, REFUSED_LABEL, UNKNOWN_LABEL = "_base", "_other", "_refused", "_unknown"
+FIXED_LABELS = (REFUSED_LABEL, UNKNOWN_LABEL)
 OUTCOMES = ("stop", "length", "cancelled", "refused", "error")
 """Request outcomes: finished (stop: EOS, a stop token or stop string; length), cancelled (the caller went
 away), refused (a RequestError before the first token), error (the server failed it)."""
@@ -102,11 +105,12 @@ class ServerMetrics:
         for phase in ("read", "validate", "copy"):
             self.adapter_load.labels(phase)
 
-    def record_request(self, adapter: str | None, outcome: str, prompt_tokens: int, token_times: Sequence[float],
+    def record_request(self, adapter: str, outcome: str, prompt_tokens: int, token_times: Sequence[float],
                        arrival: float) -> None:
-        """One ended request: `token_times` are its tokens' perf_counter() times, `arrival` its start;
-        `adapter` None (a name the server does not have) counts under `_other`."""
-        label = self.adapter_label(adapter) if adapter is not None else OTHER_LABEL
+        """One ended request: `adapter` the name of the adapter it ran on ("" for the base model), or one of
+        FIXED_LABELS for a request refused before it ran; `token_times` are its tokens' perf_counter()
+        times, `arrival` its start."""
+        label = adapter if adapter in FIXED_LABELS else self.adapter_label(adapter)
         self.requests.labels(label, outcome).inc()
         if outcome == "refused":
             return

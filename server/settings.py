@@ -22,11 +22,11 @@ from loraplex.adapters.reference import ADAPTER_NAME
 from loraplex.server.engine import EngineConfig
 from loraplex.server.scheduler import SchedulerConfig
 
-Scope = Literal["inference", "admin"]
+Scope = Literal["inference", "admin", "metrics"]
 """What an API key may call. Each RPC requires exactly one scope and no scope implies another:
 "inference" allows Generate, GenerateStream and ServerInfo; "admin" allows the adapter
 administration API (loading, replacing and unloading adapters). An admin key may call the inference
-RPCs only when it also has "inference"."""
+RPCs only when it also has "inference". GET /metrics on the HTTP port takes "metrics" or "admin"."""
 
 LOOPBACK = "127.0.0.1"
 
@@ -43,7 +43,7 @@ class ApiKey(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     """sha256 (lowercase hex) of the secret key that clients send as `authorization: Bearer KEY`."""
     scopes: frozenset[Scope] = Field(default=frozenset({"inference"}), min_length=1)
-    """What the key may call: "inference" and/or "admin" (see `Scope`: neither implies the other)."""
+    """What the key may call: "inference", "admin", "metrics" (see `Scope`: none implies another)."""
     adapters: frozenset[str] | None = None
     """Adapter names the key may use ("" is the base model); None allows every adapter and the base."""
 
@@ -106,8 +106,9 @@ class MetricsSettings(BaseModel):
     enabled: bool = True
     """Record metrics and serve them at /metrics on the HTTP port (and on `port` if set)."""
     port: int | None = Field(default=None, ge=0, le=65535)
-    """A separate port serving only /metrics (on the server's listen address); unset serves them on the
-    HTTP port only."""
+    """A separate port serving only /metrics (on the server's listen address), without authentication: for
+    a scraper inside the cluster (keep the port off the public network). Unset serves them on the HTTP
+    port only, where a key with scope "metrics" or "admin" is needed once api_keys are configured."""
     max_adapter_labels: int = Field(default=100, ge=0, le=100_000)
     """Adapters with their own `adapter` label value (the first ones to receive requests); the rest are
     counted under `_other`, so a server with thousands of adapters keeps a bounded number of series."""
@@ -151,8 +152,9 @@ class Settings(BaseSettings):
     api_keys: list[ApiKey] = Field(default_factory=list)
     """Accepted API keys; empty turns authentication off (every caller may do everything), and then
     the server listens on loopback only unless allow_unauthenticated_remote is set. Scopes: "inference"
-    (Generate, GenerateStream, ServerInfo) and "admin" (the adapter administration API); neither
-    implies the other, so an admin key calls inference RPCs only if it also has "inference"."""
+    (Generate, GenerateStream, ServerInfo), "admin" (the adapter administration API, and /metrics) and
+    "metrics" (/metrics on the HTTP port only); none implies another, so an admin key calls inference
+    RPCs only if it also has "inference"."""
     allow_unauthenticated_remote: bool = False
     """With no api_keys, listen on `host` even when it is not a loopback address (anyone who can reach
     the port may then use the server); off binds 127.0.0.1 instead."""

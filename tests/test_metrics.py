@@ -1,11 +1,14 @@
 """Prometheus metrics, request ids and JSON logs on a real server: traffic for several adapters over gRPC and
 HTTP, then /metrics scraped from the HTTP port and the separate metrics port and parsed with
 prometheus-client's own text parser; counts match the requests sent, and the `_other` bucket holds the
-adapters beyond max_adapter_labels."""
+adapters beyond max_adapter_labels; with API keys, /metrics on the HTTP port needs scope "metrics" or
+"admin", and refused requests never give the name they sent a label."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import logging
 import urllib.error
@@ -18,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from loraplex.adapters.training_runs import record_run
 from loraplex.client.client import AsyncClient, build_request
 from loraplex.server.logs import configure_logging
-from loraplex.server.settings import AdapterSettings
+from loraplex.server.settings import AdapterSettings, ApiKey
 from serving_support import post, serving, slow_steps, status_of
 
 EXPORTED = {
@@ -86,7 +89,7 @@ async def test_metrics_after_traffic_for_several_adapters(serving_model, tmp_pat
     assert sample(before, "loraplex_adapter_residency", "loraplex_adapter_residency", adapter="_other",
                   tier="store") == 4
     assert requests == {"d_r8_k_gate:length": 3, "b_r16_all:length": 1, "b_r16_all:cancelled": 1,
-                        "_other:length": 2, "_other:refused": 1, "_base:length": 1}
+                        "_other:length": 2, "_unknown:refused": 1, "_base:length": 1}
     generated = {dict(labels)["adapter"]: value for (name, labels), value in
                  on_http["loraplex_generation_tokens"].items() if name.endswith("_total")}
     assert generated["d_r8_k_gate"] == 4 + 4 + 3 and generated["_other"] == 8 and generated["_base"] == 4
@@ -161,3 +164,41 @@ async def test_request_ids_reach_the_caller_and_every_log_line(serving_model, tm
 
 def client_request():
     return build_request([1, 2, 3], "a_r4_qv", max_new_tokens=2)
+
+
+def scrape_status(url: str, key: str | None) -> tuple[int, str]:
+    """(status, body) of GET url with `authorization: Bearer key` (None: no header)."""
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+async def test_metrics_need_a_metrics_key_and_refusals_take_no_labels(serving_model):
+    keys = {scope: f"key-{scope}-1234" for scope in ("inference", "metrics", "admin")}
+    api_keys = [ApiKey(name=scope, sha256=hashlib.sha256(key.encode()).hexdigest(), scopes={scope})
+                for scope, key in keys.items()]
+    async with serving(serving_model, api_keys=api_keys, metrics={"max_adapter_labels": 2, "port": 0}) as (app, url):
+        metrics_url = url.removesuffix("/v1") + "/metrics"
+        statuses = {name: (await asyncio.to_thread(scrape_status, metrics_url, key))[0]
+                    for name, key in {"none": None, "wrong": "nope", **keys}.items()}
+        async with AsyncClient(f"127.0.0.1:{app.port}", api_key=keys["inference"]) as client, \
+                AsyncClient(f"127.0.0.1:{app.port}", api_key="nope") as stranger:
+            for i in range(30):  # made-up names, with a key and without one
+                for caller in (client, stranger):
+                    with contextlib.suppress(grpc.RpcError):
+                        await caller.generate([1, 2], f"made-up-{i}", max_new_tokens=2)
+            await client.generate([1, 2, 3], "a_r4_qv", max_new_tokens=2, ignore_eos=True)
+            await client.generate([1, 2, 3], "b_r16_all", max_new_tokens=2, ignore_eos=True)
+        _, text = await asyncio.to_thread(scrape_status, metrics_url, keys["metrics"])
+        port_status, port_text = await asyncio.to_thread(
+            scrape_status, f"http://127.0.0.1:{app.metrics_server.server_port}/metrics", None)
+    assert statuses == {"none": 401, "wrong": 401, "inference": 403, "metrics": 200, "admin": 200}
+    assert port_status == 200 and "loraplex_requests_total" in port_text  # the in-cluster scraper's port
+    assert "made-up" not in text
+    requests = {dict(s.labels)["adapter"] + ":" + dict(s.labels)["outcome"]: s.value
+                for family in text_string_to_metric_families(text) if family.name == "loraplex_requests"
+                for s in family.samples if s.name.endswith("_total") and s.value}
+    assert requests == {"_unknown:refused": 30, "_refused:refused": 30, "a_r4_qv:length": 1, "b_r16_all:length": 1}
