@@ -51,7 +51,7 @@ def load_version(folder: Path, digest: str, spec: ModelSpec, limits: Limits, dty
     tensors = parse_weights(weights_bytes, folder / WEIGHTS_FILE)  # [r, in] / [out, r] per module
     layout = {name: (DTYPE_CODES.get(tensor.dtype, str(tensor.dtype)), list(tensor.shape))
               for name, tensor in tensors.items()}
-    check_layout(layout, spec, limits, folder / WEIGHTS_FILE)
+    check_layout(layout, spec, limits, folder / WEIGHTS_FILE, config)
     for name, tensor in tensors.items():
         check_finite(name, tensor)
     weights = lora_weights(config, tensors, dtype)

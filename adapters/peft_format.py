@@ -26,6 +26,10 @@ from loraplex.server.engine.spec import PROJECTIONS
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+MAX_LORA_ALPHA = 1e4
+"""Largest |lora_alpha| (and alpha_pattern value) accepted; PEFT's usual values are r or 2r."""
+MAX_SCALE = 1e3
+"""Largest |scale| (alpha / r, or alpha / sqrt(r) with rsLoRA) of any module accepted."""
 _KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 
 
@@ -46,6 +50,13 @@ class AdapterConfig:
         for pattern, value in self.alpha_pattern.items():
             if re.fullmatch(rf"(.*\.)?{pattern}", module_path):
                 alpha = value
+        return self._scaled(alpha, rank)
+
+    def largest_scale(self) -> float:
+        """The largest |scale| any module of rank r gets (over lora_alpha and the alpha_pattern values)."""
+        return max(abs(self._scaled(alpha, self.rank)) for alpha in (self.alpha, *self.alpha_pattern.values()))
+
+    def _scaled(self, alpha: float, rank: int) -> float:
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
 
@@ -86,7 +97,7 @@ def parse_adapter_config(data: bytes, path: Path) -> AdapterConfig:
         raise UnsupportedFeature("modules_to_save is not supported; train without fully fine-tuned modules")
     targets = raw.get("target_modules") or []
     try:
-        return AdapterConfig(
+        config = AdapterConfig(
             rank=int(raw["r"]),
             alpha=float(raw.get("lora_alpha", raw["r"])),
             use_rslora=bool(raw.get("use_rslora", False)),
@@ -97,6 +108,13 @@ def parse_adapter_config(data: bytes, path: Path) -> AdapterConfig:
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise CorruptAdapter(f"{path}: r, lora_alpha or alpha_pattern is missing or not a number ({error!r}); "
                              "rewrite it with PEFT") from None
+    for field, alpha in [("lora_alpha", config.alpha), *(("alpha_pattern", v) for v in config.alpha_pattern.values())]:
+        if not (math.isfinite(alpha) and abs(alpha) <= MAX_LORA_ALPHA):
+            raise CorruptAdapter(f"{path}: {field} {alpha} is not a finite number of magnitude at most "
+                                 f"{MAX_LORA_ALPHA:g}; retrain with a usual lora_alpha (e.g. r or 2r)")
+    if config.rank < 1:
+        raise CorruptAdapter(f"{path}: r {config.rank} is not a positive rank; rewrite it with PEFT")
+    return config
 
 
 @contextmanager

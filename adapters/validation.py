@@ -16,6 +16,7 @@ import torch
 from loraplex.adapters.errors import (
     AdapterTooLarge,
     BaseModelMismatch,
+    CorruptAdapter,
     NonFiniteWeights,
     RankTooHigh,
     TensorDtypeError,
@@ -25,6 +26,7 @@ from loraplex.adapters.errors import (
 from loraplex.adapters.identity import adapter_digest
 from loraplex.adapters.peft_format import (
     CONFIG_FILE,
+    MAX_SCALE,
     WEIGHTS_FILE,
     AdapterConfig,
     lora_pairs,
@@ -85,7 +87,7 @@ def validate(folder: Path, spec: ModelSpec, limits: Limits, base_digest: str | N
         check_size(size, limits)
         names = handle.keys()  # a safe_open handle is not iterable
         layout = {name: (handle.get_slice(name).get_dtype(), handle.get_slice(name).get_shape()) for name in names}
-        rank, targets, dtype = check_layout(layout, spec, limits, folder / WEIGHTS_FILE)
+        rank, targets, dtype = check_layout(layout, spec, limits, folder / WEIGHTS_FILE, config)
         for name in names:
             check_finite(name, handle.get_tensor(name))
     return AdapterSummary(adapter_digest(folder), rank, targets, size, dtype)
@@ -99,9 +101,11 @@ def check_targets(config: AdapterConfig, spec: ModelSpec) -> None:
                                   f"train with target_modules among {PROJECTIONS}")
 
 
-def check_layout(layout: Layout, spec: ModelSpec, limits: Limits, path: Path) -> tuple[int, tuple[str, ...], str]:
+def check_layout(layout: Layout, spec: ModelSpec, limits: Limits, path: Path,
+                 config: AdapterConfig) -> tuple[int, tuple[str, ...], str]:
     """(largest rank, targeted projections in PROJECTIONS order, torch dtype name) of the tensors in
-    `layout` (those of the weights file `path`), after checking they fit `spec` and `limits`."""
+    `layout` (those of the weights file `path`), after checking they fit `spec`, `limits` and `config`
+    (every module's rank is its r; every module's scale is at most MAX_SCALE)."""
     pairs = lora_pairs(layout)
     if not pairs:
         raise UnknownTargetModule(f"{path} holds no LoRA tensors; train with target_modules among {PROJECTIONS}")
@@ -111,6 +115,13 @@ def check_layout(layout: Layout, spec: ModelSpec, limits: Limits, path: Path) ->
     if not codes <= set(DTYPES) or len(codes) > 1:
         found = sorted(DTYPES.get(code, code) for code in codes)
         raise TensorDtypeError(f"tensors are {found}; save every tensor in one of float32, float16, bfloat16")
+    if set(ranks) != {config.rank}:
+        raise TensorShapeError(f"r: {CONFIG_FILE} says r={config.rank}, but the tensors have rank(s) "
+                               f"{sorted(set(ranks))}; save the config that was trained with the weights")
+    if config.largest_scale() > MAX_SCALE:
+        raise CorruptAdapter(f"lora_alpha: {config.alpha:g} with r={config.rank} scales an update by "
+                             f"{config.largest_scale():g}, beyond the accepted {MAX_SCALE:g}; retrain with a usual "
+                             "lora_alpha (e.g. r or 2r)")
     targets = tuple(proj for proj in PROJECTIONS if any(p == proj for _, p in pairs))
     return max(ranks), targets, DTYPES[codes.pop()]
 

@@ -46,6 +46,11 @@ class ShuttingDown(RequestError):
     """The server is draining and takes no new requests."""
 
 
+class GenerationFailed(RequestError):
+    """The model produced no usable output for this request (e.g. non-finite logits); the request ends,
+    the others go on. Transports answer it as an internal error, with this message."""
+
+
 class Unauthenticated(RequestError):
     """No API key, or an unknown one."""
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,7 @@ from loraplex.server.adapter_manager import check_reference, request_errors
 from loraplex.server.auth import Authenticator, Principal
 from loraplex.server.detokenizer import IncrementalDetokenizer
 from loraplex.server.engine import FinishReason, InvalidSamplingParameter, SamplingParams, TokenEvent
-from loraplex.server.errors import AdapterNotFound, InvalidRequest, RequestError
+from loraplex.server.errors import AdapterNotFound, GenerationFailed, InvalidRequest, RequestError
 from loraplex.server.metrics import REFUSED_LABEL, UNKNOWN_LABEL, ServerMetrics
 from loraplex.server.scheduler import Request, RequestLimits, Scheduler
 from loraplex.server.settings import Scope
@@ -43,6 +44,14 @@ TOKENIZE_WORKERS = 2
 
 class StopGeneration(Exception):
     """Thrown into `generate` by a caller that met its own stop condition (e.g. an HTTP stop string)."""
+
+
+def check_finite(event: TokenEvent) -> None:
+    """GenerationFailed unless the event's log-probabilities are finite (NaN or infinite logits, e.g. from a
+    broken adapter, must not reach the wire: JSON has no NaN); the one such check, per generated token."""
+    if not (math.isfinite(event.logprob) and all(math.isfinite(logprob) for _, logprob in event.top_logprobs)):
+        raise GenerationFailed("the model produced non-finite values (NaN or infinity) for this request; "
+                               "its adapter or the base weights are broken")
 
 
 @dataclass(frozen=True)
@@ -162,6 +171,7 @@ class GenerationCore:
             detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer else None
             try:
                 async for event in stream:
+                    check_finite(event)
                     token_times.append(time.perf_counter())
                     final = event.finish_reason is not None
                     text = detokenizer.add(event.token_id, final) if detokenizer else ""
@@ -177,6 +187,9 @@ class GenerationCore:
                     except StopGeneration:
                         outcome = "stop"
                         return
+            except GenerationFailed:
+                outcome = "error"
+                raise
             except RequestError:  # accepted, then refused (shutting down, adapter files unloadable)
                 outcome = "refused"
                 raise

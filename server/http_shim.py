@@ -63,6 +63,7 @@ HTTP_ERRORS: dict[type[RequestError], tuple[int, str]] = {
     errors.TooLarge: (413, "invalid_request_error"),
     errors.Overloaded: (429, "rate_limit_error"),
     errors.ShuttingDown: (503, "service_unavailable"),
+    errors.GenerationFailed: (500, "server_error"),
 }
 FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20

@@ -12,6 +12,7 @@ import grpc
 from loraplex.server.errors import (
     AdapterNotFound,
     FailedPrecondition,
+    GenerationFailed,
     InvalidRequest,
     Overloaded,
     PermissionDenied,
@@ -31,6 +32,7 @@ STATUS_CODES: dict[type[RequestError], grpc.StatusCode] = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    GenerationFailed: grpc.StatusCode.INTERNAL,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }

@@ -228,3 +228,19 @@ def test_non_finite_weights(good, tmp_path: Path, value: float) -> None:
     tensor[3, 1] = value
     with pytest.raises(NonFiniteWeights, match=rf"tensor {Q1_B} holds NaN or infinite values; the training diverged"):
         validate(with_tensors(folder, tmp_path / "diverged", q1_b=tensor), spec, LIMITS)
+
+
+@pytest.mark.parametrize(("changes", "error", "message"), [
+    ({"lora_alpha": float("nan")}, CorruptAdapter, r"lora_alpha nan is not a finite number"),
+    ({"lora_alpha": float("inf")}, CorruptAdapter, r"lora_alpha inf is not a finite number"),
+    ({"lora_alpha": 1e30}, CorruptAdapter, r"lora_alpha 1e\+30 is not a finite number of magnitude at most 10000"),
+    ({"alpha_pattern": {"q_proj": float("nan")}}, CorruptAdapter, r"alpha_pattern nan is not a finite number"),
+    ({"lora_alpha": 8000}, CorruptAdapter, r"lora_alpha: 8000 with r=4 scales an update by 2000, beyond the "
+                                           r"accepted 1000"),
+    ({"r": 8}, TensorShapeError, r"r: adapter_config.json says r=8, but the tensors have rank\(s\) \[4\]"),
+    ({"r": 0}, CorruptAdapter, r"r 0 is not a positive rank"),
+])
+def test_alpha_scale_and_rank_are_checked(good, tmp_path: Path, changes: dict, error: type, message: str) -> None:
+    spec, folder = good
+    with pytest.raises(error, match=message):
+        validate(copy_with_config(folder, tmp_path / "numbers", **changes), spec, LIMITS)

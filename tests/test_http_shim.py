@@ -9,9 +9,11 @@ import hashlib
 import http.client
 import itertools
 import json
+import math
 import time
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -388,3 +390,43 @@ async def test_a_chunked_body_over_the_limit_is_refused_while_read(serving_model
         small = await asyncio.to_thread(post, f"{url}/completions", {"prompt": "hello", "max_tokens": 2})
     assert status == 413 and "4096" in answer["error"]["message"]
     assert small[0] == 200
+
+
+def poison(app, first_token: int) -> None:
+    """Make the engine report NaN log-probabilities from the third token on for sequences whose prompt starts
+    with `first_token` (as a broken adapter would), test instrumentation like slow_steps."""
+    step = app.scheduler.engine.step
+
+    def poisoned_step(batch):
+        bad = {seq.seq_id for seq, _ in batch if seq.prompt_ids[0] == first_token and len(seq.output_ids) >= 2}
+        return [replace(event, logprob=math.nan) if event.seq_id in bad else event for event in step(batch)]
+
+    app.scheduler.engine.step = poisoned_step
+
+
+def raw_sse(port: int, body: dict) -> list[str]:
+    """The data lines of a streamed completion over raw HTTP."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+    lines = [line.decode().strip() for line in connection.getresponse()]
+    connection.close()
+    return [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+
+
+async def test_non_finite_logprobs_fail_that_request_only(serving_model):
+    async with serving(serving_model) as (app, url):
+        poison(app, 90)
+        async with AsyncClient(f"127.0.0.1:{app.port}") as client:
+            with pytest.raises(grpc.aio.AioRpcError) as by_grpc:
+                await client.generate([90, 1, 2], max_new_tokens=4, ignore_eos=True)
+            clean = await client.generate([1, 2, 3], max_new_tokens=4, ignore_eos=True, logprobs=True)
+        unary = await asyncio.to_thread(post, f"{url}/completions", {"prompt": [90, 1], "max_tokens": 4, "logprobs": 1})
+        streamed = await asyncio.to_thread(raw_sse, app.http.port, {"prompt": [90, 1], "max_tokens": 4,
+                                                                    "stream": True})
+    assert by_grpc.value.code() == grpc.StatusCode.INTERNAL and "non-finite" in by_grpc.value.details()
+    assert len(clean.token_ids) == 4 and all(math.isfinite(token.logprob) for token in clean.tokens)
+    assert unary[0] == 500 and "non-finite" in unary[1]["error"]["message"]
+    events = [json.loads(line, parse_constant=lambda name: pytest.fail(f"bare {name} in the stream"))
+              for line in streamed]  # every event is strict JSON
+    assert len(events) == 3 and events[0]["choices"] and events[1]["choices"]  # two tokens, then the failure
+    assert "non-finite" in events[-1]["error"]["message"] and "[DONE]" not in streamed
