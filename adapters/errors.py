@@ -6,6 +6,16 @@ the admin API maps them all to INVALID_ARGUMENT / FAILED_PRECONDITION and shows 
 
 from __future__ import annotations
 
+MAX_SHOWN_CHARS = 64
+"""Most characters of a caller's value that an error message echoes (see `shown`)."""
+
+
+def shown(value: str) -> str:
+    """A caller's value as an error message echoes it: quoted (repr), cut to MAX_SHOWN_CHARS characters with
+    an ellipsis, so that no message grows with the input (gRPC carries messages in size-limited metadata).
+    Every refusal that echoes a caller's string goes through here."""
+    return repr(value if len(value) <= MAX_SHOWN_CHARS else value[:MAX_SHOWN_CHARS] + "\u2026")
+
 
 class AdapterFormatError(ValueError):
     """The folder is not a LoRA adapter loraplex can serve; the message says what to change."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from loraplex.adapters.errors import shown
+
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 """Letters, digits, '.', '_', '-', at most 64 characters, starting with a letter or digit (so a name is
 always a plain folder name: never '.', '..', hidden, or containing a path separator)."""
@@ -21,7 +23,7 @@ class InvalidAdapterReference(ValueError):
 def check_name(name: str) -> str:
     """`name` if it is a valid adapter name, else InvalidAdapterReference."""
     if not ADAPTER_NAME.fullmatch(name):
-        raise InvalidAdapterReference(f"adapter name {name!r} is not allowed: use letters, digits, '.', '_', '-' "
+        raise InvalidAdapterReference(f"adapter name {shown(name)} is not allowed: use letters, digits, '.', '_', '-' "
                                       "(at most 64 characters, starting with a letter or digit)")
     return name
 
@@ -31,6 +33,6 @@ def parse_reference(reference: str) -> tuple[str, str]:
     name, at, version = reference.partition("@")
     check_name(name)
     if at and not VERSION_PREFIX.fullmatch(version):
-        raise InvalidAdapterReference(f"version {version!r} in {reference!r} is not {MIN_VERSION_PREFIX} to 64 "
-                                      "lowercase hex digits of the adapter's sha256")
+        raise InvalidAdapterReference(f"version {shown(version)} in {shown(reference)} is not {MIN_VERSION_PREFIX} "
+                                      "to 64 lowercase hex digits of the adapter's sha256")
     return name, version

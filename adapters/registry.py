@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraplex.adapters.durable import write_atomically
+from loraplex.adapters.errors import shown
 from loraplex.adapters.reference import DIGEST, InvalidAdapterReference, check_name, parse_reference
 
 STATE_FORMAT = 1
@@ -60,7 +61,7 @@ class AdapterRegistry:
         """Make `digest` the current version of `name` (adding the name or the version if new)."""
         check_name(name)
         if not DIGEST.fullmatch(digest):
-            raise InvalidAdapterReference(f"version {digest!r} is not a sha256 digest (64 lowercase hex digits)")
+            raise InvalidAdapterReference(f"version {shown(digest)} is not a sha256 digest (64 lowercase hex digits)")
         with self._lock:
             old = self._entries.get(name)
             versions = old.versions if old is not None else ()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraplex.adapters.durable import fsync_dir
+from loraplex.adapters.errors import shown
 from loraplex.adapters.identity import adapter_digest
 from loraplex.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from loraplex.adapters.reference import DIGEST, check_name
@@ -138,16 +139,19 @@ class AdapterStore:
         """`source` resolved and {file name: resolved path} of its STORED_FILES, if each of them resolves
         inside one of the allowed roots."""
         if not source.is_absolute():
-            raise SourceNotAllowed(f"{source} is a relative path; give an absolute path under the allowed roots")
+            raise SourceNotAllowed(f"{shown(str(source))} is a relative path; give an absolute path under the "
+                                   "allowed roots")
         try:
             folder = source.resolve(strict=True)
         except OSError as error:
-            raise SourceNotAllowed(f"{source} cannot be read ({error.strerror}); give an existing folder") from None
+            raise SourceNotAllowed(f"{shown(str(source))} cannot be read ({error.strerror}); give an existing "
+                                   "folder") from None
         files = {file: (folder / file).resolve() for file in STORED_FILES if (folder / file).exists()}
         for path in (folder, *files.values()):
             if not any(path.is_relative_to(root) for root in (*self._allowed, self.root)):
                 roots = ", ".join(map(str, self._allowed)) or "none configured"
-                raise SourceNotAllowed(f"{source} resolves to {path}, outside the allowed adapter roots ({roots}); "
+                raise SourceNotAllowed(f"{shown(str(source))} resolves to {path}, outside the allowed adapter roots "
+                                       f"({roots}); "
                                        "copy the adapter under one of them or add its folder to the allowed roots")
         return folder, files
 

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import socket
 import time
 import uuid
@@ -39,6 +40,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from loraplex.adapters.errors import MAX_SHOWN_CHARS
 from loraplex.server import errors
 from loraplex.server.engine import MAX_TOP_LOGPROBS, FinishReason
 from loraplex.server.errors import AdapterNotFound, InvalidRequest, RequestError, TooLarge
@@ -68,6 +70,7 @@ HTTP_ERRORS: dict[type[RequestError], tuple[int, str]] = {
 FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 """settings.http_max_body_bytes' default (the http-shim translator uses it)."""
+SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16
 PARAMS = {"max_new_tokens": "max_tokens", "prompt": "prompt", "chat": "messages"}
@@ -199,10 +202,19 @@ class HttpShim:
         return JSONResponse({"lora_name": name, "removed_versions": removed})
 
     async def _json_body(self, request: HttpRequest) -> dict:
-        """The body as a JSON object, read up to the size limit."""
-        body = json.loads(await self._read_body(request))
+        """The body as a JSON object, read up to the size limit: UTF-8, and no string in it (key or value)
+        holds a lone surrogate (an escaped half of a UTF-16 pair, which no tokenizer can encode)."""
+        try:
+            text = (await self._read_body(request)).decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise InvalidRequest("body", f"is not UTF-8 ({error.reason} at byte {error.start})") from None
+        body = json.loads(text)
         if not isinstance(body, dict):
             raise InvalidRequest("body", "must be a JSON object")
+        for name, value in body.items():
+            if _has_surrogate(name) or _has_surrogate(value):
+                field = name if len(name) <= MAX_SHOWN_CHARS and not _has_surrogate(name) else "body"
+                raise InvalidRequest(field, "holds a lone UTF-16 surrogate (\\ud800-\\udfff); send valid Unicode")
         return body
 
     async def _read_body(self, request: HttpRequest) -> bytes:
@@ -284,8 +296,8 @@ def _decode(body: dict, prompt: str | list[int] | list[ChatMessage], chat: bool,
                 "frequency_penalty": _number(body, "frequency_penalty", 0.0)}
     seed = _optional_int(body, "seed", -(2**63), 2**64 - 1)
     stop = body.get("stop")
-    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    if not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP_STRINGS:
+    stops = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else () if stop is None else 0
+    if stops == 0 or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP_STRINGS:
         raise InvalidRequest("stop", f"must be a non-empty string or a list of up to {MAX_STOP_STRINGS}")
     n = _optional_int(body, "n", 1, MAX_CHOICES) or 1
     call = GenerateCall(adapter=model, prompt=prompt, max_new_tokens=None if max_tokens is None else
@@ -293,8 +305,10 @@ def _decode(body: dict, prompt: str | list[int] | list[ChatMessage], chat: bool,
                         logprobs=logprobs, top_logprobs=top_logprobs)
     calls = [replace(call, sampling={**sampling, "seed": (seed + i) % 2**64}) if seed is not None else call
              for i in range(n)]
-    return Answer(calls, stops, chat, model, _flag(body, "stream"),
-                  _flag(body.get("stream_options") or {}, "include_usage"))
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise InvalidRequest("stream_options", "must be an object")
+    return Answer(calls, stops, chat, model, _flag(body, "stream"), _flag(stream_options, "include_usage"))
 
 
 async def _rest(first: Piece, choice: AsyncIterator[Piece]) -> list[Piece]:
@@ -429,6 +443,17 @@ def _authorization(request: HttpRequest) -> str | None:
     return request.headers.get("authorization")
 
 
+
+
+def _has_surrogate(value: object) -> bool:
+    """Whether a JSON value holds a string (key or value, at any depth) with a lone surrogate."""
+    if isinstance(value, str):
+        return SURROGATE.search(value) is not None
+    if isinstance(value, list):
+        return any(map(_has_surrogate, value))
+    if isinstance(value, dict):
+        return any(_has_surrogate(key) or _has_surrogate(item) for key, item in value.items())
+    return False
 
 
 def _string(values: dict, name: str) -> str:

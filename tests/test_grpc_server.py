@@ -151,6 +151,15 @@ async def test_missing_input_is_invalid(serving_model):
     assert details == unary == "input: set text or token_ids"
 
 
+async def test_a_huge_adapter_reference_is_invalid_with_a_short_message(serving_model):
+    async with running(serving_model) as (_app, client):
+        name = await expect_status(grpc.StatusCode.INVALID_ARGUMENT, client.generate([1, 2], "a" * 20000))
+        version = await expect_status(grpc.StatusCode.INVALID_ARGUMENT,
+                                      client.generate([1, 2], "a_r4_qv@" + "f" * 20000))
+    assert name.startswith("adapter: adapter name 'aaaa") and "a" * 64 + "\u2026'" in name and len(name) < 300
+    assert version.startswith("adapter: version 'ffff") and len(version) < 400
+
+
 async def test_unknown_adapter_is_not_found(serving_model):
     async with running(serving_model) as (_app, client):
         details = await expect_status(grpc.StatusCode.NOT_FOUND, client.generate([1, 2], "missing"))

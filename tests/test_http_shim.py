@@ -430,3 +430,25 @@ async def test_non_finite_logprobs_fail_that_request_only(serving_model):
               for line in streamed]  # every event is strict JSON
     assert len(events) == 3 and events[0]["choices"] and events[1]["choices"]  # two tokens, then the failure
     assert "non-finite" in events[-1]["error"]["message"] and "[DONE]" not in streamed
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    (b'{"prompt": "hi", "stop": 5}', "stop"),
+    (b'{"prompt": "hi", "stop": {"a": 1}}', "stop"),
+    (b'{"prompt": "hi", "stream_options": "x"}', "stream_options"),
+    (b'{"prompt": "caf\xe9"}', "body"),  # Latin-1, not UTF-8
+    (b'{"prompt": "x\\ud800y"}', "prompt"),  # a lone surrogate, escaped
+    (b'{"messages": [{"role": "user", "content": "x\\udfff"}]}', "messages"),
+    (b'{"\\ud800": 1, "prompt": "hi"}', "body"),
+])
+async def test_client_mistakes_are_400_naming_the_field(serving_model, body: bytes, param: str):
+    async with serving(serving_model) as (_app, url):
+        endpoint = "chat/completions" if b"messages" in body else "completions"
+        request = urllib.request.Request(f"{url}/{endpoint}", data=body, method="POST",
+                                         headers={"content-type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            await asyncio.to_thread(urllib.request.urlopen, request, timeout=10)
+        answer = json.loads(refused.value.read())
+    assert refused.value.code == 400, answer
+    assert answer["error"]["param"] == param and answer["error"]["type"] == "invalid_request_error"
+    assert answer["error"]["message"].startswith(f"{param}: ")
