@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from contextlib import asynccontextmanager
 from importlib import metadata
@@ -307,3 +308,25 @@ async def test_adapter_references_by_name_version_and_prefix(serving_model):
         for reference in malformed:
             details = await expect_status(grpc.StatusCode.INVALID_ARGUMENT, client.generate([3], reference))
             assert details.startswith("adapter: "), details
+
+
+async def test_malformed_protobuf_is_invalid_argument_logged_once(serving_model, caplog):
+    async with running(serving_model) as (app, _client), grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        unary = channel.unary_unary("/loraplex.v1.Generation/Generate")  # bytes in, bytes out
+        stream = channel.unary_stream("/loraplex.v1.Generation/GenerateStream")
+        with caplog.at_level(logging.INFO):
+            codes = []
+            for garbage in (b"\xff\xff\xff", b"\x0a\xff", b"\x12\x05ab"):
+                for call in (unary(garbage), stream(garbage).read()):
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await call
+                    codes.append((refused.value.code(), refused.value.details()))
+        good = await channel.unary_unary("/loraplex.v1.Generation/Generate")(
+            pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2]),
+                               stopping=pb.StoppingCriteria(max_new_tokens=2)).SerializeToString())
+    assert {code for code, _ in codes} == {grpc.StatusCode.INVALID_ARGUMENT}
+    assert codes[0][1] == "request: not a valid Generate request message (protobuf)"
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "do not decode" in warnings[0].getMessage()
+    assert not any(r.exc_info for r in caplog.records)
+    assert len(pb.GenerateResponse.FromString(good).tokens) == 2
