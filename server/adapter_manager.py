@@ -41,7 +41,7 @@ from botocore.exceptions import BotoCoreError
 from loraplex.adapters.errors import AdapterFormatError
 from loraplex.adapters.host_cache import HostCache
 from loraplex.adapters.loading import load_version
-from loraplex.adapters.reference import InvalidAdapterReference, parse_reference
+from loraplex.adapters.reference import InvalidAdapterReference, check_name, parse_reference
 from loraplex.adapters.registry import AdapterEntry, AdapterRegistry, UnknownAdapter
 from loraplex.adapters.s3_source import S3SourceError
 from loraplex.adapters.sources import AdapterSources
@@ -420,8 +420,11 @@ class AdapterManager:
         return summary, ""
 
     def _entry(self, name: str) -> AdapterEntry:
+        """The registered `name`: InvalidRequest("name") if it is malformed, AdapterNotFound if unknown."""
         try:
-            return self.registry.entry(name)
+            return self.registry.entry(check_name(name))
+        except InvalidAdapterReference as error:
+            raise InvalidRequest("name", str(error)) from None
         except UnknownAdapter as error:
             raise AdapterNotFound(str(error)) from None
 

@@ -55,8 +55,7 @@ class AdminService(pb_grpc.AdapterAdminServicer):
     async def DescribeAdapter(self, request: pb.DescribeAdapterRequest, context: grpc.aio.ServicerContext,
                               ) -> pb.AdapterStatus:
         authorize(self._auth, context, "admin")
-        with request_errors():  # a malformed name
-            return encode_status(await self._adapters.run_admin(self._adapters.status, request.name))
+        return encode_status(await self._adapters.run_admin(self._adapters.status, request.name))
 
     async def ValidateAdapter(self, request: pb.ValidateAdapterRequest, context: grpc.aio.ServicerContext,
                               ) -> pb.ValidateAdapterResponse:

@@ -75,6 +75,8 @@ MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16
 PARAMS = {"max_new_tokens": "max_tokens", "prompt": "prompt", "chat": "messages"}
 """GenerateCall's field names as the OpenAI body spells them (in errors' `param`)."""
+ADMIN_PARAMS = {"name": "lora_name", "source": "lora_path"}
+"""The admin calls' field names as vLLM's load/unload bodies spell them."""
 
 
 class Backend(Protocol):
@@ -192,13 +194,19 @@ class HttpShim:
         """vLLM's endpoint: {"lora_name", "lora_path"} -> AdapterAdmin.LoadAdapter (scope "admin")."""
         body = await self._json_body(request)
         name, path = _string(body, "lora_name"), _string(body, "lora_path")
-        version = await self._backend.load_adapter(_authorization(request), name, path)
+        try:
+            version = await self._backend.load_adapter(_authorization(request), name, path)
+        except InvalidRequest as error:
+            raise error.renamed(ADMIN_PARAMS) from None
         return JSONResponse({"lora_name": name, "version": version})
 
     async def unload_lora_adapter(self, request: HttpRequest) -> Response:
         """vLLM's endpoint: {"lora_name"} -> AdapterAdmin.UnloadAdapter without waiting (scope "admin")."""
         name = _string(await self._json_body(request), "lora_name")
-        removed = await self._backend.unload_adapter(_authorization(request), name)
+        try:
+            removed = await self._backend.unload_adapter(_authorization(request), name)
+        except InvalidRequest as error:
+            raise error.renamed(ADMIN_PARAMS) from None
         return JSONResponse({"lora_name": name, "removed_versions": removed})
 
     async def _json_body(self, request: HttpRequest) -> dict:

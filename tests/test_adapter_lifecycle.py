@@ -21,7 +21,7 @@ from loraplex.server.engine import Engine, EngineConfig, SamplingParams
 from loraplex.server.settings import AdapterSettings, load_settings
 from loraplex.v1 import admin_pb2 as admin
 from loraplex.v1 import admin_pb2_grpc as admin_grpc
-from serving_support import TEST_ENGINE, expect_status, make_engine, slow_steps
+from serving_support import TEST_ENGINE, expect_status, make_engine, post, slow_steps
 from support import AdapterSpec, copy_with_config, write_adapter
 
 #: Three versions of the "hot" adapter (different ranks and targets, so their outputs differ).
@@ -245,3 +245,18 @@ async def test_admin_needs_the_admin_scope(lifecycle, tmp_path):
                                       stub.ListAdapters(admin.ListAdaptersRequest(), metadata=metadata))
         await expect_status(grpc.StatusCode.UNAUTHENTICATED, stub.ListAdapters(admin.ListAdaptersRequest()))
     assert details == "API key 'user' lacks the 'admin' scope"
+
+
+async def test_malformed_names_are_invalid_argument(lifecycle, tmp_path):
+    async with serving(lifecycle, tmp_path / "store", http_port=0) as (app, _client, stub):
+        details = [await expect_status(grpc.StatusCode.INVALID_ARGUMENT, call) for call in (
+            stub.DescribeAdapter(admin.DescribeAdapterRequest(name="../../x")),
+            stub.UnloadAdapter(admin.UnloadAdapterRequest(name="../../x")),
+            stub.PinAdapter(admin.PinAdapterRequest(name="a" * 20000, pinned=True)))]
+        missing = await expect_status(grpc.StatusCode.NOT_FOUND, stub.DescribeAdapter(
+            admin.DescribeAdapterRequest(name="well-formed")))
+        unload = await asyncio.to_thread(post, f"http://127.0.0.1:{app.http.port}/v1/unload_lora_adapter",
+                                         {"lora_name": "../../x"})
+    assert all(detail.startswith("name: adapter name '") for detail in details) and len(details[2]) < 300
+    assert "'well-formed'" in missing
+    assert unload[0] == 400 and unload[1]["error"]["param"] == "lora_name"
