@@ -73,8 +73,8 @@ def _group(first_queries: list[int], num_queries: int, starts: list[int], rows: 
     return AttentionGroup(query_index, context_rows, masks, num_queries)
 
 
-def batch_invariant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor,
-                              enable_gqa: bool = True) -> torch.Tensor:
+def batch_invariant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor
+                              ) -> torch.Tensor:
     """softmax(q @ k.T / sqrt(D) masked) @ v, per sequence of the group, with results that do not
     depend on the other sequences: q [G, heads, Q, D], k/v [G, kv_heads, K, D], attn_mask bool
     [G, 1, Q, K] -> [G, heads, Q, D].
@@ -104,8 +104,10 @@ def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, b
         rows = group.context_rows.view(-1)
         k_g = keys.index_select(0, rows).view(num_seqs, context, *keys.shape[1:])  # [G, K, kv_heads, D]
         v_g = values.index_select(0, rows).view(num_seqs, context, *values.shape[1:])
-        attend = F.scaled_dot_product_attention if num_seqs == 1 else batch_invariant_attention
-        attended = attend(q_g.transpose(1, 2), k_g.transpose(1, 2), v_g.transpose(1, 2),
-                          attn_mask=group.masks[window], enable_gqa=True)  # [G, heads, Q, D]
+        q_g, k_g, v_g, mask = q_g.transpose(1, 2), k_g.transpose(1, 2), v_g.transpose(1, 2), group.masks[window]
+        if num_seqs == 1:  # a prefill chunk alone: nothing else in the call to depend on
+            attended = F.scaled_dot_product_attention(q_g, k_g, v_g, attn_mask=mask, enable_gqa=True)
+        else:
+            attended = batch_invariant_attention(q_g, k_g, v_g, mask)  # [G, heads, Q, D]
         out.index_copy_(0, group.query_index, attended.transpose(1, 2).reshape(-1, *q.shape[1:]))
     return out

@@ -18,7 +18,7 @@ nested absmax per 64) and, for each tile of 4 output rows:
 Above `blas_min_tokens` tokens (prefill) the weight's dequantization is amortized over many tokens
 and BLAS outruns the hand loop, so the kernel dequantizes the whole weight (same code, into a
 reused per-thread buffer) and calls `addmm`. The threshold is measured by
-`benchmarks/engine_throughput.py` (the microbenchmark column "bnb+BLAS") and set in
+`benchmarks/engine_throughput.py` (microbenchmark columns "fused_loop" vs "fused_blas") and set in
 `BLAS_MIN_TOKENS`.
 
 The kernel is compiled on first use for the host CPU (`cpu_extension`); on a CPU with AVX-512 the
@@ -116,6 +116,13 @@ static void dequant_row(const Nf4& w, int64_t o, float* dst) {
   }
 }
 
+// The whole weight into dst [N, K], threads over rows.
+static void dequant_all(const Nf4& w, float* dst) {
+  at::parallel_for(0, w.N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) dequant_row(w, o, dst + o * w.K);
+  });
+}
+
 // y[t, r] = w[r] . x[t] for R rows of w (stride K) and T tokens of x (stride K); y has stride N.
 template <int R, int T>
 static inline void dot_tile(const float* w, const float* x, int64_t K, float* y, int64_t N) {
@@ -162,10 +169,7 @@ torch::Tensor nf4_dequantize(torch::Tensor packed, torch::Tensor qabsmax, torch:
                              torch::Tensor code, double offset, int64_t blocksize2, int64_t N, int64_t K, bool bf16) {
   const Nf4 w = describe(packed, qabsmax, absmax2, code2, code, offset, blocksize2, N, K, bf16);
   torch::Tensor out = torch::empty({N, K}, torch::kFloat);
-  float* dst = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) dequant_row(w, o, dst + o * K);
-  });
+  dequant_all(w, out.data_ptr<float>());
   return out;
 }
 
@@ -183,10 +187,7 @@ torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor qa
   if (M >= blas_min_tokens) {
     static thread_local torch::Tensor scratch;
     if (!scratch.defined() || scratch.numel() < N * K) scratch = torch::empty({N * K}, torch::kFloat);
-    float* dst = scratch.data_ptr<float>();
-    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t o = begin; o < end; ++o) dequant_row(w, o, dst + o * K);
-    });
+    dequant_all(w, scratch.data_ptr<float>());
     const torch::Tensor weight = scratch.narrow(0, 0, N * K).view({N, K});
     y = bias.has_value() ? at::addmm(bias->to(torch::kFloat), xf, weight.t()) : at::mm(xf, weight.t());
   } else {
