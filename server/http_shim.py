@@ -52,6 +52,7 @@ from loraplex.server.generation import (
     StopGeneration,
 )
 from loraplex.server.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
+from loraplex.server.settings import MAX_REQUEST_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,6 @@ HTTP_ERRORS: dict[type[RequestError], tuple[int, str]] = {
     errors.GenerationFailed: (500, "server_error"),
 }
 FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
-DEFAULT_MAX_BODY_BYTES = 4 * 2**20
-"""settings.http_max_body_bytes' default (the http-shim translator uses it)."""
 SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16
@@ -128,7 +127,7 @@ class HttpShim:
     """The Starlette app over one backend; `app` is the ASGI application."""
 
     def __init__(self, backend: Backend, metrics: MetricsSource | None = None,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+                 max_body_bytes: int = MAX_REQUEST_BYTES) -> None:
         """`metrics`: served at GET /metrics (Prometheus text format, to keys with scope "metrics" or
         "admin") when given; a request body over `max_body_bytes` is refused with 413 (TooLarge) as soon as
         it is known to be."""
@@ -304,8 +303,9 @@ def _decode(body: dict, prompt: str | list[int] | list[ChatMessage], chat: bool,
                 "frequency_penalty": _number(body, "frequency_penalty", 0.0)}
     seed = _optional_int(body, "seed", -(2**63), 2**64 - 1)
     stop = body.get("stop")
-    stops = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else () if stop is None else 0
-    if stops == 0 or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP_STRINGS:
+    stops = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else ()
+    if (stop is not None and not isinstance(stop, str | list)) or not all(isinstance(s, str) and s for s in stops) \
+            or len(stops) > MAX_STOP_STRINGS:
         raise InvalidRequest("stop", f"must be a non-empty string or a list of up to {MAX_STOP_STRINGS}")
     n = _optional_int(body, "n", 1, MAX_CHOICES) or 1
     call = GenerateCall(adapter=model, prompt=prompt, max_new_tokens=None if max_tokens is None else
@@ -449,8 +449,6 @@ def _usage(lasts: Sequence[Piece]) -> dict[str, int]:
 
 def _authorization(request: HttpRequest) -> str | None:
     return request.headers.get("authorization")
-
-
 
 
 def _has_surrogate(value: object) -> bool:

@@ -22,6 +22,9 @@ from loraplex.adapters.reference import ADAPTER_NAME
 from loraplex.server.engine import EngineConfig
 from loraplex.server.scheduler import SchedulerConfig
 
+MAX_REQUEST_BYTES = 4 * 2**20
+"""Default of the largest HTTP body and gRPC message a server (or the http-shim translator) accepts."""
+
 Scope = Literal["inference", "admin", "metrics"]
 """What an API key may call. Each RPC requires exactly one scope and no scope implies another:
 "inference" allows Generate, GenerateStream and ServerInfo; "admin" allows the adapter
@@ -166,10 +169,10 @@ class Settings(BaseSettings):
     """On SIGTERM/SIGINT: seconds in-flight requests (both transports) get to finish before they are
     cancelled; new requests are refused from the signal on, and the process exits 0 about 2 s after the
     grace at the latest."""
-    http_max_body_bytes: int = Field(default=4 * 2**20, ge=1024, le=2**30)
+    http_max_body_bytes: int = Field(default=MAX_REQUEST_BYTES, ge=1024, le=2**30)
     """Largest HTTP request body; a longer one is refused with 413 while it is read (or at once when its
     Content-Length says so)."""
-    grpc_max_message_bytes: int = Field(default=4 * 2**20, ge=1024, le=2**30)
+    grpc_max_message_bytes: int = Field(default=MAX_REQUEST_BYTES, ge=1024, le=2**30)
     """Largest gRPC request message the server receives (RESOURCE_EXHAUSTED beyond it)."""
     reflection: bool = True
     """Serve gRPC server reflection (for grpcurl and similar tools)."""
