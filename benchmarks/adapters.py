@@ -60,13 +60,15 @@ from serving import (
 
 from loraplex.adapters.loading import load_version
 from loraplex.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
-from loraplex.server.adapter_manager import AdapterManager
 from loraplex.server.app import adapter_manager
+from loraplex.server.core.adapter_runtime.manager import AdapterManager
+from loraplex.server.core.requests import Request
+from loraplex.server.core.scheduler import Scheduler
+from loraplex.server.core.scheduler_config import SchedulerConfig
 from loraplex.server.default_model import default_model_path
 from loraplex.server.engine import Engine, EngineConfig, ModelSpec, SamplingParams
 from loraplex.server.engine.spec import PROJECTIONS
 from loraplex.server.model_files import base_digest, iter_weights, model_spec
-from loraplex.server.scheduler import Request, Scheduler, SchedulerConfig
 from loraplex.server.settings import AdapterSettings, load_settings
 
 RESULTS = Path(__file__).parent / "results" / "adapters.json"

@@ -6,7 +6,7 @@ set -euo pipefail
 export PYTHONUNBUFFERED=1
 make setup >/dev/null
 .venv/bin/python -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"
-.venv/bin/python -m pytest -q -m gpu tests/test_parity.py 2>&1 | tail -n 15
+.venv/bin/python -m pytest -q -m gpu tests/engine/test_parity.py 2>&1 | tail -n 15
 .venv/bin/python benchmarks/engine_throughput.py --device cuda \
   --output benchmarks/results/engine_throughput_cuda.json 2>&1 | grep -v Warning | tail -n 20
 .venv/bin/python benchmarks/training.py --device cuda \

@@ -52,8 +52,8 @@ import torch
 from engine_throughput import tiny_model, write_adapters
 
 from loraplex.client.client import AsyncClient
-from loraplex.server.adapter_manager import AdapterManager
 from loraplex.server.app import App, start
+from loraplex.server.core.adapter_runtime.manager import AdapterManager
 from loraplex.server.default_model import default_model_path
 from loraplex.server.engine import Engine, EngineConfig, SamplingParams, SequenceState
 from loraplex.server.engine.lora import NO_ADAPTER

@@ -83,12 +83,12 @@ def http_shim(args: argparse.Namespace) -> int:
     """`loraplex http-shim`: the OpenAI-style HTTP API on this machine, in front of a remote gRPC server."""
     import asyncio
 
-    from loraplex.server.remote_backend import serve_translator
+    from loraplex.server.api.remote_backend import serve_translator
 
     root_certificates = args.tls_ca.read_bytes() if args.tls_ca else None
-    credentials = grpc.ssl_channel_credentials(root_certificates) if args.tls or root_certificates else None
     try:
-        asyncio.run(serve_translator(args.grpc_target, args.host, args.port, credentials))
+        asyncio.run(serve_translator(args.grpc_target, args.host, args.port, tls=args.tls,
+                                     root_certificates=root_certificates))
     except OSError as error:  # port in use, ...
         print(f"loraplex http-shim: {error}", file=sys.stderr)
         return 1

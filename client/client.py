@@ -25,13 +25,22 @@ INVALID_ARGUMENT naming the bad field, RESOURCE_EXHAUSTED when the server's queu
 
 from __future__ import annotations
 
-import enum
+import copy
 import json
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from loraplex.client.codec import (
+    Completion,
+    Prompt,
+    Token,
+    decode_completion,
+    decode_token,
+    encode_request,
+)
 from loraplex.v1 import admin_pb2 as admin_pb
 from loraplex.v1 import admin_pb2_grpc as admin_pb_grpc
 from loraplex.v1 import generation_pb2 as pb
@@ -41,72 +50,14 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 
 
-class FinishReason(enum.Enum):
-    STOP = "stop"
-    """The model produced an end-of-sequence or stop token (the last token)."""
-    LENGTH = "length"
-    """max_new_tokens or the model's context length was reached."""
-
-
-Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
-"""Text, token ids, or chat messages ({"role", "content"} dicts)."""
-
-_FINISH_REASONS = {pb.FINISH_REASON_STOP: FinishReason.STOP, pb.FINISH_REASON_LENGTH: FinishReason.LENGTH}
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A candidate token of one step: id, its text alone, log-probability (unprocessed distribution)."""
-
-    id: int
-    piece: str
-    logprob: float
-
-
-@dataclass(frozen=True)
-class Token:
-    """One generated token."""
-
-    id: int
-    text: str
-    """Text this token adds ("" while a UTF-8 character is incomplete, or without a tokenizer)."""
-    logprob: float | None
-    """Log-probability under the model's unprocessed distribution; None unless `logprobs=True` was asked."""
-    piece: str = ""
-    """The token decoded alone; "" unless `logprobs` or `top_logprobs` was asked."""
-    top_logprobs: tuple[TokenLogprob, ...] = ()
-    """The `top_logprobs` most likely tokens of this step, most likely first."""
-
-    @classmethod
-    def from_proto(cls, token: pb.Token) -> Token:
-        return cls(token.id, token.text, token.logprob if token.HasField("logprob") else None, token.piece,
-                   tuple(TokenLogprob(top.id, top.piece, top.logprob) for top in token.top_logprobs))
-
-
-@dataclass(frozen=True)
-class Completion:
-    """How a generation ended, and what it ran with."""
-
-    finish_reason: FinishReason
-    prompt_tokens: int
-    generated_tokens: int
-    adapter: str
-    """Adapter name ("" for the base model)."""
-    adapter_version: str
-    """Full sha256 content digest of the adapter version used ("" for the base model)."""
-
-    @classmethod
-    def from_proto(cls, completion: pb.Completion) -> Completion:
-        return cls(_FINISH_REASONS[completion.finish_reason], completion.prompt_tokens, completion.generated_tokens,
-                   completion.adapter, completion.adapter_version)
-
-
 @dataclass(frozen=True)
 class Chunk:
     """One streamed token; the last chunk of a stream also carries the completion."""
 
     token: Token
     completion: Completion | None
+    prompt_tokens: int = 0
+    """Tokens in the prompt, on the first chunk of a stream (0 on the others)."""
 
     @property
     def text(self) -> str:
@@ -114,8 +65,8 @@ class Chunk:
 
     @classmethod
     def from_proto(cls, response: pb.GenerateStreamResponse) -> Chunk:
-        completion = Completion.from_proto(response.completion) if response.HasField("completion") else None
-        return cls(Token.from_proto(response.token), completion)
+        completion = decode_completion(response.completion) if response.HasField("completion") else None
+        return cls(decode_token(response.token), completion, response.prompt_tokens)
 
 
 @dataclass(frozen=True)
@@ -132,8 +83,7 @@ class Generation:
 
     @classmethod
     def from_proto(cls, response: pb.GenerateResponse) -> Generation:
-        return cls(response.text, [Token.from_proto(t) for t in response.tokens],
-                   Completion.from_proto(response.completion))
+        return cls(response.text, [decode_token(t) for t in response.tokens], decode_completion(response.completion))
 
 
 @dataclass(frozen=True)
@@ -184,19 +134,9 @@ def build_request(prompt: Prompt, adapter: str = "", *,
                                       repetition_penalty=repetition_penalty, seed=seed,
                                       presence_penalty=presence_penalty,
                                       frequency_penalty=frequency_penalty).items() if v is not None}
-    request = pb.GenerateRequest(
-        adapter=adapter, chat=chat, sampling=pb.SamplingParameters(**sampling), logprobs=logprobs,
-        top_logprobs=top_logprobs,
-        stopping=pb.StoppingCriteria(max_new_tokens=max_new_tokens, stop_token_ids=list(stop_token_ids),
-                                     ignore_eos=ignore_eos),
-    )
-    if isinstance(prompt, str):
-        request.text = prompt
-    elif prompt and isinstance(prompt[0], Mapping):
-        request.messages.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in prompt)
-    else:
-        request.token_ids.ids.extend(prompt)
-    return request
+    return encode_request(prompt, adapter, chat=chat, max_new_tokens=max_new_tokens, sampling=sampling,
+                          stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, logprobs=logprobs,
+                          top_logprobs=top_logprobs)
 
 
 def _channel_setup(tls: bool, root_certificates: bytes | None, retry: RetryPolicy,
@@ -320,6 +260,7 @@ class AsyncClient:
                          else grpc.aio.secure_channel(target, credentials, options))
         self._stub = pb_grpc.GenerationStub(self._channel)
         self._admin = admin_pb_grpc.AdapterAdminStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
         self._metadata = _metadata(api_key)
 
     async def generate(self, prompt: Prompt, adapter: str = "", timeout: float | None = None,
@@ -340,6 +281,22 @@ class AsyncClient:
 
     async def server_info(self, timeout: float | None = None) -> pb.ServerInfoResponse:
         return await self._stub.ServerInfo(pb.ServerInfoRequest(), timeout=timeout, metadata=self._metadata)
+
+    async def serving(self, timeout: float | None = None) -> bool:
+        """Whether the server's standard gRPC health service answers SERVING (False when it cannot be reached)."""
+        try:
+            answer = await self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return False
+        return answer.status == health_pb2.HealthCheckResponse.SERVING
+
+    def forwarding(self, authorization: str | None) -> AsyncClient:
+        """This client on the same channel, sending `authorization` (an `authorization` header value, e.g.
+        "Bearer KEY", or None for none) instead of its own api_key: a proxy passing on its caller's. Close
+        the original client, not this view."""
+        view = copy.copy(self)
+        view._metadata = (("authorization", authorization),) if authorization else ()
+        return view
 
     async def load_adapter(self, name: str, source: str, warm: bool = False,
                            timeout: float | None = None) -> admin_pb.LoadAdapterResponse:

@@ -1,6 +1,6 @@
 """Regenerate the checked-in protobuf/gRPC code from protos/ (a development tool; needs grpcio-tools).
 
-`python -m loraplex.client.protogen` rewrites client/proto/; tests/test_protos.py generates into a
+`python -m loraplex.client.protogen` rewrites client/proto/; tests/client/test_protogen.py generates into a
 temporary folder and fails when the result differs from what is checked in.
 """
 

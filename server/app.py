@@ -26,20 +26,22 @@ from loraplex.adapters.registry import AdapterRegistry
 from loraplex.adapters.sources import AdapterSources
 from loraplex.adapters.store import AdapterStore
 from loraplex.adapters.validation import Limits
-from loraplex.server.adapter_manager import AdapterManager
-from loraplex.server.adapter_watcher import AdapterWatcher
-from loraplex.server.admin_service import AdminService
-from loraplex.server.auth import Authenticator
+from loraplex.server.api.admin_service import AdminService
+from loraplex.server.api.generation_service import GenerationService
+from loraplex.server.api.http.plumbing import EmbeddedServer, bind_http_socket
+from loraplex.server.api.http.routes import HttpShim
+from loraplex.server.api.interceptor import ErrorInterceptor
+from loraplex.server.core.adapter_runtime.manager import AdapterManager
+from loraplex.server.core.adapter_runtime.watcher import AdapterWatcher
+from loraplex.server.core.auth import Authenticator
+from loraplex.server.core.generation import GenerationCore
+from loraplex.server.core.metrics import ServerMetrics
+from loraplex.server.core.requests import RequestLimits
+from loraplex.server.core.scheduler import Scheduler
 from loraplex.server.default_model import default_model_path, loraplex_home
-from loraplex.server.engine import Engine
-from loraplex.server.generation import GenerationCore
-from loraplex.server.grpc_service import GenerationService
-from loraplex.server.http_shim import EmbeddedServer, HttpShim, bind_http_socket
-from loraplex.server.interceptor import ErrorInterceptor
+from loraplex.server.engine import Engine, cpu_extension
 from loraplex.server.logs import configure_logging
-from loraplex.server.metrics import ServerMetrics
 from loraplex.server.model_files import base_digest, iter_weights, model_spec
-from loraplex.server.scheduler import RequestLimits, Scheduler
 from loraplex.server.settings import Settings
 from loraplex.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
 
@@ -95,7 +97,7 @@ class App:
         await grpc_stopped
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
-        self.scheduler.adapters.close()
+        self.core.adapters.close()
         self.core.close()
 
 
@@ -120,13 +122,14 @@ async def start(settings: Settings, interceptors: Sequence[grpc.aio.ServerInterc
     http_socket = bind_http_socket(host, settings.http_port) if settings.http_port is not None else None
     folder = settings.model or default_model_path()
     metrics = ServerMetrics(settings.metrics.max_adapter_labels) if settings.metrics.enabled else None
+    cpu_extension.set_build_root(loraplex_home() / "torch_extensions")
     engine = Engine(model_spec(folder), iter_weights(folder), settings.engine)
     adapters = adapter_manager(engine, settings, base_digest(folder), metrics.observe_load if metrics else None)
     scheduler = Scheduler(engine, adapters, settings.scheduler, metrics.observe_step if metrics else None)
     auth = Authenticator(settings.api_keys)
     tokenizer = load_tokenizer(folder)
     limits = RequestLimits(settings.default_max_new_tokens, settings.max_new_tokens_limit)
-    core = GenerationCore(scheduler, tokenizer, auth, limits, folder.name, metrics, settings.log_prompts)
+    core = GenerationCore(scheduler, adapters, tokenizer, auth, limits, folder.name, metrics, settings.log_prompts)
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationService(core), server)
     admin_pb2_grpc.add_AdapterAdminServicer_to_server(AdminService(adapters, auth), server)
     health = health_aio.HealthServicer()
@@ -145,7 +148,7 @@ async def start(settings: Settings, interceptors: Sequence[grpc.aio.ServerInterc
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     app = App(server, scheduler, core, health, host, port, folder.name, watcher, metrics=metrics)
     if metrics is not None:
-        metrics.watch(scheduler, adapters.store.root)
+        metrics.watch(scheduler, adapters, adapters.store.root)
         if settings.metrics.port is not None:
             app.metrics_server, _ = start_http_server(settings.metrics.port, host.strip("[]"), metrics.registry)
     if http_socket is not None:
@@ -204,7 +207,7 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    adapters = ", ".join(status.name for status in app.scheduler.adapters.statuses()) or "none"
+    adapters = ", ".join(status.name for status in app.core.adapters.statuses()) or "none"
     tls = " with TLS" if settings.tls_cert_file else ""
     http = f" (OpenAI-style HTTP on {app.host}:{app.http.port})" if app.http is not None else ""
     if app.metrics_server is not None:

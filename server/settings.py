@@ -19,36 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from loraplex.adapters.reference import ADAPTER_NAME
+from loraplex.server.api.http.body import MAX_REQUEST_BYTES
+from loraplex.server.core.auth import ApiKey
+from loraplex.server.core.scheduler_config import SchedulerConfig
 from loraplex.server.engine import EngineConfig
-from loraplex.server.scheduler import SchedulerConfig
-
-MAX_REQUEST_BYTES = 4 * 2**20
-"""Default of the largest HTTP body and gRPC message a server (or the http-shim translator) accepts."""
-
-Scope = Literal["inference", "admin", "metrics"]
-"""What an API key may call. Each RPC requires exactly one scope and no scope implies another:
-"inference" allows Generate, GenerateStream and ServerInfo; "admin" allows the adapter
-administration API (loading, replacing and unloading adapters). An admin key may call the inference
-RPCs only when it also has "inference". GET /metrics on the HTTP port takes "metrics" or "admin"."""
 
 LOOPBACK = "127.0.0.1"
 
 _config_file: ContextVar[Path | None] = ContextVar("loraplex_config_file", default=None)
-
-
-class ApiKey(BaseModel):
-    """One API key: who holds it, what it may call, which adapters it may use."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-    name: str = Field(min_length=1, max_length=64)
-    """Holder of the key, for logs (the key itself is never logged or stored)."""
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    """sha256 (lowercase hex) of the secret key that clients send as `authorization: Bearer KEY`."""
-    scopes: frozenset[Scope] = Field(default=frozenset({"inference"}), min_length=1)
-    """What the key may call: "inference", "admin", "metrics" (see `Scope`: none implies another)."""
-    adapters: frozenset[str] | None = None
-    """Adapter names the key may use ("" is the base model); None allows every adapter and the base."""
 
 
 class AdapterSettings(BaseModel):
@@ -102,7 +80,7 @@ def _check_folder(folder: Path) -> Path:
 
 
 class MetricsSettings(BaseModel):
-    """Prometheus metrics (server/metrics.py)."""
+    """Prometheus metrics (server/core/metrics.py)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 

@@ -16,9 +16,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from loraplex.adapters.peft_format import read_lora_weights
-from loraplex.server.adapter_manager import AdapterManager
 from loraplex.server.app import App, start
 from loraplex.server.app import adapter_manager as build_adapter_manager
+from loraplex.server.core.adapter_runtime.manager import AdapterManager
 from loraplex.server.engine import Engine, EngineConfig, SamplingParams
 from loraplex.server.engine.lora import NO_ADAPTER
 from loraplex.server.model_files import iter_weights, model_spec

@@ -5,6 +5,10 @@ the CPU's flags and the torch version, so a machine with other CPU features (AVX
 AMX) or another torch builds its own copy, compiled with `-march=native`: the kernels pick their
 vector path at compile time from what that CPU has (`__AVX512F__`, `__AVX2__`, or plain C++).
 When nothing compiles (no compiler, no ninja) the build returns None and the caller falls back.
+
+Where the builds are cached is the caller's to say: the serving process passes its folder in
+(`set_build_root`, from $LORAPLEX_HOME) before it builds an engine; without one, builds go under
+`$LORAPLEX_HOME/torch_extensions` when that variable is set, else into torch's default extensions folder.
 """
 
 from __future__ import annotations
@@ -21,6 +25,26 @@ log = logging.getLogger(__name__)
 
 #: Set (to anything) to skip every compiled CPU kernel, as on a machine without a compiler.
 DISABLE_ENV = "LORAPLEX_DISABLE_CPU_KERNEL"
+HOME_ENV = "LORAPLEX_HOME"
+
+_build_root: Path | None = None
+
+
+def set_build_root(folder: Path) -> None:
+    """Cache every later build under `folder` (one subfolder per kernel, source, CPU and torch version)."""
+    global _build_root
+    _build_root = folder
+
+
+def build_root() -> Path:
+    """The folder builds are cached under: the one set, else $LORAPLEX_HOME/torch_extensions, else torch's."""
+    if _build_root is not None:
+        return _build_root
+    if os.environ.get(HOME_ENV):
+        return Path(os.environ[HOME_ENV]) / "torch_extensions"
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(get_default_build_root())
 
 
 def cpu_flags() -> str:
@@ -35,11 +59,9 @@ def build(name: str, source: str, extra_cflags: tuple[str, ...] = ()) -> ModuleT
     """The compiled extension `name` built from C++ `source`, or None (logged) when it cannot be built."""
     if os.environ.get(DISABLE_ENV):
         return None
-    from loraplex.server.default_model import loraplex_home
-
     cflags = ["-O3", "-march=native", "-fopenmp", *extra_cflags]
     key = hashlib.sha256((source + cpu_flags() + torch.__version__ + " ".join(cflags)).encode()).hexdigest()[:16]
-    folder = loraplex_home() / "torch_extensions" / f"{name}_{key}"
+    folder = build_root() / f"{name}_{key}"
     try:
         from torch.utils.cpp_extension import load_inline
 

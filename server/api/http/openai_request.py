@@ -1,0 +1,124 @@
+"""The OpenAI protocol's requests: a completions or chat body decoded into one GenerateCall per choice
+(`n`) and the answer's wire options; every refusal names the body's field (`param`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from loraplex.server.core.calls import ChatMessage, GenerateCall
+from loraplex.server.core.errors import InvalidRequest
+from loraplex.server.engine import MAX_TOP_LOGPROBS
+
+MAX_STOP_STRINGS = 4
+MAX_CHOICES = 16
+PARAMS = {"max_new_tokens": "max_tokens", "prompt": "prompt", "chat": "messages"}
+"""GenerateCall's field names as the OpenAI body spells them (in errors' `param`)."""
+ADMIN_PARAMS = {"name": "lora_name", "source": "lora_path"}
+"""The admin calls' field names as vLLM's load/unload bodies spell them."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """How one request is answered: the call of each choice and the wire options around it."""
+
+    calls: list[GenerateCall]
+    stops: tuple[str, ...]
+    chat: bool
+    model: str
+    stream: bool
+    include_usage: bool
+
+
+def decode_completions(body: dict) -> Answer:
+    """The Answer to a POST /v1/completions body."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not (isinstance(prompt, str) and prompt) and not (
+            isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                        for t in prompt)):
+        raise InvalidRequest("prompt", "must be a non-empty string, or a list of token ids")
+    top = _optional_int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+    return _decode(body, prompt, chat=False, logprobs=top is not None, top_logprobs=top or 0)
+
+
+def decode_chat(body: dict) -> Answer:
+    """The Answer to a POST /v1/chat/completions body."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise InvalidRequest("messages", "must be a non-empty list of {role, content} with string content")
+    logprobs = _flag(body, "logprobs")
+    top = _optional_int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top and not logprobs:
+        raise InvalidRequest("top_logprobs", "needs logprobs: true")
+    prompt = [ChatMessage(m["role"], m["content"]) for m in messages]
+    return _decode(body, prompt, chat=True, logprobs=logprobs, top_logprobs=top or 0)
+
+
+def _decode(body: dict, prompt: str | list[int] | list[ChatMessage], chat: bool, logprobs: bool,
+            top_logprobs: int) -> Answer:
+    """The body's GenerateCall for each of its `n` choices and the answer's wire options."""
+    model = body.get("model", "")
+    if not isinstance(model, str):
+        raise InvalidRequest("model", "must be a string")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    sampling = {"temperature": _number(body, "temperature", 1.0), "top_p": _number(body, "top_p", 1.0),
+                "presence_penalty": _number(body, "presence_penalty", 0.0),
+                "frequency_penalty": _number(body, "frequency_penalty", 0.0)}
+    seed = _optional_int(body, "seed", -(2**63), 2**64 - 1)
+    stop = body.get("stop")
+    stops = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else ()
+    if (stop is not None and not isinstance(stop, str | list)) or not all(isinstance(s, str) and s for s in stops) \
+            or len(stops) > MAX_STOP_STRINGS:
+        raise InvalidRequest("stop", f"must be a non-empty string or a list of up to {MAX_STOP_STRINGS}")
+    n = _optional_int(body, "n", 1, MAX_CHOICES) or 1
+    call = GenerateCall(adapter=model, prompt=prompt, max_new_tokens=None if max_tokens is None else
+                        _int(max_tokens, "max_tokens"), sampling=sampling, ignore_eos=_flag(body, "ignore_eos"),
+                        logprobs=logprobs, top_logprobs=top_logprobs)
+    calls = [replace(call, sampling={**sampling, "seed": (seed + i) % 2**64}) if seed is not None else call
+             for i in range(n)]
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise InvalidRequest("stream_options", "must be an object")
+    return Answer(calls, stops, chat, model, _flag(body, "stream"), _flag(stream_options, "include_usage"))
+
+
+def string_field(values: dict, name: str) -> str:
+    value = values.get(name)
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(name, "must be a non-empty string")
+    return value
+
+
+def _flag(values: dict, name: str) -> bool:
+    value = values.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidRequest(name, "must be true or false")
+    return value
+
+
+def _int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(name, "must be an integer")
+    return value
+
+
+def _optional_int(body: dict, name: str, low: int, high: int) -> int | None:
+    """body[name] when set (an integer in [low, high]), else None."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if not low <= _int(value, name) <= high:
+        raise InvalidRequest(name, f"must lie in [{low}, {high}]")
+    return value
+
+
+def _number(body: dict, name: str, default: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequest(name, "must be a number")
+    return float(value)

@@ -1,0 +1,164 @@
+"""The OpenAI-style HTTP API (Starlette app, uvicorn server) over a generation backend.
+
+The backend is the in-process `GenerationCore` when `loraplex serve` runs the shim next to gRPC, or a
+`RemoteBackend` (server/api/remote_backend.py) when `loraplex http-shim --grpc-target HOST:PORT` runs it
+alone in front of a remote server; the shim itself only translates JSON to `GenerateCall`s and
+`GeneratedToken`s to JSON, and forwards `Authorization: Bearer KEY` to the backend, which checks it.
+
+Endpoints: GET /health (the process answers), GET /ready (the backend takes requests; 503 otherwise),
+GET /v1/models (the base and every adapter the key may use), POST /v1/completions and
+POST /v1/chat/completions, each unary or streamed as server-sent events ending in `data: [DONE]`,
+and vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (scope "admin").
+`model` names the base (its folder name, or "") or an adapter ("NAME" or "NAME@VERSION").
+Supported: max_tokens / max_completion_tokens, temperature, top_p, seed, stop (a string or a list,
+matched on the decoded text), n (choice i samples with seed + i when a seed is given), logprobs and
+top_logprobs (chat: a flag and a count; completions: a count), presence_penalty / frequency_penalty,
+stream (one event per token and choice when no stop string is set), stream_options.include_usage, and
+vLLM's ignore_eos; unknown parameters are ignored. Errors have OpenAI's shape
+`{"error": {"message", "type", "param", "code"}}`. A client that disconnects frees its sequences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from loraplex.server.api.http.body import MAX_REQUEST_BYTES, read_json_body
+from loraplex.server.api.http.openai_request import (
+    ADMIN_PARAMS,
+    PARAMS,
+    Answer,
+    decode_chat,
+    decode_completions,
+    string_field,
+)
+from loraplex.server.api.http.openai_response import bad_json, error_response, render_choice, usage
+from loraplex.server.api.http.plumbing import RequestIds
+from loraplex.server.api.http.stops import pieces
+from loraplex.server.api.http.streaming import events, joined, rest
+from loraplex.server.core.calls import GenerateCall, GeneratedToken, ModelList
+from loraplex.server.core.errors import InvalidRequest, RequestError
+
+
+class Backend(Protocol):
+    """Where the model runs: GenerationCore (in process) or RemoteBackend (a loraplex gRPC server).
+    `authorization` is the caller's header value ("Bearer KEY"); the backend authenticates it."""
+
+    def generate(self, authorization: str | None, call: GenerateCall) -> AsyncIterator[GeneratedToken]: ...
+
+    async def ready(self) -> bool: ...
+
+    async def models(self, authorization: str | None) -> ModelList: ...
+
+    async def load_adapter(self, authorization: str | None, name: str, source: str) -> str: ...
+
+    async def unload_adapter(self, authorization: str | None, name: str) -> list[str]: ...
+
+
+class MetricsSource(Protocol):
+    """Where /metrics comes from (GenerationCore): the exposition, if the caller's key may read it."""
+
+    async def exposition(self, authorization: str | None) -> bytes: ...
+
+
+class HttpShim:
+    """The Starlette app over one backend; `app` is the ASGI application."""
+
+    def __init__(self, backend: Backend, metrics: MetricsSource | None = None,
+                 max_body_bytes: int = MAX_REQUEST_BYTES) -> None:
+        """`metrics`: served at GET /metrics (Prometheus text format, to keys with scope "metrics" or
+        "admin") when given; a request body over `max_body_bytes` is refused with 413 (TooLarge) as soon as
+        it is known to be."""
+        self._backend, self._metrics, self._max_body_bytes = backend, metrics, max_body_bytes
+        routes = [
+            Route("/health", self.health), Route("/ready", self.ready), Route("/v1/models", self.models),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/load_lora_adapter", self.load_lora_adapter, methods=["POST"]),
+            Route("/v1/unload_lora_adapter", self.unload_lora_adapter, methods=["POST"]),
+        ]
+        if metrics is not None:
+            routes.append(Route("/metrics", self.metrics))
+        self.app = RequestIds(Starlette(routes=routes, exception_handlers={
+            RequestError: error_response, json.JSONDecodeError: bad_json, Exception: error_response}))
+
+    async def metrics(self, request: HttpRequest) -> Response:
+        return Response(await self._metrics.exposition(_authorization(request)), media_type=CONTENT_TYPE_LATEST)
+
+    async def health(self, request: HttpRequest) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(self, request: HttpRequest) -> Response:
+        if await self._backend.ready():
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "unavailable"}, 503)
+
+    async def models(self, request: HttpRequest) -> Response:
+        listed = await self._backend.models(_authorization(request))
+        card = {"object": "model", "created": 0, "owned_by": "loraplex"}
+        base = [{"id": listed.base, **card}] if listed.base is not None else []
+        adapters = [{"id": name, **card, "parent": listed.base, "version": version}
+                    for name, version in listed.adapters]
+        return JSONResponse({"object": "list", "data": base + adapters})
+
+    async def completions(self, request: HttpRequest) -> Response:
+        return await self._answer(request, decode_completions(await self._json_body(request)))
+
+    async def chat_completions(self, request: HttpRequest) -> Response:
+        return await self._answer(request, decode_chat(await self._json_body(request)))
+
+    async def load_lora_adapter(self, request: HttpRequest) -> Response:
+        """vLLM's endpoint: {"lora_name", "lora_path"} -> AdapterAdmin.LoadAdapter (scope "admin")."""
+        body = await self._json_body(request)
+        name, path = string_field(body, "lora_name"), string_field(body, "lora_path")
+        try:
+            version = await self._backend.load_adapter(_authorization(request), name, path)
+        except InvalidRequest as error:
+            raise error.renamed(ADMIN_PARAMS) from None
+        return JSONResponse({"lora_name": name, "version": version})
+
+    async def unload_lora_adapter(self, request: HttpRequest) -> Response:
+        """vLLM's endpoint: {"lora_name"} -> AdapterAdmin.UnloadAdapter without waiting (scope "admin")."""
+        name = string_field(await self._json_body(request), "lora_name")
+        try:
+            removed = await self._backend.unload_adapter(_authorization(request), name)
+        except InvalidRequest as error:
+            raise error.renamed(ADMIN_PARAMS) from None
+        return JSONResponse({"lora_name": name, "removed_versions": removed})
+
+    async def _json_body(self, request: HttpRequest) -> dict:
+        return await read_json_body(request, self._max_body_bytes)
+
+    async def _answer(self, request: HttpRequest, answer: Answer) -> Response:
+        """Start every choice, then answer in one JSON document or as an event stream."""
+        chat = answer.chat
+        authorization = _authorization(request)
+        choices = [pieces(self._backend.generate(authorization, call), answer.stops, PARAMS) for call in answer.calls]
+        try:  # refusals (unknown model, overload, bad parameter) surface here, before any byte is sent
+            firsts = await asyncio.gather(*(anext(choice) for choice in choices))
+        except BaseException:
+            await asyncio.gather(*(choice.aclose() for choice in choices), return_exceptions=True)
+            raise
+        ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+        if answer.stream:
+            return StreamingResponse(events(answer, firsts, choices, ident, created), media_type="text/event-stream")
+        collected = await asyncio.gather(*(rest(first, choice) for first, choice in zip(firsts, choices, strict=True)))
+        rendered = [render_choice(answer, index, joined(choice_pieces), final=True)
+                    for index, choice_pieces in enumerate(collected)]
+        return JSONResponse({"id": ident, "object": "chat.completion" if chat else "text_completion",
+                             "created": created, "model": answer.model, "choices": rendered,
+                             "usage": usage([choice_pieces[-1] for choice_pieces in collected])})
+
+
+def _authorization(request: HttpRequest) -> str | None:
+    return request.headers.get("authorization")

@@ -1,0 +1,63 @@
+"""Stop strings: one choice's tokens turned into pieces of text, cut at the first stop string.
+
+A stop string is matched on the decoded text, so text that may be the start of one is held back until
+it is known not to be (at most the longest stop string less one character); meeting one ends the
+generation as finished (StopGeneration is thrown into the token stream).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+from loraplex.server.core.calls import GeneratedToken, StopGeneration
+from loraplex.server.core.errors import InvalidRequest
+from loraplex.server.engine import FinishReason
+
+FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One step of one choice: the text it adds and the tokens behind it; the last one has the finish
+    reason and the choice's token counts."""
+
+    text: str
+    tokens: tuple[GeneratedToken, ...]
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+async def pieces(tokens: AsyncIterator[GeneratedToken], stops: tuple[str, ...], names: Mapping[str, str],
+                 ) -> AsyncIterator[Piece]:
+    """One choice's pieces: its text as it comes, cut at the first stop string (held back while one may
+    still be forming); the last piece finishes. Refusals name their field as `names` renames it."""
+    held, held_tokens, generated, holdback = "", [], 0, max(map(len, stops), default=1) - 1
+    prompt_tokens = 0
+    try:
+        async for token in tokens:
+            generated += 1
+            prompt_tokens = token.prompt_tokens or prompt_tokens
+            held += token.text
+            held_tokens.append(token)
+            cut = min((i for i in (held.find(stop) for stop in stops) if i >= 0), default=-1)
+            if cut >= 0 and token.completion is None:  # the generation ends here, as finished
+                with contextlib.suppress(StopAsyncIteration):
+                    await tokens.athrow(StopGeneration())
+            if cut >= 0 or token.completion is not None:
+                reason = "stop" if cut >= 0 else FINISH[token.completion.finish_reason]
+                yield Piece(held[:cut] if cut >= 0 else held, tuple(held_tokens), reason, prompt_tokens, generated)
+                return
+            if not stops:  # one piece per token, as gRPC streams (its text may be empty)
+                yield Piece(held, tuple(held_tokens))
+                held, held_tokens = "", []
+            elif len(held) > holdback:
+                emit, held = held[:len(held) - holdback], held[len(held) - holdback:]
+                yield Piece(emit, tuple(held_tokens))
+                held_tokens = []
+    except InvalidRequest as error:
+        raise error.renamed(names) from None
+    finally:  # done, stopped by a stop string, or the client went away: free the sequence
+        await tokens.aclose()

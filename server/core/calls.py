@@ -1,0 +1,137 @@
+"""The core's calls and answers, as every transport speaks to it: a decoded `GenerateCall` in, one
+`GeneratedToken` per generated token out (the last one with its `Completion`), and the read-outs
+`ModelList` and `ServerFacts`. No wire format, no tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from loraplex.server.engine import FinishReason
+
+
+class StopGeneration(Exception):
+    """Thrown into `generate` by a caller that met its own stop condition (e.g. an HTTP stop string)."""
+
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+
+@dataclass(frozen=True)
+class GenerateCall:
+    """One generation request as a transport decodes it (field names are SamplingParams' where shared)."""
+
+    adapter: str
+    """"NAME", "NAME@VERSION", "" or the base model's name (both mean the base model alone)."""
+    prompt: str | Sequence[int] | Sequence[ChatMessage]
+    """Text (tokenized here), token ids (used as they are) or a conversation (chat template)."""
+    chat: bool = False
+    """Wrap text as one user message in the chat template."""
+    max_new_tokens: int | None = None
+    """None takes the server's default_max_new_tokens."""
+    sampling: Mapping[str, float | int] = field(default_factory=dict)
+    """SamplingParams fields the caller set: temperature, top_k, top_p, repetition_penalty, seed,
+    presence_penalty, frequency_penalty."""
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    """Report each token's log-probability and its text alone (GeneratedToken.logprob, piece)."""
+    top_logprobs: int = 0
+    """Also report this many most likely tokens of each step, in [0, engine.MAX_TOP_LOGPROBS]."""
+
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A candidate token of one step: its id, its text alone, its log-probability (unprocessed)."""
+
+    id: int
+    piece: str
+    logprob: float
+
+
+
+@dataclass(frozen=True)
+class Completion:
+    """How a generation ended and what it ran with."""
+
+    finish_reason: FinishReason
+    prompt_tokens: int
+    generated_tokens: int
+    """Tokens generated, the stop token included."""
+    adapter: str
+    """Adapter name ("" for the base model)."""
+    adapter_version: str
+    """Full content digest of the version used ("" for the base model)."""
+
+
+
+@dataclass(frozen=True)
+class GeneratedToken:
+    """One generated token: the text it adds to the output, and on the last one the completion."""
+
+    id: int
+    text: str
+    """Text this token completes ("" while a UTF-8 character is incomplete, or without a tokenizer)."""
+    logprob: float | None = None
+    """Log-probability under the unprocessed distribution; None unless GenerateCall.logprobs."""
+    piece: str = ""
+    """The token decoded alone; "" unless logprobs or top_logprobs were asked."""
+    top_logprobs: tuple[TokenLogprob, ...] = ()
+    completion: Completion | None = None
+    prompt_tokens: int = 0
+    """Tokens in the prompt, on the first token of a generation (0 on the others)."""
+
+
+
+@dataclass(frozen=True)
+class ModelList:
+    """What a caller may name: the base model (None when its key may not use it) and (adapter, version)s."""
+
+    base: str | None
+    adapters: list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class AdapterFacts:
+    name: str
+    version: str
+    """Content digest of its current version."""
+    rank: int
+    """Rank of the current version (0 if its stored files no longer validate)."""
+
+
+@dataclass(frozen=True)
+class ServerFacts:
+    """What ServerInfo reports: the base model, the limits, and the adapters a caller may use."""
+
+    model_name: str
+    architecture: str
+    vocab_size: int
+    max_model_len: int
+    has_tokenizer: bool
+    has_chat_template: bool
+    max_new_tokens_limit: int
+    default_max_new_tokens: int
+    max_running: int
+    max_waiting: int
+    adapter_slots: int
+    max_adapter_rank: int
+    adapters: list[AdapterFacts]
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    """The engine's fixed shape, as the layers above read it."""
+
+    architecture: str
+    vocab_size: int
+    max_model_len: int
+    adapter_slots: int
+    max_adapter_rank: int
+

@@ -1,0 +1,284 @@
+"""Transport-neutral generation: from a decoded request to generated tokens with their text.
+
+Both transports decode their wire format into a `GenerateCall` and iterate
+`GenerationCore.generate(authorization, call)`, which authenticates (scope "inference" and the key's
+adapter allow-list), tokenizes (text, or a conversation through the tokenizer's chat template), checks
+the request limits, submits a plain `Request` to the scheduler, and yields one `GeneratedToken` per
+generated token with its incremental text; the last one carries the `Completion`. Refusals are raised
+(server/core/errors.py) before the first token. The HTTP shim in front of a remote server
+(server/api/remote_backend.py) yields the same records from gRPC, so its code does not depend on where
+the model runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+from transformers import PreTrainedTokenizerBase
+
+from loraplex.server.core.adapter_runtime.admin import request_errors
+from loraplex.server.core.adapter_runtime.leases import check_reference
+from loraplex.server.core.adapter_runtime.manager import AdapterManager
+from loraplex.server.core.auth import Authenticator, Principal, Scope
+from loraplex.server.core.calls import (
+    AdapterFacts,
+    ChatMessage,
+    Completion,
+    GenerateCall,
+    GeneratedToken,
+    ModelList,
+    ServerFacts,
+    StopGeneration,
+    TokenLogprob,
+)
+from loraplex.server.core.detokenizer import IncrementalDetokenizer
+from loraplex.server.core.errors import AdapterNotFound, GenerationFailed, InvalidRequest, RequestError
+from loraplex.server.core.metrics import REFUSED_LABEL, UNKNOWN_LABEL, ServerMetrics
+from loraplex.server.core.requests import Request, RequestLimits
+from loraplex.server.core.scheduler import Scheduler
+from loraplex.server.engine import InvalidSamplingParameter, SamplingParams, TokenEvent
+
+log = logging.getLogger("loraplex.requests")
+
+MAX_CHARS_PER_POSITION = 32
+"""A text prompt (or a conversation's contents together) longer than this many characters per position of
+the model's max_model_len is refused before it is tokenized: no tokenizer averages that many characters
+per token, so it could not fit anyway."""
+TOKENIZE_WORKERS = 2
+"""Threads that tokenize and apply chat templates, off the event loop."""
+
+
+def check_finite(event: TokenEvent) -> None:
+    """GenerationFailed unless the event's log-probabilities are finite (NaN or infinite logits, e.g. from a
+    broken adapter, must not reach the wire: JSON has no NaN); the one such check, per generated token."""
+    if not (math.isfinite(event.logprob) and all(math.isfinite(logprob) for _, logprob in event.top_logprobs)):
+        raise GenerationFailed("the model produced non-finite values (NaN or infinity) for this request; "
+                               "its adapter or the base weights are broken")
+
+
+class GenerationCore:
+    """Generation for every transport, over one scheduler and the model's tokenizer (None: ids only)."""
+
+    def __init__(self, scheduler: Scheduler, adapters: AdapterManager, tokenizer: PreTrainedTokenizerBase | None,
+                 auth: Authenticator, limits: RequestLimits, model_name: str, metrics: ServerMetrics | None = None,
+                 log_prompts: bool = False) -> None:
+        """`adapters` is the scheduler's adapter runtime (listings and admin calls); `metrics` (None: off)
+        records every request; `log_prompts` adds the prompt to its log line."""
+        self.scheduler, self.adapters, self.tokenizer, self.auth = scheduler, adapters, tokenizer, auth
+        self.engine = scheduler.engine_facts()
+        self.limits, self.model_name = limits, model_name
+        self.metrics, self.log_prompts = metrics, log_prompts
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tokenizing = ThreadPoolExecutor(TOKENIZE_WORKERS, thread_name_prefix="loraplex-tokenize")
+
+    def authorize(self, authorization: str | None, scope: Scope = "inference") -> Principal:
+        """The caller, if it has `scope` (Authenticator.authorize)."""
+        return self.auth.authorize(authorization, scope)
+
+    async def generate(self, authorization: str | None, call: GenerateCall) -> AsyncIterator[GeneratedToken]:
+        """Authorize, tokenize, submit; then one GeneratedToken per generated token. Throwing StopGeneration
+        in ends the request as finished (the caller met its own stop condition); closing the iterator
+        early (the caller went away) cancels it. Either frees its sequence. Every request ends with one
+        log line (and its metrics): adapter, outcome, token counts, time to first token, duration."""
+        with self._tracked():  # from the first look at the call: drain() waits for it
+            arrival, token_times = time.perf_counter(), []
+            adapter = "" if call.adapter == self.model_name else call.adapter
+            outcome, prompt_ids = "cancelled", []
+            try:
+                principal = self.authorize(authorization)
+                principal.require_adapter(check_reference(adapter))
+                prompt_ids = await self.prompt_ids(call)
+                stream = self.scheduler.submit(Request(adapter, prompt_ids, self.sampling(call)))
+            except RequestError as error:
+                label = UNKNOWN_LABEL if isinstance(error, AdapterNotFound) else REFUSED_LABEL
+                self._ended(adapter, label, "refused", call, prompt_ids, token_times, arrival)
+                raise
+            detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer else None
+            try:
+                async for event in stream:
+                    check_finite(event)
+                    token_times.append(time.perf_counter())
+                    final = event.finish_reason is not None
+                    text = detokenizer.add(event.token_id, final) if detokenizer else ""
+                    completion = Completion(event.finish_reason, len(prompt_ids), len(token_times), stream.lease.name,
+                                            stream.lease.version) if final else None
+                    if final:
+                        outcome = event.finish_reason.value
+                    token = self._token(call, event, text, completion)
+                    if len(token_times) == 1:
+                        token = replace(token, prompt_tokens=len(prompt_ids))
+                    try:
+                        yield token
+                    except StopGeneration:
+                        outcome = "stop"
+                        return
+            except GenerationFailed:
+                outcome = "error"
+                raise
+            except RequestError:  # accepted, then refused (shutting down, adapter files unloadable)
+                outcome = "refused"
+                raise
+            except Exception:
+                outcome = "error"
+                raise
+            finally:  # done, or the caller went away (cancel, deadline, disconnect): free the sequence
+                stream.cancel()
+                self._ended(adapter, stream.lease.name, outcome, call, prompt_ids, token_times, arrival)
+
+    async def exposition(self, authorization: str | None) -> bytes:
+        """The Prometheus text of every metric, for a caller with scope "metrics" or "admin"."""
+        self.auth.authorize(authorization, "metrics", "admin")
+        return await asyncio.to_thread(self.metrics.exposition)  # reads adapter state under its lock
+
+    async def ready(self) -> bool:
+        """Whether requests are taken (the model is loaded and the server is not draining)."""
+        return self.scheduler.accepting
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until no `generate` is in flight (True), or at most `timeout_s` seconds (False). Call it after
+        `scheduler.stop_accepting()`, so that no new one starts generating."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def _tracked(self) -> Iterator[None]:
+        """Count one generation in flight while the block runs."""
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    async def models(self, authorization: str | None) -> ModelList:
+        """The base model (if the caller's key may use it) and every adapter it may use."""
+        principal = self.authorize(authorization)
+        statuses = await asyncio.to_thread(self.adapters.statuses)  # may read stored files
+        return ModelList(self.model_name if principal.may_use("") else None,
+                         [(status.name, status.current) for status in statuses if principal.may_use(status.name)])
+
+    async def server_facts(self, authorization: str | None) -> ServerFacts:
+        """The base model, the limits, and the adapters the caller's key may use (scope "inference")."""
+        principal = self.authorize(authorization)
+        statuses = await asyncio.to_thread(self.adapters.statuses)  # may read stored files
+        engine, tokenizer, config = self.engine, self.tokenizer, self.scheduler.config
+        return ServerFacts(
+            self.model_name, engine.architecture, engine.vocab_size, engine.max_model_len, tokenizer is not None,
+            bool(tokenizer is not None and tokenizer.chat_template), self.limits.max_new_tokens_limit,
+            self.limits.default_max_new_tokens, config.max_running, config.max_waiting, engine.adapter_slots,
+            engine.max_adapter_rank,
+            [AdapterFacts(status.name, status.current, status.current_rank())
+             for status in statuses if principal.may_use(status.name)])
+
+    async def load_adapter(self, authorization: str | None, name: str, source: str) -> str:
+        """Register `source` under `name` (scope "admin"); its version."""
+        self.authorize(authorization, "admin")
+        adapters = self.adapters
+        with request_errors():
+            _, summary, _ = await adapters.run_admin(adapters.load, source, name)
+        return summary.digest
+
+    async def unload_adapter(self, authorization: str | None, name: str) -> list[str]:
+        """Unregister every version of `name` now, refusing while one is in use (scope "admin"); the
+        versions removed."""
+        self.authorize(authorization, "admin")
+        adapters = self.adapters
+        with request_errors():
+            removed, _ = await adapters.run_admin(adapters.unload, name)
+        return list(removed)
+
+    async def prompt_ids(self, call: GenerateCall) -> list[int]:
+        """The prompt's token ids: ids as given, text tokenized, a conversation through the chat template.
+        Text longer than MAX_CHARS_PER_POSITION * max_model_len is refused untokenized; tokenizing runs on
+        the core's tokenizer threads, so a long prompt delays no other request."""
+        prompt = call.prompt
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequest("prompt", "must not be empty")
+            if call.chat:
+                prompt = [ChatMessage("user", prompt)]
+        elif call.chat:
+            raise InvalidRequest("chat", "chat templating needs text input")
+        if not prompt:
+            raise InvalidRequest("prompt", "must not be empty")
+        if not isinstance(prompt, str) and not isinstance(prompt[0], ChatMessage):
+            return list(prompt)
+        tokenizer = self._require_tokenizer()
+        chars = len(prompt) if isinstance(prompt, str) else sum(len(m.content) for m in prompt)
+        limit = MAX_CHARS_PER_POSITION * self.engine.max_model_len
+        if chars > limit:
+            raise InvalidRequest("prompt", f"{chars} characters is more than this model's max_model_len can hold "
+                                 f"(at most {limit} characters are tokenized)")
+        if isinstance(prompt, str):
+            return await self._off_loop(lambda: tokenizer(prompt)["input_ids"])
+        if not tokenizer.chat_template:
+            field = "chat" if call.chat else "messages"
+            raise InvalidRequest(field, "this model has no chat template; send plain text")
+        conversation = [{"role": m.role, "content": m.content} for m in prompt]
+        return list(await self._off_loop(lambda: tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=True, return_dict=False)))
+
+    async def _off_loop(self, work: Callable[[], list[int]]) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, work)
+
+    def close(self) -> None:
+        """Stop the tokenizer threads (after the drain: no request is being tokenized any more)."""
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
+
+    def sampling(self, call: GenerateCall) -> SamplingParams:
+        """The call's SamplingParams within the request limits (InvalidRequest names the field)."""
+        max_new_tokens = self.limits.default_max_new_tokens if call.max_new_tokens is None else call.max_new_tokens
+        self.limits.check_max_new_tokens(max_new_tokens, "max_new_tokens")
+        vocab_size = self.engine.vocab_size
+        if any(not 0 <= t < vocab_size for t in call.stop_token_ids):
+            raise InvalidRequest("stop_token_ids", f"token ids must lie in [0, {vocab_size})")
+        try:
+            return SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=call.stop_token_ids,
+                                  ignore_eos=call.ignore_eos, top_logprobs=call.top_logprobs, **call.sampling)
+        except InvalidSamplingParameter as error:
+            raise InvalidRequest(error.field, str(error)) from None
+
+    def _ended(self, adapter: str, label: str, outcome: str, call: GenerateCall, prompt_ids: list[int],
+               token_times: list[float], arrival: float) -> None:
+        """Metrics and the log line of one ended request: `adapter` as the caller named it, `label` the
+        adapter it ran on ("" for the base) or REFUSED_LABEL / UNKNOWN_LABEL when it was refused first."""
+        if self.metrics is not None:
+            self.metrics.record_request(label, outcome, len(prompt_ids), token_times, arrival)
+        fields = {"adapter": adapter, "outcome": outcome, "prompt_tokens": len(prompt_ids),
+                  "generated_tokens": len(token_times),
+                  "ttft_s": round(token_times[0] - arrival, 6) if token_times else None,
+                  "duration_s": round(time.perf_counter() - arrival, 6)}
+        if self.log_prompts:
+            fields["prompt"] = call.prompt if isinstance(call.prompt, str) else [
+                m.__dict__ if isinstance(m, ChatMessage) else m for m in call.prompt]
+        log.info("request %s", " ".join(f"{key}={value}" for key, value in fields.items()), extra={"fields": fields})
+
+    def _token(self, call: GenerateCall, event: TokenEvent, text: str, completion: Completion | None,
+               ) -> GeneratedToken:
+        if not (call.logprobs or call.top_logprobs):
+            return GeneratedToken(event.token_id, text, completion=completion)
+        top = tuple(TokenLogprob(token_id, self._piece(token_id), logprob) for token_id, logprob in event.top_logprobs)
+        return GeneratedToken(event.token_id, text, event.logprob if call.logprobs else None,
+                              self._piece(event.token_id), top, completion)
+
+    def _piece(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
+
+    def _require_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None:
+            raise InvalidRequest("prompt", "this model folder has no tokenizer; send token ids")
+        return self.tokenizer

@@ -1,0 +1,81 @@
+"""A request as the scheduler takes it (token ids and sampling), the limits every transport checks before
+submitting, and the stream of token events it answers with."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+from loraplex.server.core.adapter_runtime.leases import AdapterLease
+from loraplex.server.core.errors import InvalidRequest
+from loraplex.server.engine import SamplingParams, TokenEvent
+
+if TYPE_CHECKING:
+    from loraplex.server.core.scheduler import Scheduler, _Entry
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a transport asks for: token ids only, no text and no tensors."""
+
+    adapter: str
+    """Adapter reference: "NAME", "NAME@VERSION" or "" for the base model (see adapter_runtime.leases)."""
+    prompt_ids: list[int]
+    sampling: SamplingParams
+
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask for, checked by every transport before it submits."""
+
+    default_max_new_tokens: int
+    max_new_tokens_limit: int
+
+    def check_max_new_tokens(self, value: int, field: str) -> None:
+        """InvalidRequest(field) unless 1 <= value <= max_new_tokens_limit."""
+        if not 1 <= value <= self.max_new_tokens_limit:
+            raise InvalidRequest(field, f"{value} is outside [1, {self.max_new_tokens_limit}] (this server's limit)")
+
+
+
+class Queues(NamedTuple):
+    """Adapter names ("" for the base model) of the running and of the waiting requests."""
+
+    running: list[str]
+    waiting: list[str]
+
+
+
+class RequestStream:
+    """One request's token events, in order; the last one has `finish_reason` set.
+
+    Iterate it on the event loop that submitted it. `cancel()` (idempotent) stops generation and
+    frees the request's KV blocks on the scheduler thread; iteration then ends without a final event.
+    """
+
+    def __init__(self, scheduler: Scheduler, lease: AdapterLease, loop: asyncio.AbstractEventLoop) -> None:
+        self.lease = lease
+        self._scheduler = scheduler
+        self._loop = loop
+        self._queue: asyncio.Queue[TokenEvent | BaseException | None] = asyncio.Queue()
+        self._entry: _Entry | None = None
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        while True:
+            item = await self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+
+    def cancel(self) -> None:
+        self._scheduler._cancel(self._entry)
+
+    def _put(self, item: TokenEvent | BaseException | None) -> None:
+        self._queue.put_nowait(item)

@@ -1,0 +1,348 @@
+"""The scheduler: single owner of the engine; continuous batching on a dedicated thread.
+
+Transports call `submit(Request)` on the asyncio event loop and iterate the returned
+`RequestStream`; the engine runs on the scheduler's own thread, so no handler ever waits on torch.
+Events cross back with one `loop.call_soon_threadsafe` per step.
+
+Policy, each step (`_plan`):
+  1. Running sequences are scheduled first: decodes (one token each), then unfinished prefills in
+     chunks, in admission order, all within `max_step_tokens`.
+  2. When the KV pool cannot hold a running sequence's next tokens, the most recently admitted
+     running sequences are preempted (blocks freed, recomputed from scratch later; the oldest always
+     progress) and go back to the front of their adapter's waiting queue.
+  3. Remaining budget admits waiting requests while `max_running` and free KV blocks allow,
+     round-robin across adapters (FIFO within one adapter), so one busy adapter cannot starve others.
+     Admitting a request places its adapter version in a device slot (`AdapterManager.slot_for`): a
+     version still loading from the store is skipped this step (its requests keep their turn; the
+     loader wakes the loop when it is done), so a cold adapter never holds up the others.
+     Running sequences use at most `max_step_adapters` distinct adapter slots (the base model uses
+     none), so no step exceeds it; a request whose adapter would exceed it, or that needs a slot when
+     every slot is running or pinned, keeps its turn and admission pauses until a running adapter's
+     sequences leave (later adapters do not overtake it).
+`submit` refuses with Overloaded once `max_waiting` requests wait, and with InvalidRequest a request
+that could never fit the KV pool alone. The request's adapter version is fixed at submit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from loraplex.server.core.adapter_runtime.leases import AdapterLease
+from loraplex.server.core.adapter_runtime.manager import AdapterManager
+from loraplex.server.core.calls import EngineFacts
+from loraplex.server.core.errors import FailedPrecondition, InvalidRequest, Overloaded, ShuttingDown
+from loraplex.server.core.requests import Queues, Request, RequestStream
+from loraplex.server.core.scheduler_config import SchedulerConfig
+from loraplex.server.engine import Engine, SequenceState, TokenEvent
+from loraplex.server.engine.lora import NO_ADAPTER
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Entry:
+    seq: SequenceState
+    lease: AdapterLease
+    stream: RequestStream
+    cancelled: bool = False
+
+
+@dataclass
+class SchedulerStats:
+    """Counters since start (read without the lock: approximate while running)."""
+
+    preempted: int = 0
+    """Running sequences whose KV blocks were taken back (they recompute later)."""
+    cancelled: int = 0
+    """Requests ended by `RequestStream.cancel` before they finished."""
+
+
+class Scheduler:
+    """Owns `engine` and routes its events to request streams; see the module docstring for the policy."""
+
+    def __init__(self, engine: Engine, adapters: AdapterManager, config: SchedulerConfig,
+                 on_step: Callable[[int, float], None] | None = None) -> None:
+        """`on_step(sequences, seconds)` is called on the scheduler thread after each engine step (metrics)."""
+        self.engine = engine
+        self.adapters = adapters
+        self.config = config
+        self._on_step = on_step
+        self.stats = SchedulerStats()
+        self.max_step_adapters = min(config.max_step_adapters or engine.num_slots, engine.num_slots)
+        self._cond = threading.Condition()
+        self._idle = False
+        """Nothing runs and the last plan admitted nothing: sleep until `wake` (a submit, a cancel, a load)."""
+        adapters.on_ready(self.wake)
+        self._waiting: OrderedDict[str, deque[_Entry]] = OrderedDict()
+        self._running: list[_Entry] = []
+        self._accepting = True
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="loraplex-scheduler", daemon=True)
+
+    # -- event-loop side -------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> RequestStream:
+        """Queue a request; call on the asyncio loop that will iterate the returned stream.
+
+        Raises AdapterNotFound, InvalidRequest (prompt or max_new_tokens), Overloaded, ShuttingDown.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            seq = self.engine.add_sequence(request.prompt_ids, request.sampling)
+        except ValueError as exc:
+            raise InvalidRequest("prompt", str(exc)) from exc
+        self._check_fits_alone(seq)
+        with self._cond:
+            if not self._accepting:
+                raise ShuttingDown("the server is shutting down and takes no new requests")
+            if self.num_waiting >= self.config.max_waiting:
+                raise Overloaded(f"{self.num_waiting} requests are waiting (max_waiting={self.config.max_waiting})")
+            lease = self.adapters.acquire(request.adapter)
+            stream = RequestStream(self, lease, loop)
+            entry = _Entry(seq, lease, stream)
+            stream._entry = entry
+            self._waiting.setdefault(lease.name, deque()).append(entry)
+            self._idle = False
+            self._cond.notify()
+        return stream
+
+    def _check_fits_alone(self, seq: SequenceState) -> None:
+        longest = min(seq.num_tokens + seq.sampling.max_new_tokens, self.engine.max_model_len)
+        needed, pool = self.engine.cache.blocks_needed(longest), self.engine.cache.num_blocks
+        if needed > pool:
+            raise InvalidRequest("max_new_tokens", f"prompt plus max_new_tokens needs {needed} KV blocks; "
+                                 f"the whole cache holds {pool}: ask for fewer tokens")
+
+    def engine_facts(self) -> EngineFacts:
+        """What the engine serves, for read-outs (ServerInfo, prompt limits); fixed at start-up."""
+        engine = self.engine
+        return EngineFacts(engine.spec.model_type, engine.spec.vocab_size, engine.max_model_len, engine.num_slots,
+                           engine.config.max_rank)
+
+    def kv_blocks(self) -> tuple[int, int]:
+        """(blocks held by sequences, blocks in the pool) of the KV cache, now (any thread; approximate)."""
+        cache = self.engine.cache
+        return cache.num_blocks - cache.free_blocks, cache.num_blocks
+
+    def queues(self) -> Queues:
+        """The adapter reference of each running and each waiting request, now (any thread)."""
+        with self._cond:
+            return Queues([entry.lease.name for entry in self._running],
+                          [entry.lease.name for queue in self._waiting.values() for entry in queue])
+
+    @property
+    def accepting(self) -> bool:
+        """Whether submits are taken (False once the server drains)."""
+        return self._accepting
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(queue) for queue in self._waiting.values())
+
+    def _cancel(self, entry: _Entry) -> None:
+        with self._cond:
+            if entry.cancelled or entry.seq.finished:
+                return
+            entry.cancelled = True
+            name = entry.lease.name
+            if entry in self._waiting.get(name, ()):  # waiting entries hold no KV blocks
+                self._waiting[name].remove(entry)
+                if not self._waiting[name]:
+                    del self._waiting[name]
+                self._retire(entry, None)
+            self._idle = False
+            self._cond.notify()
+
+    def wake(self) -> None:
+        """Run the loop again (any thread): something it waits for may have changed, such as a load ending."""
+        with self._cond:
+            self._idle = False
+            self._cond.notify()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop_accepting(self) -> None:
+        """Refuse new submits (ShuttingDown); requests already queued or running go on."""
+        with self._cond:
+            self._accepting = False
+
+    def close(self) -> None:
+        """Stop the loop thread; requests still queued or running end with ShuttingDown."""
+        with self._cond:
+            self._accepting = False
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+        with self._cond:
+            for entry in [*self._running, *(e for q in self._waiting.values() for e in q)]:
+                self.engine.release(entry.seq)
+                self._retire(entry, ShuttingDown("the server stopped before the request finished"))
+            self._running.clear()
+            self._waiting.clear()
+
+    # -- scheduler thread ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stopping or self._running or not self._idle)
+                if self._stopping:
+                    return
+                self._reap_cancelled()
+                self.adapters.install_warm(self._busy_slots())
+                batch = self._plan()
+                self._idle = not batch and not self._running
+            if not batch:
+                continue
+            try:
+                began = time.perf_counter()
+                events = self.engine.step([(entry.seq, count) for entry, count in batch])
+                if self._on_step is not None:
+                    self._on_step(len(batch), time.perf_counter() - began)
+            except Exception as exc:  # a failed step fails its requests, not the server
+                log.exception("engine step failed")
+                with self._cond:
+                    for entry, _ in batch:
+                        self._running.remove(entry)
+                        self.engine.release(entry.seq)
+                        self._retire(entry, exc)
+                continue
+            with self._cond:
+                self._route(batch, events)
+
+    def _reap_cancelled(self) -> None:
+        for entry in [e for e in self._running if e.cancelled]:
+            self._running.remove(entry)
+            self.engine.release(entry.seq)
+            self._retire(entry, None)
+
+    def _blocks_needed(self, seq: SequenceState, count: int) -> int:
+        return max(0, self.engine.cache.blocks_needed(seq.num_computed + count) - len(seq.block_table))
+
+    def _plan(self) -> list[tuple[_Entry, int]]:
+        budget = self.config.max_step_tokens
+        free = self.engine.cache.free_blocks
+        batch: list[tuple[_Entry, int]] = []
+        planned: set[_Entry] = set()
+        for entry in sorted(self._running, key=lambda e: e.seq.num_pending > 1):  # decodes first, stable
+            if entry not in self._running:  # preempted for an older sequence in this plan
+                continue
+            count = min(entry.seq.num_pending, budget)
+            if count == 0:
+                break
+            need = self._blocks_needed(entry.seq, count)
+            while need > free:
+                victim = next(e for e in reversed(self._running) if e not in planned)
+                free += len(victim.seq.block_table)
+                self._preempt(victim)
+                if victim is entry:
+                    break
+            if entry in self._running:
+                batch.append((entry, count))
+                planned.add(entry)
+                free -= need
+                budget -= count
+        busy = self._busy_slots()
+        skipped: set[str] = set()  # adapters still loading: their requests keep their turn
+        while budget > 0 and len(self._running) < self.config.max_running:
+            name = next((name for name in self._waiting if name not in skipped), None)
+            if name is None:
+                break
+            queue = self._waiting[name]
+            entry = queue[0]
+            slot = self.adapters.resident_slot(entry.lease)
+            resident = slot is not None and slot != NO_ADAPTER
+            new_slot = slot != NO_ADAPTER and slot not in busy
+            if new_slot and len(busy) >= self.max_step_adapters:
+                break
+            if slot is None:
+                if not self.adapters.can_place(busy):
+                    break
+                try:
+                    slot = self.adapters.slot_for(entry.lease, busy)
+                except FailedPrecondition as error:  # its version cannot be loaded: fail it, go on
+                    self._pop_waiting(name)
+                    self._retire(entry, error)
+                    continue
+                if slot is None:
+                    skipped.add(name)
+                    continue
+            count = min(entry.seq.num_pending, budget)
+            need = self._blocks_needed(entry.seq, count)
+            if need > free:
+                break
+            self._pop_waiting(name)
+            if resident:
+                self.adapters.count_device_hit()
+            entry.seq.slot = slot
+            self._running.append(entry)
+            batch.append((entry, count))
+            if slot != NO_ADAPTER:
+                busy.add(slot)
+            free -= need
+            budget -= count
+        return batch
+
+    def _busy_slots(self) -> set[int]:
+        """Slots running sequences use (never evicted while they do)."""
+        return {entry.seq.slot for entry in self._running} - {NO_ADAPTER}
+
+    def _pop_waiting(self, name: str) -> None:
+        """Take the head of `name`'s queue; the queue moves to the back of the round-robin order."""
+        queue = self._waiting[name]
+        queue.popleft()
+        if queue:
+            self._waiting.move_to_end(name)
+        else:
+            del self._waiting[name]
+
+    def _preempt(self, entry: _Entry) -> None:
+        self._running.remove(entry)
+        self.engine.release(entry.seq)
+        self.stats.preempted += 1
+        name = entry.lease.name
+        if name not in self._waiting:
+            self._waiting[name] = deque()
+        self._waiting[name].appendleft(entry)
+        self._waiting.move_to_end(name, last=False)
+
+    def _route(self, batch: list[tuple[_Entry, int]], events: list[TokenEvent]) -> None:
+        by_seq = {entry.seq.seq_id: entry for entry, _ in batch}
+        deliveries: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, TokenEvent]]] = {}
+        for event in events:
+            entry = by_seq[event.seq_id]
+            if entry.cancelled:  # cancelled while its step ran: deliver nothing more
+                continue
+            deliveries.setdefault(entry.stream._loop, []).append((entry.stream, event))
+            if event.finish_reason is not None:
+                self._running.remove(entry)
+                self.adapters.release(entry.lease)
+        for loop, items in deliveries.items():
+            _post(loop, _deliver, items)
+
+    def _retire(self, entry: _Entry, error: BaseException | None) -> None:
+        """End an unfinished request: release its adapter and close its stream (with `error`, if any)."""
+        self.adapters.release(entry.lease)
+        if entry.cancelled:
+            self.stats.cancelled += 1
+        _post(entry.stream._loop, entry.stream._put, error)
+
+
+def _post(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
+    """Run `callback(*args)` on `loop`; a closed loop has no reader left, so nothing is lost."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback, *args)
+
+
+def _deliver(deliveries: list[tuple[RequestStream, TokenEvent]]) -> None:
+    for stream, event in deliveries:
+        stream._put(event)

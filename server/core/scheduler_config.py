@@ -1,0 +1,22 @@
+"""The scheduler's batching limits, fixed at start-up (settings.scheduler)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SchedulerConfig(BaseModel):
+    """Batching limits, fixed at start-up."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    max_running: int = Field(default=64, ge=1, le=4096)
+    """Most sequences in one engine step (the batch size)."""
+    max_waiting: int = Field(default=256, ge=0, le=1_000_000)
+    """Most requests waiting for admission; a submit beyond it is refused (RESOURCE_EXHAUSTED)."""
+    max_step_tokens: int = Field(default=512, ge=1, le=1_048_576)
+    """Token budget of one engine step (decodes plus prefill chunks)."""
+    max_step_adapters: int | None = Field(default=None, ge=1, le=4096)
+    """Most distinct adapters in one engine step; unset means engine.num_slots (the device slots), and
+    it never exceeds them."""
+

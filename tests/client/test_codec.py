@@ -1,0 +1,69 @@
+"""`client.codec`: the one wire codec of the client and the server (requests, tokens, completions, the
+structured INVALID_ARGUMENT metadata)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loraplex.client.codec import (
+    FinishReason,
+    Token,
+    TokenLogprob,
+    decode_completion,
+    decode_token,
+    encode_completion,
+    encode_request,
+    encode_token,
+    invalid_argument,
+    invalid_argument_metadata,
+)
+from loraplex.v1 import generation_pb2 as pb
+
+
+def test_a_request_sets_only_the_sampling_fields_given() -> None:
+    request = encode_request("hi", "support@3f2a9c01", max_new_tokens=4, sampling={"temperature": 0.5, "seed": 7})
+    assert request.WhichOneof("input") == "text" and request.adapter == "support@3f2a9c01"
+    assert request.sampling.HasField("temperature") and request.sampling.seed == 7
+    assert not request.sampling.HasField("top_p") and request.stopping.max_new_tokens == 4
+    assert not encode_request([1, 2]).stopping.HasField("max_new_tokens")
+
+
+def test_each_prompt_kind_has_its_oneof() -> None:
+    assert list(encode_request([5, 6]).token_ids.ids) == [5, 6]
+    messages = encode_request([{"role": "user", "content": "hello"}]).messages.messages
+    assert [(m.role, m.content) for m in messages] == [("user", "hello")]
+
+
+def test_a_token_survives_the_wire_and_logprob_stays_optional() -> None:
+    token = Token(7, "a", -0.25, "a", (TokenLogprob(7, "a", -0.25), TokenLogprob(8, "b", -2.0)))
+    assert decode_token(pb.Token.FromString(encode_token(token).SerializeToString())) == token
+    assert decode_token(encode_token(Token(3, "", None))).logprob is None
+
+
+@dataclass
+class ServerCompletion:
+    """Another record with the same fields (as the server's Completion), whose reason has the same values."""
+
+    finish_reason: FinishReason
+    prompt_tokens: int = 3
+    generated_tokens: int = 2
+    adapter: str = "support"
+    adapter_version: str = "f" * 64
+
+
+def test_a_completion_encodes_by_field_and_decodes_to_the_clients_reason() -> None:
+    from enum import Enum
+
+    other = Enum("OtherReason", {"STOP": "stop", "LENGTH": "length"})
+    encoded = encode_completion(ServerCompletion(other.LENGTH))
+    assert encoded.finish_reason == pb.FINISH_REASON_LENGTH
+    decoded = decode_completion(encoded)
+    assert decoded.finish_reason is FinishReason.LENGTH and decoded.adapter == "support"
+    assert encode_completion(None) is None
+
+
+def test_invalid_argument_metadata_round_trips_and_is_absent_otherwise() -> None:
+    metadata = (("x-request-id", "abc"), *invalid_argument_metadata("sampling.top_p", "must lie in (0, 1] \u2014 1.5"))
+    assert invalid_argument(metadata) == ("sampling.top_p", "must lie in (0, 1] \u2014 1.5")
+    assert invalid_argument((("x-request-id", "abc"),)) is None
+    assert invalid_argument(None) is None
