@@ -33,14 +33,8 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loraplex.client.codec import (
-    Completion,
-    Prompt,
-    Token,
-    decode_completion,
-    decode_token,
-    encode_request,
-)
+from loraplex.client.codec import Prompt, decode_completion, decode_token, encode_request
+from loraplex.client.records import Completion, Token
 from loraplex.v1 import admin_pb2 as admin_pb
 from loraplex.v1 import admin_pb2_grpc as admin_pb_grpc
 from loraplex.v1 import generation_pb2 as pb

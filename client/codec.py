@@ -1,20 +1,18 @@
 """The wire format of `loraplex.v1.Generation`, once, for the Python client and the server alike.
 
 The client encodes requests (`encode_request`) and decodes tokens (`decode_token`, `decode_completion`);
-the server's gRPC service encodes its tokens with `encode_token` / `encode_completion` (they read the
-fields by name, so the server's own records encode as the client's do); the HTTP shim's remote backend
-goes through the client. A refused field travels as structured trailing metadata
+the server's gRPC service encodes its tokens with `encode_token` / `encode_completion` (the records of
+client/records.py, which the server's core uses too); the HTTP shim's remote backend goes through the
+client. A refused field travels as structured trailing metadata
 (`invalid_argument_metadata` / `invalid_argument`), not only inside the status message. Imports only the
-generated protobuf code: no torch, no server.
+generated protobuf code and the records: no torch, no server.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol
 
+from loraplex.client.records import Completion, FinishReason, Token, TokenLogprob
 from loraplex.v1 import generation_pb2 as pb
 
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "presence_penalty",
@@ -28,74 +26,8 @@ INVALID_PROBLEM_KEY = "loraplex-invalid-problem-bin"
 Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
 """Text, token ids, or chat messages ({"role", "content"} dicts)."""
 
-
-class FinishReason(enum.Enum):
-    STOP = "stop"
-    """The model produced an end-of-sequence or stop token (the last token)."""
-    LENGTH = "length"
-    """max_new_tokens or the model's context length was reached."""
-
-
-FINISH_REASONS = {FinishReason.STOP.value: pb.FINISH_REASON_STOP, FinishReason.LENGTH.value: pb.FINISH_REASON_LENGTH}
-"""A finish reason's value ("stop", "length") -> its wire code."""
-FINISH_REASON_OF = {code: FinishReason(value) for value, code in FINISH_REASONS.items()}
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A candidate token of one step: id, its text alone, log-probability (unprocessed distribution)."""
-
-    id: int
-    piece: str
-    logprob: float
-
-
-@dataclass(frozen=True)
-class Token:
-    """One generated token."""
-
-    id: int
-    text: str
-    """Text this token adds ("" while a UTF-8 character is incomplete, or without a tokenizer)."""
-    logprob: float | None
-    """Log-probability under the model's unprocessed distribution; None unless `logprobs=True` was asked."""
-    piece: str = ""
-    """The token decoded alone; "" unless `logprobs` or `top_logprobs` was asked."""
-    top_logprobs: tuple[TokenLogprob, ...] = ()
-    """The `top_logprobs` most likely tokens of this step, most likely first."""
-
-
-@dataclass(frozen=True)
-class Completion:
-    """How a generation ended, and what it ran with."""
-
-    finish_reason: FinishReason
-    prompt_tokens: int
-    generated_tokens: int
-    adapter: str
-    """Adapter name ("" for the base model)."""
-    adapter_version: str
-    """Full sha256 content digest of the adapter version used ("" for the base model)."""
-
-
-class TokenFields(Protocol):
-    """What `encode_token` reads: the fields of `Token` (the server's GeneratedToken has them too)."""
-
-    id: int
-    text: str
-    logprob: float | None
-    piece: str
-    top_logprobs: Sequence[TokenLogprob]
-
-
-class CompletionFields(Protocol):
-    """What `encode_completion` reads: the fields of `Completion`; `finish_reason.value` is "stop" or "length"."""
-
-    finish_reason: enum.Enum
-    prompt_tokens: int
-    generated_tokens: int
-    adapter: str
-    adapter_version: str
+FINISH_REASONS = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
+FINISH_REASON_OF = {code: reason for reason, code in FINISH_REASONS.items()}
 
 
 def encode_request(prompt: Prompt, adapter: str = "", *, chat: bool = False, max_new_tokens: int | None = None,
@@ -128,16 +60,16 @@ def decode_completion(completion: pb.Completion) -> Completion:
                       completion.generated_tokens, completion.adapter, completion.adapter_version)
 
 
-def encode_token(token: TokenFields) -> pb.Token:
+def encode_token(token: Token) -> pb.Token:
     return pb.Token(id=token.id, text=token.text, logprob=token.logprob, piece=token.piece,
                     top_logprobs=[pb.TokenLogprob(id=top.id, piece=top.piece, logprob=top.logprob)
                                   for top in token.top_logprobs])
 
 
-def encode_completion(completion: CompletionFields | None) -> pb.Completion | None:
+def encode_completion(completion: Completion | None) -> pb.Completion | None:
     if completion is None:
         return None
-    return pb.Completion(finish_reason=FINISH_REASONS[completion.finish_reason.value],
+    return pb.Completion(finish_reason=FINISH_REASONS[completion.finish_reason],
                          prompt_tokens=completion.prompt_tokens, generated_tokens=completion.generated_tokens,
                          adapter=completion.adapter, adapter_version=completion.adapter_version)
 

@@ -19,6 +19,7 @@ PACKAGES = {"loraplex.server": ROOT / "server", "loraplex.adapters": ROOT / "ada
 LAYERS = (
     ("loraplex.v1", "wire"),
     ("loraplex.client.codec", "wire"),
+    ("loraplex.client.records", "records"),
     ("loraplex.client.cli", "entry"),
     ("loraplex.client", "client"),
     ("loraplex.adapters", "adapters"),
@@ -30,23 +31,27 @@ LAYERS = (
     ("loraplex.server.logs", "base"),
     ("loraplex.server", "entry"),
 )
-"""(module prefix, layer): a module is in the layer of its longest matching prefix. "engine_api" is the
-`loraplex.server.engine` package itself (its public names), as opposed to the engine's modules."""
+"""(module prefix, layer): a module is in the layer of the first prefix that matches (longer prefixes come
+first). "engine_api" is the `loraplex.server.engine` package itself (its public names), as opposed to the
+engine's modules."""
 
-EVERY_LAYER = {"wire", "client", "adapters", "engine", "engine_api", "core", "api", "base", "entry"}
+EVERY_LAYER = {"records", "wire", "client", "adapters", "engine", "engine_api", "core", "api", "base", "entry"}
 ALLOWED: dict[str, set[str]] = {
     "engine": {"engine", "engine_api"},
     "base": {"base", "engine", "engine_api"},
-    "wire": {"wire"},
-    "client": {"client", "wire"},
-    "adapters": {"adapters", "engine", "engine_api", "base", "client", "wire"},
-    "core": {"core", "adapters", "engine", "engine_api", "base"},
-    "api": {"api", "core", "adapters", "engine_api", "base", "client", "wire"},
+    "records": set(),
+    "wire": {"wire", "records"},
+    "client": {"client", "wire", "records"},
+    "adapters": {"adapters", "engine", "engine_api", "base", "client", "wire", "records"},
+    "core": {"core", "adapters", "engine", "engine_api", "base", "records"},
+    "api": {"api", "core", "adapters", "engine_api", "base", "client", "wire", "records"},
     "entry": EVERY_LAYER,
 }
 ALLOWED["engine_api"] = ALLOWED["engine"]  # the engine package's own __init__
-"""Layer -> the layers its modules may import: the allowed arrows. `entry` is the process and the command
-line (server.app, server.settings, client.cli), which wire everything together."""
+"""Layer -> the layers its modules may import: the allowed arrows. `records` (client/records.py: a token,
+its candidates, a completion) is plain data that the client, the codec and the server core share. `entry`
+is the process and the command line (server.app, server.settings, client.cli), which wire everything
+together."""
 
 ENGINE_THIRD_PARTY = {"torch", "numpy", "bitsandbytes", "pydantic"}
 """What the engine may import besides itself and the standard library (pydantic: EngineConfig)."""

@@ -26,15 +26,12 @@ from loraplex.server.api.http.plumbing import EmbeddedServer, bind_http_socket
 from loraplex.server.api.http.routes import HttpShim
 from loraplex.server.api.interceptor import STATUS_CODES
 from loraplex.server.core.calls import (
-    Completion,
     GenerateCall,
     GeneratedToken,
     ModelList,
     StopGeneration,
-    TokenLogprob,
 )
 from loraplex.server.core.errors import InvalidRequest, RequestError, ShuttingDown
-from loraplex.server.engine import FinishReason
 
 T = TypeVar("T")
 
@@ -116,12 +113,9 @@ async def serve_translator(target: str, host: str, port: int, *, tls: bool = Fal
 
 def generated_token(chunk: Chunk) -> GeneratedToken:
     """The GeneratedToken a streamed chunk carries (the in-process core's record of the same token)."""
-    token, done = chunk.token, chunk.completion
-    completion = None if done is None else Completion(FinishReason(done.finish_reason.value), done.prompt_tokens,
-                                                      done.generated_tokens, done.adapter, done.adapter_version)
-    return GeneratedToken(token.id, token.text, token.logprob, token.piece,
-                          tuple(TokenLogprob(top.id, top.piece, top.logprob) for top in token.top_logprobs),
-                          completion, chunk.prompt_tokens)
+    token = chunk.token
+    return GeneratedToken(token.id, token.text, token.logprob, token.piece, token.top_logprobs, chunk.completion,
+                          chunk.prompt_tokens)
 
 
 def refusal(error: grpc.aio.AioRpcError) -> Exception:

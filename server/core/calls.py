@@ -1,13 +1,14 @@
 """The core's calls and answers, as every transport speaks to it: a decoded `GenerateCall` in, one
 `GeneratedToken` per generated token out (the last one with its `Completion`), and the read-outs
-`ModelList` and `ServerFacts`. No wire format, no tensors."""
+`ModelList` and `ServerFacts`. No wire format, no tensors. A token's candidates (`TokenLogprob`) and the
+`Completion` are the records the client reads too (client/records.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from loraplex.server.engine import FinishReason
+from loraplex.client.records import Completion, Token
 
 
 class StopGeneration(Exception):
@@ -47,46 +48,13 @@ class GenerateCall:
 
 
 @dataclass(frozen=True)
-class TokenLogprob:
-    """A candidate token of one step: its id, its text alone, its log-probability (unprocessed)."""
+class GeneratedToken(Token):
+    """One generated token (the client's `Token`: its id, the text it adds, and logprobs only when
+    GenerateCall asked), with the completion on the last one."""
 
-    id: int
-    piece: str
-    logprob: float
-
-
-
-@dataclass(frozen=True)
-class Completion:
-    """How a generation ended and what it ran with."""
-
-    finish_reason: FinishReason
-    prompt_tokens: int
-    generated_tokens: int
-    """Tokens generated, the stop token included."""
-    adapter: str
-    """Adapter name ("" for the base model)."""
-    adapter_version: str
-    """Full content digest of the version used ("" for the base model)."""
-
-
-
-@dataclass(frozen=True)
-class GeneratedToken:
-    """One generated token: the text it adds to the output, and on the last one the completion."""
-
-    id: int
-    text: str
-    """Text this token completes ("" while a UTF-8 character is incomplete, or without a tokenizer)."""
-    logprob: float | None = None
-    """Log-probability under the unprocessed distribution; None unless GenerateCall.logprobs."""
-    piece: str = ""
-    """The token decoded alone; "" unless logprobs or top_logprobs were asked."""
-    top_logprobs: tuple[TokenLogprob, ...] = ()
     completion: Completion | None = None
     prompt_tokens: int = 0
     """Tokens in the prompt, on the first token of a generation (0 on the others)."""
-
 
 
 @dataclass(frozen=True)

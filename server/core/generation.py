@@ -23,6 +23,7 @@ from dataclasses import replace
 
 from transformers import PreTrainedTokenizerBase
 
+from loraplex.client.records import Completion, FinishReason, TokenLogprob
 from loraplex.server.core.adapter_runtime.admin import request_errors
 from loraplex.server.core.adapter_runtime.leases import check_reference
 from loraplex.server.core.adapter_runtime.manager import AdapterManager
@@ -30,13 +31,11 @@ from loraplex.server.core.auth import Authenticator, Principal, Scope
 from loraplex.server.core.calls import (
     AdapterFacts,
     ChatMessage,
-    Completion,
     GenerateCall,
     GeneratedToken,
     ModelList,
     ServerFacts,
     StopGeneration,
-    TokenLogprob,
 )
 from loraplex.server.core.detokenizer import IncrementalDetokenizer
 from loraplex.server.core.errors import AdapterNotFound, GenerationFailed, InvalidRequest, RequestError
@@ -109,8 +108,8 @@ class GenerationCore:
                     token_times.append(time.perf_counter())
                     final = event.finish_reason is not None
                     text = detokenizer.add(event.token_id, final) if detokenizer else ""
-                    completion = Completion(event.finish_reason, len(prompt_ids), len(token_times), stream.lease.name,
-                                            stream.lease.version) if final else None
+                    completion = Completion(FinishReason(event.finish_reason.value), len(prompt_ids), len(token_times),
+                                            stream.lease.name, stream.lease.version) if final else None
                     if final:
                         outcome = event.finish_reason.value
                     token = self._token(call, event, text, completion)
@@ -270,7 +269,7 @@ class GenerationCore:
     def _token(self, call: GenerateCall, event: TokenEvent, text: str, completion: Completion | None,
                ) -> GeneratedToken:
         if not (call.logprobs or call.top_logprobs):
-            return GeneratedToken(event.token_id, text, completion=completion)
+            return GeneratedToken(event.token_id, text, None, completion=completion)
         top = tuple(TokenLogprob(token_id, self._piece(token_id), logprob) for token_id, logprob in event.top_logprobs)
         return GeneratedToken(event.token_id, text, event.logprob if call.logprobs else None,
                               self._piece(event.token_id), top, completion)

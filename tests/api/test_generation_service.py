@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from loraplex.adapters.identity import adapter_digest
 from loraplex.client.client import AsyncClient
-from loraplex.client.codec import FinishReason
+from loraplex.client.records import FinishReason
 from loraplex.server.app import App, start
 from loraplex.server.core.auth import ApiKey
 from loraplex.server.engine import EngineConfig, SamplingParams

@@ -20,7 +20,7 @@ import pytest
 
 from loraplex.client import cli
 from loraplex.client.client import Chunk, Client
-from loraplex.client.codec import FinishReason
+from loraplex.client.records import FinishReason
 from loraplex.server.engine import SamplingParams
 from serving_support import TEST_ENGINE, generate_alone, make_engine, post, status_of
 

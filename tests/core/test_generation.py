@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from loraplex.client.records import FinishReason
 from loraplex.server.core.auth import ApiKey, Authenticator
 from loraplex.server.core.calls import ChatMessage, GenerateCall, StopGeneration
 from loraplex.server.core.errors import AdapterNotFound, InvalidRequest, PermissionDenied, Unauthenticated
@@ -19,7 +20,7 @@ from loraplex.server.core.generation import MAX_CHARS_PER_POSITION, GenerationCo
 from loraplex.server.core.requests import RequestLimits
 from loraplex.server.core.scheduler import Scheduler
 from loraplex.server.core.scheduler_config import SchedulerConfig
-from loraplex.server.engine import FinishReason, SamplingParams
+from loraplex.server.engine import SamplingParams
 from serving_support import adapter_manager, generate_alone, make_engine
 
 KEYS = [ApiKey(name="support-only", sha256=hashlib.sha256(b"s").hexdigest(), adapters=frozenset({"a_r4_qv"}))]

@@ -13,9 +13,6 @@ from dataclasses import dataclass
 
 from loraplex.server.core.calls import GeneratedToken, StopGeneration
 from loraplex.server.core.errors import InvalidRequest
-from loraplex.server.engine import FinishReason
-
-FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
 
 
 @dataclass(frozen=True)
@@ -47,7 +44,7 @@ async def pieces(tokens: AsyncIterator[GeneratedToken], stops: tuple[str, ...], 
                 with contextlib.suppress(StopAsyncIteration):
                     await tokens.athrow(StopGeneration())
             if cut >= 0 or token.completion is not None:
-                reason = "stop" if cut >= 0 else FINISH[token.completion.finish_reason]
+                reason = "stop" if cut >= 0 else token.completion.finish_reason.value  # OpenAI's names
                 yield Piece(held[:cut] if cut >= 0 else held, tuple(held_tokens), reason, prompt_tokens, generated)
                 return
             if not stops:  # one piece per token, as gRPC streams (its text may be empty)
