@@ -3,28 +3,34 @@
 bitsandbytes' CPU path dequantizes the whole weight into a new float tensor on every call, then runs
 a separate matmul; for a decode step of a few tokens that reads and writes 8 bytes per weight to
 save nothing. This kernel reads the packed 4-bit weight (half a byte per weight plus one byte of
-nested absmax per 64) and, for each tile of 4 output rows:
+nested absmax per 64 weights).
 
-1. dequantizes the rows into an L1-resident buffer: per 64-weight block, the block's absmax is
-   `code2[qabsmax[b]] * absmax2[b / blocksize2] + offset` (two float32 roundings, exactly as
-   bitsandbytes computes it), the 16 NF4 values times that absmax form a 16-entry table in
-   registers, and each nibble picks its value from it (`vpermps`); element f of the flattened
-   [out, in] weight is the high nibble of byte f / 2 when f is even, the low one when odd. So every
-   dequantized value is bit-identical to `bitsandbytes.functional.dequantize_4bit`'s (rounded to
-   bfloat16 first when the compute dtype is bfloat16, as bitsandbytes does);
-2. multiplies them against every token of x, tiles of 3 (AVX2) or 4 (AVX-512) tokens sharing each
-   weight load, float32 FMA accumulation; threads split the output rows.
+Decoding. Weights are decoded 32 at a time (16 packed bytes, always inside one 64-weight block):
+each nibble picks its NF4 value from a 16-entry table in registers and is multiplied by the block's
+absmax, `code2[qabsmax[b]] * absmax2[b / blocksize2] + offset` (two float32 roundings, as
+bitsandbytes computes it); element f of the flattened [out, in] weight is the high nibble of byte
+f / 2 when f is even, the low one when odd. So every value is bit-identical to
+`bitsandbytes.functional.dequantize_4bit`'s (rounded to bfloat16 as well when the compute dtype is
+bfloat16, as bitsandbytes does). With AVX-512 the table lookup is one `vpermps` per 16 weights.
+With AVX2 the 16 float32 values are split into 4 byte planes and looked up with `vpshufb`, 32
+nibbles per instruction; the resulting vectors hold the even weights of each 8 in their low half
+and the odd ones in their high half, and x is permuted the same way once per call (`lane_of`), so
+no per-weight shuffle puts them back in order.
 
-Above `blas_min_tokens` tokens (prefill) the weight's dequantization is amortized over many tokens
-and BLAS outruns the hand loop, so the kernel dequantizes the whole weight (same code, into a
-reused per-thread buffer) and calls `addmm`. The threshold is measured by
-`benchmarks/engine_throughput.py` (microbenchmark columns "fused_loop" vs "fused_blas") and set in
-`BLAS_MIN_TOKENS`.
+Multiplying, by token count:
+- up to `direct_max_tokens` (decode of a few sequences) each decoded group is used at once from
+  registers by every token, tiles of 3 (AVX2) or 4 (AVX-512) rows;
+- up to `blas_min_tokens - 1` each tile of rows is decoded into an L1 buffer and multiplied by
+  tiles of tokens sharing each weight load (3 x 3 with AVX2's 16 registers, 4 x 4 with AVX-512);
+- from `blas_min_tokens` (prefill) the whole weight is decoded into a reused buffer and `addmm`
+  runs it: the decoding is amortized over many tokens and BLAS outruns the hand loop.
+Threads split the output rows. Below `blas_min_tokens` every (row, token) sum accumulates over k
+in the same lane order with explicit FMAs, so a token's result has the same bits whatever batch
+it is in. Both thresholds are measured by `benchmarks/engine_throughput.py` (microbenchmark).
 
-The kernel is compiled on first use for the host CPU (`cpu_extension`); on a CPU with AVX-512 the
-table lookup and the FMAs run on 16 lanes, with AVX2 on 8, elsewhere in plain C++. Weights whose
-in_features is not a multiple of 16 are not handled (`supports` says False): they keep
-bitsandbytes' path.
+The kernel is compiled on first use for the host CPU (`cpu_extension`, `-march=native`): AVX-512,
+AVX2 + FMA, or plain C++ elsewhere. Weights whose in_features is not a multiple of 32 are not
+handled (`supports` says False): they keep bitsandbytes' path.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ import torch
 
 from loraplex.server.engine import cpu_extension
 
+#: Token counts up to which the kernel decodes weights into registers and uses them at once (at most 4).
+DIRECT_MAX_TOKENS = 4
 #: Token counts from which the kernel dequantizes the whole weight and calls BLAS instead of its own loop.
 BLAS_MIN_TOKENS = 48
 
@@ -51,79 +59,178 @@ _SOURCE = r"""
 #include <immintrin.h>
 #endif
 
+// A tile of kRowTile weight rows times kTokenTile tokens keeps its accumulators, the tokens' vectors
+// and one weight vector in registers (16 with AVX2, 32 with AVX-512); larger tiles spill.
 #if defined(__AVX512F__)
-constexpr int kLanes = 16, kTokenTile = 4;
+constexpr int kLanes = 16, kRowTile = 4, kTokenTile = 4;
 #else
-constexpr int kLanes = 8, kTokenTile = 3;
+constexpr int kLanes = 8, kRowTile = 3, kTokenTile = 3;
 #endif
-constexpr int kRowTile = 4;   // weight rows dequantized together, each load feeds kTokenTile FMAs
+constexpr int kGroup = 32;      // weights decoded together: 16 packed bytes, always inside one NF4 block
+constexpr int kVecs = kGroup / kLanes;
 constexpr int64_t kBlock = 64;  // NF4 blocksize
 typedef float vf __attribute__((vector_size(kLanes * 4), aligned(4)));
+typedef uint32_t vu __attribute__((vector_size(kLanes * 4), aligned(4)));
 static inline vf loadv(const float* p) { return *reinterpret_cast<const vf*>(p); }
-static inline float hsum(vf v) { float s = 0; for (int i = 0; i < kLanes; ++i) s += v[i]; return s; }
+static inline void storev(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
+// a * b + c rounded once, in every instantiation alike (the sums must not depend on the tile shape).
+static inline vf fmadd(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+  return static_cast<vf>(_mm512_fmadd_ps(static_cast<__m512>(a), static_cast<__m512>(b), static_cast<__m512>(c)));
+#elif defined(__AVX2__) && defined(__FMA__)
+  return static_cast<vf>(_mm256_fmadd_ps(static_cast<__m256>(a), static_cast<__m256>(b), static_cast<__m256>(c)));
+#else
+  for (int i = 0; i < kLanes; ++i) c[i] = __builtin_fmaf(a[i], b[i], c[i]);
+  return c;
+#endif
+}
+
+static inline float hsum(vf v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(static_cast<__m512>(v));
+#elif defined(__AVX2__)
+  const __m256 m = static_cast<__m256>(v);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+#else
+  float s = 0;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+#endif
+}
+
+// Round every lane to bfloat16 (nearest even), as torch's .to(bfloat16) does; the result stays float32.
+static inline vf round_bf16(vf v) {
+  vu u = reinterpret_cast<vu>(v);
+  u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  return reinterpret_cast<vf>(u);
+}
 
 struct Nf4 {  // one packed weight [N, K] as bitsandbytes stores it (double-quantized, blocksize 64)
   const uint8_t* packed; const uint8_t* qabsmax; const float* absmax2; const float* code2; const float* code;
-  float offset; int64_t blocksize2, N, K; bool bf16;
+  float offset; int64_t blocksize2, N, K;
 };
-
-static inline float round_bf16(float v) {  // round to nearest even, as torch's .to(bfloat16)
-  uint32_t u; std::memcpy(&u, &v, 4);
-  u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-  std::memcpy(&v, &u, 4);
-  return v;
-}
 
 static inline float block_absmax(const Nf4& w, int64_t b) {
   volatile float scaled = w.code2[w.qabsmax[b]] * w.absmax2[b / w.blocksize2];  // rounded before the add
   return scaled + w.offset;
 }
 
-// Dequantize row o (K values, K % 16 == 0) into dst.
-static void dequant_row(const Nf4& w, int64_t o, float* dst) {
-  const int64_t first = o * w.K;
-  for (int64_t k = 0; k < w.K;) {
-    const int64_t b = (first + k) / kBlock, end = std::min(w.K, (b + 1) * kBlock - first);
-    const float a = block_absmax(w, b);
-    alignas(64) float table[16];
-    for (int j = 0; j < 16; ++j) table[j] = w.bf16 ? round_bf16(w.code[j] * a) : w.code[j] * a;
-#if defined(__AVX512F__)
-    const __m512 t16 = _mm512_load_ps(table);
-#elif defined(__AVX2__)
-    const __m256 tlo = _mm256_load_ps(table), thi = _mm256_load_ps(table + 8);
-#endif
-    for (; k < end; k += 16) {
-      const uint8_t* p = w.packed + (first + k) / 2;
-      float* d = dst + k;
-#if defined(__AVX2__) || defined(__AVX512F__)
-      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-      const __m128i mask = _mm_set1_epi8(0x0F);
-      const __m128i nibbles = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask),
-                                                _mm_and_si128(bytes, mask));  // h0 l0 h1 l1 ...
-#endif
-#if defined(__AVX512F__)
-      _mm512_storeu_ps(d, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nibbles), t16));
-#elif defined(__AVX2__)
-      const __m256i i0 = _mm256_cvtepu8_epi32(nibbles), i1 = _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(nibbles, nibbles));
-      _mm256_storeu_ps(d, _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, i0), _mm256_permutevar8x32_ps(thi, i0),
-                                           _mm256_castsi256_ps(_mm256_slli_epi32(i0, 28))));
-      _mm256_storeu_ps(d + 8, _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, i1), _mm256_permutevar8x32_ps(thi, i1),
-                                               _mm256_castsi256_ps(_mm256_slli_epi32(i1, 28))));
+// Whether decoded vectors hold a group's weights out of natural order (see lane_of).
+#if defined(__AVX2__) && !defined(__AVX512F__)
+constexpr bool kPermuted = true;
 #else
-      for (int j = 0; j < 8; ++j) { d[2 * j] = table[p[j] >> 4]; d[2 * j + 1] = table[p[j] & 15]; }
+constexpr bool kPermuted = false;
 #endif
+
+// Weight i of a group (i in [0, 32), flattened index within the group) sits in lane lane_of(i) of the
+// decoded vectors (vector lane_of(i) / kLanes, element lane_of(i) % kLanes). With AVX2 the decoder
+// leaves the even weights of each 8 in the low half of a vector and the odd ones in the high half;
+// x is permuted the same way once per call so that no lane shuffle is needed per weight.
+static inline int lane_of(int i) { return kPermuted ? 8 * (i / 8) + (i % 2) * 4 + (i % 8) / 2 : i; }
+
+// Stores one decoded vector's 8 (AVX2) weights in natural order: interleaves its low and high halves.
+static inline void store_natural(float* dst, vf v) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  const __m256 m = static_cast<__m256>(v);
+  const __m128 even = _mm256_castps256_ps128(m), odd = _mm256_extractf128_ps(m, 1);
+  _mm_storeu_ps(dst, _mm_unpacklo_ps(even, odd));
+  _mm_storeu_ps(dst + 4, _mm_unpackhi_ps(even, odd));
+#else
+  storev(dst, v);
+#endif
+}
+
+// Decodes 32 packed weights at a time: code[nibble] * absmax, in lane order (see lane_of).
+class Decoder {
+ public:
+  explicit Decoder(const float* code) {
+#if defined(__AVX512F__)
+    code_ = _mm512_loadu_ps(code);
+#elif defined(__AVX2__)
+    alignas(16) uint8_t planes[4][16];  // byte b of each of the 16 float32 values
+    for (int j = 0; j < 16; ++j) {
+      uint32_t u; std::memcpy(&u, code + j, 4);
+      for (int b = 0; b < 4; ++b) planes[b][j] = static_cast<uint8_t>(u >> (8 * b));
     }
+    for (int b = 0; b < 4; ++b)
+      plane_[b] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(planes[b])));
+#else
+    std::memcpy(code_, code, sizeof(code_));
+#endif
+  }
+
+  // out[0..kVecs) = the 32 weights of the 16 bytes at p, times absmax (then rounded to bf16 when BF16).
+  template <bool BF16>
+  inline void decode(const uint8_t* p, float absmax, vf* out) const {
+#if defined(__AVX512F__)
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask), low = _mm_and_si128(bytes, mask);
+    const __m128i halves[2] = {_mm_unpacklo_epi8(high, low), _mm_unpackhi_epi8(high, low)};  // h0 l0 h1 l1 ...
+    for (int v = 0; v < 2; ++v) {
+      const __m512 values = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(halves[v]), code_);
+      out[v] = static_cast<vf>(values) * absmax;
+    }
+#elif defined(__AVX2__)
+    // lane 0 of `nibbles`: the high nibbles of the 16 bytes (even weights), lane 1: the low ones (odd)
+    const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i nibbles = _mm256_and_si256(_mm256_srlv_epi32(both, _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0)),
+                                             _mm256_set1_epi8(0x0F));
+    __m256i bytes[4];
+    for (int b = 0; b < 4; ++b) bytes[b] = _mm256_shuffle_epi8(plane_[b], nibbles);
+    const __m256i lo01 = _mm256_unpacklo_epi8(bytes[0], bytes[1]), hi01 = _mm256_unpackhi_epi8(bytes[0], bytes[1]);
+    const __m256i lo23 = _mm256_unpacklo_epi8(bytes[2], bytes[3]), hi23 = _mm256_unpackhi_epi8(bytes[2], bytes[3]);
+    const __m256i values[4] = {_mm256_unpacklo_epi16(lo01, lo23), _mm256_unpackhi_epi16(lo01, lo23),
+                               _mm256_unpacklo_epi16(hi01, hi23), _mm256_unpackhi_epi16(hi01, hi23)};
+    for (int v = 0; v < 4; ++v) out[v] = static_cast<vf>(_mm256_castsi256_ps(values[v])) * absmax;
+#else
+    for (int i = 0; i < kGroup; ++i) out[i / kLanes][i % kLanes] = code_[(p[i / 2] >> (i % 2 ? 0 : 4)) & 15] * absmax;
+#endif
+    if (BF16)
+      for (int v = 0; v < kVecs; ++v) out[v] = round_bf16(out[v]);
+  }
+
+ private:
+#if defined(__AVX512F__)
+  __m512 code_;
+#elif defined(__AVX2__)
+  __m256i plane_[4];
+#else
+  float code_[16];
+#endif
+};
+
+// Columns [k0, k1) of row o (multiples of 32) decoded into dst, in lane order (natural order when NATURAL).
+template <bool BF16, bool NATURAL>
+static void decode_range(const Nf4& w, const Decoder& dec, int64_t o, int64_t k0, int64_t k1, float* dst) {
+  const int64_t first = o * w.K;
+  float absmax = 0;
+  for (int64_t k = k0; k < k1; k += kGroup) {
+    if (k == k0 || (first + k) % kBlock == 0) absmax = block_absmax(w, (first + k) / kBlock);
+    vf values[kVecs];
+    dec.decode<BF16>(w.packed + (first + k) / 2, absmax, values);
+    for (int v = 0; v < kVecs; ++v) NATURAL ? store_natural(dst + k - k0 + v * kLanes, values[v])
+                                            : storev(dst + k - k0 + v * kLanes, values[v]);
   }
 }
 
-// The whole weight into dst [N, K], threads over rows.
-static void dequant_all(const Nf4& w, float* dst) {
-  at::parallel_for(0, w.N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) dequant_row(w, o, dst + o * w.K);
-  });
+// x [M, K] with each group of 32 columns permuted into lane order (x itself when that order is natural).
+static torch::Tensor to_lane_order(const torch::Tensor& x) {
+  if (!kPermuted) return x;
+  const int64_t M = x.size(0), K = x.size(1);
+  torch::Tensor out = torch::empty({M, K}, torch::kFloat);
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; k += kGroup)
+      for (int i = 0; i < kGroup; ++i) dst[m * K + k + lane_of(i)] = src[m * K + k + i];
+  return out;
 }
 
-// y[t, r] = w[r] . x[t] for R rows of w (stride K) and T tokens of x (stride K); y has stride N.
+// y[t, r] = w[r] . x[t] for R decoded rows of w (stride K) and T tokens of x (stride K), both in lane
+// order; y has stride N. Every (row, token) sum runs over k in the same order as in `direct_tile`.
 template <int R, int T>
 static inline void dot_tile(const float* w, const float* x, int64_t K, float* y, int64_t N) {
   vf acc[R][T] = {};
@@ -132,7 +239,7 @@ static inline void dot_tile(const float* w, const float* x, int64_t K, float* y,
     for (int t = 0; t < T; ++t) xv[t] = loadv(x + t * K + k);
     for (int r = 0; r < R; ++r) {
       const vf wv = loadv(w + r * K + k);
-      for (int t = 0; t < T; ++t) acc[r][t] += wv * xv[t];
+      for (int t = 0; t < T; ++t) acc[r][t] = fmadd(wv, xv[t], acc[r][t]);
     }
   }
   for (int r = 0; r < R; ++r)
@@ -153,61 +260,130 @@ static void rows_times_tokens(const float* w, const float* x, int64_t M, int64_t
   }
 }
 
+// Rows [o, o + R) times all T tokens, decoding each group of weights into registers and using it at once.
+template <int R, int T, bool BF16>
+static void direct_tile(const Nf4& w, const Decoder& dec, int64_t o, const float* x, float* y) {
+  const int64_t K = w.K;
+  vf acc[R][T] = {};
+  float absmax[R] = {};
+  for (int64_t k = 0; k < K; k += kGroup) {
+    for (int r = 0; r < R; ++r) {
+      const int64_t at = (o + r) * K + k;
+      if (k == 0 || at % kBlock == 0) absmax[r] = block_absmax(w, at / kBlock);
+      vf values[kVecs];
+      dec.decode<BF16>(w.packed + at / 2, absmax[r], values);
+      for (int v = 0; v < kVecs; ++v)
+        for (int t = 0; t < T; ++t) acc[r][t] = fmadd(values[v], loadv(x + t * K + k + v * kLanes), acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) y[t * w.N + o + r] = hsum(acc[r][t]);
+}
+
+template <int T, bool BF16>
+static void direct_rows(const Nf4& w, const Decoder& dec, int64_t o, int64_t count, const float* x, float* y) {
+  switch (count) {
+    case 1: direct_tile<1, T, BF16>(w, dec, o, x, y); break;
+    case 2: direct_tile<2, T, BF16>(w, dec, o, x, y); break;
+#if defined(__AVX512F__)
+    case 3: direct_tile<3, T, BF16>(w, dec, o, x, y); break;
+#endif
+    default: direct_tile<kRowTile, T, BF16>(w, dec, o, x, y); break;
+  }
+}
+
+// The fused loop: y [M, N] = x [M, K] (lane order) times the weight, threads over tiles of rows. Up to
+// direct_max_tokens tokens each group of weights is decoded into registers and used at once; above,
+// each tile of rows is decoded into L1 and reused by every token.
+template <bool BF16>
+static void fused_loop(const Nf4& w, const float* x, int64_t M, int64_t direct_max_tokens, float* y) {
+  const Decoder dec(w.code);
+  const int64_t K = w.K, N = w.N;
+  at::parallel_for(0, (N + kRowTile - 1) / kRowTile, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> rows(M > direct_max_tokens ? kRowTile * K : 0);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t o = tile * kRowTile, count = std::min<int64_t>(kRowTile, N - o);
+      if (M <= direct_max_tokens) {
+        switch (M) {
+          case 1: direct_rows<1, BF16>(w, dec, o, count, x, y); break;
+          case 2: direct_rows<2, BF16>(w, dec, o, count, x, y); break;
+          case 3: direct_rows<3, BF16>(w, dec, o, count, x, y); break;
+          default: direct_rows<4, BF16>(w, dec, o, count, x, y); break;
+        }
+        continue;
+      }
+      for (int64_t r = 0; r < count; ++r) decode_range<BF16, false>(w, dec, o + r, 0, K, rows.data() + r * K);
+      switch (count) {
+        case 1: rows_times_tokens<1>(rows.data(), x, M, K, y + o, N); break;
+        case 2: rows_times_tokens<2>(rows.data(), x, M, K, y + o, N); break;
+#if defined(__AVX512F__)
+        case 3: rows_times_tokens<3>(rows.data(), x, M, K, y + o, N); break;
+#endif
+        default: rows_times_tokens<kRowTile>(rows.data(), x, M, K, y + o, N); break;
+      }
+    }
+  });
+}
+
+// The whole weight into dst [N, K] in natural order, threads over rows.
+template <bool BF16>
+static void dequant_all(const Nf4& w, float* dst) {
+  const Decoder dec(w.code);
+  at::parallel_for(0, w.N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) decode_range<BF16, true>(w, dec, o, 0, w.K, dst + o * w.K);
+  });
+}
+
 static Nf4 describe(torch::Tensor packed, torch::Tensor qabsmax, torch::Tensor absmax2, torch::Tensor code2,
-                    torch::Tensor code, double offset, int64_t blocksize2, int64_t N, int64_t K, bool bf16) {
+                    torch::Tensor code, double offset, int64_t blocksize2, int64_t N, int64_t K) {
   TORCH_CHECK(packed.scalar_type() == at::kByte && qabsmax.scalar_type() == at::kByte, "uint8 packed data and absmax");
   TORCH_CHECK(absmax2.scalar_type() == at::kFloat && code2.scalar_type() == at::kFloat &&
               code.scalar_type() == at::kFloat, "float32 quantization state");
-  TORCH_CHECK(packed.is_contiguous() && qabsmax.is_contiguous() && absmax2.is_contiguous(), "contiguous state");
-  TORCH_CHECK(K % 16 == 0 && packed.numel() * 2 == N * K && code.numel() == 16, "NF4 weight of [N, K], K % 16 == 0");
+  TORCH_CHECK(packed.is_contiguous() && qabsmax.is_contiguous() && absmax2.is_contiguous() && code.is_contiguous(),
+              "contiguous state");
+  TORCH_CHECK(K % kGroup == 0 && packed.numel() * 2 == N * K && code.numel() == 16,
+              "NF4 weight of [N, K], K % 32 == 0");
   return Nf4{packed.data_ptr<uint8_t>(), qabsmax.data_ptr<uint8_t>(), absmax2.data_ptr<float>(),
-             code2.data_ptr<float>(), code.data_ptr<float>(), static_cast<float>(offset), blocksize2, N, K, bf16};
+             code2.data_ptr<float>(), code.data_ptr<float>(), static_cast<float>(offset), blocksize2, N, K};
 }
 
 // The whole weight dequantized, [N, K] float32 (bfloat16-rounded values when bf16).
 torch::Tensor nf4_dequantize(torch::Tensor packed, torch::Tensor qabsmax, torch::Tensor absmax2, torch::Tensor code2,
                              torch::Tensor code, double offset, int64_t blocksize2, int64_t N, int64_t K, bool bf16) {
-  const Nf4 w = describe(packed, qabsmax, absmax2, code2, code, offset, blocksize2, N, K, bf16);
+  const Nf4 w = describe(packed, qabsmax, absmax2, code2, code, offset, blocksize2, N, K);
   torch::Tensor out = torch::empty({N, K}, torch::kFloat);
-  dequant_all(w, out.data_ptr<float>());
+  bf16 ? dequant_all<true>(w, out.data_ptr<float>()) : dequant_all<false>(w, out.data_ptr<float>());
   return out;
 }
 
 // y = x @ dequant(W).T (+ bias): x [M, K] in the compute dtype (float32 or bfloat16), y [M, N] likewise.
+// Up to direct_max_tokens tokens the weights are decoded into registers and used at once; up to
+// blas_min_tokens - 1 each tile of rows is decoded into L1 and reused by every token; from
+// blas_min_tokens on the whole weight is decoded into a reused buffer and multiplied by BLAS.
 torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor qabsmax, torch::Tensor absmax2,
                          torch::Tensor code2, torch::Tensor code, double offset, int64_t blocksize2, int64_t N,
-                         c10::optional<torch::Tensor> bias, int64_t blas_min_tokens) {
+                         c10::optional<torch::Tensor> bias, int64_t direct_max_tokens, int64_t blas_min_tokens) {
   TORCH_CHECK(x.dim() == 2, "x must be [tokens, in_features]");
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "float32 or bfloat16 activations");
+  TORCH_CHECK(direct_max_tokens <= 4, "direct_max_tokens is at most 4");
+  const bool bf16 = dtype == at::kBFloat16;
   const int64_t M = x.size(0), K = x.size(1);
-  const Nf4 w = describe(packed, qabsmax, absmax2, code2, code, offset, blocksize2, N, K, dtype == at::kBFloat16);
+  const Nf4 w = describe(packed, qabsmax, absmax2, code2, code, offset, blocksize2, N, K);
   const torch::Tensor xf = x.to(torch::kFloat).contiguous();
   torch::Tensor y;
   if (M >= blas_min_tokens) {
     static thread_local torch::Tensor scratch;
     if (!scratch.defined() || scratch.numel() < N * K) scratch = torch::empty({N * K}, torch::kFloat);
-    dequant_all(w, scratch.data_ptr<float>());
+    bf16 ? dequant_all<true>(w, scratch.data_ptr<float>()) : dequant_all<false>(w, scratch.data_ptr<float>());
     const torch::Tensor weight = scratch.narrow(0, 0, N * K).view({N, K});
     y = bias.has_value() ? at::addmm(bias->to(torch::kFloat), xf, weight.t()) : at::mm(xf, weight.t());
   } else {
     y = torch::empty({M, N}, torch::kFloat);
-    const float* xp = xf.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    const int64_t tiles = (N + kRowTile - 1) / kRowTile;
-    at::parallel_for(0, tiles, 8, [&](int64_t begin, int64_t end) {
-      std::vector<float> rows(kRowTile * K);
-      for (int64_t tile = begin; tile < end; ++tile) {
-        const int64_t o = tile * kRowTile, count = std::min<int64_t>(kRowTile, N - o);
-        for (int64_t r = 0; r < count; ++r) dequant_row(w, o + r, rows.data() + r * K);
-        switch (count) {
-          case 1: rows_times_tokens<1>(rows.data(), xp, M, K, yp + o, N); break;
-          case 2: rows_times_tokens<2>(rows.data(), xp, M, K, yp + o, N); break;
-          case 3: rows_times_tokens<3>(rows.data(), xp, M, K, yp + o, N); break;
-          default: rows_times_tokens<kRowTile>(rows.data(), xp, M, K, yp + o, N); break;
-        }
-      }
-    });
+    const torch::Tensor xl = to_lane_order(xf);
+    const float* xp = xl.data_ptr<float>();
+    bf16 ? fused_loop<true>(w, xp, M, direct_max_tokens, y.data_ptr<float>())
+         : fused_loop<false>(w, xp, M, direct_max_tokens, y.data_ptr<float>());
     if (bias.has_value()) y.add_(bias->to(torch::kFloat));
   }
   return dtype == at::kFloat ? y : y.to(dtype);
@@ -223,9 +399,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 @functools.cache
 def _extension():
     """The compiled kernel module, or None when it cannot be built here."""
-    # fp-contract=fast turns the tile loops' `acc += w * x` into FMAs (C++17 mode would not); the
-    # absmax computation keeps its two roundings through a volatile intermediate.
-    return cpu_extension.build("nf4_linear", _SOURCE, ("-ffp-contract=fast",))
+    # No contraction: the tile loops' FMAs are explicit (`fmadd`), every other product and sum is
+    # rounded as written (the absmax's two roundings, the dequantized values).
+    return cpu_extension.build("nf4_linear", _SOURCE, ("-ffp-contract=off",))
 
 
 def available() -> bool:
@@ -268,13 +444,16 @@ class Nf4Weight:
 
 def supports(weight_shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the fused kernel serves a weight of this [out, in] shape, device and compute dtype."""
-    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and weight_shape[1] % 16 == 0
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and weight_shape[1] % 32 == 0
 
 
 def nf4_linear(x: torch.Tensor, weight: Nf4Weight, bias: torch.Tensor | None = None,
-               blas_min_tokens: int = BLAS_MIN_TOKENS) -> torch.Tensor:
-    """x: [num_tokens, in] -> [num_tokens, out] = x @ dequant(W).T (+ bias), in x's dtype."""
-    return _extension().nf4_linear(x, *weight._state_args(), bias, blas_min_tokens)
+               direct_max_tokens: int = DIRECT_MAX_TOKENS, blas_min_tokens: int = BLAS_MIN_TOKENS) -> torch.Tensor:
+    """x: [num_tokens, in] -> [num_tokens, out] = x @ dequant(W).T (+ bias), in x's dtype.
+
+    Below `blas_min_tokens` every (row, token) product is summed in the same order whatever the
+    token count, so a token's result does not depend on the batch it is in."""
+    return _extension().nf4_linear(x, *weight._state_args(), bias, direct_max_tokens, blas_min_tokens)
 
 
 def nf4_dequantize(weight: Nf4Weight, bf16: bool = False) -> torch.Tensor:

@@ -145,3 +145,23 @@ def test_a_machine_without_a_compiler_serves_through_bitsandbytes(tiny_llama: Pa
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert "unavailable" in done.stderr and len(ast.literal_eval(done.stdout.strip())) == 4
+
+
+def test_the_plain_cpp_path_gives_the_same_values(tmp_path: Path) -> None:
+    """The kernel built without AVX2/FMA/AVX-512 (as on a CPU without them) decodes the same bits and
+    multiplies within the same bound, and a token's result does not depend on its batch there either."""
+    from loraplex.server.engine import cpu_extension
+
+    portable = cpu_extension.build("nf4_linear_portable", nf4_cpu._SOURCE,
+                                   ("-ffp-contract=off", "-mno-avx2", "-mno-fma", "-mno-avx512f"))
+    assert portable is not None
+    packed, state = quantized(96, 96, seed=4)
+    weight = nf4_cpu.Nf4Weight.from_quant_state(packed, state)
+    args = weight._state_args()
+    dense = bnbf.dequantize_4bit(packed, state)  # [96, 96]
+    assert torch.equal(portable.nf4_dequantize(*args, 96, False), dense)
+    x = torch.randn(9, 96, generator=torch.Generator().manual_seed(5))
+    batch = portable.nf4_linear(x, *args, None, 4, 48)
+    bound = 1e-6 * 96 * (x.abs().double() @ dense.abs().double().T + 1)
+    assert ((batch.double() - x.double() @ dense.double().T).abs() <= bound).all()
+    assert torch.equal(portable.nf4_linear(x[4:5], *args, None, 4, 48)[0], batch[4])
