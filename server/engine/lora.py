@@ -140,6 +140,8 @@ class LoraBatch:
     """[n] slot of each of `small_tokens`."""
     slot_ranks: torch.Tensor
     """[num_slots] rank of each slot's adapter."""
+    has_adapters: bool
+    """Whether any token has a slot: without one the op adds nothing and is skipped."""
 
     @staticmethod
     def build(slot_ids: list[int], slot_ranks: list[int], device: torch.device) -> LoraBatch:
@@ -157,6 +159,7 @@ class LoraBatch:
             small_tokens=_index([t for _, tokens in small for t in tokens], device),
             small_slots=_index([slot for slot, tokens in small for _ in tokens], device),
             slot_ranks=_index(slot_ranks, device),
+            has_adapters=bool(tokens_by_slot),
         )
 
 
@@ -210,4 +213,5 @@ class MultiLoraLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoraBatch, lora_op=lora_grouped) -> torch.Tensor:
         """x: [num_tokens, in] -> [num_tokens, out]."""
-        return lora_op(self.base(x), x, self.slots, lora)
+        y = self.base(x)
+        return lora_op(y, x, self.slots, lora) if lora.has_adapters else y
