@@ -210,21 +210,23 @@ def profile_ops(engine: Engine, prompts: list[list[int]], slots: list[int], step
     return [*rows, ("(python and the rest)", 100 - 100 * sum(e.self_cpu_time_total for e in events) / total_us)]
 
 
+def median_time(fn, reps: int = 15) -> float:
+    """Median wall time of fn() over `reps` calls, after one discarded call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def projection_microbenchmark(spec, token_counts: Sequence[int] = (1, 8, 32, 48, 64, 128, 512)) -> dict:
     """Median time of one projection of every distinct shape of `spec`, per token count: the fused
     kernel (its own loop below BLAS_MIN_TOKENS, else dequantize + BLAS), its loop and its BLAS path
-    forced, bitsandbytes' matmul_4bit, and F.linear on the dense float32 weight."""
+    forced, bitsandbytes' matmul_4bit, and the dense float32 weight by F.linear and by the kernel's tiles."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
-
-    def median_time(fn, reps: int = 15) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
 
     results = {}
     generator = torch.Generator().manual_seed(0)
@@ -240,7 +242,23 @@ def projection_microbenchmark(spec, token_counts: Sequence[int] = (1, 8, 32, 48,
                 "fused_blas": median_time(lambda: nf4_cpu.nf4_linear(x, fused, blas_min_tokens=0)),  # noqa: B023
                 "bitsandbytes": median_time(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state)),  # noqa: B023
                 "dense_fp32": median_time(lambda: torch.nn.functional.linear(x, dense)),  # noqa: B023
+                "dense_fp32_tiles": median_time(lambda: nf4_cpu.dense_linear(x, dense)),  # noqa: B023
             }
+    return results
+
+
+def lm_head_microbenchmark(spec, token_counts: Sequence[int] = (1, 8, 32, 64, 128)) -> dict:
+    """Median time of the float32 lm_head [vocab, hidden] per row count: F.linear (BLAS) vs the
+    kernel's tiles (`nf4_cpu.dense_linear`, which the model uses up to DENSE_MAX_TOKENS rows)."""
+    generator = torch.Generator().manual_seed(0)
+    head = torch.randn(spec.vocab_size, spec.hidden_size, generator=generator)  # [vocab, hidden]
+    results = {}
+    for tokens in token_counts:
+        x = torch.randn(tokens, spec.hidden_size, generator=generator)
+        results[f"{spec.vocab_size}x{spec.hidden_size}@{tokens}"] = {
+            "F.linear": median_time(lambda: torch.nn.functional.linear(x, head)),  # noqa: B023
+            "tiles": median_time(lambda: nf4_cpu.dense_linear(x, head)),  # noqa: B023
+        }
     return results
 
 
@@ -324,7 +342,7 @@ def main() -> None:
     profile = {mode: profile_decode(engine, prompts, modes[mode][1]) for mode in ("a_base", "c_distinct_r16")}
     op_profile = {mode: profile_ops(engine, prompts, modes[mode][1]) for mode in ("a_base", "a_base_batch8")}
     del dense, portable
-    micro = projection_microbenchmark(spec)
+    micro, head_micro = projection_microbenchmark(spec), lm_head_microbenchmark(spec)
     if not args.skip_peft:
         results["e_peft"] = run_peft(base_folder, distinct, prompts, dtype, args.device)
 
@@ -370,6 +388,9 @@ def main() -> None:
     print(f"\n{'projection@tokens':<20}" + "".join(f"{name:>14}" for name in next(iter(micro.values()))) + "  (us)")
     for key, times in micro.items():
         print(f"{key:<20}" + "".join(f"{t * 1e6:>14.0f}" for t in times.values()))
+    print(f"\n{'lm_head@rows':<20}" + "".join(f"{name:>14}" for name in next(iter(head_micro.values()))) + "  (us)")
+    for key, times in head_micro.items():
+        print(f"{key:<20}" + "".join(f"{t * 1e6:>14.0f}" for t in times.values()))
     for mode, rows in op_profile.items():
         print(f"\ndecode step of {mode}, top ops by self CPU time:")
         for name, share in rows:
@@ -392,6 +413,7 @@ def main() -> None:
         "nf4_blas_min_tokens": nf4_cpu.BLAS_MIN_TOKENS,
         "tokens_per_s": tps, "ratios": ratios, "modes": results, "floor": floor, "profile": profile,
         "decode_op_profile_percent": op_profile, "projection_microbenchmark_s": micro,
+        "lm_head_microbenchmark_s": head_micro,
         "bandwidth_bytes_per_s": bandwidth, "matmul_flops_per_s": matmul_rate,
         "nf4_linear_bytes": base_bytes, "bf16_linear_bytes": bf16_bytes,
     }, indent=2) + "\n")

@@ -28,7 +28,11 @@ Writes benchmarks/results/serving.json: `ratios.n100_vs_n0` (gRPC tokens/s, N=10
 >= 0.85), `ratios.grpc_vs_direct` (the lowest over N of gRPC tokens/s over direct; target >= 0.9) and
 `ratios.http_vs_grpc` (the lowest over N of HTTP tokens/s over gRPC; target >= 0.9; ITL p99 ratios too) and
 `ratios.metrics_on_vs_off` (gRPC tokens/s on the N=8 trace with Prometheus metrics on over off, two
-alternating runs each on two otherwise identical servers; target >= 0.97).
+alternating runs each on two otherwise identical servers; target >= 0.97) and
+`ratios.fused_vs_bitsandbytes_n8` (gRPC tokens/s on the N=8 trace with `engine.nf4_kernel` auto, i.e. the
+fused kernel, over `bitsandbytes`, two alternating runs each on two otherwise identical servers;
+target >= 1.8). `--only-kernels` runs just that comparison (about 8 minutes) and writes
+benchmarks/results/serving_nf4_kernels.json.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from loraplex.server.engine.lora import NO_ADAPTER
 from loraplex.server.settings import AdapterSettings, Settings, load_settings
 
 RESULTS = Path(__file__).parent / "results" / "serving.json"
+KERNELS_RESULTS = RESULTS.with_name("serving_nf4_kernels.json")
 NUM_REQUESTS = 96
 ARRIVAL_RATE = 4.0  # requests/s
 PROMPT_LENS, OUTPUT_LENS = (16, 128), (16, 96)  # uniform, inclusive
@@ -69,6 +74,7 @@ RANK, TARGETS = 8, ("q_proj", "v_proj")
 MAX_RUNNING, MAX_STEP_TOKENS = 32, 512
 PATHS = ("grpc", "http", "direct")
 METRICS_REPEATS = 2
+KERNEL_REPEATS = 2
 
 
 @dataclass(frozen=True)
@@ -238,78 +244,84 @@ async def resident_slots(manager: AdapterManager, names: list[str]) -> dict[str,
 
 
 async def benchmark(base_folder: Path, adapters: dict[str, Path], device: str, num_requests: int,
-                    store: Path, clients: ProcessPoolExecutor) -> dict:
-    def settings(metrics: bool, store: Path) -> Settings:
+                    store: Path, clients: ProcessPoolExecutor, only_kernels: bool) -> dict:
+    def settings(metrics: bool, store: Path, nf4_kernel: str = "auto") -> Settings:
         return load_settings(model=base_folder, adapter=adapters, host="127.0.0.1", port=0, http_port=0,
                              reflection=False,
                              adapters=AdapterSettings(store=store), metrics={"enabled": metrics},
                              engine=EngineConfig(device=device, num_slots=len(adapters), max_rank=RANK,
-                                                 kv_cache_bytes=2**30),
+                                                 kv_cache_bytes=2**30, nf4_kernel=nf4_kernel),
                              scheduler={"max_running": MAX_RUNNING, "max_step_tokens": MAX_STEP_TOKENS,
                                         "max_waiting": num_requests})
 
     app = await start(settings(True, store))
-    unmetered = await start(settings(False, store.with_name(store.name + "-unmetered")))
+    side = {"bitsandbytes": settings(True, store.with_name(store.name + "-bitsandbytes"), nf4_kernel="bitsandbytes")}
+    if not only_kernels:
+        side["unmetered"] = settings(False, store.with_name(store.name + "-unmetered"))
+    others = {label: await start(config) for label, config in side.items()}
     try:
         engine, target, names = app.scheduler.engine, f"127.0.0.1:{app.port}", list(adapters)
-        url = f"http://127.0.0.1:{app.http.port}/v1"
-        slot_of = await resident_slots(app.scheduler.adapters, names)
         trace = make_trace(engine.spec.vocab_size, num_requests)
-        warm = [TraceRequest(0.0, r.prompt, 4) for r in trace[:16]]  # kernels, allocator, BLAS shapes
-        for path, address in (("grpc", target), ("http", url)):
-            await replay(clients, path, address, warm, [names[i % len(names)] for i in range(len(warm))])
-        run_direct(engine, warm, list(range(len(warm))))
-        timer, runs = StepTimer(engine), {}
-        for n in ADAPTER_COUNTS:
-            indices = zipf_adapters(n, num_requests)
-            adapters = [names[i] if i != NO_ADAPTER else "" for i in indices]
-            slots = [slot_of[name] if name else NO_ADAPTER for name in adapters]
-            grpc_run = timer.measured(await replay(clients, "grpc", target, trace, adapters))
-            http_run = timer.measured(await replay(clients, "http", url, trace, adapters))
-            runs[f"n{n}"] = {"distinct_adapters": len(set(slots) - {NO_ADAPTER}), "grpc": grpc_run,
-                             "http": http_run, "direct": timer.measured(run_direct(engine, trace, slots))}
-            print(f"N={n}: " + ", ".join(f"{path} {runs[f'n{n}'][path]['tokens_per_s']:.1f} tokens/s"
-                                         for path in PATHS), flush=True)
-        metrics = await metrics_overhead(clients, target, f"127.0.0.1:{unmetered.port}", trace,
-                                         [names[i] if i != NO_ADAPTER else "" for i in zipf_adapters(8, num_requests)],
-                                         unmetered, names)
-        print(f"metrics on {metrics['on_tokens_per_s']}, off {metrics['off_tokens_per_s']} tokens/s", flush=True)
-        return {"lora_impl": engine.lora_impl, "dtype": str(engine.dtype), "runs": runs, "metrics": metrics}
+        n8 = [names[i] if i != NO_ADAPTER else "" for i in zipf_adapters(8, num_requests)]
+        result = {"lora_impl": engine.lora_impl, "dtype": str(engine.dtype)}
+        if not only_kernels:
+            result["runs"] = await adapter_counts(clients, app, names, trace)
+            metrics = await alternating(clients, {"off": (f"127.0.0.1:{others['unmetered'].port}", others["unmetered"]),
+                                                  "on": (target, app)}, trace, n8, names, METRICS_REPEATS)
+            result["metrics"] = {"on_tokens_per_s": metrics["on"], "off_tokens_per_s": metrics["off"]}
+            print(f"metrics on {metrics['on']}, off {metrics['off']} tokens/s", flush=True)
+        kernels = await alternating(clients, {"fused": (target, app), "bitsandbytes": (
+            f"127.0.0.1:{others['bitsandbytes'].port}", others["bitsandbytes"])}, trace, n8, names, KERNEL_REPEATS)
+        result["nf4_kernels_n8"] = {f"{label}_tokens_per_s": values for label, values in kernels.items()}
+        print(f"N=8 nf4_kernel fused {kernels['fused']}, bitsandbytes {kernels['bitsandbytes']} tokens/s", flush=True)
+        return result
     finally:
         await app.stop(0)
-        await unmetered.stop(0)
+        for other in others.values():
+            await other.stop(0)
 
 
-async def metrics_overhead(clients: ProcessPoolExecutor, metered: str, unmetered_target: str,
-                           trace: list[TraceRequest], adapters: list[str], unmetered: App, names: list[str]) -> dict:
-    """The N=8 trace over gRPC, alternately on a server with metrics off (`unmetered_target`) and on
-    (`metered`, the main one), METRICS_REPEATS times each, so slow drifts of the machine hit both alike."""
-    await resident_slots(unmetered.scheduler.adapters, names)
+async def adapter_counts(clients: ProcessPoolExecutor, app: App, names: list[str], trace: list[TraceRequest]
+                         ) -> dict[str, dict]:
+    """The trace for every N of ADAPTER_COUNTS over gRPC, HTTP and the engine driven directly."""
+    engine, target = app.scheduler.engine, f"127.0.0.1:{app.port}"
+    url = f"http://127.0.0.1:{app.http.port}/v1"
+    slot_of = await resident_slots(app.scheduler.adapters, names)
+    warm = [TraceRequest(0.0, r.prompt, 4) for r in trace[:16]]  # kernels, allocator, BLAS shapes
+    for path, address in (("grpc", target), ("http", url)):
+        await replay(clients, path, address, warm, [names[i % len(names)] for i in range(len(warm))])
+    run_direct(engine, warm, list(range(len(warm))))
+    timer, runs = StepTimer(engine), {}
+    for n in ADAPTER_COUNTS:
+        indices = zipf_adapters(n, len(trace))
+        adapters = [names[i] if i != NO_ADAPTER else "" for i in indices]
+        slots = [slot_of[name] if name else NO_ADAPTER for name in adapters]
+        grpc_run = timer.measured(await replay(clients, "grpc", target, trace, adapters))
+        http_run = timer.measured(await replay(clients, "http", url, trace, adapters))
+        runs[f"n{n}"] = {"distinct_adapters": len(set(slots) - {NO_ADAPTER}), "grpc": grpc_run,
+                         "http": http_run, "direct": timer.measured(run_direct(engine, trace, slots))}
+        print(f"N={n}: " + ", ".join(f"{path} {runs[f'n{n}'][path]['tokens_per_s']:.1f} tokens/s"
+                                     for path in PATHS), flush=True)
+    return runs
+
+
+async def alternating(clients: ProcessPoolExecutor, servers: dict[str, tuple[str, App]], trace: list[TraceRequest],
+                      adapters: list[str], names: list[str], repeats: int) -> dict[str, list[float]]:
+    """gRPC tokens/s of the trace on each server (label -> (address, app)), the servers taking turns
+    `repeats` times, so slow drifts of the machine hit all of them alike. Each server is warmed first."""
     warm = [TraceRequest(0.0, r.prompt, 4) for r in trace[:16]]
-    await replay(clients, "grpc", unmetered_target, warm, adapters[:16])
-    on, off = [], []
-    for _ in range(METRICS_REPEATS):
-        off.append((await replay(clients, "grpc", unmetered_target, trace, adapters))["tokens_per_s"])
-        on.append((await replay(clients, "grpc", metered, trace, adapters))["tokens_per_s"])
-    return {"on_tokens_per_s": on, "off_tokens_per_s": off}
+    for address, app in servers.values():
+        await resident_slots(app.scheduler.adapters, names)
+        await replay(clients, "grpc", address, warm, adapters[:16])
+    results: dict[str, list[float]] = {label: [] for label in servers}
+    for _ in range(repeats):
+        for label, (address, _) in servers.items():
+            results[label].append((await replay(clients, "grpc", address, trace, adapters))["tokens_per_s"])
+    return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="random tiny llama instead of SmolLM2")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--requests", type=int, default=NUM_REQUESTS, help="requests per run")
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    args = parser.parse_args()
-
-    began = time.perf_counter()
-    workdir = Path(tempfile.mkdtemp(prefix="loraplex-serving-bench-"))
-    base_folder = tiny_model(workdir / "base") if args.tiny else default_model_path()
-    folders = write_adapters(base_folder, workdir / "adapters", [RANK] * max(ADAPTER_COUNTS), TARGETS)
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
-        result = asyncio.run(benchmark(base_folder, {f.name: f for f in folders}, args.device, args.requests,
-                                       workdir / "store", clients))
-    runs = result["runs"]
+def adapter_ratios(runs: dict[str, dict], metrics: dict) -> dict[str, float]:
+    """The ratios of the adapter-count runs and of the metrics comparison (see the module docstring)."""
     ratios = {
         "n100_vs_n0": runs["n100"]["grpc"]["tokens_per_s"] / runs["n0"]["grpc"]["tokens_per_s"],
         "n8_vs_n0": runs["n8"]["grpc"]["tokens_per_s"] / runs["n0"]["grpc"]["tokens_per_s"],
@@ -319,7 +331,35 @@ def main() -> None:
     }
     ratios["grpc_vs_direct"] = min(ratios[f"grpc_vs_direct_{n}"] for n in runs)
     ratios["http_vs_grpc"] = min(ratios[f"http_vs_grpc_{n}"] for n in runs)
-    ratios["metrics_on_vs_off"] = sum(result["metrics"]["on_tokens_per_s"]) / sum(result["metrics"]["off_tokens_per_s"])
+    ratios["metrics_on_vs_off"] = sum(metrics["on_tokens_per_s"]) / sum(metrics["off_tokens_per_s"])
+    return ratios
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="random tiny llama instead of SmolLM2")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--requests", type=int, default=NUM_REQUESTS, help="requests per run")
+    parser.add_argument("--output", type=Path, default=None, help=f"default {RESULTS} ({KERNELS_RESULTS} with "
+                        "--only-kernels)")
+    parser.add_argument("--only-kernels", action="store_true",
+                        help="only the N=8 fused vs bitsandbytes NF4 kernel comparison")
+    args = parser.parse_args()
+    output = args.output or (KERNELS_RESULTS if args.only_kernels else RESULTS)
+
+    began = time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix="loraplex-serving-bench-"))
+    base_folder = tiny_model(workdir / "base") if args.tiny else default_model_path()
+    folders = write_adapters(base_folder, workdir / "adapters", [RANK] * max(ADAPTER_COUNTS), TARGETS)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
+        result = asyncio.run(benchmark(base_folder, {f.name: f for f in folders}, args.device, args.requests,
+                                       workdir / "store", clients, args.only_kernels))
+    kernels = result["nf4_kernels_n8"]
+    ratios = {"fused_vs_bitsandbytes_n8": sum(kernels["fused_tokens_per_s"])
+              / sum(kernels["bitsandbytes_tokens_per_s"])}
+    runs = result.get("runs", {})
+    if runs:
+        ratios |= adapter_ratios(runs, result["metrics"])
 
     print(f"\nmodel: {'tiny llama' if args.tiny else 'SmolLM2-135M-Instruct'}  device: {args.device}  "
           f"lora: {result['lora_impl']}  threads: {torch.get_num_threads()}")
@@ -338,8 +378,8 @@ def main() -> None:
     for name, value in ratios.items():
         print(f"  {name:<22}{value:6.3f}")
     print(f"total {time.perf_counter() - began:.0f} s")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({
         "model": "tiny" if args.tiny else "SmolLM2-135M-Instruct", "device": args.device,
         "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
         "trace": {"requests": args.requests, "arrival_rate_per_s": ARRIVAL_RATE, "prompt_lens": PROMPT_LENS,

@@ -103,14 +103,14 @@ def copy_with_config(source: Path, target: Path, **changes: object) -> Path:
 
 def reference_generate(base_folder: Path, adapters: dict[str, Path], rows: list[tuple[list[int], str | None]],
                        max_new_tokens: int, quantized: bool, device: str = "cpu",
-                       ) -> list[tuple[list[int], torch.Tensor]]:
-    """transformers + PEFT, each row run alone with its adapter (None: adapters disabled).
+                       dtype: torch.dtype = torch.float32) -> list[tuple[list[int], torch.Tensor]]:
+    """transformers + PEFT loaded in `dtype`, each row run alone with its adapter (None: adapters disabled).
 
-    Returns per row (greedy tokens, raw logits [max_new_tokens, vocab])."""
+    Returns per row (greedy tokens, raw logits [max_new_tokens, vocab] as float32)."""
     from peft import PeftModel
 
-    kwargs = {"quantization_config": nf4_config()} if quantized else {}
-    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32, device_map=device, **kwargs)
+    kwargs = {"quantization_config": nf4_config(dtype)} if quantized else {}
+    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=dtype, device_map=device, **kwargs)
     names = list(adapters)
     model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
     for name in names[1:]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from loraplex.server.engine import nf4_cpu
 from loraplex.server.engine.attention import AttentionBatch, paged_attention
 from loraplex.server.engine.kv_cache import PagedKVCache
 from loraplex.server.engine.lora import LoraBatch, LoraSlots, MultiLoraLinear, lora_grouped
@@ -96,6 +97,10 @@ class DecoderModel(torch.nn.Module):
         self.lm_head = lm_head  # [vocab, hidden]; the same tensor as embed when tied
         self.inv_freq = inv_freq  # [head_dim // 2] float32
         self.lora_op: LoraOp = lora_grouped
+        self.head_on_kernel = (lm_head.device.type == "cpu" and lm_head.dtype == torch.float32
+                               and spec.hidden_size % 16 == 0 and nf4_cpu.available())
+        """Whether logits of up to DENSE_MAX_TOKENS rows come from the compiled kernel's tiles (on this
+        CPU they outrun BLAS on the [vocab, hidden] lm_head by 1.4-2.4x), else from F.linear."""
 
     @classmethod
     def from_weights(cls, spec: ModelSpec, weights: Iterator[tuple[str, torch.Tensor]], *, dtype: torch.dtype,
@@ -156,6 +161,8 @@ class DecoderModel(torch.nn.Module):
         for layer in self.layers:
             hidden = layer(hidden, meta, cache, self.lora_op)
         hidden = rms_norm(hidden.index_select(0, meta.logits_index), self.final_norm, self.spec.rms_norm_eps)
+        if self.head_on_kernel and hidden.shape[0] <= nf4_cpu.DENSE_MAX_TOKENS:
+            return nf4_cpu.dense_linear(hidden, self.lm_head)  # [num_outputs, vocab]
         return F.linear(hidden, self.lm_head).float()  # [num_outputs, vocab]
 
     def projections(self) -> Iterator[tuple[int, str, MultiLoraLinear]]:

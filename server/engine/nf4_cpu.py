@@ -28,6 +28,10 @@ Threads split the output rows. Below `blas_min_tokens` every (row, token) sum ac
 in the same lane order with explicit FMAs, so a token's result has the same bits whatever batch
 it is in. Both thresholds are measured by `benchmarks/engine_throughput.py` (microbenchmark).
 
+The same tiles, without decoding, multiply a dense float32 weight read in place (`dense_linear`): the
+model's lm_head [vocab, hidden] stays float32 in both engines, and for a decode step's few rows
+they outrun BLAS on it.
+
 The kernel is compiled on first use for the host CPU (`cpu_extension`, `-march=native`): AVX-512,
 AVX2 + FMA, or plain C++ elsewhere. Weights whose in_features is not a multiple of 32 are not
 handled (`supports` says False): they keep bitsandbytes' path.
@@ -47,6 +51,9 @@ from loraplex.server.engine import cpu_extension
 DIRECT_MAX_TOKENS = 4
 #: Token counts from which the kernel dequantizes the whole weight and calls BLAS instead of its own loop.
 BLAS_MIN_TOKENS = 48
+#: Token counts up to which `dense_linear` is used for the float32 lm_head (its tiles beat BLAS on
+#: [49152, 576] at 1..64 rows on an AVX2 EPYC: benchmarks/engine_throughput.py, "lm_head" rows).
+DENSE_MAX_TOKENS = 64
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -389,7 +396,36 @@ torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor qa
   return dtype == at::kFloat ? y : y.to(dtype);
 }
 
+// y [M, N] = x [M, K] @ w.T for a dense float32 w [N, K] (K % kLanes == 0): the same tiles, rows read
+// in place, so a token's result does not depend on its batch here either.
+torch::Tensor dense_linear(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x [M, K] and w [N, K]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && w.is_contiguous(),
+              "float32 x and contiguous float32 w");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(K % kLanes == 0, "in_features must be a multiple of the vector width");
+  const torch::Tensor xc = x.contiguous();
+  torch::Tensor y = torch::empty({M, N}, torch::kFloat);
+  const float *xp = xc.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (N + kRowTile - 1) / kRowTile, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t o = tile * kRowTile;
+      switch (std::min<int64_t>(kRowTile, N - o)) {
+        case 1: rows_times_tokens<1>(wp + o * K, xp, M, K, yp + o, N); break;
+        case 2: rows_times_tokens<2>(wp + o * K, xp, M, K, yp + o, N); break;
+#if defined(__AVX512F__)
+        case 3: rows_times_tokens<3>(wp + o * K, xp, M, K, yp + o, N); break;
+#endif
+        default: rows_times_tokens<kRowTile>(wp + o * K, xp, M, K, yp + o, N); break;
+      }
+    }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dense_linear", &dense_linear);
   m.def("nf4_linear", &nf4_linear);
   m.def("nf4_dequantize", &nf4_dequantize);
 }
@@ -459,3 +495,9 @@ def nf4_linear(x: torch.Tensor, weight: Nf4Weight, bias: torch.Tensor | None = N
 def nf4_dequantize(weight: Nf4Weight, bf16: bool = False) -> torch.Tensor:
     """The weight's values [out, in] float32, as the kernel computes them (bfloat16-rounded with `bf16`)."""
     return _extension().nf4_dequantize(*weight._state_args(), weight.in_features, bf16)
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x: [num_tokens, in] float32 -> [num_tokens, out] = x @ weight.T for a dense float32 weight
+    [out, in], on the kernel's tiles (rows read in place; a token's bits do not depend on its batch)."""
+    return _extension().dense_linear(x, weight)

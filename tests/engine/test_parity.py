@@ -54,10 +54,12 @@ def tiny_setup(request, tmp_path_factory):
 
 
 def run_engine(base: Path, adapters: dict[str, Path], rows, quantize: bool, lora_impl: str = "auto",
-               new_tokens: int = NEW_TOKENS, device: str = "cpu"):
+               new_tokens: int = NEW_TOKENS, device: str = "cpu", compute_dtype: str = "float32",
+               nf4_kernel: str = "auto"):
     engine = Engine(model_spec(base), iter_weights(base),
                     EngineConfig(quantize=quantize, num_slots=8, max_rank=64, block_size=4, device=device,
-                                 compute_dtype="float32", kv_cache_bytes=64 * 2**20, lora_impl=lora_impl))
+                                 compute_dtype=compute_dtype, kv_cache_bytes=64 * 2**20, lora_impl=lora_impl,
+                                 nf4_kernel=nf4_kernel))
     slot_of = {}
     for slot, (name, folder) in enumerate(adapters.items()):
         engine.set_slot(slot, read_lora_weights(folder))
@@ -65,7 +67,7 @@ def run_engine(base: Path, adapters: dict[str, Path], rows, quantize: bool, lora
     steps = record_logits(engine)
     outputs = engine.generate([p for p, _ in rows], SamplingParams(max_new_tokens=new_tokens, ignore_eos=True),
                               slots=[-1 if a is None else slot_of[a] for _, a in rows])
-    logits = torch.stack(steps, dim=1).cpu()  # [rows, steps, vocab]: every row runs every step
+    logits = torch.stack(steps, dim=1).float().cpu()  # [rows, steps, vocab]: every row runs every step
     return outputs, logits
 
 
@@ -73,10 +75,13 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
-def assert_parity(setup, quantize: bool, tolerance: float, new_tokens: int = NEW_TOKENS, device: str = "cpu") -> None:
+def assert_parity(setup, quantize: bool, tolerance: float, new_tokens: int = NEW_TOKENS, device: str = "cpu",
+                  compute_dtype: str = "float32") -> None:
     arch, base, adapters, rows = setup
-    expected = reference_generate(base, adapters, rows, new_tokens, quantized=quantize, device=device)
-    outputs, logits = run_engine(base, adapters, rows, quantize, new_tokens=new_tokens, device=device)
+    expected = reference_generate(base, adapters, rows, new_tokens, quantized=quantize, device=device,
+                                  dtype=getattr(torch, compute_dtype))
+    outputs, logits = run_engine(base, adapters, rows, quantize, new_tokens=new_tokens, device=device,
+                                 compute_dtype=compute_dtype)
     outputs_distinct = {tuple(o) for o in outputs}
     assert len(outputs_distinct) > len(rows) // 2, "adapters should change the outputs"
     for row, ((ref_tokens, ref_logits), tokens) in enumerate(zip(expected, outputs, strict=True)):
@@ -91,6 +96,36 @@ def test_mixed_batch_matches_peft_unquantized(tiny_setup):
 
 def test_mixed_batch_matches_peft_nf4(tiny_setup):
     assert_parity(tiny_setup, quantize=True, tolerance=1e-3)
+
+
+#: bfloat16 keeps 8 significant bits: activations are rounded to ~2**-8 relative at every layer, in a
+#: different order than transformers' (attention, norms, oneDNN's matmul blocking), so logits agree to
+#: about ten such steps.
+BF16_TOLERANCE = 4e-2
+
+
+def test_bfloat16_fused_kernel_matches_bitsandbytes(tiny_setup):
+    """compute_dtype bfloat16: the fused kernel's engine and the bitsandbytes engine produce identical
+    tokens on the mixed batch, logits within two bf16 steps (same bf16-rounded dequantized weights; the
+    products are summed in another order, so a rounding to bf16 can land one step apart)."""
+    _, base, adapters, rows = tiny_setup
+    fused = run_engine(base, adapters, rows, quantize=True, compute_dtype="bfloat16")
+    portable = run_engine(base, adapters, rows, quantize=True, compute_dtype="bfloat16", nf4_kernel="bitsandbytes")
+    assert fused[0] == portable[0]
+    assert relative_error(fused[1], portable[1]) < 2 * 2**-8
+
+
+def test_bfloat16_first_step_matches_peft_bfloat16(tiny_setup):
+    """Against transformers + PEFT loaded in bfloat16 on the same NF4 weights: every row's first token
+    (prefill) is the same and its logits are within BF16_TOLERANCE. Later steps are not compared: on these
+    random tiny models bf16 rounding flips near-tied greedy picks after a few tokens on both engines alike."""
+    arch, base, adapters, rows = tiny_setup
+    expected = reference_generate(base, adapters, rows, 1, quantized=True, dtype=torch.bfloat16)
+    outputs, logits = run_engine(base, adapters, rows, quantize=True, new_tokens=1, compute_dtype="bfloat16")
+    for row, ((ref_tokens, ref_logits), tokens) in enumerate(zip(expected, outputs, strict=True)):
+        assert tokens == ref_tokens, f"{arch} row {row}: first token differs"
+        error = relative_error(logits[row], ref_logits)
+        assert error < BF16_TOLERANCE, f"{arch} row {row}: logits relative error {error:.2e}"
 
 
 @pytest.mark.gpu
