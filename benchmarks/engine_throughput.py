@@ -193,8 +193,9 @@ def profile_ops(engine: Engine, prompts: list[list[int]], slots: list[int], step
     seqs = [engine.add_sequence(p, SamplingParams(max_new_tokens=steps + 1, ignore_eos=True), s)
             for p, s in zip(prompts, slots, strict=False)]
     engine.step([(s, s.num_pending) for s in seqs])
-    fused = nf4_cpu.nf4_linear
-    nf4_cpu.nf4_linear = named("loraplex::nf4_linear", fused)  # BaseLinear looks it up per call
+    fused, head = nf4_cpu.nf4_linear, nf4_cpu.dense_linear
+    nf4_cpu.nf4_linear = named("loraplex::nf4_linear", fused)  # BaseLinear and the model look them up per call
+    nf4_cpu.dense_linear = named("loraplex::dense_linear (lm_head)", head)
     op, engine.model.lora_op = engine.model.lora_op, named(f"loraplex::lora_{engine.lora_impl}", engine.model.lora_op)
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -204,7 +205,7 @@ def profile_ops(engine: Engine, prompts: list[list[int]], slots: list[int], step
             total_us = (time.perf_counter() - start) * 1e6
     finally:
         engine.model.lora_op = op
-        nf4_cpu.nf4_linear = fused
+        nf4_cpu.nf4_linear, nf4_cpu.dense_linear = fused, head
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     rows = [(e.key, 100 * e.self_cpu_time_total / total_us) for e in events[:top]]
     return [*rows, ("(python and the rest)", 100 - 100 * sum(e.self_cpu_time_total for e in events) / total_us)]
@@ -385,9 +386,9 @@ def main() -> None:
         step = f"{r['decode_step_s'] * 1e3:.1f}" if "decode_step_s" in r else "-"
         print(f"{mode:<28}{r.get('requests', NUM_REQUESTS):>9}{r['tokens_per_s']:>10.1f}"
               f"{r['tokens_per_s'] / tps['a_base']:>9.2f}{step:>16}")
-    print(f"\n{'projection@tokens':<20}" + "".join(f"{name:>14}" for name in next(iter(micro.values()))) + "  (us)")
+    print(f"\n{'projection@tokens':<20}" + "".join(f"{name:>17}" for name in next(iter(micro.values()))) + "  (us)")
     for key, times in micro.items():
-        print(f"{key:<20}" + "".join(f"{t * 1e6:>14.0f}" for t in times.values()))
+        print(f"{key:<20}" + "".join(f"{t * 1e6:>17.0f}" for t in times.values()))
     print(f"\n{'lm_head@rows':<20}" + "".join(f"{name:>14}" for name in next(iter(head_micro.values()))) + "  (us)")
     for key, times in head_micro.items():
         print(f"{key:<20}" + "".join(f"{t * 1e6:>14.0f}" for t in times.values()))
