@@ -5,7 +5,7 @@ One process, one run, modes measured side by side (32 requests unless the name s
   (d) 32 adapters, ranks 8/16/32/64                          (e) transformers + PEFT generate(adapter_names=...)
   (f) base only, sampling (temperature 0.8, top-p 0.95, seeded) instead of greedy decoding
   (g) base only on dense float32 weights, same engine code   (h) 8 distinct adapters, 4 requests each
-  (a)/(g) also with 8 and 1 requests, and (a) with nf4_kernel=bitsandbytes
+  (a)/(g) also with 8 and 1 requests, and (a) with nf4_kernel=bitsandbytes and with bfloat16 compute
 It also measures memory bandwidth and matmul rate to compute the physical floor of (c)'s LoRA work,
 times every projection shape alone (fused NF4 kernel vs bitsandbytes vs dense float32 vs the
 kernel's dequantize + BLAS path, over token counts), and profiles one decode step of (a) by op.
@@ -313,6 +313,7 @@ def main() -> None:
     side = {"device": args.device, "num_slots": 1, "max_rank": 8, "kv_cache_bytes": 2**29}
     dense = Engine(spec, iter_weights(base_folder), EngineConfig(quantize=False, **side))
     portable = Engine(spec, iter_weights(base_folder), EngineConfig(nf4_kernel="bitsandbytes", **side))
+    bf16 = Engine(spec, iter_weights(base_folder), EngineConfig(compute_dtype="bfloat16", **side))
     dtype = engine.dtype
     distinct_weights = [read_lora_weights(f, dtype) for f in distinct]
     for slot, weights in enumerate(distinct_weights):
@@ -337,12 +338,13 @@ def main() -> None:
         "g_dense_fp32_batch1": (dense, base[:1]),
         "a_base_bitsandbytes": (portable, base),
         "a_base_bitsandbytes_batch8": (portable, base[:8]),
+        "a_base_bf16": (bf16, base),
     }
     warm_up(prompts, modes)
     results = run_engine_modes(prompts, modes, sampled={"f_base_sampled"})
     profile = {mode: profile_decode(engine, prompts, modes[mode][1]) for mode in ("a_base", "c_distinct_r16")}
     op_profile = {mode: profile_ops(engine, prompts, modes[mode][1]) for mode in ("a_base", "a_base_batch8")}
-    del dense, portable
+    del dense, portable, bf16
     micro, head_micro = projection_microbenchmark(spec), lm_head_microbenchmark(spec)
     if not args.skip_peft:
         results["e_peft"] = run_peft(base_folder, distinct, prompts, dtype, args.device)
@@ -369,6 +371,7 @@ def main() -> None:
         "nf4_vs_dense_fp32_batch1": tps["a_base_batch1"] / tps["g_dense_fp32_batch1"],
         "fused_vs_bitsandbytes_engine": tps["a_base"] / tps["a_base_bitsandbytes"],
         "fused_vs_bitsandbytes_engine_batch8": tps["a_base_batch8"] / tps["a_base_bitsandbytes_batch8"],
+        "bf16_vs_fp32": tps["a_base_bf16"] / tps["a_base"],
         "fused_vs_bitsandbytes_32": micro_ratio("bitsandbytes", "fused", 32),
         "fused_vs_bitsandbytes_1": micro_ratio("bitsandbytes", "fused", 1),
         "lora_overhead_vs_floor": (results["c_distinct_r16"]["decode_step_s"] - results["a_base"]["decode_step_s"])
