@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from loraplex.adapters.errors import shown
 
@@ -28,11 +29,19 @@ def check_name(name: str) -> str:
     return name
 
 
-def parse_reference(reference: str) -> tuple[str, str]:
-    """(name, version prefix) of "NAME" (prefix "") or "NAME@VERSION"; InvalidAdapterReference otherwise."""
+@dataclass(frozen=True)
+class AdapterReference:
+    """A parsed reference: the adapter's name and a version prefix ("" names its current version)."""
+
+    name: str
+    version: str = ""
+
+
+def parse_reference(reference: str) -> AdapterReference:
+    """The AdapterReference of "NAME" (version "") or "NAME@VERSION"; InvalidAdapterReference otherwise."""
     name, at, version = reference.partition("@")
     check_name(name)
     if at and not VERSION_PREFIX.fullmatch(version):
         raise InvalidAdapterReference(f"version {shown(version)} in {shown(reference)} is not {MIN_VERSION_PREFIX} "
                                       "to 64 lowercase hex digits of the adapter's sha256")
-    return name, version
+    return AdapterReference(name, version)

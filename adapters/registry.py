@@ -18,7 +18,13 @@ from pathlib import Path
 
 from loraplex.adapters.durable import write_atomically
 from loraplex.adapters.errors import shown
-from loraplex.adapters.reference import DIGEST, InvalidAdapterReference, check_name, parse_reference
+from loraplex.adapters.reference import (
+    DIGEST,
+    AdapterReference,
+    InvalidAdapterReference,
+    check_name,
+    parse_reference,
+)
 
 STATE_FORMAT = 1
 
@@ -85,9 +91,16 @@ class AdapterRegistry:
 
         Raises InvalidAdapterReference (malformed or ambiguous) or UnknownAdapter.
         """
-        name, prefix = parse_reference(reference)
-        entry = self.entry(name)
-        return name, _match_version(entry, prefix) if prefix else entry.current
+        parsed = parse_reference(reference)
+        return parsed.name, self.version(parsed)
+
+    def version(self, reference: AdapterReference) -> str:
+        """The digest a parsed reference refers to now.
+
+        Raises InvalidAdapterReference (an ambiguous version prefix) or UnknownAdapter.
+        """
+        entry = self.entry(reference.name)
+        return _match_version(entry, reference.version) if reference.version else entry.current
 
     def entry(self, name: str) -> AdapterEntry:
         """The registered name `name`; UnknownAdapter if it is not registered."""
@@ -112,7 +125,7 @@ class AdapterRegistry:
             if not version:
                 self._commit({key: value for key, value in self._entries.items() if key != name})
                 return entry.versions
-            digest = _match_version(entry, parse_reference(f"{name}@{version}")[1])
+            digest = _match_version(entry, parse_reference(f"{name}@{version}").version)
             if digest == entry.current:
                 raise VersionIsCurrent(f"version {digest[:12]} is the current version of {name!r}; register "
                                        "another version first, or remove the name")

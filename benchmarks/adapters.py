@@ -60,6 +60,7 @@ from serving import (
 
 from loraplex.adapters.loading import load_version
 from loraplex.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
+from loraplex.adapters.reference import AdapterReference
 from loraplex.server.app import adapter_manager
 from loraplex.server.core.adapter_runtime.manager import AdapterManager
 from loraplex.server.core.requests import Request
@@ -267,7 +268,7 @@ async def run_trace(scheduler: Scheduler, trace: list[TraceRequest], adapters: l
         await asyncio.sleep(max(0.0, began + request.arrival_s - time.perf_counter()))
         start, arrivals = time.perf_counter(), []
         sampling = SamplingParams(max_new_tokens=request.output_len, ignore_eos=True)
-        async for _ in scheduler.submit(Request(adapter, request.prompt, sampling)):
+        async for _ in scheduler.submit(Request(AdapterReference(adapter), request.prompt, sampling)):
             arrivals.append(time.perf_counter())
         return start, arrivals
 

@@ -102,4 +102,11 @@ class EngineFacts:
     max_model_len: int
     adapter_slots: int
     max_adapter_rank: int
+    kv_block_size: int
+    """Token positions per KV block."""
+    kv_blocks: int
+    """Blocks in the whole KV pool."""
 
+    def blocks_for(self, positions: int) -> int:
+        """KV blocks that one sequence of `positions` token positions holds."""
+        return -(-positions // self.kv_block_size)

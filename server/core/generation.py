@@ -2,12 +2,12 @@
 
 Both transports decode their wire format into a `GenerateCall` and iterate
 `GenerationCore.generate(authorization, call)`, which authenticates (scope "inference" and the key's
-adapter allow-list), tokenizes (text, or a conversation through the tokenizer's chat template), checks
-the request limits, submits a plain `Request` to the scheduler, and yields one `GeneratedToken` per
-generated token with its incremental text; the last one carries the `Completion`. Refusals are raised
-(server/core/errors.py) before the first token. The HTTP shim in front of a remote server
-(server/api/remote_backend.py) yields the same records from gRPC, so its code does not depend on where
-the model runs.
+adapter allow-list), checks the request (server/core/validation.py, the one place), tokenizes (text, or a
+conversation through the tokenizer's chat template), submits a plain `Request` to the scheduler, and
+yields one `GeneratedToken` per generated token with its incremental text; the last one carries the
+`Completion`. Refusals are raised (server/core/errors.py) before the first token. The HTTP shim in front
+of a remote server (server/api/remote_backend.py) yields the same records from gRPC, so its code does
+not depend on where the model runs.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from transformers import PreTrainedTokenizerBase
 
 from loraplex.client.records import Completion, FinishReason, TokenLogprob
 from loraplex.server.core.adapter_runtime.admin import request_errors
-from loraplex.server.core.adapter_runtime.leases import check_reference
 from loraplex.server.core.adapter_runtime.manager import AdapterManager
 from loraplex.server.core.auth import Authenticator, Principal, Scope
 from loraplex.server.core.calls import (
@@ -38,18 +37,15 @@ from loraplex.server.core.calls import (
     StopGeneration,
 )
 from loraplex.server.core.detokenizer import IncrementalDetokenizer
-from loraplex.server.core.errors import AdapterNotFound, GenerationFailed, InvalidRequest, RequestError
+from loraplex.server.core.errors import AdapterNotFound, GenerationFailed, RequestError
 from loraplex.server.core.metrics import REFUSED_LABEL, UNKNOWN_LABEL, ServerMetrics
 from loraplex.server.core.requests import Request, RequestLimits
 from loraplex.server.core.scheduler import Scheduler
-from loraplex.server.engine import InvalidSamplingParameter, SamplingParams, TokenEvent
+from loraplex.server.core.validation import Prompt, RequestChecks
+from loraplex.server.engine import TokenEvent
 
 log = logging.getLogger("loraplex.requests")
 
-MAX_CHARS_PER_POSITION = 32
-"""A text prompt (or a conversation's contents together) longer than this many characters per position of
-the model's max_model_len is refused before it is tokenized: no tokenizer averages that many characters
-per token, so it could not fit anyway."""
 TOKENIZE_WORKERS = 2
 """Threads that tokenize and apply chat templates, off the event loop."""
 
@@ -73,6 +69,7 @@ class GenerationCore:
         self.scheduler, self.adapters, self.tokenizer, self.auth = scheduler, adapters, tokenizer, auth
         self.engine = scheduler.engine_facts()
         self.limits, self.model_name = limits, model_name
+        self.checks = RequestChecks(limits, self.engine)
         self.metrics, self.log_prompts = metrics, log_prompts
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -84,7 +81,7 @@ class GenerationCore:
         return self.auth.authorize(authorization, scope)
 
     async def generate(self, authorization: str | None, call: GenerateCall) -> AsyncIterator[GeneratedToken]:
-        """Authorize, tokenize, submit; then one GeneratedToken per generated token. Throwing StopGeneration
+        """Authorize, check, tokenize, submit; then one GeneratedToken per generated token. Throwing StopGeneration
         in ends the request as finished (the caller met its own stop condition); closing the iterator
         early (the caller went away) cancels it. Either frees its sequence. Every request ends with one
         log line (and its metrics): adapter, outcome, token counts, time to first token, duration."""
@@ -94,9 +91,12 @@ class GenerationCore:
             outcome, prompt_ids = "cancelled", []
             try:
                 principal = self.authorize(authorization)
-                principal.require_adapter(check_reference(adapter))
-                prompt_ids = await self.prompt_ids(call)
-                stream = self.scheduler.submit(Request(adapter, prompt_ids, self.sampling(call)))
+                reference = self.checks.adapter(adapter)
+                principal.require_adapter(reference.name)
+                prompt_ids = await self.prompt_ids(self.checks.prompt(call, self.tokenizer))
+                sampling = self.checks.sampling(call)
+                self.checks.prompt_ids(prompt_ids, sampling)
+                stream = self.scheduler.submit(Request(reference, prompt_ids, sampling))
             except RequestError as error:
                 label = UNKNOWN_LABEL if isinstance(error, AdapterNotFound) else REFUSED_LABEL
                 self._ended(adapter, label, "refused", call, prompt_ids, token_times, arrival)
@@ -200,33 +200,15 @@ class GenerationCore:
             removed, _ = await adapters.run_admin(adapters.unload, name)
         return list(removed)
 
-    async def prompt_ids(self, call: GenerateCall) -> list[int]:
-        """The prompt's token ids: ids as given, text tokenized, a conversation through the chat template.
-        Text longer than MAX_CHARS_PER_POSITION * max_model_len is refused untokenized; tokenizing runs on
-        the core's tokenizer threads, so a long prompt delays no other request."""
-        prompt = call.prompt
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequest("prompt", "must not be empty")
-            if call.chat:
-                prompt = [ChatMessage("user", prompt)]
-        elif call.chat:
-            raise InvalidRequest("chat", "chat templating needs text input")
-        if not prompt:
-            raise InvalidRequest("prompt", "must not be empty")
-        if not isinstance(prompt, str) and not isinstance(prompt[0], ChatMessage):
-            return list(prompt)
-        tokenizer = self._require_tokenizer()
-        chars = len(prompt) if isinstance(prompt, str) else sum(len(m.content) for m in prompt)
-        limit = MAX_CHARS_PER_POSITION * self.engine.max_model_len
-        if chars > limit:
-            raise InvalidRequest("prompt", f"{chars} characters is more than this model's max_model_len can hold "
-                                 f"(at most {limit} characters are tokenized)")
+    async def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """The token ids of a checked prompt (RequestChecks.prompt): ids as given, text tokenized, a
+        conversation through the chat template; on the core's tokenizer threads, so a long prompt delays no
+        other request."""
+        tokenizer = self.tokenizer
         if isinstance(prompt, str):
             return await self._off_loop(lambda: tokenizer(prompt)["input_ids"])
-        if not tokenizer.chat_template:
-            field = "chat" if call.chat else "messages"
-            raise InvalidRequest(field, "this model has no chat template; send plain text")
+        if not isinstance(prompt[0], ChatMessage):
+            return prompt
         conversation = [{"role": m.role, "content": m.content} for m in prompt]
         return list(await self._off_loop(lambda: tokenizer.apply_chat_template(
             conversation, add_generation_prompt=True, tokenize=True, return_dict=False)))
@@ -237,19 +219,6 @@ class GenerationCore:
     def close(self) -> None:
         """Stop the tokenizer threads (after the drain: no request is being tokenized any more)."""
         self._tokenizing.shutdown(wait=False, cancel_futures=True)
-
-    def sampling(self, call: GenerateCall) -> SamplingParams:
-        """The call's SamplingParams within the request limits (InvalidRequest names the field)."""
-        max_new_tokens = self.limits.default_max_new_tokens if call.max_new_tokens is None else call.max_new_tokens
-        self.limits.check_max_new_tokens(max_new_tokens, "max_new_tokens")
-        vocab_size = self.engine.vocab_size
-        if any(not 0 <= t < vocab_size for t in call.stop_token_ids):
-            raise InvalidRequest("stop_token_ids", f"token ids must lie in [0, {vocab_size})")
-        try:
-            return SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=call.stop_token_ids,
-                                  ignore_eos=call.ignore_eos, top_logprobs=call.top_logprobs, **call.sampling)
-        except InvalidSamplingParameter as error:
-            raise InvalidRequest(error.field, str(error)) from None
 
     def _ended(self, adapter: str, label: str, outcome: str, call: GenerateCall, prompt_ids: list[int],
                token_times: list[float], arrival: float) -> None:
@@ -276,8 +245,3 @@ class GenerationCore:
 
     def _piece(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
-
-    def _require_tokenizer(self) -> PreTrainedTokenizerBase:
-        if self.tokenizer is None:
-            raise InvalidRequest("prompt", "this model folder has no tokenizer; send token ids")
-        return self.tokenizer

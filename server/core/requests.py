@@ -1,5 +1,5 @@
-"""A request as the scheduler takes it (token ids and sampling), the limits every transport checks before
-submitting, and the stream of token events it answers with."""
+"""A request as the scheduler takes it (checked: token ids, sampling, the parsed adapter reference), the
+server's request limits, and the stream of token events it answers with."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
+from loraplex.adapters.reference import AdapterReference
 from loraplex.server.core.adapter_runtime.leases import AdapterLease
-from loraplex.server.core.errors import InvalidRequest
 from loraplex.server.engine import SamplingParams, TokenEvent
 
 if TYPE_CHECKING:
@@ -18,10 +18,10 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Request:
-    """What a transport asks for: token ids only, no text and no tensors."""
+    """What a transport asks for, checked (core/validation.py): token ids only, no text and no tensors."""
 
-    adapter: str
-    """Adapter reference: "NAME", "NAME@VERSION" or "" for the base model (see adapter_runtime.leases)."""
+    adapter: AdapterReference
+    """The adapter's name and version prefix; leases.BASE_REFERENCE for the base model alone."""
     prompt_ids: list[int]
     sampling: SamplingParams
 
@@ -29,15 +29,12 @@ class Request:
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """What one request may ask for, checked by every transport before it submits."""
+    """What one request may ask for (settings; core/validation.py checks them)."""
 
     default_max_new_tokens: int
+    """max_new_tokens of a request that sets none."""
     max_new_tokens_limit: int
-
-    def check_max_new_tokens(self, value: int, field: str) -> None:
-        """InvalidRequest(field) unless 1 <= value <= max_new_tokens_limit."""
-        if not 1 <= value <= self.max_new_tokens_limit:
-            raise InvalidRequest(field, f"{value} is outside [1, {self.max_new_tokens_limit}] (this server's limit)")
+    """The most max_new_tokens one request may ask for."""
 
 
 

@@ -19,8 +19,9 @@ Policy, each step (`_plan`):
      none), so no step exceeds it; a request whose adapter would exceed it, or that needs a slot when
      every slot is running or pinned, keeps its turn and admission pauses until a running adapter's
      sequences leave (later adapters do not overtake it).
-`submit` refuses with Overloaded once `max_waiting` requests wait, and with InvalidRequest a request
-that could never fit the KV pool alone. The request's adapter version is fixed at submit.
+`submit` takes requests the core has checked (core/validation.py: one that could never fit the KV pool
+alone never comes) and refuses with Overloaded once `max_waiting` requests wait. The request's adapter
+version is fixed at submit.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from loraplex.server.core.adapter_runtime.leases import AdapterLease
 from loraplex.server.core.adapter_runtime.manager import AdapterManager
 from loraplex.server.core.calls import EngineFacts
-from loraplex.server.core.errors import FailedPrecondition, InvalidRequest, Overloaded, ShuttingDown
+from loraplex.server.core.errors import FailedPrecondition, Overloaded, ShuttingDown
 from loraplex.server.core.requests import Queues, Request, RequestStream
 from loraplex.server.core.scheduler_config import SchedulerConfig
 from loraplex.server.engine import Engine, SequenceState, TokenEvent
@@ -91,14 +92,10 @@ class Scheduler:
     def submit(self, request: Request) -> RequestStream:
         """Queue a request; call on the asyncio loop that will iterate the returned stream.
 
-        Raises AdapterNotFound, InvalidRequest (prompt or max_new_tokens), Overloaded, ShuttingDown.
+        Raises AdapterNotFound, InvalidRequest (an ambiguous adapter version), Overloaded, ShuttingDown.
         """
         loop = asyncio.get_running_loop()
-        try:
-            seq = self.engine.add_sequence(request.prompt_ids, request.sampling)
-        except ValueError as exc:
-            raise InvalidRequest("prompt", str(exc)) from exc
-        self._check_fits_alone(seq)
+        seq = self.engine.add_sequence(request.prompt_ids, request.sampling)
         with self._cond:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down and takes no new requests")
@@ -113,18 +110,11 @@ class Scheduler:
             self._cond.notify()
         return stream
 
-    def _check_fits_alone(self, seq: SequenceState) -> None:
-        longest = min(seq.num_tokens + seq.sampling.max_new_tokens, self.engine.max_model_len)
-        needed, pool = self.engine.cache.blocks_needed(longest), self.engine.cache.num_blocks
-        if needed > pool:
-            raise InvalidRequest("max_new_tokens", f"prompt plus max_new_tokens needs {needed} KV blocks; "
-                                 f"the whole cache holds {pool}: ask for fewer tokens")
-
     def engine_facts(self) -> EngineFacts:
         """What the engine serves, for read-outs (ServerInfo, prompt limits); fixed at start-up."""
         engine = self.engine
         return EngineFacts(engine.spec.model_type, engine.spec.vocab_size, engine.max_model_len, engine.num_slots,
-                           engine.config.max_rank)
+                           engine.config.max_rank, engine.cache.block_size, engine.cache.num_blocks)
 
     def kv_blocks(self) -> tuple[int, int]:
         """(blocks held by sequences, blocks in the pool) of the KV cache, now (any thread; approximate)."""

@@ -24,7 +24,7 @@ from loraplex.adapters.identity import adapter_digest
 from loraplex.client.client import AsyncClient
 from loraplex.server.app import start
 from loraplex.server.core.auth import ApiKey
-from loraplex.server.core.generation import MAX_CHARS_PER_POSITION
+from loraplex.server.core.validation import MAX_CHARS_PER_POSITION
 from loraplex.server.engine import EngineConfig
 from loraplex.server.settings import AdapterSettings, load_settings
 from serving_support import (

@@ -15,6 +15,7 @@ from loraplex.adapters import loading
 from loraplex.adapters.host_cache import HostCache
 from loraplex.adapters.identity import adapter_digest
 from loraplex.adapters.loading import LoadedAdapter
+from loraplex.adapters.reference import AdapterReference
 from loraplex.server.core.adapter_runtime import loader as loader_module
 from loraplex.server.core.adapter_runtime.manager import AdapterManager
 from loraplex.server.core.adapter_runtime.slots import DeviceSlots
@@ -99,7 +100,7 @@ def reference_engine(serving_model):
 
 
 async def collect(scheduler: Scheduler, adapter: str, prompt: list[int], sampling=GREEDY) -> list[int]:
-    return [event.token_id async for event in scheduler.submit(Request(adapter, prompt, sampling))]
+    return [event.token_id async for event in scheduler.submit(Request(AdapterReference(adapter), prompt, sampling))]
 
 
 def tier(manager: AdapterManager, name: str) -> str:

@@ -16,10 +16,11 @@ from loraplex.client.records import FinishReason
 from loraplex.server.core.auth import ApiKey, Authenticator
 from loraplex.server.core.calls import ChatMessage, GenerateCall, StopGeneration
 from loraplex.server.core.errors import AdapterNotFound, InvalidRequest, PermissionDenied, Unauthenticated
-from loraplex.server.core.generation import MAX_CHARS_PER_POSITION, GenerationCore
+from loraplex.server.core.generation import GenerationCore
 from loraplex.server.core.requests import RequestLimits
 from loraplex.server.core.scheduler import Scheduler
 from loraplex.server.core.scheduler_config import SchedulerConfig
+from loraplex.server.core.validation import MAX_CHARS_PER_POSITION
 from loraplex.server.engine import SamplingParams
 from serving_support import adapter_manager, generate_alone, make_engine
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraplex.server.core.errors import AdapterNotFound, InvalidRequest, Overloaded, ShuttingDown
+from loraplex.adapters.reference import AdapterReference
+from loraplex.server.core.errors import AdapterNotFound, Overloaded, ShuttingDown
 from loraplex.server.core.requests import Request, RequestStream
 from loraplex.server.core.scheduler import Scheduler
 from loraplex.server.core.scheduler_config import SchedulerConfig
@@ -44,7 +45,7 @@ def mixed_requests(serving_model, count: int, max_new_tokens: int) -> list[Reque
         prompt = torch.randint(0, 96, (3 + (7 * i) % 37,), generator=generator).tolist()
         sampling = (SamplingParams(max_new_tokens=max_new_tokens, temperature=0.9, top_k=20, seed=i, ignore_eos=True)
                     if i % 3 == 2 else SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True))
-        requests.append(Request(names[i % len(names)], prompt, sampling))
+        requests.append(Request(AdapterReference(names[i % len(names)]), prompt, sampling))
     return requests
 
 
@@ -55,8 +56,9 @@ async def tokens(stream: RequestStream) -> list[int]:
 def assert_alone_equal(serving_model, reference_engine, requests, outputs) -> None:
     adapters = serving_model[1]
     for i, (request, output) in enumerate(zip(requests, outputs, strict=True)):
-        expected = generate_alone(reference_engine, adapters, request.prompt_ids, request.adapter, request.sampling)
-        assert output == expected, f"request {i} ({request.adapter or 'base'}) differs from running alone"
+        name = request.adapter.name
+        expected = generate_alone(reference_engine, adapters, request.prompt_ids, name, request.sampling)
+        assert output == expected, f"request {i} ({name or 'base'}) differs from running alone"
 
 
 async def wait_until(condition, timeout: float = 10.0) -> None:
@@ -100,7 +102,7 @@ async def test_admission_is_round_robin_across_adapters(serving_model):
     order: list[str] = []
 
     async def run(label: str, adapter: str) -> None:
-        await tokens(scheduler.submit(Request(adapter, [1, 2, 3], SamplingParams(max_new_tokens=2))))
+        await tokens(scheduler.submit(Request(AdapterReference(adapter), [1, 2, 3], SamplingParams(max_new_tokens=2))))
         order.append(label)
 
     tasks = [asyncio.create_task(run(label, adapter))
@@ -116,7 +118,7 @@ async def test_admission_is_round_robin_across_adapters(serving_model):
 
 async def test_full_waiting_queue_refuses_and_close_ends_queued_requests(serving_model):
     scheduler = build(serving_model, max_waiting=2)  # not started: everything stays queued
-    request = Request("", [1, 2, 3], SamplingParams(max_new_tokens=4))
+    request = Request(AdapterReference(""), [1, 2, 3], SamplingParams(max_new_tokens=4))
     queued = [scheduler.submit(request), scheduler.submit(request)]
     with pytest.raises(Overloaded, match="max_waiting=2"):
         scheduler.submit(request)
@@ -135,8 +137,8 @@ async def test_cancel_frees_kv_blocks_and_adapter_references(serving_model):
     scheduler.start()
     try:
         long = SamplingParams(max_new_tokens=200, ignore_eos=True)
-        running = scheduler.submit(Request(adapter, list(range(20)), long))
-        waiting = scheduler.submit(Request(adapter, list(range(20)), long))
+        running = scheduler.submit(Request(AdapterReference(adapter), list(range(20)), long))
+        waiting = scheduler.submit(Request(AdapterReference(adapter), list(range(20)), long))
         iterator = aiter(running)
         await anext(iterator)
         assert cache.free_blocks < cache.num_blocks and scheduler.num_waiting == 1
@@ -152,18 +154,11 @@ async def test_cancel_frees_kv_blocks_and_adapter_references(serving_model):
         scheduler.close()
 
 
-async def test_bad_requests_are_refused_with_the_field(serving_model):
-    scheduler = build(serving_model, engine_overrides=dict(kv_cache_bytes=14 * BLOCK_BYTES))
-    sampling = SamplingParams(max_new_tokens=4)
+async def test_an_unknown_adapter_is_refused_at_submit(serving_model):
+    """(The checks of the prompt and of max_new_tokens against the KV pool are the core's: test_validation.py.)"""
+    scheduler = build(serving_model)
     with pytest.raises(AdapterNotFound, match="'nope'"):
-        scheduler.submit(Request("nope", [1, 2], sampling))
-    with pytest.raises(InvalidRequest, match=r"^prompt: .*max_model_len") as error:
-        scheduler.submit(Request("", list(range(90)) * 3, sampling))
-    assert error.value.field == "prompt"
-    with pytest.raises(InvalidRequest, match=r"^prompt: .*\[0, 96\)"):
-        scheduler.submit(Request("", [1, 500], sampling))
-    with pytest.raises(InvalidRequest, match=r"^max_new_tokens: .*14"):
-        scheduler.submit(Request("", [1, 2], SamplingParams(max_new_tokens=100)))
+        scheduler.submit(Request(AdapterReference("nope"), [1, 2], SamplingParams(max_new_tokens=4)))
     assert scheduler.num_waiting == 0
     scheduler.close()
 

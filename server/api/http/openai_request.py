@@ -1,8 +1,15 @@
 """The OpenAI protocol's requests: a completions or chat body decoded into one GenerateCall per choice
-(`n`) and the answer's wire options; every refusal names the body's field (`param`)."""
+(`n`) and the answer's wire options; every refusal names the body's field (`param`).
+
+Decoding checks the body's shape (each field's JSON type, integers within what GenerateRequest carries)
+and the options only HTTP has (n, stop, stream_options, top_logprobs needing logprobs); the request itself
+(an empty prompt, max_tokens, the sampling fields' bounds) is checked by the core
+(server/core/validation.py), whose refusals name GenerateCall's fields, renamed to the body's by
+`Answer.params`."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from loraplex.server.core.calls import ChatMessage, GenerateCall
@@ -11,8 +18,10 @@ from loraplex.server.engine import MAX_TOP_LOGPROBS
 
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16
-PARAMS = {"max_new_tokens": "max_tokens", "prompt": "prompt", "chat": "messages"}
-"""GenerateCall's field names as the OpenAI body spells them (in errors' `param`)."""
+COMPLETIONS_PARAMS = {"adapter": "model", "max_new_tokens": "max_tokens"}
+"""GenerateCall's field names as a completions body spells them (in errors' `param`)."""
+CHAT_PARAMS = {**COMPLETIONS_PARAMS, "prompt": "messages"}
+"""GenerateCall's field names as a chat body spells them (in errors' `param`)."""
 ADMIN_PARAMS = {"name": "lora_name", "source": "lora_path"}
 """The admin calls' field names as vLLM's load/unload bodies spell them."""
 
@@ -22,6 +31,8 @@ class Answer:
     """How one request is answered: the call of each choice and the wire options around it."""
 
     calls: list[GenerateCall]
+    params: Mapping[str, str]
+    """GenerateCall's field names as the body spells them, for the core's refusals."""
     stops: tuple[str, ...]
     chat: bool
     model: str
@@ -34,31 +45,30 @@ def decode_completions(body: dict) -> Answer:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
-    if not (isinstance(prompt, str) and prompt) and not (
-            isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
-                                                        for t in prompt)):
-        raise InvalidRequest("prompt", "must be a non-empty string, or a list of token ids")
+    if not isinstance(prompt, str) and not (
+            isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+        raise InvalidRequest("prompt", "must be a string, or a list of token ids")
     top = _optional_int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
-    return _decode(body, prompt, chat=False, logprobs=top is not None, top_logprobs=top or 0)
+    return _decode(body, prompt, COMPLETIONS_PARAMS, chat=False, logprobs=top is not None, top_logprobs=top or 0)
 
 
 def decode_chat(body: dict) -> Answer:
     """The Answer to a POST /v1/chat/completions body."""
     messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or not all(
+    if not isinstance(messages, list) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in messages):
-        raise InvalidRequest("messages", "must be a non-empty list of {role, content} with string content")
+        raise InvalidRequest("messages", "must be a list of {role, content} with string content")
     logprobs = _flag(body, "logprobs")
     top = _optional_int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
     if top and not logprobs:
         raise InvalidRequest("top_logprobs", "needs logprobs: true")
     prompt = [ChatMessage(m["role"], m["content"]) for m in messages]
-    return _decode(body, prompt, chat=True, logprobs=logprobs, top_logprobs=top or 0)
+    return _decode(body, prompt, CHAT_PARAMS, chat=True, logprobs=logprobs, top_logprobs=top or 0)
 
 
-def _decode(body: dict, prompt: str | list[int] | list[ChatMessage], chat: bool, logprobs: bool,
-            top_logprobs: int) -> Answer:
+def _decode(body: dict, prompt: str | list[int] | list[ChatMessage], params: Mapping[str, str], chat: bool,
+            logprobs: bool, top_logprobs: int) -> Answer:
     """The body's GenerateCall for each of its `n` choices and the answer's wire options."""
     model = body.get("model", "")
     if not isinstance(model, str):
@@ -82,7 +92,7 @@ def _decode(body: dict, prompt: str | list[int] | list[ChatMessage], chat: bool,
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise InvalidRequest("stream_options", "must be an object")
-    return Answer(calls, stops, chat, model, _flag(body, "stream"), _flag(stream_options, "include_usage"))
+    return Answer(calls, params, stops, chat, model, _flag(body, "stream"), _flag(stream_options, "include_usage"))
 
 
 def string_field(values: dict, name: str) -> str:

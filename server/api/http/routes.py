@@ -36,7 +36,6 @@ from starlette.routing import Route
 from loraplex.server.api.http.body import MAX_REQUEST_BYTES, read_json_body
 from loraplex.server.api.http.openai_request import (
     ADMIN_PARAMS,
-    PARAMS,
     Answer,
     decode_chat,
     decode_completions,
@@ -143,7 +142,8 @@ class HttpShim:
         """Start every choice, then answer in one JSON document or as an event stream."""
         chat = answer.chat
         authorization = _authorization(request)
-        choices = [pieces(self._backend.generate(authorization, call), answer.stops, PARAMS) for call in answer.calls]
+        choices = [pieces(self._backend.generate(authorization, call), answer.stops, answer.params)
+                   for call in answer.calls]
         try:  # refusals (unknown model, overload, bad parameter) surface here, before any byte is sent
             firsts = await asyncio.gather(*(anext(choice) for choice in choices))
         except BaseException:

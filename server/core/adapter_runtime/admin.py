@@ -16,7 +16,7 @@ from loraplex.adapters.s3_source import S3SourceError
 from loraplex.adapters.store import SourceChanged, SourceNotAllowed, VersionNotStored
 from loraplex.adapters.validation import AdapterSummary
 from loraplex.server.core.adapter_runtime.leases import AdapterLease
-from loraplex.server.core.adapter_runtime.state import AdapterState
+from loraplex.server.core.adapter_runtime.state import AdapterState, checked_reference
 from loraplex.server.core.errors import FailedPrecondition, InvalidRequest
 
 LOAD_ATTEMPTS = 3
@@ -108,11 +108,12 @@ class AdminOperations(AdapterState):
 
     def prefetch(self, reference: str) -> AdapterLease:
         """Hint: load the version `reference` names into host memory and a device slot ahead of use."""
+        parsed = checked_reference(reference)
         with self._lock:
-            name, digest = self._resolve(reference)
-            self._warm_version(name, digest)
+            digest = self._resolve(parsed)
+            self._warm_version(parsed.name, digest)
         self._wake()
-        return AdapterLease(name, digest)
+        return AdapterLease(parsed.name, digest)
 
     def _retire(self, name: str, digests: Collection[str]) -> list[str]:
         """Refuse new requests for these versions of `name` until `_unregister` is done. Holds `_lock`."""

@@ -1,18 +1,19 @@
 """Request leases: one request's use of one adapter version, counted from submit to its end.
 
-`acquire` resolves "NAME" or "NAME@VERSION" in the registry and counts one use of that version; the
-lease fixes the version, so a later hot-swap of NAME does not change it. `release` ends the use; a
-version no longer registered and no longer used leaves every tier and its files are deleted. Counted
-uses are what make `unload` refuse (or wait).
+`acquire` resolves a parsed reference (NAME, or NAME@VERSION; parsed once, where the request is checked:
+core/validation.py) in the registry and counts one use of that version; the lease fixes the version, so
+a later hot-swap of NAME does not change it. `release` ends the use; a version no longer registered and
+no longer used leaves every tier and its files are deleted. Counted uses are what make `unload` refuse
+(or wait).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loraplex.adapters.reference import InvalidAdapterReference, parse_reference
+from loraplex.adapters.reference import AdapterReference
 from loraplex.server.core.adapter_runtime.state import AdapterState
-from loraplex.server.core.errors import AdapterNotFound, InvalidRequest
+from loraplex.server.core.errors import AdapterNotFound
 
 BASE_MODEL = ""
 """The adapter reference that means the base model alone."""
@@ -29,20 +30,22 @@ class AdapterLease:
 
 
 BASE_LEASE = AdapterLease(BASE_MODEL, "")
+BASE_REFERENCE = AdapterReference(BASE_MODEL)
+"""The reference of a request for the base model alone."""
 
 
 class Leases(AdapterState):
     """Counting requests' uses of adapter versions."""
 
-    def acquire(self, reference: str) -> AdapterLease:
+    def acquire(self, reference: AdapterReference) -> AdapterLease:
         """The version `reference` names now, counted as used until `release`.
 
-        Raises InvalidRequest (malformed or ambiguous reference) or AdapterNotFound.
+        Raises InvalidRequest (an ambiguous version prefix) or AdapterNotFound.
         """
-        if reference == BASE_MODEL:
+        if reference == BASE_REFERENCE:
             return BASE_LEASE
         with self._lock:
-            name, digest = self._resolve(reference)
+            name, digest = reference.name, self._resolve(reference)
             if (name, digest) in self._retiring:
                 raise AdapterNotFound(f"adapter {name!r} version {digest[:12]} is being unloaded")
             self._uses[(name, digest)] += 1
@@ -72,12 +75,3 @@ class Leases(AdapterState):
         if orphaned:
             self._executor.submit(self._delete_files, *key)
 
-
-def check_reference(reference: str) -> str:
-    """The adapter name in `reference` ("" for the base model); InvalidRequest if it is malformed."""
-    if reference == BASE_MODEL:
-        return BASE_MODEL
-    try:
-        return parse_reference(reference)[0]
-    except InvalidAdapterReference as error:
-        raise InvalidRequest("adapter", str(error)) from None

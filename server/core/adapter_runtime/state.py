@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from loraplex.adapters.host_cache import HostCache
-from loraplex.adapters.reference import InvalidAdapterReference, check_name
+from loraplex.adapters.reference import AdapterReference, InvalidAdapterReference, check_name, parse_reference
 from loraplex.adapters.registry import AdapterEntry, AdapterRegistry, UnknownAdapter
 from loraplex.adapters.sources import AdapterSources
 from loraplex.adapters.validation import AdapterSummary
@@ -122,16 +122,18 @@ class AdapterState:
         except UnknownAdapter as error:
             raise AdapterNotFound(str(error)) from None
 
-    def _resolve(self, reference: str) -> tuple[str, str]:
+    def _resolve(self, reference: AdapterReference) -> str:
+        """The digest `reference` names now: InvalidRequest("adapter") if its version prefix is ambiguous,
+        AdapterNotFound if the name or the version is unknown."""
         try:
-            return self.registry.resolve(reference)
+            return self.registry.version(reference)
         except InvalidAdapterReference as error:
             raise InvalidRequest("adapter", str(error)) from None
         except UnknownAdapter as error:
             raise AdapterNotFound(str(error)) from None
 
     def _match(self, entry: AdapterEntry, version: str) -> str:
-        return self._resolve(f"{entry.name}@{version}")[1]
+        return self._resolve(checked_reference(f"{entry.name}@{version}"))
 
     def _current(self, name: str) -> str | None:
         try:
@@ -144,6 +146,14 @@ class AdapterState:
             return digest in self.registry.entry(name).versions
         except UnknownAdapter:
             return False
+
+
+def checked_reference(reference: str) -> AdapterReference:
+    """The parsed "NAME" or "NAME@VERSION"; InvalidRequest("adapter") if it is malformed."""
+    try:
+        return parse_reference(reference)
+    except InvalidAdapterReference as error:
+        raise InvalidRequest("adapter", str(error)) from None
 
 
 def lower_thread_priority() -> None:
