@@ -20,6 +20,7 @@ from loraplex.server.engine.attention import AttentionBatch
 from loraplex.server.engine.kv_cache import OutOfBlocks, PagedKVCache
 from loraplex.server.engine.lora import NO_ADAPTER, LoraBatch, lora_grouped, lora_reference
 from loraplex.server.engine.model import DecoderModel, LoraWeights, StepMetadata
+from loraplex.server.engine.prefix_cache import BlockChain, chain_root
 from loraplex.server.engine.sampling import sample
 from loraplex.server.engine.sequence import FinishReason, SamplingParams, SequenceState, TokenEvent
 from loraplex.server.engine.spec import PROJECTIONS, ModelSpec
@@ -63,6 +64,10 @@ class EngineConfig(BaseModel):
     "bitsandbytes" (bitsandbytes' matmul_4bit: the whole weight dequantized per call, then a matmul);
     "auto" picks fused wherever it applies and compiles, else bitsandbytes. Same dequantized values
     either way."""
+    prefix_cache: bool = True
+    """Keep finished sequences' full KV blocks, keyed by their prefix under the adapter version's content
+    digest, and start new sequences from the longest cached chain (see prefix_cache.py); False prefills
+    every prompt in full."""
 
     def torch_dtype(self) -> torch.dtype:
         if self.compute_dtype is not None:
@@ -90,9 +95,12 @@ def slots_within_budget(spec: ModelSpec, config: EngineConfig, dtype: torch.dtyp
 class Engine:
     """One NF4 base model, `num_slots` adapter slots, one paged KV cache."""
 
-    def __init__(self, spec: ModelSpec, weights: Iterable[tuple[str, torch.Tensor]], config: EngineConfig) -> None:
+    def __init__(self, spec: ModelSpec, weights: Iterable[tuple[str, torch.Tensor]], config: EngineConfig,
+                 base_digest: str = "") -> None:
+        """`base_digest` names the weights (model_files.base_digest); it joins every prefix-cache key."""
         self.spec = spec
         self.config = config
+        self.base_digest = base_digest
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype()
         self.num_slots = slots_within_budget(spec, config, self.dtype)
@@ -149,9 +157,15 @@ class Engine:
 
     # -- sequences -------------------------------------------------------------------------------
 
-    def add_sequence(self, prompt_ids: Sequence[int], sampling: SamplingParams,
-                     slot: int = NO_ADAPTER) -> SequenceState:
-        """A new sequence (nothing is computed or allocated until it is stepped)."""
+    def add_sequence(self, prompt_ids: Sequence[int], sampling: SamplingParams, slot: int = NO_ADAPTER,
+                     version: str | None = None, cache_salt: str = "") -> SequenceState:
+        """A new sequence (nothing is computed or allocated until it is stepped or `reuse_prefix`).
+
+        `version` is the content digest of the adapter it runs with ("" for the base model): with it (and
+        config.prefix_cache), the sequence's full blocks are cached under (base digest, version,
+        `cache_salt`) and it may start from blocks cached under the same. None (the caller does not say
+        which weights its slot will hold) keeps it out of the prefix cache.
+        """
         if not prompt_ids:
             raise ValueError("prompt must hold at least one token")
         if len(prompt_ids) >= self.max_model_len:
@@ -164,10 +178,32 @@ class Engine:
         if not sampling.greedy:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(sampling.seed if sampling.seed is not None else random.getrandbits(63))
-        return SequenceState(next(self._seq_ids), list(prompt_ids), sampling, slot, generator=generator)
+        chain = None
+        if version is not None and self.config.prefix_cache:
+            chain = BlockChain(chain_root(self.base_digest, version, cache_salt), self.cache.block_size)
+        return SequenceState(next(self._seq_ids), list(prompt_ids), sampling, slot, generator=generator, chain=chain)
+
+    def reuse_prefix(self, seq: SequenceState) -> int:
+        """Start a sequence that holds no blocks from the longest chain of cached blocks matching its leading
+        full blocks (never its last token, whose logits the next step needs): it holds them as its own
+        computed tokens until released. Returns the tokens reused (0 outside the prefix cache)."""
+        if seq.block_table or seq.num_computed:
+            raise ValueError(f"sequence {seq.seq_id} has started: only a sequence without blocks reuses a prefix")
+        if seq.chain is None:
+            return 0
+        token_ids, blocks = seq.token_ids, []
+        for index in range((seq.num_tokens - 1) // self.cache.block_size):
+            block = self.cache.cached(seq.chain.key(index, token_ids))
+            if block is None:
+                break
+            blocks.append(block)
+        self.cache.share(seq.block_table, blocks)
+        seq.num_computed = len(blocks) * self.cache.block_size
+        return seq.num_computed
 
     def release(self, seq: SequenceState) -> None:
-        """Free a sequence's KV blocks (finished, cancelled, or preempted: it then recomputes from scratch)."""
+        """Let go of a sequence's KV blocks (finished, cancelled, or preempted: it then starts over, from its
+        cached prefix if it has one); its cached full blocks stay reusable until the pool needs them."""
         self.cache.release(seq.block_table)
         seq.num_computed = 0
 
@@ -178,7 +214,8 @@ class Engine:
         """Run `count` pending tokens of each (sequence, count) through the model in one forward pass.
 
         A sequence whose pending tokens are all computed by this step gets its next token sampled and
-        reported; a partial prefill chunk reports nothing. Finished sequences release their KV blocks.
+        reported; a partial prefill chunk reports nothing. Blocks this step fills are offered to the prefix
+        cache; finished sequences release their KV blocks.
         Raises OutOfBlocks (changing nothing) when the cache cannot hold the step.
         """
         self._reserve_blocks(batch)
@@ -208,6 +245,7 @@ class Engine:
         )
         logits = self.model(torch.tensor(token_ids, device=device), meta, self.cache)  # [len(sampled), vocab]
         for seq, count in batch:
+            self._register_full_blocks(seq, seq.num_computed + count)
             seq.num_computed += count
         if not sampled:
             return []
@@ -233,6 +271,17 @@ class Engine:
         for seq, count in batch:
             self.cache.grow(seq.block_table, seq.num_computed + count)
 
+    def _register_full_blocks(self, seq: SequenceState, computed: int) -> None:
+        """Cache the blocks of `seq` that are full once `computed` of its tokens are (those filled before
+        were registered, or shared, then)."""
+        size = self.cache.block_size
+        first, end = seq.num_computed // size, computed // size
+        if seq.chain is None or first == end:
+            return
+        token_ids = seq.token_ids
+        for index in range(first, end):
+            self.cache.register(seq.block_table[index], seq.chain.key(index, token_ids))
+
     def _finish_reason(self, seq: SequenceState, token: int) -> FinishReason | None:
         params = seq.sampling
         if token in params.stop_token_ids or (not params.ignore_eos and token in self.spec.eos_token_ids):
@@ -244,14 +293,20 @@ class Engine:
     # -- convenience -----------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams],
-                 slots: Sequence[int] | None = None, max_step_tokens: int = 2048) -> list[list[int]]:
-        """Run prompts to completion together (prefill chunked to `max_step_tokens` per step).
+                 slots: Sequence[int] | None = None, max_step_tokens: int = 2048,
+                 versions: Sequence[str | None] | None = None) -> list[list[int]]:
+        """Run prompts to completion together (prefill chunked to `max_step_tokens` per step), each from its
+        cached prefix when `versions` names the adapter version of its slot (see add_sequence).
 
         For tests, benchmarks and offline use; serving goes through the scheduler.
         """
         params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
         slots = [NO_ADAPTER] * len(prompts) if slots is None else slots
-        seqs = [self.add_sequence(p, s, slot) for p, s, slot in zip(prompts, params, slots, strict=True)]
+        versions = [None] * len(prompts) if versions is None else versions
+        seqs = [self.add_sequence(p, s, slot, version)
+                for p, s, slot, version in zip(prompts, params, slots, versions, strict=True)]
+        for seq in seqs:
+            self.reuse_prefix(seq)
         running = list(seqs)
         while running:
             budget, batch = max_step_tokens, []

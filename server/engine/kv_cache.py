@@ -1,6 +1,15 @@
-"""Paged KV cache: one pool of fixed-size blocks per layer, handed out to sequences by block tables."""
+"""Paged KV cache: one pool of fixed-size blocks per layer, handed out to sequences by block tables.
+
+Blocks are refcounted: a block is in use while some sequence's table holds it, and a full block may be
+held by several sequences at once (a shared prefix, see prefix_cache.py). A full block registered under
+its prefix key stays cached after its last holder lets go, and can be taken again by a sequence with
+the same prefix, until the pool needs the memory: unreferenced cached blocks are reused least recently
+released first, after the blocks that hold nothing.
+"""
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 
@@ -25,7 +34,15 @@ class PagedKVCache:
         shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)  # [layers, rows, kv_heads, head_dim]
         self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self._free_blocks: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._empty: list[int] = list(range(num_blocks - 1, -1, -1))
+        """Unreferenced blocks that hold no cached prefix (popped from the end)."""
+        self._refs = [0] * num_blocks
+        """Block tables holding each block."""
+        self._key_of: dict[int, bytes] = {}
+        self._block_of: dict[bytes, int] = {}
+        """Cached full blocks by prefix key, and back (referenced or not)."""
+        self._idle: OrderedDict[int, None] = OrderedDict()
+        """Unreferenced cached blocks, least recently released first: reused after `_empty`."""
 
     @staticmethod
     def blocks_for_budget(budget_bytes: int, num_layers: int, block_size: int, num_kv_heads: int,
@@ -36,7 +53,16 @@ class PagedKVCache:
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free_blocks)
+        """Blocks no sequence holds: what `grow` can hand out (cached ones among them lose their prefix)."""
+        return len(self._empty) + len(self._idle)
+
+    @property
+    def cached_blocks(self) -> int:
+        """Blocks registered under a prefix key, held by sequences or not."""
+        return len(self._key_of)
+
+    def refcount(self, block: int) -> int:
+        return self._refs[block]
 
     def blocks_needed(self, num_positions: int) -> int:
         return -(-num_positions // self.block_size)
@@ -46,15 +72,50 @@ class PagedKVCache:
         missing = self.blocks_needed(num_positions) - len(block_table)
         if missing <= 0:
             return
-        if missing > len(self._free_blocks):
-            raise OutOfBlocks(f"need {missing} KV blocks, {len(self._free_blocks)} free")
+        if missing > self.free_blocks:
+            raise OutOfBlocks(f"need {missing} KV blocks, {self.free_blocks} free")
         for _ in range(missing):
-            block_table.append(self._free_blocks.pop())
+            block = self._empty.pop() if self._empty else self._evict()
+            self._refs[block] = 1
+            block_table.append(block)
+
+    def _evict(self) -> int:
+        """The least recently released cached block, its prefix forgotten."""
+        block, _ = self._idle.popitem(last=False)
+        del self._block_of[self._key_of.pop(block)]
+        return block
 
     def release(self, block_table: list[int]) -> None:
-        """Return a sequence's blocks to the pool and empty its table."""
-        self._free_blocks.extend(reversed(block_table))
+        """Let go of a sequence's blocks and empty its table. A block nobody holds any more becomes free;
+        a cached one stays cached (its last blocks are the first to go, as they need the earlier ones)."""
+        for block in reversed(block_table):
+            self._refs[block] -= 1
+            if self._refs[block]:
+                continue
+            if block in self._key_of:
+                self._idle[block] = None
+            else:
+                self._empty.append(block)
         block_table.clear()
+
+    def register(self, block: int, key: bytes) -> None:
+        """Cache full block `block` (held by a sequence) under prefix `key`; a key already cached keeps its
+        block (this one stays private and is freed with its sequence)."""
+        if key not in self._block_of and block not in self._key_of:
+            self._block_of[key] = block
+            self._key_of[block] = key
+
+    def cached(self, key: bytes) -> int | None:
+        """The block cached under prefix `key`, if any."""
+        return self._block_of.get(key)
+
+    def share(self, block_table: list[int], blocks: list[int]) -> None:
+        """Append cached `blocks` (from `cached`) to `block_table`, held until it is released."""
+        for block in blocks:
+            if not self._refs[block]:
+                del self._idle[block]
+            self._refs[block] += 1
+            block_table.append(block)
 
     def rows(self, block_table: list[int], start: int, end: int) -> list[int]:
         """Flat storage rows of token positions [start, end) of a sequence."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loraplex.server.engine.lora import NO_ADAPTER
+from loraplex.server.engine.prefix_cache import BlockChain
 
 MAX_TOP_LOGPROBS = 20
 """Most alternatives one request may ask for per token (OpenAI's limit)."""
@@ -103,6 +104,8 @@ class SequenceState:
     block_table: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None
+    chain: BlockChain | None = None
+    """Keys of its full blocks in the prefix cache; None keeps it out of the cache (nothing reused or offered)."""
 
     @property
     def token_ids(self) -> list[int]:

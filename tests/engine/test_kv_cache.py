@@ -280,3 +280,70 @@ def test_block_size_does_not_change_outputs(llama: Path) -> None:
         tokens, logits = results[block_size]
         assert tokens == tokens_1, f"block_size {block_size}"
         assert relative_error(logits, logits_1) <= 1e-5, f"block_size {block_size}"
+
+
+# -- refcounts and the cached blocks (prefix cache) --------------------------------------------------
+
+
+def small_cache(num_blocks: int) -> PagedKVCache:
+    return PagedKVCache(1, num_blocks, 4, 1, 4, torch.float32, torch.device("cpu"))
+
+
+def test_shared_blocks_are_refcounted_and_freed_once() -> None:
+    cache = small_cache(6)
+    first: list[int] = []
+    cache.grow(first, 10)  # 2 full blocks and a partial one
+    cache.register(first[0], b"k0")
+    cache.register(first[1], b"k1")
+    assert cache.cached_blocks == 2 and cache.free_blocks == 3
+    second: list[int] = []
+    cache.share(second, [cache.cached(b"k0"), cache.cached(b"k1")])
+    cache.grow(second, 9)
+    assert second[:2] == first[:2] and [cache.refcount(b) for b in second] == [2, 2, 1]
+    assert cache.free_blocks == 2, "a shared block is held once"
+    cache.release(first)
+    assert cache.free_blocks == 3 and [cache.refcount(b) for b in second] == [1, 1, 1], "only the private block"
+    cache.release(second)
+    assert cache.free_blocks == 6 and cache.cached_blocks == 2, "released cached blocks stay cached"
+    third: list[int] = []
+    cache.share(third, [cache.cached(b"k0")])
+    assert cache.free_blocks == 5 and cache.refcount(third[0]) == 1
+    cache.release(third)
+
+
+def test_a_key_keeps_its_first_block() -> None:
+    cache = small_cache(4)
+    first, second = [], []
+    cache.grow(first, 4)
+    cache.grow(second, 4)
+    cache.register(first[0], b"same")
+    cache.register(second[0], b"same")  # computed twice at once: the second copy stays private
+    assert cache.cached(b"same") == first[0] and cache.cached_blocks == 1
+    cache.release(second)
+    cache.release(first)
+    assert cache.free_blocks == 4 and cache.cached_blocks == 1
+
+
+def test_eviction_takes_empty_blocks_first_then_least_recently_released() -> None:
+    cache = small_cache(4)
+    old, new = [], []
+    cache.grow(old, 8)
+    cache.grow(new, 4)
+    for block, key in zip(old + new, (b"old0", b"old1", b"new0"), strict=True):
+        cache.register(block, key)
+    cache.release(old)  # released first: its last block is the least recently used, then its first
+    cache.release(new)
+    assert cache.free_blocks == 4 and cache.cached_blocks == 3
+    taken: list[int] = []
+    cache.grow(taken, 4)  # the one block that holds nothing
+    assert cache.cached_blocks == 3
+    cache.grow(taken, 8)
+    assert cache.cached(b"old1") is None and cache.cached(b"old0") is not None, "a chain loses its tail first"
+    cache.grow(taken, 12)
+    assert cache.cached(b"old0") is None and cache.cached(b"new0") is not None
+    with pytest.raises(OutOfBlocks):
+        cache.grow(taken, 20)  # 2 more, 1 free: nothing changes
+    assert len(taken) == 3 and cache.cached(b"new0") is not None and cache.free_blocks == 1
+    cache.grow(taken, 16)
+    assert cache.cached_blocks == 0 and cache.free_blocks == 0
+    assert sorted(taken) == [0, 1, 2, 3]
