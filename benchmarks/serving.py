@@ -55,6 +55,7 @@ import openai
 import torch
 from engine_throughput import tiny_model, write_adapters
 
+from loraplex.adapters.reference import AdapterReference
 from loraplex.client.client import AsyncClient
 from loraplex.server.app import App, start
 from loraplex.server.core.adapter_runtime.manager import AdapterManager
@@ -233,7 +234,7 @@ def run_direct(engine: Engine, trace: list[TraceRequest], slots: list[int]) -> d
 async def resident_slots(manager: AdapterManager, names: list[str]) -> dict[str, int]:
     """Name -> device slot of every start-up adapter, once all of them are resident (they load in the
     background), so the direct runs use the same slots as the server."""
-    leases = {name: manager.acquire(name) for name in names}
+    leases = {name: manager.acquire(AdapterReference(name)) for name in names}
     try:
         while any(manager.resident_slot(lease) is None for lease in leases.values()):
             await asyncio.sleep(0.05)
