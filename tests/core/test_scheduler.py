@@ -155,7 +155,7 @@ async def test_cancel_frees_kv_blocks_and_adapter_references(serving_model):
 
 
 async def test_an_unknown_adapter_is_refused_at_submit(serving_model):
-    """(The checks of the prompt and of max_new_tokens against the KV pool are the core's: test_validation.py.)"""
+    """(The prompt's and max_new_tokens' checks are the core's: test_request_validation.py.)"""
     scheduler = build(serving_model)
     with pytest.raises(AdapterNotFound, match="'nope'"):
         scheduler.submit(Request(AdapterReference("nope"), [1, 2], SamplingParams(max_new_tokens=4)))
