@@ -123,9 +123,11 @@ async def start(settings: Settings, interceptors: Sequence[grpc.aio.ServerInterc
     folder = settings.model or default_model_path()
     metrics = ServerMetrics(settings.metrics.max_adapter_labels) if settings.metrics.enabled else None
     cpu_extension.set_build_root(loraplex_home() / "torch_extensions")
-    engine = Engine(model_spec(folder), iter_weights(folder), settings.engine)
-    adapters = adapter_manager(engine, settings, base_digest(folder), metrics.observe_load if metrics else None)
-    scheduler = Scheduler(engine, adapters, settings.scheduler, metrics.observe_step if metrics else None)
+    digest = base_digest(folder)
+    engine = Engine(model_spec(folder), iter_weights(folder), settings.engine, digest)
+    adapters = adapter_manager(engine, settings, digest, metrics.observe_load if metrics else None)
+    scheduler = Scheduler(engine, adapters, settings.scheduler, metrics.observe_step if metrics else None,
+                          metrics.observe_prefix if metrics else None)
     auth = Authenticator(settings.api_keys)
     tokenizer = load_tokenizer(folder)
     limits = RequestLimits(settings.default_max_new_tokens, settings.max_new_tokens_limit)

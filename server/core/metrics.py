@@ -2,9 +2,11 @@
 
 Recorded as things happen: requests (GenerationCore, when a request ends: outcome, tokens, time to first
 token, inter-token gaps, end-to-end time), engine steps (the scheduler, after each step: sequences and
-duration) and adapter-load phases (the adapter manager: read, validate, copy). Read at scrape time by
-`ServerState`, so they cost nothing while serving: queue and KV gauges, vLLM-style LoRA info, adapter
-residency per tier, tier hit/miss/eviction counters, training runs recorded in the adapter store.
+duration), prefix-cache lookups (the scheduler, when it first admits a request: prompt tokens queried and
+found cached) and adapter-load phases (the adapter manager: read, validate, copy). Read at scrape time by
+`ServerState`, so they cost nothing while serving: queue and KV gauges (cached prefix blocks among them),
+vLLM-style LoRA info, adapter residency per tier, tier hit/miss/eviction counters, training runs recorded
+in the adapter store.
 
 Adapter label cardinality is bounded: the first `max_adapter_labels` adapters to receive requests keep
 their own `adapter` label value for the life of the process (a label value never moves, so counters stay
@@ -93,6 +95,12 @@ class ServerMetrics:
         self.e2e_latency = Histogram(
             "loraplex_e2e_request_latency_seconds", "From a request's arrival to its last token, by adapter.",
             ["adapter"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.prefix_cache_queries = Counter(
+            "loraplex_prefix_cache_queries", "Prompt tokens looked up in the prefix cache when a request was first "
+            "admitted, by adapter (vLLM's vllm:prefix_cache_queries).", ["adapter"], registry=registry)
+        self.prefix_cache_hits = Counter(
+            "loraplex_prefix_cache_hits", "Prompt tokens found in the prefix cache (reused, not prefilled), by "
+            "adapter (vLLM's vllm:prefix_cache_hits).", ["adapter"], registry=registry)
         self.batch_size = Histogram("loraplex_batch_size", "Sequences in one engine step.", buckets=BATCH_BUCKETS,
                                     registry=registry)
         self.step_duration = Histogram("loraplex_step_duration_seconds", "Duration of one engine step.",
@@ -103,6 +111,8 @@ class ServerMetrics:
             buckets=LOAD_BUCKETS, registry=registry)
         for outcome in OUTCOMES:
             self.requests.labels(BASE_LABEL, outcome)
+        self.prefix_cache_queries.labels(BASE_LABEL)
+        self.prefix_cache_hits.labels(BASE_LABEL)
         for phase in ("read", "validate", "copy"):
             self.adapter_load.labels(phase)
 
@@ -124,6 +134,13 @@ class ServerMetrics:
         gaps = self.inter_token_latency.labels(label)
         for before, after in itertools.pairwise(token_times):
             gaps.observe(after - before)
+
+    def observe_prefix(self, adapter: str, queried: int, cached: int) -> None:
+        """A request on `adapter` ("" for the base model) looked up `queried` prompt tokens, `cached` of them
+        found in the prefix cache."""
+        label = self.adapter_label(adapter)
+        self.prefix_cache_queries.labels(label).inc(queried)
+        self.prefix_cache_hits.labels(label).inc(cached)
 
     def observe_step(self, sequences: int, seconds: float) -> None:
         self.batch_size.observe(sequences)
@@ -160,6 +177,8 @@ class ServerState(Collector):
         yield _gauge("loraplex_kv_cache_blocks_used", "KV-cache blocks held by sequences.", used)
         yield _gauge("loraplex_kv_cache_blocks_total", "KV-cache blocks in the pool.", total)
         yield _gauge("loraplex_kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0 to 1).", used / total)
+        yield _gauge("loraplex_prefix_cache_blocks", "KV-cache blocks holding a cached prefix (held by sequences, "
+                     "or free and reusable until the pool needs them).", scheduler.prefix_cached_blocks())
         info = GaugeMetricFamily(
             "loraplex_lora_requests_info", "Adapters of running and waiting requests and the most adapters one "
             "step runs (vLLM's vllm:lora_requests_info shape); the value is the sample's unix time.",

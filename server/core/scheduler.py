@@ -8,10 +8,13 @@ Policy, each step (`_plan`):
   1. Running sequences are scheduled first: decodes (one token each), then unfinished prefills in
      chunks, in admission order, all within `max_step_tokens`.
   2. When the KV pool cannot hold a running sequence's next tokens, the most recently admitted
-     running sequences are preempted (blocks freed, recomputed from scratch later; the oldest always
-     progress) and go back to the front of their adapter's waiting queue.
+     running sequences are preempted (blocks let go, recomputed later from what the prefix cache still
+     holds; the oldest always progress) and go back to the front of their adapter's waiting queue.
   3. Remaining budget admits waiting requests while `max_running` and free KV blocks allow,
      round-robin across adapters (FIFO within one adapter), so one busy adapter cannot starve others.
+     An admitted request first takes the longest chain of cached blocks of its prompt under its adapter
+     version (`Engine.reuse_prefix`) and prefills only the rest; blocks are counted as the pool counts
+     them, so a block several sequences hold takes room once, and one they stop holding returns once.
      Admitting a request places its adapter version in a device slot (`AdapterManager.slot_for`): a
      version still loading from the store is skipped this step (its requests keep their turn; the
      loader wakes the loop when it is done), so a cold adapter never holds up the others.
@@ -53,6 +56,8 @@ class _Entry:
     lease: AdapterLease
     stream: RequestStream
     cancelled: bool = False
+    cached_tokens: int | None = None
+    """Prompt tokens its first admission found in the prefix cache (None until admitted)."""
 
 
 @dataclass
@@ -69,12 +74,16 @@ class Scheduler:
     """Owns `engine` and routes its events to request streams; see the module docstring for the policy."""
 
     def __init__(self, engine: Engine, adapters: AdapterManager, config: SchedulerConfig,
-                 on_step: Callable[[int, float], None] | None = None) -> None:
-        """`on_step(sequences, seconds)` is called on the scheduler thread after each engine step (metrics)."""
+                 on_step: Callable[[int, float], None] | None = None,
+                 on_prefix: Callable[[str, int, int], None] | None = None) -> None:
+        """Called on the scheduler thread (metrics): `on_step(sequences, seconds)` after each engine step,
+        `on_prefix(adapter name, prompt tokens, cached tokens)` when a request is first admitted and the
+        prefix cache was looked up."""
         self.engine = engine
         self.adapters = adapters
         self.config = config
         self._on_step = on_step
+        self._on_prefix = on_prefix
         self.stats = SchedulerStats()
         self.max_step_adapters = min(config.max_step_adapters or engine.num_slots, engine.num_slots)
         self._cond = threading.Condition()
@@ -95,13 +104,13 @@ class Scheduler:
         Raises AdapterNotFound, InvalidRequest (an ambiguous adapter version), Overloaded, ShuttingDown.
         """
         loop = asyncio.get_running_loop()
-        seq = self.engine.add_sequence(request.prompt_ids, request.sampling)
         with self._cond:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down and takes no new requests")
             if self.num_waiting >= self.config.max_waiting:
                 raise Overloaded(f"{self.num_waiting} requests are waiting (max_waiting={self.config.max_waiting})")
             lease = self.adapters.acquire(request.adapter)
+            seq = self.engine.add_sequence(request.prompt_ids, request.sampling, version=lease.version)
             stream = RequestStream(self, lease, loop)
             entry = _Entry(seq, lease, stream)
             stream._entry = entry
@@ -120,6 +129,10 @@ class Scheduler:
         """(blocks held by sequences, blocks in the pool) of the KV cache, now (any thread; approximate)."""
         cache = self.engine.cache
         return cache.num_blocks - cache.free_blocks, cache.num_blocks
+
+    def prefix_cached_blocks(self) -> int:
+        """KV blocks holding a cached prefix, held by sequences or reusable (any thread; approximate)."""
+        return self.engine.cache.cached_blocks
 
     def queues(self) -> Queues:
         """The adapter reference of each running and each waiting request, now (any thread)."""
@@ -220,7 +233,8 @@ class Scheduler:
 
     def _plan(self) -> list[tuple[_Entry, int]]:
         budget = self.config.max_step_tokens
-        free = self.engine.cache.free_blocks
+        cache = self.engine.cache
+        reserved = 0  # blocks the planned sequences take in the step (the pool's free count does not know yet)
         batch: list[tuple[_Entry, int]] = []
         planned: set[_Entry] = set()
         for entry in sorted(self._running, key=lambda e: e.seq.num_pending > 1):  # decodes first, stable
@@ -230,16 +244,15 @@ class Scheduler:
             if count == 0:
                 break
             need = self._blocks_needed(entry.seq, count)
-            while need > free:
+            while need > cache.free_blocks - reserved:
                 victim = next(e for e in reversed(self._running) if e not in planned)
-                free += len(victim.seq.block_table)
-                self._preempt(victim)
+                self._preempt(victim)  # frees the blocks only it held
                 if victim is entry:
                     break
             if entry in self._running:
                 batch.append((entry, count))
                 planned.add(entry)
-                free -= need
+                reserved += need
                 budget -= count
         busy = self._busy_slots()
         skipped: set[str] = set()  # adapters still loading: their requests keep their turn
@@ -266,11 +279,14 @@ class Scheduler:
                 if slot is None:
                     skipped.add(name)
                     continue
+            cached = self.engine.reuse_prefix(entry.seq)  # holds its cached blocks: out of the free count
             count = min(entry.seq.num_pending, budget)
             need = self._blocks_needed(entry.seq, count)
-            if need > free:
+            if need > cache.free_blocks - reserved:
+                self.engine.release(entry.seq)  # it keeps its turn and holds nothing
                 break
             self._pop_waiting(name)
+            self._first_admission(entry, cached)
             if resident:
                 self.adapters.count_device_hit()
             entry.seq.slot = slot
@@ -278,9 +294,17 @@ class Scheduler:
             batch.append((entry, count))
             if slot != NO_ADAPTER:
                 busy.add(slot)
-            free -= need
+            reserved += need
             budget -= count
         return batch
+
+    def _first_admission(self, entry: _Entry, cached: int) -> None:
+        """Record what the prefix cache gave a request the first time it is admitted (not after a preemption)."""
+        if entry.cached_tokens is not None:
+            return
+        entry.cached_tokens = cached
+        if self._on_prefix is not None and entry.seq.chain is not None:
+            self._on_prefix(entry.lease.name, len(entry.seq.prompt_ids), cached)
 
     def _busy_slots(self) -> set[int]:
         """Slots running sequences use (never evicted while they do)."""

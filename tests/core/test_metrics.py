@@ -28,13 +28,13 @@ from serving_support import post, serving, slow_steps, status_of
 EXPORTED = {
     "counter": ["loraplex_requests", "loraplex_prompt_tokens", "loraplex_generation_tokens",
                 "loraplex_adapter_evictions", "loraplex_adapter_cache_hits", "loraplex_adapter_cache_misses",
-                "loraplex_training_runs"],
+                "loraplex_training_runs", "loraplex_prefix_cache_queries", "loraplex_prefix_cache_hits"],
     "histogram": ["loraplex_time_to_first_token_seconds", "loraplex_inter_token_latency_seconds",
                   "loraplex_e2e_request_latency_seconds", "loraplex_batch_size", "loraplex_step_duration_seconds",
                   "loraplex_adapter_load_seconds"],
     "gauge": ["loraplex_num_requests_running", "loraplex_num_requests_waiting", "loraplex_kv_cache_blocks_used",
               "loraplex_kv_cache_blocks_total", "loraplex_kv_cache_usage_perc", "loraplex_adapter_residency",
-              "loraplex_lora_requests_info"],
+              "loraplex_lora_requests_info", "loraplex_prefix_cache_blocks"],
 }
 
 
@@ -133,6 +133,27 @@ async def test_lora_info_lists_running_and_waiting_adapters(serving_model, tmp_p
     assert (labels["running_lora_adapters"], labels["waiting_lora_adapters"]) == ("a_r4_qv", "b_r16_all")
     assert sample(families, "loraplex_num_requests_waiting", "loraplex_num_requests_waiting") == 1
     assert sample(families, "loraplex_kv_cache_blocks_used", "loraplex_kv_cache_blocks_used") > 0
+
+
+async def test_prefix_cache_queries_hits_and_cached_blocks(serving_model, tmp_path):
+    """Prompt tokens looked up and found in the prefix cache, per adapter label, and the cached blocks."""
+    prompt = list(range(1, 18))  # 17 tokens: 4 full blocks of 4 can be reused, the last token never
+    async with serving(serving_model, adapters=AdapterSettings(store=tmp_path / "store")) as (app, url):
+        async with AsyncClient(f"127.0.0.1:{app.port}") as client:
+            for adapter in ("a_r4_qv", "a_r4_qv", "", "b_r16_all"):
+                await client.generate(prompt, adapter, max_new_tokens=2, ignore_eos=True)
+        families = await asyncio.to_thread(scrape, url.removesuffix("/v1") + "/metrics")
+        cached_blocks = app.scheduler.engine.cache.cached_blocks
+
+    def counted(family: str) -> dict[str, float]:
+        return {dict(labels)["adapter"]: value for (name, labels), value in families[family].items()
+                if name.endswith("_total")}
+
+    assert counted("loraplex_prefix_cache_queries") == {"a_r4_qv": 34, "_base": 17, "b_r16_all": 17}
+    assert counted("loraplex_prefix_cache_hits") == {"a_r4_qv": 16, "_base": 0, "b_r16_all": 0}, \
+        "only a second request on the same adapter version reuses its blocks"
+    assert cached_blocks == 3 * 4
+    assert sample(families, "loraplex_prefix_cache_blocks", "loraplex_prefix_cache_blocks") == cached_blocks
 
 
 async def test_request_ids_reach_the_caller_and_every_log_line(serving_model, tmp_path, capsys):

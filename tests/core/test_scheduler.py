@@ -1,4 +1,5 @@
-"""Scheduler: continuous batching equals each request run alone; fairness, preemption, bounds, cancel."""
+"""Scheduler: continuous batching equals each request run alone; fairness, preemption, bounds, cancel; the prefix
+cache at admission (exact outputs with it and without, shared blocks counted once, version safety)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ from loraplex.server.core.errors import AdapterNotFound, Overloaded, ShuttingDow
 from loraplex.server.core.requests import Request, RequestStream
 from loraplex.server.core.scheduler import Scheduler
 from loraplex.server.core.scheduler_config import SchedulerConfig
+from loraplex.server.default_model import default_model_path
 from loraplex.server.engine import SamplingParams
 from loraplex.server.engine.lora import NO_ADAPTER
+from loraplex.server.model_files import model_spec
 from serving_support import active_requests, adapter_manager, generate_alone, make_engine
+from support import ARCHITECTURES, MIXED_ADAPTERS, write_adapter, write_tiny_model
 
 #: KV bytes per block of the tiny llama (2 layers, 2 kv heads, head_dim 16, float32, block_size 4).
 BLOCK_BYTES = 2 * 2 * 4 * 2 * 16 * 4
@@ -182,3 +186,141 @@ async def test_distinct_adapters_per_step_are_capped(serving_model, reference_en
     assert max(len(slots) for slots in per_step) == 2
     assert len(set().union(*per_step)) == 4
     assert_alone_equal(serving_model, reference_engine, requests, outputs)
+
+
+# -- the prefix cache ----------------------------------------------------------------------------------
+
+SYSTEM = list(range(40, 56))  # a 16-token "system prompt": 4 full blocks
+
+
+def prefix_requests(names: list[str], max_new_tokens: int) -> list[Request]:
+    """Per adapter name, three requests on SYSTEM (the same tokens for every name) with suffixes of their own,
+    and one that shares nothing; interleaved across names."""
+    generator = torch.Generator().manual_seed(9)
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
+    requests = []
+    for i in range(4):
+        for name in names:
+            suffix = torch.randint(0, 96, (3 + 2 * i,), generator=generator).tolist()
+            prompt = suffix + SYSTEM if i == 3 else SYSTEM + suffix
+            requests.append(Request(AdapterReference(name), prompt, sampling))
+    return requests
+
+
+@pytest.fixture(scope="module", params=[*ARCHITECTURES, pytest.param("smollm2", marks=pytest.mark.slow)])
+def family_model(request, tmp_path_factory):
+    """A tiny model of each family, and SmolLM2, with two of the MIXED_ADAPTERS."""
+    root = tmp_path_factory.mktemp(f"prefix_{request.param}")
+    base = default_model_path() if request.param == "smollm2" else write_tiny_model(request.param, root / "base")
+    return base, {s.name: write_adapter(base, s, root / s.name, seed=20 + i) for i, s in enumerate(MIXED_ADAPTERS[:2])}
+
+
+def build_with_lookups(model, kv_blocks: int, prefix_cache: bool, **config) -> tuple[Scheduler, list]:
+    """A scheduler on `model` with a pool of `kv_blocks` blocks; the list collects its prefix lookups
+    (adapter name, prompt tokens, cached tokens)."""
+    base, adapters = model
+    spec = model_spec(base)
+    block_bytes = 2 * spec.num_layers * 4 * spec.num_kv_heads * spec.head_dim * 4  # float32, block_size 4
+    engine = make_engine(base, kv_cache_bytes=kv_blocks * block_bytes, prefix_cache=prefix_cache)
+    lookups: list[tuple[str, int, int]] = []
+    manager = adapter_manager(engine, adapters, Path(tempfile.mkdtemp(prefix="scheduler-store-")))
+    scheduler = Scheduler(engine, manager, SchedulerConfig(**config),
+                          on_prefix=lambda *lookup: lookups.append(lookup))
+    return scheduler, lookups
+
+
+async def serve(scheduler: Scheduler, requests: list[Request]) -> list[list[int]]:
+    scheduler.start()
+    try:
+        return await asyncio.gather(*(tokens(scheduler.submit(r)) for r in requests))
+    finally:
+        scheduler.close()
+
+
+async def test_prefix_cache_keeps_outputs_exact_under_preemption(family_model):
+    """Base rows and two adapters' rows, sharing a system prompt or not, in batches with chunked prefill and
+    a pool small enough to preempt: greedy outputs with the cache equal those without, token for token."""
+    requests = prefix_requests(["", *family_model[1]], max_new_tokens=10)
+    outputs = {}
+    for prefix_cache in (True, False):
+        scheduler, lookups = build_with_lookups(family_model, kv_blocks=22, prefix_cache=prefix_cache, max_running=6,
+                                                max_step_tokens=24)
+        outputs[prefix_cache] = await serve(scheduler, requests)
+        assert scheduler.stats.preempted > 0, "the pool is small enough to preempt"
+        cache = scheduler.engine.cache
+        assert cache.free_blocks == cache.num_blocks, "every block is released (cached ones stay reusable)"
+        if prefix_cache:
+            assert len(lookups) == len(requests) and sum(hit for _, _, hit in lookups) > 0
+            assert all(hit % 4 == 0 and hit < prompt for _, prompt, hit in lookups)
+            assert cache.cached_blocks > 0 and scheduler.prefix_cached_blocks() == cache.cached_blocks
+        else:
+            assert lookups == [] and cache.cached_blocks == 0
+    assert outputs[True] == outputs[False]
+
+
+async def test_shared_blocks_are_counted_once_at_admission(serving_model):
+    """Three requests that each need 5 blocks alone, 4 of them one cached system prompt's, are admitted
+    together into a pool of 12 (4 shared + 3 private blocks), not one by one."""
+    scheduler, lookups = build_with_lookups(serving_model, kv_blocks=12, prefix_cache=True, max_running=4)
+    engine, batches = scheduler.engine, []
+    sampling = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    engine.generate([[*SYSTEM, 1]], sampling, versions=[""])  # before the loop starts: caches SYSTEM's 4 blocks
+    step = engine.step
+
+    def recording_step(batch):
+        batches.append([count for _, count in batch])
+        return step(batch)
+
+    engine.step = recording_step
+    readers = [Request(AdapterReference(""), [*SYSTEM, 2 + i], sampling) for i in range(3)]
+    streams = [scheduler.submit(r) for r in readers]  # all waiting before the first plan
+    scheduler.start()
+    try:
+        outputs = await asyncio.gather(*(tokens(s) for s in streams))
+    finally:
+        scheduler.close()
+    assert [hit for _, _, hit in lookups] == [16, 16, 16]
+    assert batches[0] == [1, 1, 1], "each prefills its one new token; 3 x 5 blocks would not fit 12"
+    assert scheduler.stats.preempted == 0
+    reference = make_engine(serving_model[0], prefix_cache=False)
+    assert outputs == [reference.generate([r.prompt_ids], sampling)[0] for r in readers]
+
+
+async def test_a_replaced_adapter_never_reuses_the_old_versions_blocks(serving_model, reference_engine, tmp_path):
+    """"support" is replaced while requests on its first version run, after they cached the system prompt:
+    the new version's requests find nothing cached (blocks are keyed by version digest, not by name; keyed
+    by name they would reuse version 1's keys and values) and answer as that version alone. Another name
+    on version 1's very files (one digest) does share its blocks."""
+    base, adapters = serving_model
+    engine = make_engine(base)
+    roots = sorted({folder.parent for folder in adapters.values()})
+    manager = adapter_manager(engine, {}, tmp_path / "store", allowed_roots=roots)
+    old, new = "b_r16_all", "d_r8_k_gate"  # both change k_proj or v_proj: different keys and values
+    manager.load(str(adapters[old]), "support")
+    lookups: list[tuple[str, int, int]] = []
+    scheduler = Scheduler(engine, manager, SchedulerConfig(max_running=8), on_prefix=lambda *hit: lookups.append(hit))
+    sampling = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    prompts = [[*SYSTEM, 5 + i] for i in range(5)]
+
+    def submit(name: str, prompt: list[int]) -> RequestStream:
+        return scheduler.submit(Request(AdapterReference(name), prompt, sampling))
+
+    scheduler.start()
+    try:
+        first = asyncio.gather(*(tokens(submit("support", p)) for p in prompts[:2]))
+        await wait_until(lambda: engine.cache.cached_blocks >= 4)  # version 1 cached SYSTEM, still running
+        await asyncio.to_thread(manager.load, str(adapters[new]), "support")
+        second = [await tokens(submit("support", p)) for p in prompts[2:4]]  # one after the other
+        await asyncio.to_thread(manager.load, str(adapters[old]), "alias")
+        alias = await tokens(submit("alias", prompts[4]))
+        first = await first
+    finally:
+        scheduler.close()
+        manager.close()
+    hits = [hit for _, _, hit in lookups]  # the first two: 0 and 0, or 0 and 16 (version 1's own blocks)
+    assert hits[2:] == [0, 16, 16], "version 2 reuses only its own blocks; the alias of version 1, version 1's"
+    for prompt, output in zip(prompts[:2], first, strict=True):
+        assert output == generate_alone(reference_engine, adapters, prompt, old, sampling)
+    for prompt, output in zip(prompts[2:4], second, strict=True):
+        assert output == generate_alone(reference_engine, adapters, prompt, new, sampling)
+    assert alias == generate_alone(reference_engine, adapters, prompts[4], old, sampling)
