@@ -52,6 +52,8 @@ class Chunk:
     completion: Completion | None
     prompt_tokens: int = 0
     """Tokens in the prompt, on the first chunk of a stream (0 on the others)."""
+    cached_tokens: int = 0
+    """Of those, tokens found in the server's prefix cache, on the first chunk (0 on the others)."""
 
     @property
     def text(self) -> str:
@@ -60,7 +62,7 @@ class Chunk:
     @classmethod
     def from_proto(cls, response: pb.GenerateStreamResponse) -> Chunk:
         completion = decode_completion(response.completion) if response.HasField("completion") else None
-        return cls(decode_token(response.token), completion, response.prompt_tokens)
+        return cls(decode_token(response.token), completion, response.prompt_tokens, response.cached_tokens)
 
 
 @dataclass(frozen=True)
@@ -118,19 +120,21 @@ def build_request(prompt: Prompt, adapter: str = "", *,
                   top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
                   seed: int | None = None, presence_penalty: float | None = None,
                   frequency_penalty: float | None = None, stop_token_ids: Sequence[int] = (),
-                  ignore_eos: bool = False, logprobs: bool = False, top_logprobs: int = 0) -> pb.GenerateRequest:
+                  ignore_eos: bool = False, logprobs: bool = False, top_logprobs: int = 0,
+                  cache_salt: str = "") -> pb.GenerateRequest:
     """A GenerateRequest: `prompt` is text (tokenized by the server), token ids, or chat messages
     (`{"role": ..., "content": ...}` dicts, rendered with the model's chat template); None leaves the
     server default; `adapter` is "NAME", "NAME@VERSION" or "" (the base model); `chat` applies the
     model's chat template to text; `logprobs` asks for each token's log-probability, `top_logprobs` for
-    that many most likely alternatives of each step."""
+    that many most likely alternatives of each step; `cache_salt` shares prefix-cache blocks only with
+    requests that send the same salt."""
     sampling = {k: v for k, v in dict(temperature=temperature, top_k=top_k, top_p=top_p,
                                       repetition_penalty=repetition_penalty, seed=seed,
                                       presence_penalty=presence_penalty,
                                       frequency_penalty=frequency_penalty).items() if v is not None}
     return encode_request(prompt, adapter, chat=chat, max_new_tokens=max_new_tokens, sampling=sampling,
                           stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, logprobs=logprobs,
-                          top_logprobs=top_logprobs)
+                          top_logprobs=top_logprobs, cache_salt=cache_salt)
 
 
 def _channel_setup(tls: bool, root_certificates: bytes | None, retry: RetryPolicy,

@@ -32,12 +32,14 @@ FINISH_REASON_OF = {code: reason for reason, code in FINISH_REASONS.items()}
 
 def encode_request(prompt: Prompt, adapter: str = "", *, chat: bool = False, max_new_tokens: int | None = None,
                    sampling: Mapping[str, float | int] | None = None, stop_token_ids: Sequence[int] = (),
-                   ignore_eos: bool = False, logprobs: bool = False, top_logprobs: int = 0) -> pb.GenerateRequest:
+                   ignore_eos: bool = False, logprobs: bool = False, top_logprobs: int = 0,
+                   cache_salt: str = "") -> pb.GenerateRequest:
     """A GenerateRequest: `prompt` is text, token ids or chat messages; `sampling` holds the SAMPLING_FIELDS
-    the caller sets (the others take the server's defaults), `max_new_tokens` None the server's default."""
+    the caller sets (the others take the server's defaults), `max_new_tokens` None the server's default;
+    `cache_salt` keeps its prefix-cache blocks to requests with the same salt."""
     request = pb.GenerateRequest(
         adapter=adapter, chat=chat, sampling=pb.SamplingParameters(**(sampling or {})), logprobs=logprobs,
-        top_logprobs=top_logprobs,
+        top_logprobs=top_logprobs, cache_salt=cache_salt,
         stopping=pb.StoppingCriteria(max_new_tokens=max_new_tokens, stop_token_ids=list(stop_token_ids),
                                      ignore_eos=ignore_eos),
     )
@@ -57,7 +59,8 @@ def decode_token(token: pb.Token) -> Token:
 
 def decode_completion(completion: pb.Completion) -> Completion:
     return Completion(FINISH_REASON_OF[completion.finish_reason], completion.prompt_tokens,
-                      completion.generated_tokens, completion.adapter, completion.adapter_version)
+                      completion.generated_tokens, completion.adapter, completion.adapter_version,
+                      completion.cached_tokens)
 
 
 def encode_token(token: Token) -> pb.Token:
@@ -71,7 +74,8 @@ def encode_completion(completion: Completion | None) -> pb.Completion | None:
         return None
     return pb.Completion(finish_reason=FINISH_REASONS[completion.finish_reason],
                          prompt_tokens=completion.prompt_tokens, generated_tokens=completion.generated_tokens,
-                         adapter=completion.adapter, adapter_version=completion.adapter_version)
+                         adapter=completion.adapter, adapter_version=completion.adapter_version,
+                         cached_tokens=completion.cached_tokens)
 
 
 def invalid_argument_metadata(field: str, problem: str) -> tuple[tuple[str, str | bytes], ...]:

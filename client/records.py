@@ -50,3 +50,5 @@ class Completion:
     """Adapter name ("" for the base model)."""
     adapter_version: str
     """Full sha256 content digest of the adapter version used ("" for the base model)."""
+    cached_tokens: int = 0
+    """Of prompt_tokens, those whose keys and values came from the prefix cache (not prefilled)."""

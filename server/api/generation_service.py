@@ -55,7 +55,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateStreamResponse]:
         async for token in self._generate(request, context):
             yield pb.GenerateStreamResponse(token=encode_token(token), completion=encode_completion(token.completion),
-                                            prompt_tokens=token.prompt_tokens)
+                                            prompt_tokens=token.prompt_tokens, cached_tokens=token.cached_tokens)
 
     async def ServerInfo(self, request: pb.ServerInfoRequest,
                          context: grpc.aio.ServicerContext) -> pb.ServerInfoResponse:
@@ -101,7 +101,7 @@ def decode_request(request: pb.GenerateRequest) -> GenerateCall:
         max_new_tokens=stopping.max_new_tokens if stopping.HasField("max_new_tokens") else None,
         sampling={name: getattr(sampling, name) for name in SAMPLING_FIELDS if sampling.HasField(name)},
         stop_token_ids=tuple(stopping.stop_token_ids), ignore_eos=stopping.ignore_eos,
-        logprobs=request.logprobs, top_logprobs=request.top_logprobs,
+        logprobs=request.logprobs, top_logprobs=request.top_logprobs, cache_salt=request.cache_salt,
     )
 
 

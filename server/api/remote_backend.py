@@ -58,7 +58,7 @@ class RemoteBackend:
         chunks = self._client.forwarding(authorization).generate_stream(
             prompt, call.adapter, chat=call.chat, max_new_tokens=call.max_new_tokens,
             stop_token_ids=call.stop_token_ids, ignore_eos=call.ignore_eos, logprobs=call.logprobs,
-            top_logprobs=call.top_logprobs, **call.sampling)
+            top_logprobs=call.top_logprobs, cache_salt=call.cache_salt, **call.sampling)
         try:
             async for chunk in chunks:
                 try:
@@ -115,7 +115,7 @@ def generated_token(chunk: Chunk) -> GeneratedToken:
     """The GeneratedToken a streamed chunk carries (the in-process core's record of the same token)."""
     token = chunk.token
     return GeneratedToken(token.id, token.text, token.logprob, token.piece, token.top_logprobs, chunk.completion,
-                          chunk.prompt_tokens)
+                          chunk.prompt_tokens, chunk.cached_tokens)
 
 
 def refusal(error: grpc.aio.AioRpcError) -> Exception:

@@ -44,6 +44,8 @@ class GenerateCall:
     """Report each token's log-probability and its text alone (GeneratedToken.logprob, piece)."""
     top_logprobs: int = 0
     """Also report this many most likely tokens of each step, in [0, engine.MAX_TOP_LOGPROBS]."""
+    cache_salt: str = ""
+    """Share prefix-cache blocks only with requests of the same salt ("" shares with every unsalted one)."""
 
 
 
@@ -55,6 +57,8 @@ class GeneratedToken(Token):
     completion: Completion | None = None
     prompt_tokens: int = 0
     """Tokens in the prompt, on the first token of a generation (0 on the others)."""
+    cached_tokens: int = 0
+    """Of those, tokens found in the prefix cache, on the first token (0 on the others)."""
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,8 @@ class GenerationCore:
                 prompt_ids = await self.prompt_ids(self.checks.prompt(call, self.tokenizer))
                 sampling = self.checks.sampling(call)
                 self.checks.prompt_ids(prompt_ids, sampling)
-                stream = self.scheduler.submit(Request(reference, prompt_ids, sampling))
+                cache_salt = self.checks.cache_salt(call)
+                stream = self.scheduler.submit(Request(reference, prompt_ids, sampling, cache_salt))
             except RequestError as error:
                 label = UNKNOWN_LABEL if isinstance(error, AdapterNotFound) else REFUSED_LABEL
                 self._ended(adapter, label, "refused", call, prompt_ids, token_times, arrival)
@@ -109,12 +110,13 @@ class GenerationCore:
                     final = event.finish_reason is not None
                     text = detokenizer.add(event.token_id, final) if detokenizer else ""
                     completion = Completion(FinishReason(event.finish_reason.value), len(prompt_ids), len(token_times),
-                                            stream.lease.name, stream.lease.version) if final else None
+                                            stream.lease.name, stream.lease.version,
+                                            stream.cached_tokens) if final else None
                     if final:
                         outcome = event.finish_reason.value
                     token = self._token(call, event, text, completion)
                     if len(token_times) == 1:
-                        token = replace(token, prompt_tokens=len(prompt_ids))
+                        token = replace(token, prompt_tokens=len(prompt_ids), cached_tokens=stream.cached_tokens)
                     try:
                         yield token
                     except StopGeneration:

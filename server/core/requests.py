@@ -24,6 +24,8 @@ class Request:
     """The adapter's name and version prefix; leases.BASE_REFERENCE for the base model alone."""
     prompt_ids: list[int]
     sampling: SamplingParams
+    cache_salt: str = ""
+    """Prefix-cache blocks are shared only with requests of the same adapter version and salt ("" none)."""
 
 
 
@@ -70,6 +72,12 @@ class RequestStream:
             yield item
             if item.finish_reason is not None:
                 return
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens the prefix cache held when the request was first admitted (0 before; known by its
+        first event)."""
+        return self._entry.cached_tokens or 0
 
     def cancel(self) -> None:
         self._scheduler._cancel(self._entry)

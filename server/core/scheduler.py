@@ -110,7 +110,8 @@ class Scheduler:
             if self.num_waiting >= self.config.max_waiting:
                 raise Overloaded(f"{self.num_waiting} requests are waiting (max_waiting={self.config.max_waiting})")
             lease = self.adapters.acquire(request.adapter)
-            seq = self.engine.add_sequence(request.prompt_ids, request.sampling, version=lease.version)
+            seq = self.engine.add_sequence(request.prompt_ids, request.sampling, version=lease.version,
+                                           cache_salt=request.cache_salt)
             stream = RequestStream(self, lease, loop)
             entry = _Entry(seq, lease, stream)
             stream._entry = entry

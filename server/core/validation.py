@@ -9,7 +9,8 @@ calls its steps in this order, so a request with several faults is refused for t
   3. `sampling`: max_new_tokens within the server's limit, stop token ids in the vocabulary, the engine's
      bounds of every sampling field (SamplingParams);
   4. `prompt_ids`: at least one token, room left in max_model_len, ids in the vocabulary, and prompt plus
-     max_new_tokens within the whole KV pool.
+     max_new_tokens within the whole KV pool;
+  5. `cache_salt`: at most MAX_CACHE_SALT_CHARS characters.
 The engine still asserts its own contracts (Engine.add_sequence, SamplingParams) with ValueError; a checked
 request never trips them.
 """
@@ -32,6 +33,9 @@ MAX_CHARS_PER_POSITION = 32
 """A text prompt (or a conversation's contents together) longer than this many characters per position of
 the model's max_model_len is refused before it is tokenized: no tokenizer averages that many characters
 per token, so it could not fit anyway."""
+
+MAX_CACHE_SALT_CHARS = 256
+"""Longest prefix-cache salt a request may send (it is hashed into every block key of the request)."""
 
 Prompt = str | list[int] | list[ChatMessage]
 """A prompt as it goes to the tokenizer: text, token ids (used as they are), or a conversation (chat template)."""
@@ -107,3 +111,10 @@ class RequestChecks:
         if needed > engine.kv_blocks:
             raise InvalidRequest("max_new_tokens", f"prompt plus max_new_tokens needs {needed} KV blocks; "
                                  f"the whole cache holds {engine.kv_blocks}: ask for fewer tokens")
+
+    def cache_salt(self, call: GenerateCall) -> str:
+        """The call's prefix-cache salt; InvalidRequest("cache_salt") when longer than MAX_CACHE_SALT_CHARS."""
+        if len(call.cache_salt) > MAX_CACHE_SALT_CHARS:
+            raise InvalidRequest("cache_salt", f"{len(call.cache_salt)} characters is more than "
+                                 f"{MAX_CACHE_SALT_CHARS}")
+        return call.cache_salt

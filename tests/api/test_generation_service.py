@@ -1,5 +1,5 @@
 """The gRPC server on loopback: batched streams equal each request run alone; every error status;
-cancellation and deadlines give the KV blocks back."""
+cancellation and deadlines give the KV blocks back; the prefix cache's cached_tokens and cache_salt."""
 
 from __future__ import annotations
 
@@ -139,6 +139,7 @@ async def test_info_health_and_reflection(serving_model):
     ({"prompt": [1, 2], "chat": True}, "chat"),
     ({"prompt": ""}, "text"),
     ({"prompt": "hello", "chat": True}, "chat"),
+    ({"prompt": [1, 2], "cache_salt": "s" * 257}, "cache_salt"),
 ])
 async def test_invalid_arguments_name_the_field(serving_model, kwargs, field):
     async with running(serving_model) as (_app, client):
@@ -222,6 +223,27 @@ async def test_api_keys_scopes_and_adapter_allow_lists(serving_model):
                 await client.close()
 
 
+async def test_cached_tokens_and_cache_salt(serving_model, reference_engine):
+    """A repeated prompt reports the tokens its prefix cache held (stream and unary, same tokens as without
+    the cache); a salted request shares only with the same salt."""
+    prompt = list(range(3, 20))  # 17 tokens: 4 blocks of 4 reusable
+    options = dict(max_new_tokens=4, ignore_eos=True)
+    async with running(serving_model) as (_app, client):
+        first = await client.generate(prompt, "b_r16_all", **options)
+        chunks = [chunk async for chunk in client.generate_stream(prompt, "b_r16_all", **options)]
+        salted = [(await client.generate(prompt, "b_r16_all", cache_salt=salt, **options)).completion.cached_tokens
+                  for salt in ("tenant-a", "tenant-a", "tenant-b")]
+        other = await client.generate(prompt, "a_r4_qv", **options)
+    assert first.completion.cached_tokens == 0 and first.completion.prompt_tokens == 17
+    assert (chunks[0].prompt_tokens, chunks[0].cached_tokens) == (17, 16)
+    assert chunks[-1].completion.cached_tokens == 16 and chunks[1].cached_tokens == 0
+    expected = generate_alone(reference_engine, serving_model[1], prompt, "b_r16_all",
+                              SamplingParams(**options))
+    assert first.token_ids == [chunk.token.id for chunk in chunks] == expected
+    assert salted == [0, 16, 0]
+    assert other.completion.cached_tokens == 0, "another adapter never reuses these blocks"
+
+
 async def test_client_cancel_frees_kv_blocks(serving_model):
     async with running(serving_model) as (app, client):
         slow_steps(app, 0.005)
@@ -279,7 +301,8 @@ async def test_stop_token_ends_the_stream(serving_model):
 
 async def test_unary_generate_equals_the_stream_and_logprobs_come_when_asked(serving_model):
     options = dict(max_new_tokens=9, ignore_eos=True, temperature=0.7, seed=3)
-    async with running(serving_model) as (_app, client):
+    no_prefix_cache = EngineConfig(**TEST_ENGINE, prefix_cache=False)  # a reused prefix moves logprobs' last bits
+    async with running(serving_model, engine=no_prefix_cache) as (_app, client):
         unary = await client.generate("hello world", "b_r16_all", logprobs=True, **options)
         chunks = [c async for c in client.generate_stream("hello world", "b_r16_all", logprobs=True, **options)]
         plain = await client.generate("hello world", "b_r16_all", **options)

@@ -1,6 +1,7 @@
 """The OpenAI-style HTTP API on a real server (loopback), driven by the official `openai` SDK (sync and async,
-unary and streamed, chat and completions, the models list, each error class) and by raw HTTP for the SSE
-framing; the same request through HTTP and through gRPC gives the same tokens."""
+unary and streamed, chat and completions, the models list, each error class, usage's cached prompt tokens and
+cache_salt) and by raw HTTP for the SSE framing; the same request through HTTP and through gRPC gives the same
+tokens."""
 
 from __future__ import annotations
 
@@ -160,6 +161,31 @@ async def test_a_client_that_disconnects_mid_stream_frees_its_sequence(serving_m
             await asyncio.sleep(0.01)
         assert cache.free_blocks == cache.num_blocks
         assert app.scheduler.stats.cancelled == 1
+
+
+async def test_usage_reports_cached_prompt_tokens_and_cache_salt_keeps_tenants_apart(serving_model):
+    """usage.prompt_tokens_details.cached_tokens (unary, streamed, with stop strings held back) counts the
+    prompt tokens the prefix cache held; a request with a cache_salt shares only with the same salt."""
+    prompt = list(range(3, 20))  # 17 tokens: 4 blocks of 4 reusable
+    async with serving(serving_model) as (_app, url):
+        client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0)
+
+        async def cached(**options) -> tuple[int, str]:
+            extra = {"ignore_eos": True, **options.pop("extra_body", {})}
+            done = await client.completions.create(model="d_r8_k_gate", prompt=prompt, max_tokens=3, temperature=0,
+                                                   extra_body=extra, **options)
+            return done.usage.prompt_tokens_details.cached_tokens, done.choices[0].text
+
+        plain = [await cached(), await cached(), await cached(stop=["\u2603"])]
+        salted = [await cached(extra_body={"cache_salt": salt}) for salt in ("t1", "t1", "t2")]
+        streamed = await client.completions.create(model="d_r8_k_gate", prompt=prompt, max_tokens=3, temperature=0,
+                                                   stream=True, stream_options={"include_usage": True},
+                                                   extra_body={"ignore_eos": True})
+        chunks = [chunk async for chunk in streamed]
+        await client.close()
+    assert [hit for hit, _ in plain] == [0, 16, 16] and len({text for _, text in plain}) == 1
+    assert [hit for hit, _ in salted] == [0, 16, 0]
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 16 and chunks[-1].usage.prompt_tokens == 17
 
 
 async def test_a_taken_http_port_fails_at_start(serving_model):
@@ -441,6 +467,8 @@ async def test_non_finite_logprobs_fail_that_request_only(serving_model):
     (b'{"prompt": "x\\ud800y"}', "prompt"),  # a lone surrogate, escaped
     (b'{"messages": [{"role": "user", "content": "x\\udfff"}]}', "messages"),
     (b'{"\\ud800": 1, "prompt": "hi"}', "body"),
+    (b'{"prompt": "hi", "cache_salt": 5}', "cache_salt"),
+    (b'{"prompt": "hi", "cache_salt": "' + b"s" * 257 + b'"}', "cache_salt"),
 ])
 async def test_client_mistakes_are_400_naming_the_field(serving_model, body: bytes, param: str):
     async with serving(serving_model) as (_app, url):

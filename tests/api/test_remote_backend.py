@@ -48,9 +48,10 @@ async def test_translator_answers_like_the_embedded_shim(serving_model, tmp_path
         process, url = await asyncio.to_thread(start_translator, app.port)
         try:
             request = dict(model="a_r4_qv", prompt=TOKENIZER_CORPUS[3], max_tokens=8, temperature=0, logprobs=2)
-            # one after the other: each runs alone in its batch, so even the logprobs' last bits agree
+            # one after the other: each runs alone in its batch, so even the logprobs' last bits agree; the
+            # translator's salt keeps it from reusing the first one's prefix (usage would count cached tokens)
             here = await asyncio.to_thread(completions, embedded_url, USER, **request)
-            there = await asyncio.to_thread(completions, url, USER, **request)
+            there = await asyncio.to_thread(completions, url, USER, **request, cache_salt="translated")
             remote = openai.AsyncOpenAI(base_url=url, api_key=ADMIN, max_retries=0)
             messages = [{"role": "user", "content": "hello world"}]
             chat = await remote.chat.completions.create(model="b_r16_all", messages=messages, max_tokens=6,

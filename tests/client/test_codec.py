@@ -37,7 +37,7 @@ def test_a_token_survives_the_wire_and_logprob_stays_optional() -> None:
 
 
 def test_a_completion_survives_the_wire() -> None:
-    completion = Completion(FinishReason.LENGTH, 3, 2, "support", "f" * 64)
+    completion = Completion(FinishReason.LENGTH, 3, 2, "support", "f" * 64, cached_tokens=2)
     encoded = encode_completion(completion)
     assert encoded.finish_reason == pb.FINISH_REASON_LENGTH and decode_completion(encoded) == completion
     assert encode_completion(None) is None

@@ -84,9 +84,12 @@ def _decode(body: dict, prompt: str | list[int] | list[ChatMessage], params: Map
             or len(stops) > MAX_STOP_STRINGS:
         raise InvalidRequest("stop", f"must be a non-empty string or a list of up to {MAX_STOP_STRINGS}")
     n = _optional_int(body, "n", 1, MAX_CHOICES) or 1
+    cache_salt = "" if body.get("cache_salt") is None else body["cache_salt"]  # vLLM's field
+    if not isinstance(cache_salt, str):
+        raise InvalidRequest("cache_salt", "must be a string")
     call = GenerateCall(adapter=model, prompt=prompt, max_new_tokens=None if max_tokens is None else
                         _int(max_tokens, "max_tokens"), sampling=sampling, ignore_eos=_flag(body, "ignore_eos"),
-                        logprobs=logprobs, top_logprobs=top_logprobs)
+                        logprobs=logprobs, top_logprobs=top_logprobs, cache_salt=cache_salt)
     calls = [replace(call, sampling={**sampling, "seed": (seed + i) % 2**64}) if seed is not None else call
              for i in range(n)]
     stream_options = body.get("stream_options") or {}

@@ -58,9 +58,12 @@ def _logprobs(answer: Answer, piece: Piece, offset: int) -> dict:
                         for t in tokens]}
 
 
-def usage(lasts: Sequence[Piece]) -> dict[str, int]:
+def usage(lasts: Sequence[Piece]) -> dict[str, int | dict[str, int]]:
+    """OpenAI's usage of an answer from each choice's last piece: the prompt (and its tokens the prefix cache
+    held) counted once, as the first choice saw it; completion tokens summed over the choices."""
     prompt, completion = lasts[0].prompt_tokens, sum(last.completion_tokens for last in lasts)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": lasts[0].cached_tokens}}
 
 
 def error_body(error: Exception) -> tuple[int, dict]:

@@ -25,6 +25,8 @@ class Piece:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    """Of prompt_tokens, those the prefix cache held."""
 
 
 async def pieces(tokens: AsyncIterator[GeneratedToken], stops: tuple[str, ...], names: Mapping[str, str],
@@ -32,11 +34,11 @@ async def pieces(tokens: AsyncIterator[GeneratedToken], stops: tuple[str, ...], 
     """One choice's pieces: its text as it comes, cut at the first stop string (held back while one may
     still be forming); the last piece finishes. Refusals name their field as `names` renames it."""
     held, held_tokens, generated, holdback = "", [], 0, max(map(len, stops), default=1) - 1
-    prompt_tokens = 0
+    first: GeneratedToken | None = None  # it carries the prompt's token counts
     try:
         async for token in tokens:
             generated += 1
-            prompt_tokens = token.prompt_tokens or prompt_tokens
+            first = first or token
             held += token.text
             held_tokens.append(token)
             cut = min((i for i in (held.find(stop) for stop in stops) if i >= 0), default=-1)
@@ -45,7 +47,8 @@ async def pieces(tokens: AsyncIterator[GeneratedToken], stops: tuple[str, ...], 
                     await tokens.athrow(StopGeneration())
             if cut >= 0 or token.completion is not None:
                 reason = "stop" if cut >= 0 else token.completion.finish_reason.value  # OpenAI's names
-                yield Piece(held[:cut] if cut >= 0 else held, tuple(held_tokens), reason, prompt_tokens, generated)
+                yield Piece(held[:cut] if cut >= 0 else held, tuple(held_tokens), reason, first.prompt_tokens,
+                            generated, first.cached_tokens)
                 return
             if not stops:  # one piece per token, as gRPC streams (its text may be empty)
                 yield Piece(held, tuple(held_tokens))

@@ -30,7 +30,7 @@ async def rest(first: Piece, choice: AsyncIterator[Piece]) -> list[Piece]:
 def joined(pieces: Sequence[Piece]) -> Piece:
     last = pieces[-1]
     return Piece("".join(p.text for p in pieces), tuple(t for p in pieces for t in p.tokens), last.finish_reason,
-                 last.prompt_tokens, last.completion_tokens)
+                 last.prompt_tokens, last.completion_tokens, last.cached_tokens)
 
 
 async def events(answer: Answer, firsts: list[Piece], choices: list[AsyncIterator[Piece]], ident: str,
