@@ -60,7 +60,7 @@ class EngineConfig(BaseModel):
     cpu_kernel where it applies and compiles, else grouped."""
     nf4_kernel: Literal["auto", "fused", "bitsandbytes"] = "auto"
     """NF4 base matmul: "fused" (the compiled CPU kernel that dequantizes tiles of the packed weight
-    in registers and L1; float32 or bfloat16 compute on the CPU, in_features a multiple of 16),
+    in registers and L1; float32 or bfloat16 compute on the CPU, in_features a multiple of 32),
     "bitsandbytes" (bitsandbytes' matmul_4bit: the whole weight dequantized per call, then a matmul);
     "auto" picks fused wherever it applies and compiles, else bitsandbytes. Same dequantized values
     either way."""
@@ -127,7 +127,7 @@ class Engine:
         fits = all(nf4_cpu.supports(spec.projection_shape(proj)[::-1], self.device, self.dtype) for proj in PROJECTIONS)
         if self.config.nf4_kernel == "fused" and not (fits and nf4_cpu.available()):
             raise ValueError("nf4_kernel='fused' needs the CPU, float32 or bfloat16 compute, in_features that are "
-                             "multiples of 16, and a C++ compiler; use 'auto' or 'bitsandbytes'")
+                             "multiples of 32, and a C++ compiler; use 'auto' or 'bitsandbytes'")
         return fits and nf4_cpu.available()
 
     def _pick_lora_impl(self) -> str:
