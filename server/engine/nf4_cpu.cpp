@@ -1,0 +1,374 @@
+// The fused NF4 matmul's C++ source: see nf4_cpu.py for what it computes and how it is built.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+// A tile of kRowTile weight rows times kTokenTile tokens keeps its accumulators, the tokens' vectors
+// and one weight vector in registers (16 with AVX2, 32 with AVX-512); larger tiles spill.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16, kRowTile = 4, kTokenTile = 4;
+#else
+constexpr int kLanes = 8, kRowTile = 3, kTokenTile = 3;
+#endif
+constexpr int kGroup = 32;      // weights decoded together: 16 packed bytes, always inside one NF4 block
+constexpr int kVecs = kGroup / kLanes;
+constexpr int64_t kBlock = 64;  // NF4 blocksize
+typedef float vf __attribute__((vector_size(kLanes * 4), aligned(4)));
+typedef uint32_t vu __attribute__((vector_size(kLanes * 4), aligned(4)));
+static inline vf loadv(const float* p) { return *reinterpret_cast<const vf*>(p); }
+static inline void storev(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
+// a * b + c rounded once, in every instantiation alike (the sums must not depend on the tile shape).
+static inline vf fmadd(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+  return static_cast<vf>(_mm512_fmadd_ps(static_cast<__m512>(a), static_cast<__m512>(b), static_cast<__m512>(c)));
+#elif defined(__AVX2__) && defined(__FMA__)
+  return static_cast<vf>(_mm256_fmadd_ps(static_cast<__m256>(a), static_cast<__m256>(b), static_cast<__m256>(c)));
+#else
+  for (int i = 0; i < kLanes; ++i) c[i] = __builtin_fmaf(a[i], b[i], c[i]);
+  return c;
+#endif
+}
+
+static inline float hsum(vf v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(static_cast<__m512>(v));
+#elif defined(__AVX2__)
+  const __m256 m = static_cast<__m256>(v);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+#else
+  float s = 0;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+#endif
+}
+
+// Round every lane to bfloat16 (nearest even), as torch's .to(bfloat16) does; the result stays float32.
+static inline vf round_bf16(vf v) {
+  vu u = reinterpret_cast<vu>(v);
+  u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  return reinterpret_cast<vf>(u);
+}
+
+struct Nf4 {  // one packed weight [N, K] as bitsandbytes stores it (double-quantized, blocksize 64)
+  const uint8_t* packed; const uint8_t* qabsmax; const float* absmax2; const float* code2; const float* code;
+  float offset; int64_t blocksize2, N, K;
+};
+
+static inline float block_absmax(const Nf4& w, int64_t b) {
+  volatile float scaled = w.code2[w.qabsmax[b]] * w.absmax2[b / w.blocksize2];  // rounded before the add
+  return scaled + w.offset;
+}
+
+// Whether decoded vectors hold a group's weights out of natural order (see lane_of).
+#if defined(__AVX2__) && !defined(__AVX512F__)
+constexpr bool kPermuted = true;
+#else
+constexpr bool kPermuted = false;
+#endif
+
+// Weight i of a group (i in [0, 32), flattened index within the group) sits in lane lane_of(i) of the
+// decoded vectors (vector lane_of(i) / kLanes, element lane_of(i) % kLanes). With AVX2 the decoder
+// leaves the even weights of each 8 in the low half of a vector and the odd ones in the high half;
+// x is permuted the same way once per call so that no lane shuffle is needed per weight.
+static inline int lane_of(int i) { return kPermuted ? 8 * (i / 8) + (i % 2) * 4 + (i % 8) / 2 : i; }
+
+// Stores one decoded vector's 8 (AVX2) weights in natural order: interleaves its low and high halves.
+static inline void store_natural(float* dst, vf v) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  const __m256 m = static_cast<__m256>(v);
+  const __m128 even = _mm256_castps256_ps128(m), odd = _mm256_extractf128_ps(m, 1);
+  _mm_storeu_ps(dst, _mm_unpacklo_ps(even, odd));
+  _mm_storeu_ps(dst + 4, _mm_unpackhi_ps(even, odd));
+#else
+  storev(dst, v);
+#endif
+}
+
+// Decodes 32 packed weights at a time: code[nibble] * absmax, in lane order (see lane_of).
+class Decoder {
+ public:
+  explicit Decoder(const float* code) {
+#if defined(__AVX512F__)
+    code_ = _mm512_loadu_ps(code);
+#elif defined(__AVX2__)
+    alignas(16) uint8_t planes[4][16];  // byte b of each of the 16 float32 values
+    for (int j = 0; j < 16; ++j) {
+      uint32_t u; std::memcpy(&u, code + j, 4);
+      for (int b = 0; b < 4; ++b) planes[b][j] = static_cast<uint8_t>(u >> (8 * b));
+    }
+    for (int b = 0; b < 4; ++b)
+      plane_[b] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(planes[b])));
+#else
+    std::memcpy(code_, code, sizeof(code_));
+#endif
+  }
+
+  // out[0..kVecs) = the 32 weights of the 16 bytes at p, times absmax (then rounded to bf16 when BF16).
+  template <bool BF16>
+  inline void decode(const uint8_t* p, float absmax, vf* out) const {
+#if defined(__AVX512F__)
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask), low = _mm_and_si128(bytes, mask);
+    const __m128i halves[2] = {_mm_unpacklo_epi8(high, low), _mm_unpackhi_epi8(high, low)};  // h0 l0 h1 l1 ...
+    for (int v = 0; v < 2; ++v) {
+      const __m512 values = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(halves[v]), code_);
+      out[v] = static_cast<vf>(values) * absmax;
+    }
+#elif defined(__AVX2__)
+    // lane 0 of `nibbles`: the high nibbles of the 16 bytes (even weights), lane 1: the low ones (odd)
+    const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i nibbles = _mm256_and_si256(_mm256_srlv_epi32(both, _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0)),
+                                             _mm256_set1_epi8(0x0F));
+    __m256i bytes[4];
+    for (int b = 0; b < 4; ++b) bytes[b] = _mm256_shuffle_epi8(plane_[b], nibbles);
+    const __m256i lo01 = _mm256_unpacklo_epi8(bytes[0], bytes[1]), hi01 = _mm256_unpackhi_epi8(bytes[0], bytes[1]);
+    const __m256i lo23 = _mm256_unpacklo_epi8(bytes[2], bytes[3]), hi23 = _mm256_unpackhi_epi8(bytes[2], bytes[3]);
+    const __m256i values[4] = {_mm256_unpacklo_epi16(lo01, lo23), _mm256_unpackhi_epi16(lo01, lo23),
+                               _mm256_unpacklo_epi16(hi01, hi23), _mm256_unpackhi_epi16(hi01, hi23)};
+    for (int v = 0; v < 4; ++v) out[v] = static_cast<vf>(_mm256_castsi256_ps(values[v])) * absmax;
+#else
+    for (int i = 0; i < kGroup; ++i) out[i / kLanes][i % kLanes] = code_[(p[i / 2] >> (i % 2 ? 0 : 4)) & 15] * absmax;
+#endif
+    if (BF16)
+      for (int v = 0; v < kVecs; ++v) out[v] = round_bf16(out[v]);
+  }
+
+ private:
+#if defined(__AVX512F__)
+  __m512 code_;
+#elif defined(__AVX2__)
+  __m256i plane_[4];
+#else
+  float code_[16];
+#endif
+};
+
+// Columns [k0, k1) of row o (multiples of 32) decoded into dst, in lane order (natural order when NATURAL).
+template <bool BF16, bool NATURAL>
+static void decode_range(const Nf4& w, const Decoder& dec, int64_t o, int64_t k0, int64_t k1, float* dst) {
+  const int64_t first = o * w.K;
+  float absmax = 0;
+  for (int64_t k = k0; k < k1; k += kGroup) {
+    if (k == k0 || (first + k) % kBlock == 0) absmax = block_absmax(w, (first + k) / kBlock);
+    vf values[kVecs];
+    dec.decode<BF16>(w.packed + (first + k) / 2, absmax, values);
+    for (int v = 0; v < kVecs; ++v) NATURAL ? store_natural(dst + k - k0 + v * kLanes, values[v])
+                                            : storev(dst + k - k0 + v * kLanes, values[v]);
+  }
+}
+
+// x [M, K] with each group of 32 columns permuted into lane order (x itself when that order is natural).
+static torch::Tensor to_lane_order(const torch::Tensor& x) {
+  if (!kPermuted) return x;
+  const int64_t M = x.size(0), K = x.size(1);
+  torch::Tensor out = torch::empty({M, K}, torch::kFloat);
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; k += kGroup)
+      for (int i = 0; i < kGroup; ++i) dst[m * K + k + lane_of(i)] = src[m * K + k + i];
+  return out;
+}
+
+// y[t, r] = w[r] . x[t] for R decoded rows of w (stride K) and T tokens of x (stride K), both in lane
+// order; y has stride N. Every (row, token) sum runs over k in the same order as in `direct_tile`.
+template <int R, int T>
+static inline void dot_tile(const float* w, const float* x, int64_t K, float* y, int64_t N) {
+  vf acc[R][T] = {};
+  for (int64_t k = 0; k < K; k += kLanes) {
+    vf xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = loadv(x + t * K + k);
+    for (int r = 0; r < R; ++r) {
+      const vf wv = loadv(w + r * K + k);
+      for (int t = 0; t < T; ++t) acc[r][t] = fmadd(wv, xv[t], acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) y[t * N + r] = hsum(acc[r][t]);
+}
+
+template <int R>
+static void rows_times_tokens(const float* w, const float* x, int64_t M, int64_t K, float* y, int64_t N) {
+  int64_t t = 0;
+  for (; t + kTokenTile <= M; t += kTokenTile) dot_tile<R, kTokenTile>(w, x + t * K, K, y + t * N, N);
+  switch (M - t) {
+    case 1: dot_tile<R, 1>(w, x + t * K, K, y + t * N, N); break;
+    case 2: dot_tile<R, 2>(w, x + t * K, K, y + t * N, N); break;
+#if defined(__AVX512F__)
+    case 3: dot_tile<R, 3>(w, x + t * K, K, y + t * N, N); break;
+#endif
+    default: break;
+  }
+}
+
+// Rows [o, o + R) times all T tokens, decoding each group of weights into registers and using it at once.
+template <int R, int T, bool BF16>
+static void direct_tile(const Nf4& w, const Decoder& dec, int64_t o, const float* x, float* y) {
+  const int64_t K = w.K;
+  vf acc[R][T] = {};
+  float absmax[R] = {};
+  for (int64_t k = 0; k < K; k += kGroup) {
+    for (int r = 0; r < R; ++r) {
+      const int64_t at = (o + r) * K + k;
+      if (k == 0 || at % kBlock == 0) absmax[r] = block_absmax(w, at / kBlock);
+      vf values[kVecs];
+      dec.decode<BF16>(w.packed + at / 2, absmax[r], values);
+      for (int v = 0; v < kVecs; ++v)
+        for (int t = 0; t < T; ++t) acc[r][t] = fmadd(values[v], loadv(x + t * K + k + v * kLanes), acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) y[t * w.N + o + r] = hsum(acc[r][t]);
+}
+
+template <int T, bool BF16>
+static void direct_rows(const Nf4& w, const Decoder& dec, int64_t o, int64_t count, const float* x, float* y) {
+  switch (count) {
+    case 1: direct_tile<1, T, BF16>(w, dec, o, x, y); break;
+    case 2: direct_tile<2, T, BF16>(w, dec, o, x, y); break;
+#if defined(__AVX512F__)
+    case 3: direct_tile<3, T, BF16>(w, dec, o, x, y); break;
+#endif
+    default: direct_tile<kRowTile, T, BF16>(w, dec, o, x, y); break;
+  }
+}
+
+// The fused loop: y [M, N] = x [M, K] (lane order) times the weight, threads over tiles of rows. Up to
+// direct_max_tokens tokens each group of weights is decoded into registers and used at once; above,
+// each tile of rows is decoded into L1 and reused by every token.
+template <bool BF16>
+static void fused_loop(const Nf4& w, const float* x, int64_t M, int64_t direct_max_tokens, float* y) {
+  const Decoder dec(w.code);
+  const int64_t K = w.K, N = w.N;
+  at::parallel_for(0, (N + kRowTile - 1) / kRowTile, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> rows(M > direct_max_tokens ? kRowTile * K : 0);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t o = tile * kRowTile, count = std::min<int64_t>(kRowTile, N - o);
+      if (M <= direct_max_tokens) {
+        switch (M) {
+          case 1: direct_rows<1, BF16>(w, dec, o, count, x, y); break;
+          case 2: direct_rows<2, BF16>(w, dec, o, count, x, y); break;
+          case 3: direct_rows<3, BF16>(w, dec, o, count, x, y); break;
+          default: direct_rows<4, BF16>(w, dec, o, count, x, y); break;
+        }
+        continue;
+      }
+      for (int64_t r = 0; r < count; ++r) decode_range<BF16, false>(w, dec, o + r, 0, K, rows.data() + r * K);
+      switch (count) {
+        case 1: rows_times_tokens<1>(rows.data(), x, M, K, y + o, N); break;
+        case 2: rows_times_tokens<2>(rows.data(), x, M, K, y + o, N); break;
+#if defined(__AVX512F__)
+        case 3: rows_times_tokens<3>(rows.data(), x, M, K, y + o, N); break;
+#endif
+        default: rows_times_tokens<kRowTile>(rows.data(), x, M, K, y + o, N); break;
+      }
+    }
+  });
+}
+
+// The whole weight into dst [N, K] in natural order, threads over rows.
+template <bool BF16>
+static void dequant_all(const Nf4& w, float* dst) {
+  const Decoder dec(w.code);
+  at::parallel_for(0, w.N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) decode_range<BF16, true>(w, dec, o, 0, w.K, dst + o * w.K);
+  });
+}
+
+static Nf4 describe(torch::Tensor packed, torch::Tensor qabsmax, torch::Tensor absmax2, torch::Tensor code2,
+                    torch::Tensor code, double offset, int64_t blocksize2, int64_t N, int64_t K) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && qabsmax.scalar_type() == at::kByte, "uint8 packed data and absmax");
+  TORCH_CHECK(absmax2.scalar_type() == at::kFloat && code2.scalar_type() == at::kFloat &&
+              code.scalar_type() == at::kFloat, "float32 quantization state");
+  TORCH_CHECK(packed.is_contiguous() && qabsmax.is_contiguous() && absmax2.is_contiguous() && code.is_contiguous(),
+              "contiguous state");
+  TORCH_CHECK(K % kGroup == 0 && packed.numel() * 2 == N * K && code.numel() == 16,
+              "NF4 weight of [N, K], K % 32 == 0");
+  return Nf4{packed.data_ptr<uint8_t>(), qabsmax.data_ptr<uint8_t>(), absmax2.data_ptr<float>(),
+             code2.data_ptr<float>(), code.data_ptr<float>(), static_cast<float>(offset), blocksize2, N, K};
+}
+
+// The whole weight dequantized, [N, K] float32 (bfloat16-rounded values when bf16).
+torch::Tensor nf4_dequantize(torch::Tensor packed, torch::Tensor qabsmax, torch::Tensor absmax2, torch::Tensor code2,
+                             torch::Tensor code, double offset, int64_t blocksize2, int64_t N, int64_t K, bool bf16) {
+  const Nf4 w = describe(packed, qabsmax, absmax2, code2, code, offset, blocksize2, N, K);
+  torch::Tensor out = torch::empty({N, K}, torch::kFloat);
+  bf16 ? dequant_all<true>(w, out.data_ptr<float>()) : dequant_all<false>(w, out.data_ptr<float>());
+  return out;
+}
+
+// y = x @ dequant(W).T (+ bias): x [M, K] in the compute dtype (float32 or bfloat16), y [M, N] likewise.
+// Up to direct_max_tokens tokens the weights are decoded into registers and used at once; up to
+// blas_min_tokens - 1 each tile of rows is decoded into L1 and reused by every token; from
+// blas_min_tokens on the whole weight is decoded into a reused buffer and multiplied by BLAS.
+torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor qabsmax, torch::Tensor absmax2,
+                         torch::Tensor code2, torch::Tensor code, double offset, int64_t blocksize2, int64_t N,
+                         c10::optional<torch::Tensor> bias, int64_t direct_max_tokens, int64_t blas_min_tokens) {
+  TORCH_CHECK(x.dim() == 2, "x must be [tokens, in_features]");
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "float32 or bfloat16 activations");
+  TORCH_CHECK(direct_max_tokens <= 4, "direct_max_tokens is at most 4");
+  const bool bf16 = dtype == at::kBFloat16;
+  const int64_t M = x.size(0), K = x.size(1);
+  const Nf4 w = describe(packed, qabsmax, absmax2, code2, code, offset, blocksize2, N, K);
+  const torch::Tensor xf = x.to(torch::kFloat).contiguous();
+  torch::Tensor y;
+  if (M >= blas_min_tokens) {
+    static thread_local torch::Tensor scratch;
+    if (!scratch.defined() || scratch.numel() < N * K) scratch = torch::empty({N * K}, torch::kFloat);
+    bf16 ? dequant_all<true>(w, scratch.data_ptr<float>()) : dequant_all<false>(w, scratch.data_ptr<float>());
+    const torch::Tensor weight = scratch.narrow(0, 0, N * K).view({N, K});
+    y = bias.has_value() ? at::addmm(bias->to(torch::kFloat), xf, weight.t()) : at::mm(xf, weight.t());
+  } else {
+    y = torch::empty({M, N}, torch::kFloat);
+    const torch::Tensor xl = to_lane_order(xf);
+    const float* xp = xl.data_ptr<float>();
+    bf16 ? fused_loop<true>(w, xp, M, direct_max_tokens, y.data_ptr<float>())
+         : fused_loop<false>(w, xp, M, direct_max_tokens, y.data_ptr<float>());
+    if (bias.has_value()) y.add_(bias->to(torch::kFloat));
+  }
+  return dtype == at::kFloat ? y : y.to(dtype);
+}
+
+// y [M, N] = x [M, K] @ w.T for a dense float32 w [N, K] (K % kLanes == 0): the same tiles, rows read
+// in place, so a token's result does not depend on its batch here either.
+torch::Tensor dense_linear(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x [M, K] and w [N, K]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && w.is_contiguous(),
+              "float32 x and contiguous float32 w");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(K % kLanes == 0, "in_features must be a multiple of the vector width");
+  const torch::Tensor xc = x.contiguous();
+  torch::Tensor y = torch::empty({M, N}, torch::kFloat);
+  const float *xp = xc.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (N + kRowTile - 1) / kRowTile, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t o = tile * kRowTile;
+      switch (std::min<int64_t>(kRowTile, N - o)) {
+        case 1: rows_times_tokens<1>(wp + o * K, xp, M, K, yp + o, N); break;
+        case 2: rows_times_tokens<2>(wp + o * K, xp, M, K, yp + o, N); break;
+#if defined(__AVX512F__)
+        case 3: rows_times_tokens<3>(wp + o * K, xp, M, K, yp + o, N); break;
+#endif
+        default: rows_times_tokens<kRowTile>(wp + o * K, xp, M, K, yp + o, N); break;
+      }
+    }
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dense_linear", &dense_linear);
+  m.def("nf4_linear", &nf4_linear);
+  m.def("nf4_dequantize", &nf4_dequantize);
+}
