@@ -22,8 +22,11 @@ from loraplex.adapters.bnb_compat import nf4_config, use_portable_nf4_path
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
+# Every in_features a multiple of 64 (NF4's blocksize): bitsandbytes 0.50's AVX-512 CPU dequantize takes
+# blocks per row and gets weights whose rows straddle blocks wrong (tests/engine/test_nf4_cpu.py), so the
+# transformers references would be wrong on such CPUs; the kernel's own tests cover those shapes.
 _COMMON = dict(
-    vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.25, eos_token_id=None,
     bos_token_id=None, pad_token_id=None,
 )

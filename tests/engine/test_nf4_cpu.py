@@ -22,6 +22,8 @@ from support import ARCHITECTURES, write_tiny_model
 pytestmark = pytest.mark.skipif(not nf4_cpu.available(), reason="no C++ compiler: the kernel cannot be built here")
 
 TOKEN_COUNTS = [*range(1, 68), 512]
+#: [out, in] shapes whose rows straddle NF4 blocks (in_features % 64 != 0; no family here has one).
+STRADDLING = [(96, 32), (64, 96), (128, 160)]
 
 
 def projection_shapes(folder: Path) -> set[tuple[int, int]]:
@@ -42,6 +44,24 @@ def quantized(out_features: int, in_features: int, seed: int) -> tuple[torch.Ten
     return bnbf.quantize_4bit(weight, blocksize=NF4_BLOCKSIZE, compress_statistics=NF4_DOUBLE_QUANT, quant_type="nf4")
 
 
+def reference_dequantize(packed: torch.Tensor, state: bnbf.QuantState,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[out, in] in `dtype`: bitsandbytes' NF4 values read flat (block b = weights [64b, 64b + 64) of the
+    flattened weight, as its quantizer, its portable path and CUDA all read them), in plain torch.
+
+    Not `dequantize_4bit` itself: on AVX-512 CPUs bitsandbytes 0.50 dequantizes with a native kernel that
+    takes blocks per row, which is wrong for weights whose in_features is not a multiple of 64 (K=96 rows
+    get other rows' absmax; seen on a Xeon with AVX-512). Where in_features is a multiple of 64 both
+    agree, and `test_dequantized_values_are_bit_identical_to_bitsandbytes` checks bitsandbytes itself."""
+    flat = packed.reshape(-1)
+    codes = torch.stack([flat >> 4, flat & 15], dim=1).reshape(-1).long()  # [out * in]
+    nested = state.state2
+    scale = nested.absmax.float().repeat_interleave(nested.blocksize)[: state.absmax.numel()]
+    absmax = nested.code.float()[state.absmax.long()] * scale + state.offset  # [blocks], two roundings
+    values = state.code.float()[codes] * absmax.repeat_interleave(state.blocksize)[: codes.numel()]
+    return values.reshape(state.shape).to(dtype)
+
+
 def test_the_shapes_cover_the_tiny_families_and_smollm2(shapes) -> None:
     assert (576, 576) in shapes and (1536, 576) in shapes and (576, 1536) in shapes and (192, 576) in shapes
     assert (64, 64) in shapes and len(shapes) >= 8
@@ -56,14 +76,24 @@ def test_dequantized_values_are_bit_identical_to_bitsandbytes(shapes) -> None:
         assert torch.equal(nf4_cpu.nf4_dequantize(weight, bf16=True), bnbf.dequantize_4bit(packed, state).float())
 
 
+@pytest.mark.parametrize("shape", STRADDLING, ids=str)
+def test_weights_whose_rows_straddle_nf4_blocks_decode_flat(shape: tuple[int, int]) -> None:
+    """in_features % 64 != 0: blocks run across rows, and the kernel reads them as bitsandbytes stores them."""
+    packed, state = quantized(*shape, seed=7)
+    weight = nf4_cpu.Nf4Weight.from_quant_state(packed, state)
+    assert torch.equal(nf4_cpu.nf4_dequantize(weight), reference_dequantize(packed, state))
+    assert torch.equal(nf4_cpu.nf4_dequantize(weight, bf16=True),
+                       reference_dequantize(packed, state, torch.bfloat16).float())
+
+
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
 def test_products_match_bitsandbytes_dequantize_then_matmul(shapes, with_bias: bool) -> None:
     """Every shape, every token count 1..67 and 512, through the kernel's own loop and its BLAS path."""
     generator = torch.Generator().manual_seed(3)
-    for seed, (out_features, in_features) in enumerate(shapes):
+    for seed, (out_features, in_features) in enumerate([*shapes, *STRADDLING]):
         packed, state = quantized(out_features, in_features, seed)
         weight = nf4_cpu.Nf4Weight.from_quant_state(packed, state)
-        dense = bnbf.dequantize_4bit(packed, state).double()  # [out, in]
+        dense = reference_dequantize(packed, state).double()  # [out, in]
         bias = torch.randn(out_features, generator=generator) if with_bias else None
         for tokens in TOKEN_COUNTS:
             x = torch.randn(tokens, in_features, generator=generator)
@@ -89,8 +119,7 @@ def test_both_paths_agree_and_rows_do_not_depend_on_their_neighbours() -> None:
 def test_bfloat16_activations_give_bfloat16_products_of_bf16_rounded_weights() -> None:
     packed, state = quantized(96, 64, seed=2)
     weight = nf4_cpu.Nf4Weight.from_quant_state(packed, state)
-    state.dtype = torch.bfloat16
-    dense = bnbf.dequantize_4bit(packed, state)  # [out, in] bfloat16, as bitsandbytes gives it
+    dense = reference_dequantize(packed, state, torch.bfloat16)  # [out, in] bf16-rounded, as bitsandbytes gives it
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     actual = nf4_cpu.nf4_linear(x, weight)
     assert actual.dtype == torch.bfloat16
@@ -158,7 +187,7 @@ def test_the_plain_cpp_path_gives_the_same_values(tmp_path: Path) -> None:
     packed, state = quantized(96, 96, seed=4)
     weight = nf4_cpu.Nf4Weight.from_quant_state(packed, state)
     args = weight._state_args()
-    dense = bnbf.dequantize_4bit(packed, state)  # [96, 96]
+    dense = reference_dequantize(packed, state)  # [96, 96]
     assert torch.equal(portable.nf4_dequantize(*args, 96, False), dense)
     x = torch.randn(9, 96, generator=torch.Generator().manual_seed(5))
     batch = portable.nf4_linear(x, *args, None, 4, 48)
