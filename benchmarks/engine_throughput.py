@@ -5,7 +5,8 @@ One process, one run, modes measured side by side (32 requests unless the name s
   (d) 32 adapters, ranks 8/16/32/64                          (e) transformers + PEFT generate(adapter_names=...)
   (f) base only, sampling (temperature 0.8, top-p 0.95, seeded) instead of greedy decoding
   (g) base only on dense float32 weights, same engine code   (h) 8 distinct adapters, 4 requests each
-  (a)/(g) also with 8 and 1 requests, and (a) with nf4_kernel=bitsandbytes and with bfloat16 compute
+  (a)/(g) also with 8 and 1 requests, (a) with nf4_kernel=bitsandbytes, and (a) with 32/8/1 requests
+  and (c) with bfloat16 compute (AMX where the CPU has it)
 It also measures memory bandwidth and matmul rate to compute the physical floor of (c)'s LoRA work,
 times every projection shape alone (fused NF4 kernel vs bitsandbytes vs dense float32 vs the
 kernel's dequantize + BLAS path, over token counts), and profiles one decode step of (a) by op.
@@ -225,7 +226,9 @@ def median_time(fn, reps: int = 15) -> float:
 def projection_microbenchmark(spec, token_counts: Sequence[int] = (1, 8, 32, 48, 64, 128, 512)) -> dict:
     """Median time of one projection of every distinct shape of `spec`, per token count: the fused
     kernel (its own loop below BLAS_MIN_TOKENS, else dequantize + BLAS), its loop and its BLAS path
-    forced, bitsandbytes' matmul_4bit, and the dense float32 weight by F.linear and by the kernel's tiles."""
+    forced, bitsandbytes' matmul_4bit, and the dense float32 weight by F.linear and by the kernel's tiles;
+    then the same with bfloat16 x (the kernel's bf16 path, see nf4_cpu.bf16_path, and F.linear on the
+    dense bf16 weight)."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
 
@@ -235,8 +238,10 @@ def projection_microbenchmark(spec, token_counts: Sequence[int] = (1, 8, 32, 48,
         weight = torch.randn(out_features, in_features, generator=generator)
         packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
         fused, dense = nf4_cpu.Nf4Weight.from_quant_state(packed, state), bnbf.dequantize_4bit(packed, state)
+        dense_bf16 = nf4_cpu.nf4_dequantize(fused, bf16=True).to(torch.bfloat16)  # [out, in]
         for tokens in token_counts:
             x = torch.randn(tokens, in_features, generator=generator)
+            xb = x.to(torch.bfloat16)
             results[f"{out_features}x{in_features}@{tokens}"] = {
                 "fused": median_time(lambda: nf4_cpu.nf4_linear(x, fused)),  # noqa: B023 (timed at once)
                 "fused_loop": median_time(lambda: nf4_cpu.nf4_linear(x, fused, blas_min_tokens=10**9)),  # noqa: B023
@@ -244,6 +249,10 @@ def projection_microbenchmark(spec, token_counts: Sequence[int] = (1, 8, 32, 48,
                 "bitsandbytes": median_time(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state)),  # noqa: B023
                 "dense_fp32": median_time(lambda: torch.nn.functional.linear(x, dense)),  # noqa: B023
                 "dense_fp32_tiles": median_time(lambda: nf4_cpu.dense_linear(x, dense)),  # noqa: B023
+                "fused_bf16": median_time(lambda: nf4_cpu.nf4_linear(xb, fused)),  # noqa: B023
+                "fused_bf16_loop": median_time(lambda: nf4_cpu.nf4_linear(xb, fused, blas_min_tokens=10**9)),  # noqa: B023
+                "fused_bf16_blas": median_time(lambda: nf4_cpu.nf4_linear(xb, fused, blas_min_tokens=0)),  # noqa: B023
+                "dense_bf16": median_time(lambda: torch.nn.functional.linear(xb, dense_bf16)),  # noqa: B023
             }
     return results
 
@@ -313,9 +322,12 @@ def main() -> None:
     side = {"device": args.device, "num_slots": 1, "max_rank": 8, "kv_cache_bytes": 2**29}
     dense = Engine(spec, iter_weights(base_folder), EngineConfig(quantize=False, **side))
     portable = Engine(spec, iter_weights(base_folder), EngineConfig(nf4_kernel="bitsandbytes", **side))
-    bf16 = Engine(spec, iter_weights(base_folder), EngineConfig(compute_dtype="bfloat16", **side))
+    bf16 = Engine(spec, iter_weights(base_folder), EngineConfig(compute_dtype="bfloat16", **{
+        **side, "num_slots": NUM_REQUESTS, "max_rank": 16, "kv_cache_bytes": 2**30}))
     dtype = engine.dtype
     distinct_weights = [read_lora_weights(f, dtype) for f in distinct]
+    for slot, folder in enumerate(distinct):
+        bf16.set_slot(slot, read_lora_weights(folder, bf16.dtype))
     for slot, weights in enumerate(distinct_weights):
         engine.set_slot(slot, weights)
     for slot, folder in enumerate(mixed, start=NUM_REQUESTS):
@@ -339,11 +351,15 @@ def main() -> None:
         "a_base_bitsandbytes": (portable, base),
         "a_base_bitsandbytes_batch8": (portable, base[:8]),
         "a_base_bf16": (bf16, base),
+        "a_base_bf16_batch8": (bf16, base[:8]),
+        "a_base_bf16_batch1": (bf16, base[:1]),
+        "c_distinct_r16_bf16": (bf16, list(range(NUM_REQUESTS))),
     }
     warm_up(prompts, modes)
     results = run_engine_modes(prompts, modes, sampled={"f_base_sampled"})
     profile = {mode: profile_decode(engine, prompts, modes[mode][1]) for mode in ("a_base", "c_distinct_r16")}
-    op_profile = {mode: profile_ops(engine, prompts, modes[mode][1]) for mode in ("a_base", "a_base_batch8")}
+    op_profile = {mode: profile_ops(modes[mode][0], prompts, modes[mode][1])
+                  for mode in ("a_base", "a_base_batch8", "a_base_bf16")}
     del dense, portable, bf16
     micro, head_micro = projection_microbenchmark(spec), lm_head_microbenchmark(spec)
     if not args.skip_peft:
@@ -372,6 +388,11 @@ def main() -> None:
         "fused_vs_bitsandbytes_engine": tps["a_base"] / tps["a_base_bitsandbytes"],
         "fused_vs_bitsandbytes_engine_batch8": tps["a_base_batch8"] / tps["a_base_bitsandbytes_batch8"],
         "bf16_vs_fp32": tps["a_base_bf16"] / tps["a_base"],
+        "bf16_vs_fp32_batch8": tps["a_base_bf16_batch8"] / tps["a_base_batch8"],
+        "bf16_vs_fp32_batch1": tps["a_base_bf16_batch1"] / tps["a_base_batch1"],
+        "bf16_distinct_vs_fp32_distinct": tps["c_distinct_r16_bf16"] / tps["c_distinct_r16"],
+        "fused_bf16_vs_dense_bf16_32": micro_ratio("dense_bf16", "fused_bf16", 32),
+        "fused_bf16_vs_fused_fp32_32": micro_ratio("fused", "fused_bf16", 32),
         "fused_vs_bitsandbytes_32": micro_ratio("bitsandbytes", "fused", 32),
         "fused_vs_bitsandbytes_1": micro_ratio("bitsandbytes", "fused", 1),
         "lora_overhead_vs_floor": (results["c_distinct_r16"]["decode_step_s"] - results["a_base"]["decode_step_s"])
@@ -414,7 +435,8 @@ def main() -> None:
         "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
         "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
                       if f in cpu_extension.cpu_flags().split()],
-        "nf4_blas_min_tokens": nf4_cpu.BLAS_MIN_TOKENS,
+        "nf4_blas_min_tokens": nf4_cpu.BLAS_MIN_TOKENS, "nf4_bf16_blas_min_tokens": nf4_cpu.BF16_BLAS_MIN_TOKENS,
+        "nf4_bf16_path": nf4_cpu.bf16_path(),
         "tokens_per_s": tps, "ratios": ratios, "modes": results, "floor": floor, "profile": profile,
         "decode_op_profile_percent": op_profile, "projection_microbenchmark_s": micro,
         "lm_head_microbenchmark_s": head_micro,

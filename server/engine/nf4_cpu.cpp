@@ -4,9 +4,15 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <string>
+#include <type_traits>
 #include <vector>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__AMX_TILE__)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 // A tile of kRowTile weight rows times kTokenTile tokens keeps its accumulators, the tokens' vectors
@@ -196,20 +202,6 @@ static inline void dot_tile(const float* w, const float* x, int64_t K, float* y,
     for (int t = 0; t < T; ++t) y[t * N + r] = hsum(acc[r][t]);
 }
 
-template <int R>
-static void rows_times_tokens(const float* w, const float* x, int64_t M, int64_t K, float* y, int64_t N) {
-  int64_t t = 0;
-  for (; t + kTokenTile <= M; t += kTokenTile) dot_tile<R, kTokenTile>(w, x + t * K, K, y + t * N, N);
-  switch (M - t) {
-    case 1: dot_tile<R, 1>(w, x + t * K, K, y + t * N, N); break;
-    case 2: dot_tile<R, 2>(w, x + t * K, K, y + t * N, N); break;
-#if defined(__AVX512F__)
-    case 3: dot_tile<R, 3>(w, x + t * K, K, y + t * N, N); break;
-#endif
-    default: break;
-  }
-}
-
 // Rows [o, o + R) times all T tokens, decoding each group of weights into registers and using it at once.
 template <int R, int T, bool BF16>
 static void direct_tile(const Nf4& w, const Decoder& dec, int64_t o, const float* x, float* y) {
@@ -230,21 +222,175 @@ static void direct_tile(const Nf4& w, const Decoder& dec, int64_t o, const float
     for (int t = 0; t < T; ++t) y[t * w.N + o + r] = hsum(acc[r][t]);
 }
 
-template <int T, bool BF16>
-static void direct_rows(const Nf4& w, const Decoder& dec, int64_t o, int64_t count, const float* x, float* y) {
-  switch (count) {
-    case 1: direct_tile<1, T, BF16>(w, dec, o, x, y); break;
-    case 2: direct_tile<2, T, BF16>(w, dec, o, x, y); break;
-#if defined(__AVX512F__)
-    case 3: direct_tile<3, T, BF16>(w, dec, o, x, y); break;
-#endif
-    default: direct_tile<kRowTile, T, BF16>(w, dec, o, x, y); break;
+// ---- bfloat16 weights decoded with AVX512-BF16 (for AMX): one vpermw per 32 weights from a per-block table ----
+#if defined(__AVX512BF16__)
+constexpr bool kHasAvx512Bf16 = true;
+
+// Word j of a decoded bf16 group holds the group's weight bf16_weight_of(j): the low 16 words the odd
+// weights (byte j's low nibble), the high 16 the even ones (byte j - 16's high nibble). x is permuted the
+// same way once per call; the bf16 dot products (AMX) then sum words 2i and 2i + 1 together.
+static inline int bf16_weight_of(int j) { return j < 16 ? 2 * j + 1 : 2 * (j - 16); }
+
+class Bf16Decoder {
+ public:
+  explicit Bf16Decoder(const float* code)
+      : code_(_mm512_loadu_ps(code)),
+        shifts_(_mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1)) {}
+
+  // The block's 16 values code[j] * absmax (the float32 product, rounded to bfloat16 as torch rounds),
+  // in words j and j + 16: a nibble indexes it with or without the bit above it.
+  inline __m512i table(float absmax) const {
+    const __m256i half = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(code_, _mm512_set1_ps(absmax)));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1);
+  }
+
+  // The 32 weights of the 16 bytes at p, in bf16_weight_of order, looked up in `table` (one vpermw).
+  inline __m512i decode(const uint8_t* p, __m512i table) const {
+    const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(_mm_loadu_si128(
+        reinterpret_cast<const __m128i*>(p))));  // words [b0..b15, b0..b15]
+    return _mm512_permutexvar_epi16(_mm512_srlv_epi16(bytes, shifts_), table);  // vpermw reads 5 index bits
+  }
+
+ private:
+  __m512 code_;
+  __m512i shifts_;  // 0 for the low 16 words (low nibble, via the 5-bit index), 4 for the high 16
+};
+
+// Row o of the weight decoded into dst [K] as bfloat16, each group of 32 in bf16_weight_of order.
+static void decode_row_bf16(const Nf4& w, const Bf16Decoder& dec, int64_t o, uint16_t* dst) {
+  __m512i table = _mm512_setzero_si512();
+  for (int64_t k = 0; k < w.K; k += kGroup) {
+    const int64_t at = o * w.K + k;
+    if (k == 0 || at % kBlock == 0) table = dec.table(block_absmax(w, at / kBlock));
+    _mm512_storeu_si512(dst + k, dec.decode(w.packed + at / 2, table));
   }
 }
+#else
+constexpr bool kHasAvx512Bf16 = false;
+#endif
 
-// The fused loop: y [M, N] = x [M, K] (lane order) times the weight, threads over tiles of rows. Up to
-// direct_max_tokens tokens each group of weights is decoded into registers and used at once; above,
-// each tile of rows is decoded into L1 and reused by every token.
+// ---- bfloat16 compute on AMX: 16 weight rows x 16 tokens x 32 k per tile instruction ----
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+constexpr int kTile = 16;  // output rows of a weight tile, tokens of a token tile, k pairs of a step
+
+// Whether this process may use AMX: Linux hands out the tile data state on request, once per process.
+static bool amx_permitted() {
+  static const bool permitted = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // asm/prctl.h, the XSAVE feature number
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return permitted;
+}
+
+// Tiles 0-3 (float32 sums, 16 rows x 16 tokens), 4-5 (16 weight rows x 32 bf16) and 6-7 (16 k pairs x
+// 16 tokens x 2 bf16): 16 rows of 64 bytes each. The config is per thread: loaded by each worker first.
+static void configure_tiles() {
+  struct alignas(64) {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } config = {};
+  config.palette = 1;
+  for (int t = 0; t < 8; ++t) { config.colsb[t] = 64; config.rows[t] = kTile; }
+  _tile_loadconfig(&config);
+}
+
+// x [M, K] bf16 as AMX's B operand: per token tile mt and group kc of 32 columns, 16 k pairs x 16 tokens x
+// 2 words, the columns of each group in bf16_weight_of order (as the decoded weights), zeros past token M.
+static torch::Tensor to_amx_tiles(const torch::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1), tiles = (M + kTile - 1) / kTile, groups = K / kGroup;
+  torch::Tensor out = torch::zeros({tiles * groups * kTile * 2 * kTile}, torch::kBFloat16);
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  int to[kGroup], from[kGroup];  // word j of a group: its place in a tile row pair, the column it holds
+  for (int j = 0; j < kGroup; ++j) { to[j] = (j / 2) * 2 * kTile + j % 2; from[j] = bf16_weight_of(j); }
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m)
+      for (int64_t kc = 0; kc < groups; ++kc) {
+        uint16_t* tile = dst + ((m / kTile) * groups + kc) * kTile * 2 * kTile + (m % kTile) * 2;
+        const uint16_t* column = src + m * K + kc * kGroup;
+        for (int j = 0; j < kGroup; ++j) tile[to[j]] = column[from[j]];
+      }
+  });
+  return out;
+}
+
+// y [M, N] = x (AMX tiles) times the weight, threads over passes of 32 rows: a pass's rows are decoded
+// into a bf16 buffer, then every token tile is multiplied by it on AMX. A tile product
+// takes tens of cycles before the next one into the same sums may start, so four run at once: the pass's
+// two 16-row tiles times the even and the odd groups of 32 columns, added at the end. A (row, token)
+// sum depends only on that row and token, in the same order, so a token's result does not depend on its batch.
+static void amx_loop(const Nf4& w, const uint16_t* xt, int64_t M, float* y) {
+  constexpr int64_t kPass = 2 * kTile, kTileWords = kTile * 2 * kTile;
+  const Bf16Decoder dec(w.code);
+  const int64_t K = w.K, N = w.N, groups = K / kGroup, token_tiles = (M + kTile - 1) / kTile;
+  at::parallel_for(0, (N + kPass - 1) / kPass, 1, [&](int64_t begin, int64_t end) {
+    configure_tiles();
+    std::vector<uint16_t> rows(kPass * K, 0);  // [32, K]
+    alignas(64) float sums[4][kTile * kTile];  // [row tile * 2 + column parity][row, token]
+    for (int64_t pass = begin; pass < end; ++pass) {
+      const int64_t o = pass * kPass, count = std::min<int64_t>(kPass, N - o);
+      for (int64_t r = 0; r < count; ++r) decode_row_bf16(w, dec, o + r, rows.data() + r * K);
+      const uint16_t *top = rows.data(), *bottom = rows.data() + kTile * K;
+      for (int64_t mt = 0; mt < token_tiles; ++mt) {
+        const uint16_t* b = xt + mt * groups * kTileWords;
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        int64_t kc = 0;
+        for (; kc + 1 < groups; kc += 2) {
+          _tile_loadd(6, b + kc * kTileWords, 64);
+          _tile_loadd(4, top + kc * kGroup, K * 2);
+          _tile_loadd(5, bottom + kc * kGroup, K * 2);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_loadd(7, b + (kc + 1) * kTileWords, 64);
+          _tile_loadd(4, top + (kc + 1) * kGroup, K * 2);
+          _tile_loadd(5, bottom + (kc + 1) * kGroup, K * 2);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+        if (kc < groups) {
+          _tile_loadd(6, b + kc * kTileWords, 64);
+          _tile_loadd(4, top + kc * kGroup, K * 2);
+          _tile_loadd(5, bottom + kc * kGroup, K * 2);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(2, 5, 6);
+        }
+        _tile_stored(0, sums[0], 64); _tile_stored(1, sums[1], 64);
+        _tile_stored(2, sums[2], 64); _tile_stored(3, sums[3], 64);
+        const int64_t tokens = std::min<int64_t>(kTile, M - mt * kTile);
+        for (int64_t t = 0; t < tokens; ++t)
+          for (int64_t r = 0; r < count; ++r) {
+            const int64_t half = r / kTile, at = (r % kTile) * kTile + t;
+            y[(mt * kTile + t) * N + o + r] = sums[2 * half][at] + sums[2 * half + 1][at];
+          }
+      }
+    }
+    _tile_release();
+  });
+}
+#endif
+
+// Calls f(std::integral_constant<int, n>) for a run-time n in [1, Max]: tile sizes are template arguments.
+template <int Max, class F>
+static inline void dispatch(int64_t n, F&& f) {
+  if constexpr (Max > 1) {
+    if (n < Max) return dispatch<Max - 1>(n, f);
+  }
+  f(std::integral_constant<int, Max>{});
+}
+
+// y [M, N] (stride N, from row o's column) = R decoded rows (stride K) times all M tokens, in token tiles.
+template <int R>
+static void rows_times_tokens(const float* w, const float* x, int64_t M, int64_t K, float* y, int64_t N) {
+  int64_t t = 0;
+  for (; t + kTokenTile <= M; t += kTokenTile) dot_tile<R, kTokenTile>(w, x + t * K, K, y + t * N, N);
+  if (M > t) dispatch<kTokenTile - 1>(M - t, [&](auto T) { dot_tile<R, T.value>(w, x + t * K, K, y + t * N, N); });
+}
+
+// The fused loop: y [M, N] = x [M, K] (lane order) times the weight, threads over tiles of
+// rows. Up to direct_max_tokens tokens each group of weights is decoded into registers and used at once;
+// above, each tile of rows is decoded into L1 and reused by every token. Both sum each (row, token)
+// product over k in the same order, so a token's result does not depend on its batch.
 template <bool BF16>
 static void fused_loop(const Nf4& w, const float* x, int64_t M, int64_t direct_max_tokens, float* y) {
   const Decoder dec(w.code);
@@ -254,23 +400,13 @@ static void fused_loop(const Nf4& w, const float* x, int64_t M, int64_t direct_m
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t o = tile * kRowTile, count = std::min<int64_t>(kRowTile, N - o);
       if (M <= direct_max_tokens) {
-        switch (M) {
-          case 1: direct_rows<1, BF16>(w, dec, o, count, x, y); break;
-          case 2: direct_rows<2, BF16>(w, dec, o, count, x, y); break;
-          case 3: direct_rows<3, BF16>(w, dec, o, count, x, y); break;
-          default: direct_rows<4, BF16>(w, dec, o, count, x, y); break;
-        }
+        dispatch<kRowTile>(count, [&](auto R) {
+          dispatch<4>(M, [&](auto T) { direct_tile<R.value, T.value, BF16>(w, dec, o, x, y); });
+        });
         continue;
       }
       for (int64_t r = 0; r < count; ++r) decode_range<BF16, false>(w, dec, o + r, 0, K, rows.data() + r * K);
-      switch (count) {
-        case 1: rows_times_tokens<1>(rows.data(), x, M, K, y + o, N); break;
-        case 2: rows_times_tokens<2>(rows.data(), x, M, K, y + o, N); break;
-#if defined(__AVX512F__)
-        case 3: rows_times_tokens<3>(rows.data(), x, M, K, y + o, N); break;
-#endif
-        default: rows_times_tokens<kRowTile>(rows.data(), x, M, K, y + o, N); break;
-      }
+      dispatch<kRowTile>(count, [&](auto R) { rows_times_tokens<R.value>(rows.data(), x, M, K, y + o, N); });
     }
   });
 }
@@ -281,6 +417,22 @@ static void dequant_all(const Nf4& w, float* dst) {
   const Decoder dec(w.code);
   at::parallel_for(0, w.N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) decode_range<BF16, true>(w, dec, o, 0, w.K, dst + o * w.K);
+  });
+}
+
+// The whole weight into dst [N, K] as bfloat16 (its bits: the values are bf16-rounded, so truncating is exact).
+static void dequant_all_bf16(const Nf4& w, uint16_t* dst) {
+  const Decoder dec(w.code);
+  at::parallel_for(0, w.N, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(w.K);
+    for (int64_t o = begin; o < end; ++o) {
+      decode_range<true, true>(w, dec, o, 0, w.K, row.data());
+      uint16_t* out = dst + o * w.K;
+      for (int64_t k = 0; k < w.K; ++k) {
+        uint32_t u; std::memcpy(&u, &row[k], 4);
+        out[k] = static_cast<uint16_t>(u >> 16);
+      }
+    }
   });
 }
 
@@ -320,6 +472,14 @@ torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor qa
   const bool bf16 = dtype == at::kBFloat16;
   const int64_t M = x.size(0), K = x.size(1);
   const Nf4 w = describe(packed, qabsmax, absmax2, code2, code, offset, blocksize2, N, K);
+  if (M >= blas_min_tokens && bf16 && kHasAvx512Bf16) {  // bf16 BLAS (oneDNN: AMX or AVX512-BF16), float32 sums
+    static thread_local torch::Tensor scratch;
+    if (!scratch.defined() || scratch.numel() < N * K) scratch = torch::empty({N * K}, torch::kBFloat16);
+    dequant_all_bf16(w, reinterpret_cast<uint16_t*>(scratch.data_ptr<at::BFloat16>()));
+    const torch::Tensor weight = scratch.narrow(0, 0, N * K).view({N, K});
+    const torch::Tensor xb = x.contiguous();
+    return bias.has_value() ? at::addmm(bias->to(torch::kBFloat16), xb, weight.t()) : at::mm(xb, weight.t());
+  }
   const torch::Tensor xf = x.to(torch::kFloat).contiguous();
   torch::Tensor y;
   if (M >= blas_min_tokens) {
@@ -330,10 +490,18 @@ torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor qa
     y = bias.has_value() ? at::addmm(bias->to(torch::kFloat), xf, weight.t()) : at::mm(xf, weight.t());
   } else {
     y = torch::empty({M, N}, torch::kFloat);
-    const torch::Tensor xl = to_lane_order(xf);
-    const float* xp = xl.data_ptr<float>();
-    bf16 ? fused_loop<true>(w, xp, M, direct_max_tokens, y.data_ptr<float>())
-         : fused_loop<false>(w, xp, M, direct_max_tokens, y.data_ptr<float>());
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (bf16 && amx_permitted()) {
+      const torch::Tensor xt = to_amx_tiles(x.contiguous());
+      amx_loop(w, reinterpret_cast<const uint16_t*>(xt.data_ptr<at::BFloat16>()), M, y.data_ptr<float>());
+    } else
+#endif
+    {
+      const torch::Tensor xl = to_lane_order(xf);
+      const float* xp = xl.data_ptr<float>();
+      bf16 ? fused_loop<true>(w, xp, M, direct_max_tokens, y.data_ptr<float>())
+           : fused_loop<false>(w, xp, M, direct_max_tokens, y.data_ptr<float>());
+    }
     if (bias.has_value()) y.add_(bias->to(torch::kFloat));
   }
   return dtype == at::kFloat ? y : y.to(dtype);
@@ -354,20 +522,25 @@ torch::Tensor dense_linear(torch::Tensor x, torch::Tensor w) {
   at::parallel_for(0, (N + kRowTile - 1) / kRowTile, 64, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t o = tile * kRowTile;
-      switch (std::min<int64_t>(kRowTile, N - o)) {
-        case 1: rows_times_tokens<1>(wp + o * K, xp, M, K, yp + o, N); break;
-        case 2: rows_times_tokens<2>(wp + o * K, xp, M, K, yp + o, N); break;
-#if defined(__AVX512F__)
-        case 3: rows_times_tokens<3>(wp + o * K, xp, M, K, yp + o, N); break;
-#endif
-        default: rows_times_tokens<kRowTile>(wp + o * K, xp, M, K, yp + o, N); break;
-      }
+      dispatch<kRowTile>(std::min<int64_t>(kRowTile, N - o), [&](auto R) {
+        rows_times_tokens<R.value>(wp + o * K, xp, M, K, yp + o, N);
+      });
     }
   });
   return y;
 }
 
+// The path bfloat16 activations take below blas_min_tokens here: "amx", or "float32" (bf16-rounded
+// weights, float32 products), and above it: bf16 BLAS where the CPU has AVX512-BF16, else float32 BLAS.
+std::string bf16_path() {
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if (amx_permitted()) return "amx";
+#endif
+  return kHasAvx512Bf16 ? "avx512_bf16" : "float32";
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bf16_path", &bf16_path);
   m.def("dense_linear", &dense_linear);
   m.def("nf4_linear", &nf4_linear);
   m.def("nf4_dequantize", &nf4_dequantize);

@@ -28,12 +28,25 @@ Threads split the output rows. Below `blas_min_tokens` every (row, token) sum ac
 in the same lane order with explicit FMAs, so a token's result has the same bits whatever batch
 it is in. Both thresholds are measured by `benchmarks/engine_throughput.py` (microbenchmark).
 
+bfloat16 compute (`compute_dtype bfloat16`). Weights are rounded to bfloat16 after decoding, as
+bitsandbytes does, and x is bfloat16, so every product is exact in float32; the paths differ in how
+they are summed (float32 throughout, rounded to bfloat16 once at the end). Where the CPU has AMX
+(`bf16_path() == "amx"`), each decoded group becomes bfloat16 with one `vpermw` from the block's
+16-entry bf16 table (`code * absmax` rounded as torch rounds it), 32 rows of a tile are decoded into a
+buffer, and AMX multiplies 16 rows x 16 tokens x 32 k per instruction, four tiles in flight (two row
+tiles x the even and odd column groups) because one tile product waits tens of cycles for the last.
+The bits of a token's result do not depend on its batch there either. From `BF16_BLAS_MIN_TOKENS`
+(prefill) the weight is decoded into a bfloat16 buffer and oneDNN's bf16 matmul (AMX) runs it; with
+AVX512-BF16 but no AMX that BLAS path is used above `BLAS_MIN_TOKENS`, the float32 loop below it.
+
 The same tiles, without decoding, multiply a dense float32 weight read in place (`dense_linear`): the
 model's lm_head [vocab, hidden] stays float32 in both engines, and for a decode step's few rows
 they outrun BLAS on it.
 
-The kernel is compiled on first use for the host CPU (`cpu_extension`, `-march=native`): AVX-512,
-AVX2 + FMA, or plain C++ elsewhere. Weights whose in_features is not a multiple of 32 are not
+The kernel is compiled on first use for the host CPU (`cpu_extension`, `-march=native`): AMX +
+AVX512-BF16, AVX-512, AVX2 + FMA, or plain C++ elsewhere; AMX is used only once Linux has granted the
+process its tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, asked on first use; refused: "avx512_bf16").
+Weights whose in_features is not a multiple of 32 are not
 handled (`supports` says False): they keep bitsandbytes' path.
 """
 
@@ -52,6 +65,9 @@ from loraplex.server.engine import cpu_extension
 DIRECT_MAX_TOKENS = 4
 #: Token counts from which the kernel dequantizes the whole weight and calls BLAS instead of its own loop.
 BLAS_MIN_TOKENS = 48
+#: The same for bfloat16 activations on AMX, whose own loop keeps up with oneDNN's bf16 matmul longer
+#: (benchmarks/engine_throughput.py "projections" rows: loop ahead at 64 tokens, BLAS at 128; Xeon SPR).
+BF16_BLAS_MIN_TOKENS = 96
 #: Token counts up to which `dense_linear` is used for the float32 lm_head (its tiles beat BLAS on
 #: [49152, 576] at 1..64 rows on an AVX2 EPYC: benchmarks/engine_throughput.py, "lm_head" rows).
 DENSE_MAX_TOKENS = 64
@@ -112,12 +128,24 @@ def supports(weight_shape: tuple[int, int], device: torch.device, dtype: torch.d
 
 
 def nf4_linear(x: torch.Tensor, weight: Nf4Weight, bias: torch.Tensor | None = None,
-               direct_max_tokens: int = DIRECT_MAX_TOKENS, blas_min_tokens: int = BLAS_MIN_TOKENS) -> torch.Tensor:
+               direct_max_tokens: int = DIRECT_MAX_TOKENS, blas_min_tokens: int | None = None) -> torch.Tensor:
     """x: [num_tokens, in] -> [num_tokens, out] = x @ dequant(W).T (+ bias), in x's dtype.
 
-    Below `blas_min_tokens` every (row, token) product is summed in the same order whatever the
-    token count, so a token's result does not depend on the batch it is in."""
+    `blas_min_tokens` defaults to BLAS_MIN_TOKENS (BF16_BLAS_MIN_TOKENS for bfloat16 x on AMX). Below
+    it every (row, token) product is summed in the same order whatever the token count, so a token's
+    result does not depend on the batch it is in."""
+    if blas_min_tokens is None:
+        on_amx = x.dtype == torch.bfloat16 and bf16_path() == "amx"
+        blas_min_tokens = BF16_BLAS_MIN_TOKENS if on_amx else BLAS_MIN_TOKENS
     return _extension().nf4_linear(x, *weight._state_args(), bias, direct_max_tokens, blas_min_tokens)
+
+
+@functools.cache
+def bf16_path() -> str:
+    """How bfloat16 activations are multiplied on this CPU (see the module docstring):
+    "amx" (AMX tiles below the BLAS threshold, bf16 BLAS above), "avx512_bf16" (the float32 loop on
+    bf16-rounded weights below, bf16 BLAS above) or "float32" (float32 loop and BLAS)."""
+    return _extension().bf16_path()
 
 
 def nf4_dequantize(weight: Nf4Weight, bf16: bool = False) -> torch.Tensor:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from loraplex.server.default_model import default_model_path
-from loraplex.server.engine import Engine, EngineConfig, SamplingParams, nf4_cpu
+from loraplex.server.engine import Engine, EngineConfig, SamplingParams, cpu_extension, nf4_cpu
 from loraplex.server.engine.nf4 import NF4_BLOCKSIZE, NF4_DOUBLE_QUANT
 from loraplex.server.engine.spec import PROJECTIONS
 from loraplex.server.model_files import iter_weights, model_spec
@@ -116,15 +116,40 @@ def test_both_paths_agree_and_rows_do_not_depend_on_their_neighbours() -> None:
         assert torch.equal(nf4_cpu.nf4_linear(x[row:row + 1], weight, blas_min_tokens=10**6)[0], loop[row])
 
 
-def test_bfloat16_activations_give_bfloat16_products_of_bf16_rounded_weights() -> None:
-    packed, state = quantized(96, 64, seed=2)
+def test_bfloat16_activations_give_bfloat16_products_of_bf16_rounded_weights(shapes) -> None:
+    """Every shape and token count, bfloat16 x: exact products of bf16-rounded weights, float32 sums,
+    one rounding to bfloat16 at the end (on AMX where the CPU has it, see test_bf16_path)."""
+    generator = torch.Generator().manual_seed(3)
+    for seed, (out_features, in_features) in enumerate([*shapes, *STRADDLING]):
+        packed, state = quantized(out_features, in_features, seed)
+        weight = nf4_cpu.Nf4Weight.from_quant_state(packed, state)
+        dense = reference_dequantize(packed, state, torch.bfloat16).double()  # [out, in], bf16-rounded values
+        for tokens in TOKEN_COUNTS:
+            x = torch.randn(tokens, in_features, generator=generator).to(torch.bfloat16)
+            actual = nf4_cpu.nf4_linear(x, weight)
+            assert actual.shape == (tokens, out_features) and actual.dtype == torch.bfloat16
+            expected = x.double() @ dense.T
+            bound = 2 ** -8 * expected.abs() + 1e-6 * in_features * (x.abs().double() @ dense.abs().T + 1)
+            assert ((actual.double() - expected).abs() <= bound).all(), (out_features, in_features, tokens)
+
+
+def test_bfloat16_results_do_not_depend_on_the_batch() -> None:
+    packed, state = quantized(192, 576, seed=5)
     weight = nf4_cpu.Nf4Weight.from_quant_state(packed, state)
-    dense = reference_dequantize(packed, state, torch.bfloat16)  # [out, in] bf16-rounded, as bitsandbytes gives it
-    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
-    actual = nf4_cpu.nf4_linear(x, weight)
-    assert actual.dtype == torch.bfloat16
-    expected = (x.double() @ dense.double().T).to(torch.bfloat16)  # exact products, one rounding at the end
-    assert (actual.float() - expected.float()).abs().max().item() <= 2 ** -7 * expected.float().abs().max().item()
+    x = torch.randn(nf4_cpu.BF16_BLAS_MIN_TOKENS - 1, 576, generator=torch.Generator().manual_seed(6))
+    x = x.to(torch.bfloat16)
+    batch = nf4_cpu.nf4_linear(x, weight)
+    for tokens in (1, 2, 5, 16, 17, 40):
+        assert torch.equal(nf4_cpu.nf4_linear(x[:tokens], weight), batch[:tokens]), tokens
+
+
+def test_bf16_path() -> None:
+    """AMX where the CPU has AMX-BF16 and AVX512-BF16 (Linux grants the tile state), else the others."""
+    flags = cpu_extension.cpu_flags().split()
+    if "amx_bf16" in flags and "avx512_bf16" in flags:
+        assert nf4_cpu.bf16_path() == "amx"
+    else:
+        assert nf4_cpu.bf16_path() == ("avx512_bf16" if "avx512_bf16" in flags else "float32")
 
 
 # -- the engine's choice -----------------------------------------------------------------------------
@@ -179,8 +204,6 @@ def test_a_machine_without_a_compiler_serves_through_bitsandbytes(tiny_llama: Pa
 def test_the_plain_cpp_path_gives_the_same_values(tmp_path: Path) -> None:
     """The kernel built without AVX2/FMA/AVX-512 (as on a CPU without them) decodes the same bits and
     multiplies within the same bound, and a token's result does not depend on its batch there either."""
-    from loraplex.server.engine import cpu_extension
-
     portable = cpu_extension.build("nf4_linear_portable", nf4_cpu._SOURCE,
                                    ("-ffp-contract=off", "-mno-avx2", "-mno-fma", "-mno-avx512f"))
     assert portable is not None
