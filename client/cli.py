@@ -12,11 +12,13 @@
     loraplex adapters validate SOURCE                      # exit 0 when valid, 1 (and the problem) when not
     loraplex adapters pin|unpin NAME
     loraplex adapters prefetch NAME[@VERSION]
+    loraplex tenants list [--json]                         # tenants and adapters: limits, in flight, tokens
+    loraplex tenants reload                                # read the quotas file again (as SIGHUP does)
 
 `serve --help` lists every setting. The calling verbs read the server address from --server or
 $LORAPLEX_SERVER, the API key from --api-key or $LORAPLEX_API_KEY, and use TLS with --tls (system
 root certificates) or --tls-ca FILE (a PEM root certificate, e.g. a self-signed server's own).
-`adapters` needs a key with the "admin" scope; a local SOURCE is a path on the server's machine,
+`adapters` and `tenants` need a key with the "admin" scope; a local SOURCE is a path on the server's machine,
 under its `adapters.allowed_roots`. Errors print `loraplex VERB: CODE: details` and exit 1.
 """
 
@@ -33,6 +35,7 @@ from google.protobuf import json_format
 
 from loraplex.client.client import DEFAULT_TARGET, Client
 from loraplex.v1 import admin_pb2 as admin_pb
+from loraplex.v1 import tenants_pb2 as tenants_pb
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with Client(args.server, api_key=args.api_key, tls=args.tls, root_certificates=root_certificates) as client:
             return args.run(client, args)
     except grpc.RpcError as error:
-        verb = f"{args.verb} {args.action}" if args.verb == "adapters" else args.verb
+        verb = f"{args.verb} {args.action}" if args.verb in ("adapters", "tenants") else args.verb
         print(f"loraplex {verb}: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
 
@@ -97,7 +100,8 @@ def http_shim(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__.split("\n")[0])
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{serve,http-shim,generate,info,adapters}")
+    verbs = parser.add_subparsers(dest="verb", required=True,
+                                  metavar="{serve,http-shim,generate,info,adapters,tenants}")
     verbs.add_parser("serve", help="run a server (`loraplex serve --help` lists every setting)")
     shim = verbs.add_parser("http-shim", help="serve the OpenAI-style HTTP API in front of a remote loraplex "
                             "gRPC server (API keys are checked by that server)")
@@ -124,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     info = verbs.add_parser("info", help="show the server's model, adapters, limits and versions (JSON)")
     info.set_defaults(run=_info)
     adapters = _adapters_parser(verbs)
-    for verb in (generate, info, *adapters):
+    tenants = _tenants_parser(verbs)
+    for verb in (generate, info, *adapters, *tenants):
         verb.add_argument("--timeout", type=float, help="deadline in seconds (retries included)")
         verb.add_argument("--server", default=os.environ.get("LORAPLEX_SERVER", DEFAULT_TARGET), help="HOST:PORT")
         verb.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY"))
@@ -175,6 +180,21 @@ def _adapters_parser(verbs: argparse._SubParsersAction) -> list[argparse.Argumen
     prefetch = actions.add_parser("prefetch", help="start loading an adapter into a device slot ahead of use")
     prefetch.add_argument("adapter", metavar="NAME[@VERSION]")
     prefetch.set_defaults(run=_adapters_prefetch)
+    return list(actions.choices.values())
+
+
+def _tenants_parser(verbs: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
+    """`loraplex tenants ACTION`: the tenant administration verbs; returns the action parsers."""
+    tenants = verbs.add_parser("tenants", help="list tenants' and adapters' quotas and usage, reload the quotas "
+                               "(needs the admin scope)")
+    actions = tenants.add_subparsers(dest="action", required=True, metavar="{list,reload}")
+    listing = actions.add_parser("list", help="every tenant and adapter: limits, requests in flight and waiting, "
+                                 "tokens served, token bucket")
+    listing.add_argument("--json", action="store_true", help="print the ListTenantsResponse as JSON")
+    listing.set_defaults(run=_tenants_list)
+    reload = actions.add_parser("reload", help="have the server read its quotas file again and put it in force")
+    reload.add_argument("--json", action="store_true", help="print the ListTenantsResponse as JSON")
+    reload.set_defaults(run=_tenants_reload)
     return list(actions.choices.values())
 
 
@@ -265,6 +285,42 @@ def _adapters_pin(client: Client, args: argparse.Namespace) -> int:
 def _adapters_prefetch(client: Client, args: argparse.Namespace) -> int:
     _print_adapters([client.prefetch_adapter(args.adapter, timeout=args.timeout)])
     return 0
+
+
+def _tenants_list(client: Client, args: argparse.Namespace) -> int:
+    _print_tenants(client.list_tenants(timeout=args.timeout), args.json)
+    return 0
+
+
+def _tenants_reload(client: Client, args: argparse.Namespace) -> int:
+    response = client.reload_quotas(timeout=args.timeout)
+    print("quotas reloaded", file=sys.stderr)
+    _print_tenants(response, args.json)
+    return 0
+
+
+def _print_tenants(response: tenants_pb.ListTenantsResponse, as_json: bool) -> None:
+    """One row per tenant, then one per adapter ("-" where there is no limit)."""
+    if as_json:
+        print(json_format.MessageToJson(response))
+        return
+    rows = [["KIND", "NAME", "WEIGHT", "CLASS", "MAX_CONCURRENT", "MAX_QUEUED", "TOKENS/MIN", "IN_FLIGHT", "QUEUED",
+             "SERVED", "BUCKET"]]
+    for kind, statuses in (("tenant", response.tenants), ("adapter", response.adapters)):
+        for status in statuses:
+            limits = status.limits
+            cells = [_limit(limits, name) for name in ("max_concurrent", "max_queued", "tokens_per_minute")]
+            weight = f"{limits.weight:g}" if kind == "tenant" else "-"
+            priority = tenants_pb.Priority.Name(limits.priority).removeprefix("PRIORITY_").lower() \
+                if kind == "tenant" else "-"
+            bucket = f"{status.bucket_tokens:.0f}" if status.HasField("bucket_tokens") else "-"
+            rows.append([kind, status.name or "(base)", weight, priority, *cells, str(status.in_flight),
+                         str(status.queued), str(status.served_tokens), bucket])
+    _print_table(rows)
+
+
+def _limit(limits: tenants_pb.QuotaLimits, name: str) -> str:
+    return str(getattr(limits, name)) if limits.HasField(name) else "-"
 
 
 def _print_adapters(adapters: Sequence[admin_pb.AdapterStatus]) -> None:

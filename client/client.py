@@ -9,7 +9,8 @@ Results are typed (`Generation`, `Chunk`, `Token`, `Completion`); `server_info()
 `loraplex.v1.ServerInfoResponse` message. The adapter administration methods (`load_adapter`,
 `unload_adapter`, `list_adapters`, `describe_adapter`, `validate_adapter`, `pin_adapter`,
 `prefetch_adapter`; the `loraplex.v1.AdapterAdmin` service, API key with the "admin" scope) return the
-RPC's response message (`loraplex.v1.admin_pb2`).
+RPC's response message (`loraplex.v1.admin_pb2`); so do the tenant administration methods (`list_tenants`,
+`reload_quotas`; `loraplex.v1.TenantAdmin`, `loraplex.v1.tenants_pb2`).
 
     with Client("127.0.0.1:50051", api_key=ADMIN_KEY) as client:
         loaded = client.load_adapter("support", "/srv/adapters/support-v2")   # or "s3://bucket/prefix"
@@ -20,7 +21,14 @@ UNAVAILABLE (server unreachable or shutting down) are retried with exponential b
 retry policy, `RetryPolicy`); no other status is retried, and a stream is never retried once it has
 yielded a token. AdapterAdmin calls are never retried (see `RetryPolicy.service_config`). Errors
 arrive as grpc.RpcError (`.code()`, `.details()`): NOT_FOUND for an unknown adapter,
-INVALID_ARGUMENT naming the bad field, RESOURCE_EXHAUSTED when the server's queue is full, ...
+INVALID_ARGUMENT naming the bad field, ... A generation refused over a limit (the server's queue is full,
+or the caller's tenant or the adapter is over a quota) raises `ResourceExhausted`, a grpc.RpcError with
+`retry_after_s`, the seconds the server says to wait:
+
+    try:
+        client.generate("Hello")
+    except ResourceExhausted as error:
+        time.sleep(error.retry_after_s)   # error.details() names the limit
 """
 
 from __future__ import annotations
@@ -33,15 +41,38 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loraplex.client.codec import Prompt, decode_completion, decode_token, encode_request
+from loraplex.client.codec import Prompt, decode_completion, decode_token, encode_request, retry_after
 from loraplex.client.records import Completion, Token
 from loraplex.v1 import admin_pb2 as admin_pb
 from loraplex.v1 import admin_pb2_grpc as admin_pb_grpc
 from loraplex.v1 import generation_pb2 as pb
 from loraplex.v1 import generation_pb2_grpc as pb_grpc
+from loraplex.v1 import tenants_pb2 as tenants_pb
+from loraplex.v1 import tenants_pb2_grpc as tenants_pb_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+
+
+class ResourceExhausted(grpc.aio.AioRpcError):
+    """RESOURCE_EXHAUSTED with the server's `retry-after`: its waiting queue is full, or the caller's tenant or
+    the adapter is over a quota (`details()` names the limit, e.g. "tenant 'team-a' is over its max_concurrent
+    of 2 ..."). Still a grpc.RpcError (and a grpc.aio.AioRpcError) with `code()`, `details()` and
+    `trailing_metadata()`; `retry_after_s` is the whole seconds to wait before a retry may pass."""
+
+    def __init__(self, error: grpc.RpcError, retry_after_s: int) -> None:
+        super().__init__(error.code(), error.initial_metadata(), error.trailing_metadata(), error.details(),
+                         error.debug_error_string())
+        self.retry_after_s = retry_after_s
+
+
+def typed_error(error: grpc.RpcError) -> grpc.RpcError:
+    """`error` as ResourceExhausted when it is a RESOURCE_EXHAUSTED that says when to retry, else itself."""
+    if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        seconds = retry_after(error.trailing_metadata())
+        if seconds is not None:
+            return ResourceExhausted(error, seconds)
+    return error
 
 
 @dataclass(frozen=True)
@@ -121,20 +152,21 @@ def build_request(prompt: Prompt, adapter: str = "", *,
                   seed: int | None = None, presence_penalty: float | None = None,
                   frequency_penalty: float | None = None, stop_token_ids: Sequence[int] = (),
                   ignore_eos: bool = False, logprobs: bool = False, top_logprobs: int = 0,
-                  cache_salt: str = "") -> pb.GenerateRequest:
+                  cache_salt: str = "", priority: str | None = None) -> pb.GenerateRequest:
     """A GenerateRequest: `prompt` is text (tokenized by the server), token ids, or chat messages
     (`{"role": ..., "content": ...}` dicts, rendered with the model's chat template); None leaves the
     server default; `adapter` is "NAME", "NAME@VERSION" or "" (the base model); `chat` applies the
     model's chat template to text; `logprobs` asks for each token's log-probability, `top_logprobs` for
     that many most likely alternatives of each step; `cache_salt` shares prefix-cache blocks only with
-    requests that send the same salt."""
+    requests that send the same salt; `priority` "batch" waits while interactive requests do ("interactive",
+    or None: the tenant's class)."""
     sampling = {k: v for k, v in dict(temperature=temperature, top_k=top_k, top_p=top_p,
                                       repetition_penalty=repetition_penalty, seed=seed,
                                       presence_penalty=presence_penalty,
                                       frequency_penalty=frequency_penalty).items() if v is not None}
     return encode_request(prompt, adapter, chat=chat, max_new_tokens=max_new_tokens, sampling=sampling,
                           stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, logprobs=logprobs,
-                          top_logprobs=top_logprobs, cache_salt=cache_salt)
+                          top_logprobs=top_logprobs, cache_salt=cache_salt, priority=priority)
 
 
 def _channel_setup(tls: bool, root_certificates: bytes | None, retry: RetryPolicy,
@@ -162,13 +194,17 @@ class Client:
                          else grpc.secure_channel(target, credentials, options))
         self._stub = pb_grpc.GenerationStub(self._channel)
         self._admin = admin_pb_grpc.AdapterAdminStub(self._channel)
+        self._tenants = tenants_pb_grpc.TenantAdminStub(self._channel)
         self._metadata = _metadata(api_key)
 
     def generate(self, prompt: Prompt, adapter: str = "", timeout: float | None = None,
                  **options) -> Generation:
         """The whole generation in one answer; `options` are build_request's keyword arguments."""
-        response = self._stub.Generate(build_request(prompt, adapter, **options), timeout=timeout,
-                                       metadata=self._metadata)
+        try:
+            response = self._stub.Generate(build_request(prompt, adapter, **options), timeout=timeout,
+                                           metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise typed_error(error) from None
         return Generation.from_proto(response)
 
     def generate_stream(self, prompt: Prompt, adapter: str = "", timeout: float | None = None,
@@ -180,6 +216,8 @@ class Client:
         try:
             for response in call:
                 yield Chunk.from_proto(response)
+        except grpc.RpcError as error:
+            raise typed_error(error) from None
         finally:
             call.cancel()
 
@@ -237,6 +275,17 @@ class Client:
         return self._admin.PrefetchAdapter(admin_pb.PrefetchAdapterRequest(adapter=adapter), timeout=timeout,
                                            metadata=self._metadata)
 
+    # -- tenant administration (the "admin" scope; never retried) ---------------------------------
+
+    def list_tenants(self, timeout: float | None = None) -> tenants_pb.ListTenantsResponse:
+        """Every tenant's and adapter's limits and usage now (`.tenants`, `.adapters`, sorted by name)."""
+        return self._tenants.ListTenants(tenants_pb.ListTenantsRequest(), timeout=timeout, metadata=self._metadata)
+
+    def reload_quotas(self, timeout: float | None = None) -> tenants_pb.ListTenantsResponse:
+        """Have the server read its quotas file again and put it in force (as SIGHUP does); FAILED_PRECONDITION,
+        with what is wrong, when the file is invalid (the quotas in force stay). Answers as `list_tenants`."""
+        return self._tenants.ReloadQuotas(tenants_pb.ReloadQuotasRequest(), timeout=timeout, metadata=self._metadata)
+
     def close(self) -> None:
         self._channel.close()
 
@@ -258,13 +307,17 @@ class AsyncClient:
                          else grpc.aio.secure_channel(target, credentials, options))
         self._stub = pb_grpc.GenerationStub(self._channel)
         self._admin = admin_pb_grpc.AdapterAdminStub(self._channel)
+        self._tenants = tenants_pb_grpc.TenantAdminStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._metadata = _metadata(api_key)
 
     async def generate(self, prompt: Prompt, adapter: str = "", timeout: float | None = None,
                        **options) -> Generation:
-        response = await self._stub.Generate(build_request(prompt, adapter, **options), timeout=timeout,
-                                             metadata=self._metadata)
+        try:
+            response = await self._stub.Generate(build_request(prompt, adapter, **options), timeout=timeout,
+                                                 metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise typed_error(error) from None
         return Generation.from_proto(response)
 
     async def generate_stream(self, prompt: Prompt, adapter: str = "", timeout: float | None = None,
@@ -274,6 +327,8 @@ class AsyncClient:
         try:
             async for response in call:
                 yield Chunk.from_proto(response)
+        except grpc.RpcError as error:
+            raise typed_error(error) from None
         finally:
             call.cancel()
 
@@ -326,6 +381,14 @@ class AsyncClient:
     async def prefetch_adapter(self, adapter: str, timeout: float | None = None) -> admin_pb.AdapterStatus:
         return await self._admin.PrefetchAdapter(admin_pb.PrefetchAdapterRequest(adapter=adapter), timeout=timeout,
                                                  metadata=self._metadata)
+
+    async def list_tenants(self, timeout: float | None = None) -> tenants_pb.ListTenantsResponse:
+        return await self._tenants.ListTenants(tenants_pb.ListTenantsRequest(), timeout=timeout,
+                                               metadata=self._metadata)
+
+    async def reload_quotas(self, timeout: float | None = None) -> tenants_pb.ListTenantsResponse:
+        return await self._tenants.ReloadQuotas(tenants_pb.ReloadQuotasRequest(), timeout=timeout,
+                                                metadata=self._metadata)
 
     async def close(self) -> None:
         await self._channel.close()

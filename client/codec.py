@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 
 from loraplex.client.records import Completion, FinishReason, Token, TokenLogprob
 from loraplex.v1 import generation_pb2 as pb
+from loraplex.v1 import tenants_pb2
 
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "presence_penalty",
                    "frequency_penalty")
@@ -28,18 +29,25 @@ Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
 
 FINISH_REASONS = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
 FINISH_REASON_OF = {code: reason for reason, code in FINISH_REASONS.items()}
+PRIORITIES = {"interactive": tenants_pb2.PRIORITY_INTERACTIVE, "batch": tenants_pb2.PRIORITY_BATCH}
+"""A request's class by name, as GenerateRequest.priority encodes it (unset: PRIORITY_UNSPECIFIED)."""
+PRIORITY_OF = {code: name for name, code in PRIORITIES.items()}
+RETRY_AFTER_KEY = "retry-after"
+"""Trailing metadata of a RESOURCE_EXHAUSTED: whole seconds after which a retry may pass."""
 
 
 def encode_request(prompt: Prompt, adapter: str = "", *, chat: bool = False, max_new_tokens: int | None = None,
                    sampling: Mapping[str, float | int] | None = None, stop_token_ids: Sequence[int] = (),
                    ignore_eos: bool = False, logprobs: bool = False, top_logprobs: int = 0,
-                   cache_salt: str = "") -> pb.GenerateRequest:
+                   cache_salt: str = "", priority: str | None = None) -> pb.GenerateRequest:
     """A GenerateRequest: `prompt` is text, token ids or chat messages; `sampling` holds the SAMPLING_FIELDS
     the caller sets (the others take the server's defaults), `max_new_tokens` None the server's default;
-    `cache_salt` keeps its prefix-cache blocks to requests with the same salt."""
+    `cache_salt` keeps its prefix-cache blocks to requests with the same salt; `priority` "interactive" or
+    "batch" (None: the tenant's class; KeyError for another name)."""
     request = pb.GenerateRequest(
         adapter=adapter, chat=chat, sampling=pb.SamplingParameters(**(sampling or {})), logprobs=logprobs,
         top_logprobs=top_logprobs, cache_salt=cache_salt,
+        priority=tenants_pb2.PRIORITY_UNSPECIFIED if priority is None else PRIORITIES[priority],
         stopping=pb.StoppingCriteria(max_new_tokens=max_new_tokens, stop_token_ids=list(stop_token_ids),
                                      ignore_eos=ignore_eos),
     )
@@ -90,3 +98,9 @@ def invalid_argument(metadata: Sequence[tuple[str, str | bytes]] | None) -> tupl
     if not isinstance(field, str) or not isinstance(problem, bytes):
         return None
     return field, problem.decode(errors="replace")
+
+
+def retry_after(metadata: Sequence[tuple[str, str | bytes]] | None) -> int | None:
+    """The seconds a RESOURCE_EXHAUSTED's trailing metadata says to wait before a retry; None when it says none."""
+    value = dict(metadata or ()).get(RETRY_AFTER_KEY)
+    return int(value) if isinstance(value, str) and value.isdigit() else None

@@ -1,6 +1,7 @@
 """Builds one serving process from Settings: engine + adapters + scheduler + gRPC server; runs it until
-SIGTERM/SIGINT, then drains (`App.stop`: new requests are refused on every transport at once, in-flight
-ones get `shutdown_grace_s`, then what remains is cancelled and the process exits 0)."""
+SIGTERM/SIGINT (SIGHUP reloads the quotas: `reload_quotas`), then drains (`App.stop`: new requests are
+refused on every transport at once, in-flight ones get `shutdown_grace_s`, then what remains is cancelled and
+the process exits 0)."""
 
 from __future__ import annotations
 
@@ -31,11 +32,13 @@ from loraplex.server.api.generation_service import GenerationService
 from loraplex.server.api.http.plumbing import EmbeddedServer, bind_http_socket
 from loraplex.server.api.http.routes import HttpShim
 from loraplex.server.api.interceptor import ErrorInterceptor
+from loraplex.server.api.tenant_service import TenantService
 from loraplex.server.core.adapter_runtime.manager import AdapterManager
 from loraplex.server.core.adapter_runtime.watcher import AdapterWatcher
 from loraplex.server.core.auth import Authenticator
 from loraplex.server.core.generation import GenerationCore
 from loraplex.server.core.metrics import ServerMetrics
+from loraplex.server.core.quota_config import QuotaSettings
 from loraplex.server.core.requests import RequestLimits
 from loraplex.server.core.scheduler import Scheduler
 from loraplex.server.default_model import default_model_path, loraplex_home
@@ -43,11 +46,12 @@ from loraplex.server.engine import Engine, cpu_extension
 from loraplex.server.logs import configure_logging
 from loraplex.server.model_files import base_digest, iter_weights, model_spec
 from loraplex.server.settings import Settings
-from loraplex.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
+from loraplex.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc, tenants_pb2, tenants_pb2_grpc
 
 log = logging.getLogger("loraplex")
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdapterAdmin"].full_name
+TENANT_SERVICE_NAME = tenants_pb2.DESCRIPTOR.services_by_name["TenantAdmin"].full_name
 HTTP_CLOSE_S = 2.0
 """After the drain, how long the HTTP server gets to finish its last responses before they are cancelled."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -121,24 +125,28 @@ async def start(settings: Settings, interceptors: Sequence[grpc.aio.ServerInterc
     port = _bind(server, host, settings.port, _server_credentials(settings))
     http_socket = bind_http_socket(host, settings.http_port) if settings.http_port is not None else None
     folder = settings.model or default_model_path()
-    metrics = ServerMetrics(settings.metrics.max_adapter_labels) if settings.metrics.enabled else None
+    metrics = (ServerMetrics(settings.metrics.max_adapter_labels, settings.metrics.max_tenant_labels)
+               if settings.metrics.enabled else None)
     cpu_extension.set_build_root(loraplex_home() / "torch_extensions")
     digest = base_digest(folder)
     engine = Engine(model_spec(folder), iter_weights(folder), settings.engine, digest)
     adapters = adapter_manager(engine, settings, digest, metrics.observe_load if metrics else None)
     scheduler = Scheduler(engine, adapters, settings.scheduler, metrics.observe_step if metrics else None,
-                          metrics.observe_prefix if metrics else None)
+                          metrics.observe_prefix if metrics else None, settings.read_quotas())
     auth = Authenticator(settings.api_keys)
     tokenizer = load_tokenizer(folder)
     limits = RequestLimits(settings.default_max_new_tokens, settings.max_new_tokens_limit)
     core = GenerationCore(scheduler, adapters, tokenizer, auth, limits, folder.name, metrics, settings.log_prompts)
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationService(core), server)
     admin_pb2_grpc.add_AdapterAdminServicer_to_server(AdminService(adapters, auth), server)
+    tenants_pb2_grpc.add_TenantAdminServicer_to_server(
+        TenantService(scheduler, auth, lambda: reload_quotas(scheduler, settings)), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if settings.reflection:
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-        reflection.enable_server_reflection((SERVICE_NAME, ADMIN_SERVICE_NAME, health_name, reflection.SERVICE_NAME),
+        reflection.enable_server_reflection((SERVICE_NAME, ADMIN_SERVICE_NAME, TENANT_SERVICE_NAME, health_name,
+                                             reflection.SERVICE_NAME),
                                             server)
     watch_dir = settings.adapters.watch_dir
     watcher = AdapterWatcher(adapters, watch_dir, settings.adapters.watch_interval_s) if watch_dir else None
@@ -146,7 +154,7 @@ async def start(settings: Settings, interceptors: Sequence[grpc.aio.ServerInterc
     if watcher is not None:
         watcher.start()
     await server.start()
-    for name in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
+    for name in ("", SERVICE_NAME, ADMIN_SERVICE_NAME, TENANT_SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     app = App(server, scheduler, core, health, host, port, folder.name, watcher, metrics=metrics)
     if metrics is not None:
@@ -183,6 +191,23 @@ def adapter_manager(engine: Engine, settings: Settings, base: str,
     return manager
 
 
+def reload_quotas(scheduler: Scheduler, settings: Settings) -> QuotaSettings:
+    """Read the quotas again (Settings.read_quotas: quotas_file, validated as at start-up) and put them in force
+    on `scheduler`; ValueError saying what is wrong leaves the quotas in force as they are."""
+    quotas = settings.read_quotas()
+    scheduler.set_quotas(quotas)
+    log.info("quotas reloaded: %d tenants, %d adapters with limits", len(quotas.tenants), len(quotas.adapters))
+    return quotas
+
+
+async def _reload_on_signal(scheduler: Scheduler, settings: Settings) -> None:
+    """SIGHUP: `reload_quotas` off the event loop; a bad file is logged and changes nothing."""
+    try:
+        await asyncio.to_thread(reload_quotas, scheduler, settings)
+    except ValueError as error:
+        log.error("SIGHUP: quotas not reloaded (the previous ones stay in force): %s", error)
+
+
 def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     """TLS credentials from the configured certificate and key, or None (plaintext)."""
     if settings.tls_cert_file is None or settings.tls_key_file is None:
@@ -209,6 +234,7 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload_on_signal(app.scheduler, settings)))
     adapters = ", ".join(status.name for status in app.core.adapters.statuses()) or "none"
     tls = " with TLS" if settings.tls_cert_file else ""
     http = f" (OpenAI-style HTTP on {app.host}:{app.http.port})" if app.http is not None else ""

@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from loraplex.adapters.reference import ADAPTER_NAME
 from loraplex.server.api.http.body import MAX_REQUEST_BYTES
 from loraplex.server.core.auth import ApiKey
+from loraplex.server.core.quota_config import QuotaSettings, read_quota_file
 from loraplex.server.core.scheduler_config import SchedulerConfig
 from loraplex.server.engine import EngineConfig
 
@@ -93,6 +94,8 @@ class MetricsSettings(BaseModel):
     max_adapter_labels: int = Field(default=100, ge=0, le=100_000)
     """Adapters with their own `adapter` label value (the first ones to receive requests); the rest are
     counted under `_other`, so a server with thousands of adapters keeps a bounded number of series."""
+    max_tenant_labels: int = Field(default=100, ge=0, le=100_000)
+    """Tenants with their own `tenant` label value (the first ones to send requests); the rest under `_other`."""
 
 
 class Settings(BaseSettings):
@@ -162,6 +165,13 @@ class Settings(BaseSettings):
     """Put each request's prompt in its log line (off: prompts never reach the logs)."""
     metrics: MetricsSettings = MetricsSettings()
     """Prometheus metrics."""
+    quotas: QuotaSettings = QuotaSettings()
+    """Tenants (API keys, alone or grouped) and adapters: weights, priority classes, concurrency, queue and
+    token-rate limits (server/core/quota_config.py). Replaced by quotas_file's when that is set."""
+    quotas_file: Path | None = None
+    """A TOML file whose `[quotas]` table holds the quotas (it may be the --config file itself); read at
+    start-up and again on SIGHUP or `loraplex tenants reload`, so quotas change without a restart (a bad file
+    is refused and the quotas in force stay)."""
 
     @field_validator("adapter")
     @classmethod
@@ -201,7 +211,15 @@ class Settings(BaseSettings):
             values = [getattr(key, field) for key in self.api_keys]
             if len(values) != len(set(values)):
                 raise ValueError(f"api_keys: two keys share a {field}")
+        self.read_quotas()
         return self
+
+    def read_quotas(self) -> QuotaSettings:
+        """The quotas to put in force: quotas_file's `[quotas]` table, read now, or else `quotas`; ValueError
+        when the file is unreadable or invalid, or when a tenant lists an API key that is not configured."""
+        quotas = self.quotas if self.quotas_file is None else read_quota_file(self.quotas_file)
+        quotas.check_key_names([key.name for key in self.api_keys])
+        return quotas
 
     def listen_host(self) -> str:
         """The address actually bound: `host`, or 127.0.0.1 when no api_keys are configured, the host

@@ -14,13 +14,16 @@ from importlib import metadata
 
 import grpc
 
-from loraplex.client.codec import SAMPLING_FIELDS, encode_completion, encode_token
+from loraplex.client.codec import PRIORITIES, PRIORITY_OF, SAMPLING_FIELDS, encode_completion, encode_token
 from loraplex.server.core.auth import Authenticator, Principal, Scope
 from loraplex.server.core.calls import ChatMessage, GenerateCall, GeneratedToken
 from loraplex.server.core.errors import InvalidRequest
 from loraplex.server.core.generation import GenerationCore
+from loraplex.server.core.quota_config import TenantLimits
+from loraplex.server.core.quotas import QuotaStatus
 from loraplex.v1 import generation_pb2 as pb
 from loraplex.v1 import generation_pb2_grpc as pb_grpc
+from loraplex.v1 import tenants_pb2
 
 FIELD_NAMES = {"max_new_tokens": "stopping.max_new_tokens", "stop_token_ids": "stopping.stop_token_ids",
                **{name: f"sampling.{name}" for name in SAMPLING_FIELDS}}
@@ -73,7 +76,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                 max_running=facts.max_running, max_waiting=facts.max_waiting, adapter_slots=facts.adapter_slots,
                 max_adapter_rank=facts.max_adapter_rank,
             ),
-            versions=self._versions,
+            versions=self._versions, tenant=encode_quota_status(facts.tenant),
         )
 
     async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
@@ -102,7 +105,19 @@ def decode_request(request: pb.GenerateRequest) -> GenerateCall:
         sampling={name: getattr(sampling, name) for name in SAMPLING_FIELDS if sampling.HasField(name)},
         stop_token_ids=tuple(stopping.stop_token_ids), ignore_eos=stopping.ignore_eos,
         logprobs=request.logprobs, top_logprobs=request.top_logprobs, cache_salt=request.cache_salt,
+        priority=PRIORITY_OF.get(request.priority),
     )
+
+
+def encode_quota_status(status: QuotaStatus) -> tenants_pb2.QuotaStatus:
+    """A tenant's or adapter's limits and usage (ServerInfo.tenant, TenantAdmin)."""
+    limits = status.limits
+    encoded = tenants_pb2.QuotaLimits(max_concurrent=limits.max_concurrent, max_queued=limits.max_queued,
+                                      tokens_per_minute=limits.tokens_per_minute, burst_tokens=limits.bucket_capacity())
+    if isinstance(limits, TenantLimits):  # a tenant's
+        encoded.weight, encoded.priority = limits.weight, PRIORITIES[limits.priority]
+    return tenants_pb2.QuotaStatus(name=status.name, limits=encoded, in_flight=status.in_flight, queued=status.queued,
+                                   served_tokens=status.served_tokens, bucket_tokens=status.bucket_tokens)
 
 
 def authorize(auth: Authenticator, context: grpc.aio.ServicerContext, scope: Scope) -> Principal:

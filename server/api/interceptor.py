@@ -1,7 +1,8 @@
 """One place that turns refusals into gRPC status codes (and anything unexpected into INTERNAL), and gives
 every call its request id (the caller's `x-request-id` metadata or a new one: logs.REQUEST_ID while it
 runs, returned in the trailing metadata `x-request-id`, errors included). An INVALID_ARGUMENT also names
-its field and problem in the trailing metadata (codec.invalid_argument_metadata). A request message that
+its field and problem in the trailing metadata (codec.invalid_argument_metadata), a RESOURCE_EXHAUSTED
+from Overloaded (a full queue, a quota) the seconds to wait in `retry-after`. A request message that
 does not decode is INVALID_ARGUMENT, logged once per MALFORMED_LOG_INTERVAL_S at most (with the count), no
 traceback."""
 
@@ -13,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from loraplex.client.codec import invalid_argument_metadata
+from loraplex.client.codec import RETRY_AFTER_KEY, invalid_argument_metadata
 from loraplex.server.core.errors import (
     AdapterNotFound,
     FailedPrecondition,
@@ -120,6 +121,9 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: st
     if isinstance(error, InvalidRequest):
         await context.abort(STATUS_CODES[InvalidRequest], str(error),
                             trailing + invalid_argument_metadata(error.field, error.problem))
+    elif isinstance(error, Overloaded):
+        await context.abort(STATUS_CODES[Overloaded], str(error),
+                            (*trailing, (RETRY_AFTER_KEY, str(error.retry_after_s))))
     elif isinstance(error, RequestError):
         await context.abort(STATUS_CODES[type(error)], str(error), trailing)
     else:

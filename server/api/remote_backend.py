@@ -19,7 +19,7 @@ from typing import TypeVar
 import grpc
 import uvicorn
 
-from loraplex.client.client import AsyncClient, Chunk, RetryPolicy
+from loraplex.client.client import AsyncClient, Chunk, ResourceExhausted, RetryPolicy
 from loraplex.client.codec import invalid_argument
 from loraplex.server.api.generation_service import FIELD_NAMES
 from loraplex.server.api.http.plumbing import EmbeddedServer, bind_http_socket
@@ -31,7 +31,7 @@ from loraplex.server.core.calls import (
     ModelList,
     StopGeneration,
 )
-from loraplex.server.core.errors import InvalidRequest, RequestError, ShuttingDown
+from loraplex.server.core.errors import InvalidRequest, Overloaded, RequestError, ShuttingDown
 
 T = TypeVar("T")
 
@@ -58,7 +58,7 @@ class RemoteBackend:
         chunks = self._client.forwarding(authorization).generate_stream(
             prompt, call.adapter, chat=call.chat, max_new_tokens=call.max_new_tokens,
             stop_token_ids=call.stop_token_ids, ignore_eos=call.ignore_eos, logprobs=call.logprobs,
-            top_logprobs=call.top_logprobs, cache_salt=call.cache_salt, **call.sampling)
+            top_logprobs=call.top_logprobs, cache_salt=call.cache_salt, priority=call.priority, **call.sampling)
         try:
             async for chunk in chunks:
                 try:
@@ -127,6 +127,8 @@ def refusal(error: grpc.aio.AioRpcError) -> Exception:
         return InvalidRequest(NEUTRAL_NAMES.get(field, field), problem)
     if error.code() == grpc.StatusCode.UNAVAILABLE:
         return ShuttingDown(f"the loraplex server is unavailable: {details}")
+    if isinstance(error, ResourceExhausted):  # over a limit: the same retry-after for the HTTP caller
+        return Overloaded(details, error.retry_after_s)
     kind: type[RequestError] | None = REFUSALS.get(error.code())
     return kind(details) if kind is not None else RuntimeError(f"{error.code().name}: {details}")
 

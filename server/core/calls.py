@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from loraplex.client.records import Completion, Token
+from loraplex.server.core.quotas import QuotaStatus
 
 
 class StopGeneration(Exception):
@@ -46,6 +47,8 @@ class GenerateCall:
     """Also report this many most likely tokens of each step, in [0, engine.MAX_TOP_LOGPROBS]."""
     cache_salt: str = ""
     """Share prefix-cache blocks only with requests of the same salt ("" shares with every unsalted one)."""
+    priority: str | None = None
+    """"interactive" or "batch" (quota_config.PRIORITIES); None takes the tenant's class."""
 
 
 
@@ -95,6 +98,8 @@ class ServerFacts:
     adapter_slots: int
     max_adapter_rank: int
     adapters: list[AdapterFacts]
+    tenant: QuotaStatus | None = None
+    """The caller's tenant: its limits and usage."""
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,15 @@ class TooLarge(RequestError):
 
 
 class Overloaded(RequestError):
-    """The waiting queue is full; retry later."""
+    """The request would exceed a limit: the server's waiting queue, or one of its tenant's or adapter's
+    quotas (server/core/quotas.py); retry later. Transports send `retry_after_s` (gRPC: trailing metadata
+    `retry-after`; HTTP: the Retry-After header)."""
+
+    def __init__(self, message: str, retry_after_s: int = 1, limit: str = "max_waiting") -> None:
+        """`limit`: the setting that refused it (max_waiting, max_concurrent, max_queued, tokens_per_minute);
+        `retry_after_s`: whole seconds after which a retry may pass (at least 1)."""
+        super().__init__(message)
+        self.retry_after_s, self.limit = max(1, retry_after_s), limit
 
 
 class ShuttingDown(RequestError):

@@ -2,8 +2,9 @@
 
 Both transports decode their wire format into a `GenerateCall` and iterate
 `GenerationCore.generate(authorization, call)`, which authenticates (scope "inference" and the key's
-adapter allow-list), checks the request (server/core/validation.py, the one place), tokenizes (text, or a
-conversation through the tokenizer's chat template), submits a plain `Request` to the scheduler, and
+adapter allow-list), finds the key's tenant (core/quota_config.py), checks the request
+(server/core/validation.py, the one place), tokenizes (text, or a conversation through the tokenizer's chat
+template), submits a plain `Request` to the scheduler (which may refuse it over a quota), and
 yields one `GeneratedToken` per generated token with its incremental text; the last one carries the
 `Completion`. Refusals are raised (server/core/errors.py) before the first token. The HTTP shim in front
 of a remote server (server/api/remote_backend.py) yields the same records from gRPC, so its code does
@@ -37,9 +38,9 @@ from loraplex.server.core.calls import (
     StopGeneration,
 )
 from loraplex.server.core.detokenizer import IncrementalDetokenizer
-from loraplex.server.core.errors import AdapterNotFound, GenerationFailed, RequestError
+from loraplex.server.core.errors import AdapterNotFound, GenerationFailed, Overloaded, RequestError
 from loraplex.server.core.metrics import REFUSED_LABEL, UNKNOWN_LABEL, ServerMetrics
-from loraplex.server.core.requests import Request, RequestLimits
+from loraplex.server.core.requests import Request, RequestLimits, RequestStream
 from loraplex.server.core.scheduler import Scheduler
 from loraplex.server.core.validation import Prompt, RequestChecks
 from loraplex.server.engine import TokenEvent
@@ -96,8 +97,9 @@ class GenerationCore:
                 prompt_ids = await self.prompt_ids(self.checks.prompt(call, self.tokenizer))
                 sampling = self.checks.sampling(call)
                 self.checks.prompt_ids(prompt_ids, sampling)
-                cache_salt = self.checks.cache_salt(call)
-                stream = self.scheduler.submit(Request(reference, prompt_ids, sampling, cache_salt))
+                cache_salt, priority = self.checks.cache_salt(call), self.checks.priority(call)
+                tenant = self.scheduler.tenant_of(principal.name)
+                stream = self._submit(Request(reference, prompt_ids, sampling, cache_salt, tenant, priority))
             except RequestError as error:
                 label = UNKNOWN_LABEL if isinstance(error, AdapterNotFound) else REFUSED_LABEL
                 self._ended(adapter, label, "refused", call, prompt_ids, token_times, arrival)
@@ -134,6 +136,22 @@ class GenerationCore:
             finally:  # done, or the caller went away (cancel, deadline, disconnect): free the sequence
                 stream.cancel()
                 self._ended(adapter, stream.lease.name, outcome, call, prompt_ids, token_times, arrival)
+                if self.metrics is not None:
+                    wait = stream.queue_wait_s
+                    served = (len(prompt_ids) if wait is not None else 0) + len(token_times)
+                    self.metrics.record_tenant_request(tenant, served, wait)
+
+    def _submit(self, request: Request) -> RequestStream:
+        """`scheduler.submit`, with the tenant's admission or refusal (Overloaded: by which limit) in the metrics."""
+        try:
+            stream = self.scheduler.submit(request)
+        except Overloaded as error:
+            if self.metrics is not None:
+                self.metrics.record_submit(request.tenant, error.limit)
+            raise
+        if self.metrics is not None:
+            self.metrics.record_submit(request.tenant, None)
+        return stream
 
     async def exposition(self, authorization: str | None) -> bytes:
         """The Prometheus text of every metric, for a caller with scope "metrics" or "admin"."""
@@ -173,17 +191,18 @@ class GenerationCore:
                          [(status.name, status.current) for status in statuses if principal.may_use(status.name)])
 
     async def server_facts(self, authorization: str | None) -> ServerFacts:
-        """The base model, the limits, and the adapters the caller's key may use (scope "inference")."""
+        """The base model, the limits, the adapters the caller's key may use and its tenant (scope "inference")."""
         principal = self.authorize(authorization)
         statuses = await asyncio.to_thread(self.adapters.statuses)  # may read stored files
         engine, tokenizer, config = self.engine, self.tokenizer, self.scheduler.config
+        tenant = self.scheduler.tenant_status(self.scheduler.tenant_of(principal.name))
         return ServerFacts(
             self.model_name, engine.architecture, engine.vocab_size, engine.max_model_len, tokenizer is not None,
             bool(tokenizer is not None and tokenizer.chat_template), self.limits.max_new_tokens_limit,
             self.limits.default_max_new_tokens, config.max_running, config.max_waiting, engine.adapter_slots,
             engine.max_adapter_rank,
             [AdapterFacts(status.name, status.current, status.current_rank())
-             for status in statuses if principal.may_use(status.name)])
+             for status in statuses if principal.may_use(status.name)], tenant)
 
     async def load_adapter(self, authorization: str | None, name: str, source: str) -> str:
         """Register `source` under `name` (scope "admin"); its version."""

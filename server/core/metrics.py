@@ -14,6 +14,11 @@ monotonic), later ones are counted under `_other`; the base model is `_base`. On
 a label: a request refused before it runs is counted under `_unknown` (it named no adapter the server has)
 or `_refused` (any other refusal: key, scope, bad field, overload), never under the name it sent. Adapter
 names start with a letter or digit, so none of these can collide with one.
+
+Tenants (core/quota_config.py) are labelled the same way, within `max_tenant_labels` (`_other` beyond):
+requests the scheduler admitted or refused (by the limit that refused them), tokens served (prompt plus
+generated) and the wait from submit to first admission (the GenerationCore, when a request is submitted and
+when it ends).
 """
 
 from __future__ import annotations
@@ -49,12 +54,14 @@ TIERS = ("device", "host", "store")
 
 
 class AdapterLabels:
-    """adapter name -> its label value, within `max_labels` distinct adapters (thread-safe). Only traffic
-    assigns labels (`__call__`); residency uses the labels traffic assigned (`known`)."""
+    """adapter (or tenant) name -> its label value, within `max_labels` distinct names besides `preset`
+    (default: the base model's) (thread-safe). Only traffic assigns labels (`__call__`); residency uses the
+    labels traffic assigned (`known`)."""
 
-    def __init__(self, max_labels: int) -> None:
+    def __init__(self, max_labels: int, preset: dict[str, str] | None = None) -> None:
         self._max_labels = max_labels
-        self._labels: dict[str, str] = {"": BASE_LABEL}
+        self._labels: dict[str, str] = {"": BASE_LABEL} if preset is None else dict(preset)
+        self._preset = len(self._labels)
         self._lock = threading.Lock()
 
     def __call__(self, adapter: str) -> str:
@@ -63,7 +70,7 @@ class AdapterLabels:
             return label
         with self._lock:
             if adapter not in self._labels:
-                has_room = len(self._labels) - 1 < self._max_labels
+                has_room = len(self._labels) - self._preset < self._max_labels
                 self._labels[adapter] = adapter if has_room else OTHER_LABEL
             return self._labels[adapter]
 
@@ -75,9 +82,10 @@ class AdapterLabels:
 class ServerMetrics:
     """The server's metrics in their own registry (`exposition()` is the /metrics body)."""
 
-    def __init__(self, max_adapter_labels: int) -> None:
+    def __init__(self, max_adapter_labels: int, max_tenant_labels: int = 100) -> None:
         self.registry = CollectorRegistry()
         self.adapter_label = AdapterLabels(max_adapter_labels)
+        self.tenant_label = AdapterLabels(max_tenant_labels, preset={})
         registry = self.registry
         self.requests = Counter(
             "loraplex_requests", "Requests ended, by adapter and outcome (stop, length, cancelled, refused, error).",
@@ -109,6 +117,19 @@ class ServerMetrics:
             "loraplex_adapter_load_seconds", "Adapter load time by phase: read (store to host memory, digest "
             "checked), validate (tensor checks), copy (host memory into a device slot).", ["phase"],
             buckets=LOAD_BUCKETS, registry=registry)
+        self.tenant_admitted = Counter(
+            "loraplex_tenant_requests_admitted", "Requests the scheduler accepted, by tenant.", ["tenant"],
+            registry=registry)
+        self.tenant_refused = Counter(
+            "loraplex_tenant_requests_refused", "Requests the scheduler refused (RESOURCE_EXHAUSTED, HTTP 429), by "
+            "tenant and the limit that refused them (max_concurrent, max_queued, tokens_per_minute, max_waiting).",
+            ["tenant", "limit"], registry=registry)
+        self.tenant_tokens = Counter(
+            "loraplex_tenant_served_tokens", "Prompt plus generated tokens of ended requests, by tenant.", ["tenant"],
+            registry=registry)
+        self.tenant_queue_wait = Histogram(
+            "loraplex_tenant_queue_wait_seconds", "From a request's submit to its first admission into the running "
+            "batch, by tenant.", ["tenant"], buckets=LATENCY_BUCKETS, registry=registry)
         for outcome in OUTCOMES:
             self.requests.labels(BASE_LABEL, outcome)
         self.prefix_cache_queries.labels(BASE_LABEL)
@@ -134,6 +155,22 @@ class ServerMetrics:
         gaps = self.inter_token_latency.labels(label)
         for before, after in itertools.pairwise(token_times):
             gaps.observe(after - before)
+
+    def record_submit(self, tenant: str, refused_by: str | None) -> None:
+        """A request of `tenant` reached the scheduler: admitted (`refused_by` None), or refused by that limit."""
+        label = self.tenant_label(tenant)
+        if refused_by is None:
+            self.tenant_admitted.labels(label).inc()
+        else:
+            self.tenant_refused.labels(label, refused_by).inc()
+
+    def record_tenant_request(self, tenant: str, served_tokens: int, queue_wait_s: float | None) -> None:
+        """An admitted request of `tenant` ended: its prompt plus generated tokens, and its wait for admission
+        (None when it never was admitted)."""
+        label = self.tenant_label(tenant)
+        self.tenant_tokens.labels(label).inc(served_tokens)
+        if queue_wait_s is not None:
+            self.tenant_queue_wait.labels(label).observe(queue_wait_s)
 
     def observe_prefix(self, adapter: str, queried: int, cached: int) -> None:
         """A request on `adapter` ("" for the base model) looked up `queried` prompt tokens, `cached` of them

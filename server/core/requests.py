@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from loraplex.adapters.reference import AdapterReference
 from loraplex.server.core.adapter_runtime.leases import AdapterLease
+from loraplex.server.core.quota_config import ANONYMOUS_TENANT, Priority
 from loraplex.server.engine import SamplingParams, TokenEvent
 
 if TYPE_CHECKING:
@@ -26,6 +27,10 @@ class Request:
     sampling: SamplingParams
     cache_salt: str = ""
     """Prefix-cache blocks are shared only with requests of the same adapter version and salt ("" none)."""
+    tenant: str = ANONYMOUS_TENANT
+    """Who it is accounted to (quota_config.QuotaSettings.tenant_of its API key): quotas and fair shares."""
+    priority: Priority = "interactive"
+    """The class it asks for; a batch tenant's requests are batch whatever they ask (Scheduler.submit)."""
 
 
 
@@ -72,6 +77,12 @@ class RequestStream:
             yield item
             if item.finish_reason is not None:
                 return
+
+    @property
+    def queue_wait_s(self) -> float | None:
+        """Seconds from submit to its first admission into the running batch (None while it has not been)."""
+        entry = self._entry
+        return None if entry.admitted_at is None else entry.admitted_at - entry.submitted_at
 
     @property
     def cached_tokens(self) -> int:

@@ -7,11 +7,14 @@ Events cross back with one `loop.call_soon_threadsafe` per step.
 Policy, each step (`_plan`):
   1. Running sequences are scheduled first: decodes (one token each), then unfinished prefills in
      chunks, in admission order, all within `max_step_tokens`.
-  2. When the KV pool cannot hold a running sequence's next tokens, the most recently admitted
-     running sequences are preempted (blocks let go, recomputed later from what the prefix cache still
-     holds; the oldest always progress) and go back to the front of their adapter's waiting queue.
-  3. Remaining budget admits waiting requests while `max_running` and free KV blocks allow,
-     round-robin across adapters (FIFO within one adapter), so one busy adapter cannot starve others.
+  2. When the KV pool cannot hold a running sequence's next tokens, running sequences are preempted
+     (blocks let go, recomputed later from what the prefix cache still holds; the oldest always progress):
+     batch ones before interactive ones, then those of the tenant most over its fair share, then the most
+     recently admitted; each goes back to the front of its queue.
+  3. Remaining budget admits waiting requests while `max_running` and free KV blocks allow, in the order
+     of core/fairness.py: interactive before batch, tenants by weighted fair queuing over the tokens they
+     are served (virtual token counters), each tenant's adapters round-robin (FIFO within one adapter), so
+     neither a flooding tenant nor one busy adapter can starve the others.
      An admitted request first takes the longest chain of cached blocks of its prompt under its adapter
      version (`Engine.reuse_prefix`) and prefills only the rest; blocks are counted as the pool counts
      them, so a block several sequences hold takes room once, and one they stop holding returns once.
@@ -23,8 +26,9 @@ Policy, each step (`_plan`):
      every slot is running or pinned, keeps its turn and admission pauses until a running adapter's
      sequences leave (later adapters do not overtake it).
 `submit` takes requests the core has checked (core/validation.py: one that could never fit the KV pool
-alone never comes) and refuses with Overloaded once `max_waiting` requests wait. The request's adapter
-version is fixed at submit.
+alone never comes) and refuses with Overloaded once `max_waiting` requests wait, or when the request's
+tenant or adapter is over a quota (core/quotas.py), before it takes a KV sequence or an adapter lease. The
+request's adapter version is fixed at submit.
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,12 +45,17 @@ from loraplex.server.core.adapter_runtime.leases import AdapterLease
 from loraplex.server.core.adapter_runtime.manager import AdapterManager
 from loraplex.server.core.calls import EngineFacts
 from loraplex.server.core.errors import FailedPrecondition, Overloaded, ShuttingDown
+from loraplex.server.core.fairness import AdmissionQueue, QueueKey
+from loraplex.server.core.quota_config import QuotaSettings
+from loraplex.server.core.quotas import QuotaBook, QuotaStatus
 from loraplex.server.core.requests import Queues, Request, RequestStream
 from loraplex.server.core.scheduler_config import SchedulerConfig
 from loraplex.server.engine import Engine, SequenceState, TokenEvent
 from loraplex.server.engine.lora import NO_ADAPTER
 
 log = logging.getLogger(__name__)
+NO_QUOTAS = QuotaSettings()
+"""Every tenant of weight 1, no limits."""
 
 
 @dataclass(eq=False)
@@ -55,9 +63,16 @@ class _Entry:
     seq: SequenceState
     lease: AdapterLease
     stream: RequestStream
+    tenant: str
+    key: QueueKey
+    submitted_at: float
     cancelled: bool = False
+    waiting: bool = True
+    """In the admission queue (not running): at submit, and again after a preemption."""
     cached_tokens: int | None = None
     """Prompt tokens its first admission found in the prefix cache (None until admitted)."""
+    admitted_at: float | None = None
+    """time.monotonic() of its first admission (None until then)."""
 
 
 @dataclass
@@ -75,10 +90,11 @@ class Scheduler:
 
     def __init__(self, engine: Engine, adapters: AdapterManager, config: SchedulerConfig,
                  on_step: Callable[[int, float], None] | None = None,
-                 on_prefix: Callable[[str, int, int], None] | None = None) -> None:
+                 on_prefix: Callable[[str, int, int], None] | None = None,
+                 quotas: QuotaSettings = NO_QUOTAS) -> None:
         """Called on the scheduler thread (metrics): `on_step(sequences, seconds)` after each engine step,
         `on_prefix(adapter name, prompt tokens, cached tokens)` when a request is first admitted and the
-        prefix cache was looked up."""
+        prefix cache was looked up. `quotas`: the tenants' and adapters' limits at start (`set_quotas`)."""
         self.engine = engine
         self.adapters = adapters
         self.config = config
@@ -90,7 +106,9 @@ class Scheduler:
         self._idle = False
         """Nothing runs and the last plan admitted nothing: sleep until `wake` (a submit, a cancel, a load)."""
         adapters.on_ready(self.wake)
-        self._waiting: OrderedDict[str, deque[_Entry]] = OrderedDict()
+        self._quotas = QuotaBook(quotas)
+        self._waiting: AdmissionQueue[_Entry] = AdmissionQueue(
+            config.fairness, lambda tenant: self._quotas.settings.limits_of(tenant).weight)
         self._running: list[_Entry] = []
         self._accepting = True
         self._stopping = False
@@ -109,13 +127,21 @@ class Scheduler:
                 raise ShuttingDown("the server is shutting down and takes no new requests")
             if self.num_waiting >= self.config.max_waiting:
                 raise Overloaded(f"{self.num_waiting} requests are waiting (max_waiting={self.config.max_waiting})")
-            lease = self.adapters.acquire(request.adapter)
+            tenant, adapter = request.tenant, request.adapter.name
+            self._quotas.accept(tenant, adapter, len(request.prompt_ids))
+            try:
+                lease = self.adapters.acquire(request.adapter)
+            except BaseException:
+                self._quotas.ended(tenant, adapter, waiting=True)
+                raise
             seq = self.engine.add_sequence(request.prompt_ids, request.sampling, version=lease.version,
                                            cache_salt=request.cache_salt)
             stream = RequestStream(self, lease, loop)
-            entry = _Entry(seq, lease, stream)
+            batch = "batch" in (request.priority, self._quotas.settings.limits_of(tenant).priority)
+            key = self._waiting.key("batch" if batch else "interactive", tenant, adapter)
+            entry = _Entry(seq, lease, stream, tenant, key, time.monotonic())
             stream._entry = entry
-            self._waiting.setdefault(lease.name, deque()).append(entry)
+            self._waiting.push(entry, key)
             self._idle = False
             self._cond.notify()
         return stream
@@ -138,8 +164,33 @@ class Scheduler:
     def queues(self) -> Queues:
         """The adapter reference of each running and each waiting request, now (any thread)."""
         with self._cond:
-            return Queues([entry.lease.name for entry in self._running],
-                          [entry.lease.name for queue in self._waiting.values() for entry in queue])
+            return Queues([entry.lease.name for entry in self._running], [entry.lease.name for entry in self._waiting])
+
+    def tenant_of(self, key_name: str) -> str:
+        """The tenant of the API key named `key_name` under the quotas in force (any thread)."""
+        return self._quotas.settings.tenant_of(key_name)
+
+    @property
+    def quotas(self) -> QuotaSettings:
+        """The quotas in force."""
+        return self._quotas.settings
+
+    def set_quotas(self, quotas: QuotaSettings) -> None:
+        """Put new tenant and adapter limits in force now (any thread); accepted requests go on."""
+        with self._cond:
+            self._quotas.replace(quotas)
+            self._idle = False
+            self._cond.notify()
+
+    def tenant_status(self, tenant: str) -> QuotaStatus:
+        """`tenant`'s limits and usage now (any thread)."""
+        with self._cond:
+            return self._quotas.tenant_status(tenant)
+
+    def quota_statuses(self) -> tuple[list[QuotaStatus], list[QuotaStatus]]:
+        """(tenants, adapters): each one's limits and usage now (QuotaBook.statuses; any thread)."""
+        with self._cond:
+            return self._quotas.statuses()
 
     @property
     def accepting(self) -> bool:
@@ -148,18 +199,14 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return sum(len(queue) for queue in self._waiting.values())
+        return len(self._waiting)
 
     def _cancel(self, entry: _Entry) -> None:
         with self._cond:
             if entry.cancelled or entry.seq.finished:
                 return
             entry.cancelled = True
-            name = entry.lease.name
-            if entry in self._waiting.get(name, ()):  # waiting entries hold no KV blocks
-                self._waiting[name].remove(entry)
-                if not self._waiting[name]:
-                    del self._waiting[name]
+            if self._waiting.remove(entry, entry.key):  # waiting entries hold no KV blocks
                 self._retire(entry, None)
             self._idle = False
             self._cond.notify()
@@ -187,7 +234,7 @@ class Scheduler:
         if self._thread.is_alive():
             self._thread.join()
         with self._cond:
-            for entry in [*self._running, *(e for q in self._waiting.values() for e in q)]:
+            for entry in [*self._running, *self._waiting]:
                 self.engine.release(entry.seq)
                 self._retire(entry, ShuttingDown("the server stopped before the request finished"))
             self._running.clear()
@@ -246,7 +293,7 @@ class Scheduler:
                 break
             need = self._blocks_needed(entry.seq, count)
             while need > cache.free_blocks - reserved:
-                victim = next(e for e in reversed(self._running) if e not in planned)
+                victim = max((e for e in reversed(self._running) if e not in planned), key=self._victim_order)
                 self._preempt(victim)  # frees the blocks only it held
                 if victim is entry:
                     break
@@ -258,11 +305,10 @@ class Scheduler:
         busy = self._busy_slots()
         skipped: set[str] = set()  # adapters still loading: their requests keep their turn
         while budget > 0 and len(self._running) < self.config.max_running:
-            name = next((name for name in self._waiting if name not in skipped), None)
-            if name is None:
+            key = next((key for key in self._waiting.candidates() if key.adapter not in skipped), None)
+            if key is None:
                 break
-            queue = self._waiting[name]
-            entry = queue[0]
+            entry = self._waiting.head(key)
             slot = self.adapters.resident_slot(entry.lease)
             resident = slot is not None and slot != NO_ADAPTER
             new_slot = slot != NO_ADAPTER and slot not in busy
@@ -274,11 +320,11 @@ class Scheduler:
                 try:
                     slot = self.adapters.slot_for(entry.lease, busy)
                 except FailedPrecondition as error:  # its version cannot be loaded: fail it, go on
-                    self._pop_waiting(name)
+                    self._waiting.pop(key)
                     self._retire(entry, error)
                     continue
                 if slot is None:
-                    skipped.add(name)
+                    skipped.add(key.adapter)
                     continue
             cached = self.engine.reuse_prefix(entry.seq)  # holds its cached blocks: out of the free count
             count = min(entry.seq.num_pending, budget)
@@ -286,8 +332,8 @@ class Scheduler:
             if need > cache.free_blocks - reserved:
                 self.engine.release(entry.seq)  # it keeps its turn and holds nothing
                 break
-            self._pop_waiting(name)
-            self._first_admission(entry, cached)
+            self._waiting.pop(key)
+            self._admitted(entry, cached)
             if resident:
                 self.adapters.count_device_hit()
             entry.seq.slot = slot
@@ -299,36 +345,35 @@ class Scheduler:
             budget -= count
         return batch
 
-    def _first_admission(self, entry: _Entry, cached: int) -> None:
-        """Record what the prefix cache gave a request the first time it is admitted (not after a preemption)."""
-        if entry.cached_tokens is not None:
+    def _admitted(self, entry: _Entry, cached: int) -> None:
+        """Account an admission; the first one (not after a preemption) also charges its prompt tokens to its
+        tenant's share and records what the prefix cache gave it."""
+        entry.waiting = False
+        first = entry.cached_tokens is None
+        prompt_tokens = len(entry.seq.prompt_ids)
+        self._quotas.admitted(entry.tenant, entry.key.adapter, prompt_tokens if first else None)
+        if not first:
             return
-        entry.cached_tokens = cached
+        self._waiting.charge(entry.tenant, prompt_tokens)
+        entry.cached_tokens, entry.admitted_at = cached, time.monotonic()
         if self._on_prefix is not None and entry.seq.chain is not None:
-            self._on_prefix(entry.lease.name, len(entry.seq.prompt_ids), cached)
+            self._on_prefix(entry.lease.name, prompt_tokens, cached)
+
+    def _victim_order(self, entry: _Entry) -> tuple[bool, float]:
+        """Preempted first: the largest (batch before interactive, then the tenant most over its share)."""
+        return entry.key.priority == "batch", self._waiting.share_order(entry.tenant)
 
     def _busy_slots(self) -> set[int]:
         """Slots running sequences use (never evicted while they do)."""
         return {entry.seq.slot for entry in self._running} - {NO_ADAPTER}
 
-    def _pop_waiting(self, name: str) -> None:
-        """Take the head of `name`'s queue; the queue moves to the back of the round-robin order."""
-        queue = self._waiting[name]
-        queue.popleft()
-        if queue:
-            self._waiting.move_to_end(name)
-        else:
-            del self._waiting[name]
-
     def _preempt(self, entry: _Entry) -> None:
         self._running.remove(entry)
         self.engine.release(entry.seq)
         self.stats.preempted += 1
-        name = entry.lease.name
-        if name not in self._waiting:
-            self._waiting[name] = deque()
-        self._waiting[name].appendleft(entry)
-        self._waiting.move_to_end(name, last=False)
+        entry.waiting = True
+        self._quotas.requeued(entry.tenant, entry.key.adapter)
+        self._waiting.push(entry, entry.key, front=True)
 
     def _route(self, batch: list[tuple[_Entry, int]], events: list[TokenEvent]) -> None:
         by_seq = {entry.seq.seq_id: entry for entry, _ in batch}
@@ -338,15 +383,19 @@ class Scheduler:
             if entry.cancelled:  # cancelled while its step ran: deliver nothing more
                 continue
             deliveries.setdefault(entry.stream._loop, []).append((entry.stream, event))
+            self._waiting.charge(entry.tenant, 1)
+            self._quotas.generated(entry.tenant, entry.key.adapter)
             if event.finish_reason is not None:
                 self._running.remove(entry)
                 self.adapters.release(entry.lease)
+                self._quotas.ended(entry.tenant, entry.key.adapter, waiting=False)
         for loop, items in deliveries.items():
             _post(loop, _deliver, items)
 
     def _retire(self, entry: _Entry, error: BaseException | None) -> None:
         """End an unfinished request: release its adapter and close its stream (with `error`, if any)."""
         self.adapters.release(entry.lease)
+        self._quotas.ended(entry.tenant, entry.key.adapter, entry.waiting)
         if entry.cancelled:
             self.stats.cancelled += 1
         _post(entry.stream._loop, entry.stream._put, error)

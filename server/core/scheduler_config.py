@@ -19,4 +19,8 @@ class SchedulerConfig(BaseModel):
     max_step_adapters: int | None = Field(default=None, ge=1, le=4096)
     """Most distinct adapters in one engine step; unset means engine.num_slots (the device slots), and
     it never exceeds them."""
+    fairness: bool = True
+    """Admit by priority class and weighted fair queuing over tenants (core/fairness.py), then round-robin
+    across each tenant's adapters; off admits round-robin across adapters alone, whoever sends the requests
+    (quotas still refuse what is over a limit)."""
 

@@ -10,7 +10,8 @@ calls its steps in this order, so a request with several faults is refused for t
      bounds of every sampling field (SamplingParams);
   4. `prompt_ids`: at least one token, room left in max_model_len, ids in the vocabulary, and prompt plus
      max_new_tokens within the whole KV pool;
-  5. `cache_salt`: at most MAX_CACHE_SALT_CHARS characters.
+  5. `cache_salt`: at most MAX_CACHE_SALT_CHARS characters;
+  6. `priority`: unset, "interactive" or "batch".
 The engine still asserts its own contracts (Engine.add_sequence, SamplingParams) with ValueError; a checked
 request never trips them.
 """
@@ -26,6 +27,7 @@ from loraplex.server.core.adapter_runtime.leases import BASE_MODEL, BASE_REFEREN
 from loraplex.server.core.adapter_runtime.state import checked_reference
 from loraplex.server.core.calls import ChatMessage, EngineFacts, GenerateCall
 from loraplex.server.core.errors import InvalidRequest
+from loraplex.server.core.quota_config import PRIORITIES, Priority
 from loraplex.server.core.requests import RequestLimits
 from loraplex.server.engine import InvalidSamplingParameter, SamplingParams
 
@@ -118,3 +120,12 @@ class RequestChecks:
             raise InvalidRequest("cache_salt", f"{len(call.cache_salt)} characters is more than "
                                  f"{MAX_CACHE_SALT_CHARS}")
         return call.cache_salt
+
+    def priority(self, call: GenerateCall) -> Priority:
+        """The class the call asks for ("interactive" when unset: its tenant's class then decides, see
+        Scheduler.submit); InvalidRequest("priority") for anything but the PRIORITIES."""
+        if call.priority is None:
+            return "interactive"
+        if call.priority not in PRIORITIES:
+            raise InvalidRequest("priority", f"{call.priority!r} is not one of {', '.join(PRIORITIES)}")
+        return call.priority

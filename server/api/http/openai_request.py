@@ -24,6 +24,9 @@ CHAT_PARAMS = {**COMPLETIONS_PARAMS, "prompt": "messages"}
 """GenerateCall's field names as a chat body spells them (in errors' `param`)."""
 ADMIN_PARAMS = {"name": "lora_name", "source": "lora_path"}
 """The admin calls' field names as vLLM's load/unload bodies spell them."""
+SERVICE_TIERS = {"auto": None, "default": None, "priority": "interactive", "flex": "batch"}
+"""OpenAI's service_tier -> GenerateCall.priority: "flex" (slower, cheaper) is the batch class, "priority" asks
+for interactive; unset, "auto" and "default" take the tenant's class."""
 
 
 @dataclass(frozen=True)
@@ -87,9 +90,13 @@ def _decode(body: dict, prompt: str | list[int] | list[ChatMessage], params: Map
     cache_salt = "" if body.get("cache_salt") is None else body["cache_salt"]  # vLLM's field
     if not isinstance(cache_salt, str):
         raise InvalidRequest("cache_salt", "must be a string")
+    tier = body.get("service_tier") or "auto"
+    if not isinstance(tier, str) or tier not in SERVICE_TIERS:
+        raise InvalidRequest("service_tier", f"must be one of {', '.join(map(repr, SERVICE_TIERS))}")
     call = GenerateCall(adapter=model, prompt=prompt, max_new_tokens=None if max_tokens is None else
                         _int(max_tokens, "max_tokens"), sampling=sampling, ignore_eos=_flag(body, "ignore_eos"),
-                        logprobs=logprobs, top_logprobs=top_logprobs, cache_salt=cache_salt)
+                        logprobs=logprobs, top_logprobs=top_logprobs, cache_salt=cache_salt,
+                        priority=SERVICE_TIERS[tier])
     calls = [replace(call, sampling={**sampling, "seed": (seed + i) % 2**64}) if seed is not None else call
              for i in range(n)]
     stream_options = body.get("stream_options") or {}

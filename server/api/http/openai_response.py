@@ -76,8 +76,10 @@ def error_body(error: Exception) -> tuple[int, dict]:
 
 
 async def error_response(request: HttpRequest, error: Exception) -> Response:
+    """The refusal's JSON; an Overloaded one (429) also says when to retry (Retry-After, in seconds)."""
     status, body = error_body(error)
-    return JSONResponse(body, status)
+    headers = {"Retry-After": str(error.retry_after_s)} if isinstance(error, errors.Overloaded) else None
+    return JSONResponse(body, status, headers)
 
 
 async def bad_json(request: HttpRequest, error: Exception) -> Response:

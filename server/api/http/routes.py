@@ -13,8 +13,9 @@ and vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (scope "admin"
 Supported: max_tokens / max_completion_tokens, temperature, top_p, seed, stop (a string or a list,
 matched on the decoded text), n (choice i samples with seed + i when a seed is given), logprobs and
 top_logprobs (chat: a flag and a count; completions: a count), presence_penalty / frequency_penalty,
-stream (one event per token and choice when no stop string is set), stream_options.include_usage, and
-vLLM's ignore_eos; unknown parameters are ignored. Errors have OpenAI's shape
+stream (one event per token and choice when no stop string is set), stream_options.include_usage,
+service_tier ("flex" is the batch class: openai_request.SERVICE_TIERS), and vLLM's ignore_eos; unknown
+parameters are ignored. A refusal over a limit is 429 with Retry-After. Errors have OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}`. A client that disconnects frees its sequences.
 """
 

@@ -1,3 +1,4 @@
+from loraplex.v1 import tenants_pb2 as _tenants_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -65,7 +66,7 @@ class StoppingCriteria(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("adapter", "text", "token_ids", "messages", "chat", "sampling", "stopping", "logprobs", "top_logprobs", "cache_salt")
+    __slots__ = ("adapter", "text", "token_ids", "messages", "chat", "sampling", "stopping", "logprobs", "top_logprobs", "cache_salt", "priority")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +77,7 @@ class GenerateRequest(_message.Message):
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     adapter: str
     text: str
     token_ids: TokenIds
@@ -86,7 +88,8 @@ class GenerateRequest(_message.Message):
     logprobs: bool
     top_logprobs: int
     cache_salt: str
-    def __init__(self, adapter: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., chat: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., cache_salt: _Optional[str] = ...) -> None: ...
+    priority: _tenants_pb2.Priority
+    def __init__(self, adapter: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., chat: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., cache_salt: _Optional[str] = ..., priority: _Optional[_Union[_tenants_pb2.Priority, str]] = ...) -> None: ...
 
 class Token(_message.Message):
     __slots__ = ("id", "text", "logprob", "piece", "top_logprobs")
@@ -212,13 +215,15 @@ class Versions(_message.Message):
     def __init__(self, loraplex: _Optional[str] = ..., libraries: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ServerInfoResponse(_message.Message):
-    __slots__ = ("base_model", "adapters", "limits", "versions")
+    __slots__ = ("base_model", "adapters", "limits", "versions", "tenant")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     base_model: BaseModel
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
     limits: Limits
     versions: Versions
-    def __init__(self, base_model: _Optional[_Union[BaseModel, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., versions: _Optional[_Union[Versions, _Mapping]] = ...) -> None: ...
+    tenant: _tenants_pb2.QuotaStatus
+    def __init__(self, base_model: _Optional[_Union[BaseModel, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., versions: _Optional[_Union[Versions, _Mapping]] = ..., tenant: _Optional[_Union[_tenants_pb2.QuotaStatus, _Mapping]] = ...) -> None: ...

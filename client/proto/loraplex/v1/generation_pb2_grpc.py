@@ -30,7 +30,9 @@ class GenerationStub:
 
     Errors of Generate and GenerateStream: NOT_FOUND (unknown adapter or version), FAILED_PRECONDITION
     (the adapter's stored files can no longer be loaded; load it again), INVALID_ARGUMENT (the message
-    starts with the field's name), RESOURCE_EXHAUSTED (the waiting queue is full; retry later), UNAUTHENTICATED (missing or unknown API key),
+    starts with the field's name), RESOURCE_EXHAUSTED (the waiting queue is full, or the caller's tenant or
+    the adapter is over a quota; the message names the limit, the trailing metadata `retry-after` says after
+    how many seconds to retry), UNAUTHENTICATED (missing or unknown API key),
     PERMISSION_DENIED (the key lacks the scope or may not use the adapter), UNAVAILABLE (the server is
     shutting down), DEADLINE_EXCEEDED / CANCELLED (the caller's deadline or cancellation; either frees
     the request's resources on the server).
@@ -64,7 +66,9 @@ class GenerationServicer:
 
     Errors of Generate and GenerateStream: NOT_FOUND (unknown adapter or version), FAILED_PRECONDITION
     (the adapter's stored files can no longer be loaded; load it again), INVALID_ARGUMENT (the message
-    starts with the field's name), RESOURCE_EXHAUSTED (the waiting queue is full; retry later), UNAUTHENTICATED (missing or unknown API key),
+    starts with the field's name), RESOURCE_EXHAUSTED (the waiting queue is full, or the caller's tenant or
+    the adapter is over a quota; the message names the limit, the trailing metadata `retry-after` says after
+    how many seconds to retry), UNAUTHENTICATED (missing or unknown API key),
     PERMISSION_DENIED (the key lacks the scope or may not use the adapter), UNAVAILABLE (the server is
     shutting down), DEADLINE_EXCEEDED / CANCELLED (the caller's deadline or cancellation; either frees
     the request's resources on the server).
@@ -123,7 +127,9 @@ class Generation:
 
     Errors of Generate and GenerateStream: NOT_FOUND (unknown adapter or version), FAILED_PRECONDITION
     (the adapter's stored files can no longer be loaded; load it again), INVALID_ARGUMENT (the message
-    starts with the field's name), RESOURCE_EXHAUSTED (the waiting queue is full; retry later), UNAUTHENTICATED (missing or unknown API key),
+    starts with the field's name), RESOURCE_EXHAUSTED (the waiting queue is full, or the caller's tenant or
+    the adapter is over a quota; the message names the limit, the trailing metadata `retry-after` says after
+    how many seconds to retry), UNAUTHENTICATED (missing or unknown API key),
     PERMISSION_DENIED (the key lacks the scope or may not use the adapter), UNAVAILABLE (the server is
     shutting down), DEADLINE_EXCEEDED / CANCELLED (the caller's deadline or cancellation; either frees
     the request's resources on the server).
