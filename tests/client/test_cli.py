@@ -129,6 +129,35 @@ def test_serve_reads_the_config_file_named_by_the_flag(tmp_path, capsys):
     assert "missing.toml does not exist" in capsys.readouterr().err
 
 
+def test_sighup_reloads_the_quotas_file_and_the_tenants_verbs_show_them(serving_model, tmp_path):
+    quotas = tmp_path / "quotas.toml"
+    quotas.write_text("[quotas.tenants.anonymous]\nmax_concurrent = 1\n")
+    args = [*serve_args(serving_model, tmp_path / "store"), "--quotas_file", str(quotas)]
+    with server_process(args, tmp_path / "server.log") as (process, target, _), Client(target) as client:
+        listed = run_cli("tenants", "list", "--server", target)
+        assert listed.returncode == 0, listed.stderr
+        assert re.search(r"^tenant\s+anonymous\s+1\s+interactive\s+1\s+-\s+-\s+0\s+0\s+0\s+-$", listed.stdout, re.M)
+
+        def anonymous() -> tuple[int, float]:
+            tenant = client.list_tenants().tenants[0]
+            return tenant.limits.max_concurrent, tenant.limits.weight
+
+        quotas.write_text("[quotas.tenants.anonymous]\nmax_concurrent = 5\nweight = 2\n")
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while anonymous() != (5, 2.0):
+            assert time.monotonic() < deadline, "SIGHUP did not reload the quotas"
+            time.sleep(0.05)
+        quotas.write_text("[quotas.tenants.anonymous]\nmax_concurrent = 0\n")
+        process.send_signal(signal.SIGHUP)
+        reloaded = run_cli("tenants", "reload", "--server", target)
+        assert reloaded.returncode == 1
+        assert "loraplex tenants reload: FAILED_PRECONDITION: quotas not reloaded" in reloaded.stderr
+        assert anonymous() == (5, 2.0)
+        assert client.generate([1, 2], max_new_tokens=2).completion.generated_tokens == 2
+    assert "SIGHUP: quotas not reloaded (the previous ones stay in force)" in (tmp_path / "server.log").read_text()
+
+
 def test_sigterm_drains_in_flight_streams(serving_model, tmp_path):
     streams, new_tokens = 4, 200
     with server_process(serve_args(serving_model, tmp_path / "store"), tmp_path / "server.log") as (process, target, _):
