@@ -65,36 +65,48 @@ static inline vf round_bf16(vf v) {
 
 struct Nf4 {  // one packed weight [N, K] as bitsandbytes stores it (double-quantized, blocksize 64)
   const uint8_t* packed; const uint8_t* qabsmax; const float* absmax2; const float* code2; const float* code;
-  float offset; int64_t blocksize2, N, K;
+  float offset; int blocksize2_log2; int64_t N, K;  // the nested blocksize is a power of two (256)
 };
 
+// Block b's absmax: code2[qabsmax[b]] * absmax2[b / blocksize2], rounded, then + offset, rounded (the
+// build passes -ffp-contract=off, so the two are not fused).
 static inline float block_absmax(const Nf4& w, int64_t b) {
-  volatile float scaled = w.code2[w.qabsmax[b]] * w.absmax2[b / w.blocksize2];  // rounded before the add
-  return scaled + w.offset;
+  return w.code2[w.qabsmax[b]] * w.absmax2[b >> w.blocksize2_log2] + w.offset;
 }
 
-// Whether decoded vectors hold a group's weights out of natural order (see lane_of).
-#if defined(__AVX2__) && !defined(__AVX512F__)
+// Weight i of a group (i in [0, 32), flattened index within the group) sits in lane lane_of(i) of the
+// decoded vectors (vector lane_of(i) / kLanes, element lane_of(i) % kLanes). The decoders leave weights
+// out of natural order: with AVX-512 the even weights in the first vector and the odd ones in the
+// second; with AVX2 the even weights of each 8 in the low half of a vector and the odd ones in the high
+// half. x is permuted the same way once per call so that no lane shuffle is needed per weight.
+#if defined(__AVX512F__)
 constexpr bool kPermuted = true;
+static inline int lane_of(int i) { return (i % 2) * 16 + i / 2; }
+#elif defined(__AVX2__)
+constexpr bool kPermuted = true;
+static inline int lane_of(int i) { return 8 * (i / 8) + (i % 2) * 4 + (i % 8) / 2; }
 #else
 constexpr bool kPermuted = false;
+static inline int lane_of(int i) { return i; }
 #endif
 
-// Weight i of a group (i in [0, 32), flattened index within the group) sits in lane lane_of(i) of the
-// decoded vectors (vector lane_of(i) / kLanes, element lane_of(i) % kLanes). With AVX2 the decoder
-// leaves the even weights of each 8 in the low half of a vector and the odd ones in the high half;
-// x is permuted the same way once per call so that no lane shuffle is needed per weight.
-static inline int lane_of(int i) { return kPermuted ? 8 * (i / 8) + (i % 2) * 4 + (i % 8) / 2 : i; }
-
-// Stores one decoded vector's 8 (AVX2) weights in natural order: interleaves its low and high halves.
-static inline void store_natural(float* dst, vf v) {
-#if defined(__AVX2__) && !defined(__AVX512F__)
-  const __m256 m = static_cast<__m256>(v);
-  const __m128 even = _mm256_castps256_ps128(m), odd = _mm256_extractf128_ps(m, 1);
-  _mm_storeu_ps(dst, _mm_unpacklo_ps(even, odd));
-  _mm_storeu_ps(dst + 4, _mm_unpackhi_ps(even, odd));
+// Stores one decoded group's 32 weights (kVecs vectors) at dst in natural order.
+static inline void store_natural(float* dst, const vf* values) {
+#if defined(__AVX512F__)
+  const __m512 even = static_cast<__m512>(values[0]), odd = static_cast<__m512>(values[1]);
+  const __m512i low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  _mm512_storeu_ps(dst, _mm512_permutex2var_ps(even, low, odd));
+  _mm512_storeu_ps(dst + 16, _mm512_permutex2var_ps(even, high, odd));
+#elif defined(__AVX2__)
+  for (int v = 0; v < kVecs; ++v) {
+    const __m256 m = static_cast<__m256>(values[v]);
+    const __m128 even = _mm256_castps256_ps128(m), odd = _mm256_extractf128_ps(m, 1);
+    _mm_storeu_ps(dst + 8 * v, _mm_unpacklo_ps(even, odd));
+    _mm_storeu_ps(dst + 8 * v + 4, _mm_unpackhi_ps(even, odd));
+  }
 #else
-  storev(dst, v);
+  for (int v = 0; v < kVecs; ++v) storev(dst + v * kLanes, values[v]);
 #endif
 }
 
@@ -117,18 +129,29 @@ class Decoder {
 #endif
   }
 
-  // out[0..kVecs) = the 32 weights of the 16 bytes at p, times absmax (then rounded to bf16 when BF16).
-  template <bool BF16>
-  inline void decode(const uint8_t* p, float absmax, vf* out) const {
+  // What `decode` needs of a block's absmax. AVX-512: the block's 16 values code[j] * absmax (rounded
+  // to bf16 when BF16), looked up directly; elsewhere the absmax, multiplied in after the lookup.
 #if defined(__AVX512F__)
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask), low = _mm_and_si128(bytes, mask);
-    const __m128i halves[2] = {_mm_unpacklo_epi8(high, low), _mm_unpackhi_epi8(high, low)};  // h0 l0 h1 l1 ...
-    for (int v = 0; v < 2; ++v) {
-      const __m512 values = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(halves[v]), code_);
-      out[v] = static_cast<vf>(values) * absmax;
-    }
+  using Scale = __m512;
+  template <bool BF16>
+  inline Scale scale(float absmax) const {
+    const vf values = static_cast<vf>(code_) * absmax;
+    return static_cast<__m512>(BF16 ? round_bf16(values) : values);
+  }
+#else
+  using Scale = float;
+  template <bool BF16>
+  inline Scale scale(float absmax) const { return absmax; }
+#endif
+
+  // out[0..kVecs) = the 32 weights of the 16 bytes at p, times the block's absmax (then rounded to bf16
+  // when BF16): the same float32 product code[nibble] * absmax on every path.
+  template <bool BF16>
+  inline void decode(const uint8_t* p, Scale scale, vf* out) const {
+#if defined(__AVX512F__)
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    out[0] = static_cast<vf>(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), scale));  // high nibbles: even
+    out[1] = static_cast<vf>(_mm512_permutexvar_ps(bytes, scale));  // vpermps reads 4 index bits: low, odd
 #elif defined(__AVX2__)
     // lane 0 of `nibbles`: the high nibbles of the 16 bytes (even weights), lane 1: the low ones (odd)
     const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -140,12 +163,14 @@ class Decoder {
     const __m256i lo23 = _mm256_unpacklo_epi8(bytes[2], bytes[3]), hi23 = _mm256_unpackhi_epi8(bytes[2], bytes[3]);
     const __m256i values[4] = {_mm256_unpacklo_epi16(lo01, lo23), _mm256_unpackhi_epi16(lo01, lo23),
                                _mm256_unpacklo_epi16(hi01, hi23), _mm256_unpackhi_epi16(hi01, hi23)};
-    for (int v = 0; v < 4; ++v) out[v] = static_cast<vf>(_mm256_castsi256_ps(values[v])) * absmax;
-#else
-    for (int i = 0; i < kGroup; ++i) out[i / kLanes][i % kLanes] = code_[(p[i / 2] >> (i % 2 ? 0 : 4)) & 15] * absmax;
-#endif
+    for (int v = 0; v < 4; ++v) out[v] = static_cast<vf>(_mm256_castsi256_ps(values[v])) * scale;
     if (BF16)
       for (int v = 0; v < kVecs; ++v) out[v] = round_bf16(out[v]);
+#else
+    for (int i = 0; i < kGroup; ++i) out[i / kLanes][i % kLanes] = code_[(p[i / 2] >> (i % 2 ? 0 : 4)) & 15] * scale;
+    if (BF16)
+      for (int v = 0; v < kVecs; ++v) out[v] = round_bf16(out[v]);
+#endif
   }
 
  private:
@@ -162,13 +187,15 @@ class Decoder {
 template <bool BF16, bool NATURAL>
 static void decode_range(const Nf4& w, const Decoder& dec, int64_t o, int64_t k0, int64_t k1, float* dst) {
   const int64_t first = o * w.K;
-  float absmax = 0;
+  Decoder::Scale scale{};
   for (int64_t k = k0; k < k1; k += kGroup) {
-    if (k == k0 || (first + k) % kBlock == 0) absmax = block_absmax(w, (first + k) / kBlock);
+    if (k == k0 || (first + k) % kBlock == 0) scale = dec.scale<BF16>(block_absmax(w, (first + k) / kBlock));
     vf values[kVecs];
-    dec.decode<BF16>(w.packed + (first + k) / 2, absmax, values);
-    for (int v = 0; v < kVecs; ++v) NATURAL ? store_natural(dst + k - k0 + v * kLanes, values[v])
-                                            : storev(dst + k - k0 + v * kLanes, values[v]);
+    dec.decode<BF16>(w.packed + (first + k) / 2, scale, values);
+    if (NATURAL)
+      store_natural(dst + k - k0, values);
+    else
+      for (int v = 0; v < kVecs; ++v) storev(dst + k - k0 + v * kLanes, values[v]);
   }
 }
 
@@ -207,13 +234,13 @@ template <int R, int T, bool BF16>
 static void direct_tile(const Nf4& w, const Decoder& dec, int64_t o, const float* x, float* y) {
   const int64_t K = w.K;
   vf acc[R][T] = {};
-  float absmax[R] = {};
+  Decoder::Scale scale[R];
   for (int64_t k = 0; k < K; k += kGroup) {
     for (int r = 0; r < R; ++r) {
       const int64_t at = (o + r) * K + k;
-      if (k == 0 || at % kBlock == 0) absmax[r] = block_absmax(w, at / kBlock);
+      if (k == 0 || at % kBlock == 0) scale[r] = dec.scale<BF16>(block_absmax(w, at / kBlock));
       vf values[kVecs];
-      dec.decode<BF16>(w.packed + at / 2, absmax[r], values);
+      dec.decode<BF16>(w.packed + at / 2, scale[r], values);
       for (int v = 0; v < kVecs; ++v)
         for (int t = 0; t < T; ++t) acc[r][t] = fmadd(values[v], loadv(x + t * K + k + v * kLanes), acc[r][t]);
     }
@@ -299,70 +326,83 @@ static void configure_tiles() {
 // 2 words, the columns of each group in bf16_weight_of order (as the decoded weights), zeros past token M.
 static torch::Tensor to_amx_tiles(const torch::Tensor& x) {
   const int64_t M = x.size(0), K = x.size(1), tiles = (M + kTile - 1) / kTile, groups = K / kGroup;
-  torch::Tensor out = torch::zeros({tiles * groups * kTile * 2 * kTile}, torch::kBFloat16);
+  torch::Tensor out = torch::empty({tiles * groups * kTile * 2 * kTile}, torch::kBFloat16);
   const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  int to[kGroup], from[kGroup];  // word j of a group: its place in a tile row pair, the column it holds
-  for (int j = 0; j < kGroup; ++j) { to[j] = (j / 2) * 2 * kTile + j % 2; from[j] = bf16_weight_of(j); }
-  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<at::BFloat16>());  // [tiles, groups, 16 pairs, 16]
+  alignas(64) uint16_t order[kGroup];
+  for (int j = 0; j < kGroup; ++j) order[j] = static_cast<uint16_t>(bf16_weight_of(j));
+  const __m512i permute = _mm512_load_si512(order);
+  const __m512i pair_rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32(kTile));  // pair kp at dword kp * 16
+  at::parallel_for(0, tiles * kTile, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m)
       for (int64_t kc = 0; kc < groups; ++kc) {
-        uint16_t* tile = dst + ((m / kTile) * groups + kc) * kTile * 2 * kTile + (m % kTile) * 2;
-        const uint16_t* column = src + m * K + kc * kGroup;
-        for (int j = 0; j < kGroup; ++j) tile[to[j]] = column[from[j]];
+        uint32_t* tile = dst + ((m / kTile) * groups + kc) * kTile * kTile + m % kTile;
+        const __m512i words = m < M ? _mm512_permutexvar_epi16(permute, _mm512_loadu_si512(src + m * K + kc * kGroup))
+                                    : _mm512_setzero_si512();
+        _mm512_i32scatter_epi32(tile, pair_rows, words, 4);  // dword kp (words 2kp, 2kp + 1) to pair row kp
       }
   });
   return out;
 }
 
-// y [M, N] = x (AMX tiles) times the weight, threads over passes of 32 rows: a pass's rows are decoded
-// into a bf16 buffer, then every token tile is multiplied by it on AMX. A tile product
-// takes tens of cycles before the next one into the same sums may start, so four run at once: the pass's
-// two 16-row tiles times the even and the odd groups of 32 columns, added at the end. A (row, token)
-// sum depends only on that row and token, in the same order, so a token's result does not depend on its batch.
+// One group of 32 columns: the pass's two 16-row A tiles (at a and a + 16 rows, row stride `stride` words)
+// times TT token tiles (at b, then b + b_next words) into sums tiles rt + 2 * tt.
+template <int TT>
+static inline void amx_group(const uint16_t* a, int64_t stride, const uint16_t* b, int64_t b_next) {
+  _tile_loadd(4, a, stride * 2);
+  _tile_loadd(5, a + kTile * stride, stride * 2);
+  _tile_loadd(6, b, 64);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 5, 6);
+  if constexpr (TT == 2) {
+    _tile_loadd(7, b + b_next, 64);
+    _tile_dpbf16ps(2, 4, 7);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+}
+
+// y [M, N] = x (AMX tiles) times the weight, threads over passes of 32 rows, each pass's tokens in blocks
+// of two 16-token tiles (four sums tiles: 2 row tiles x 2 token tiles). Up to 32 tokens each group of the
+// pass's rows is decoded into a 2 KiB buffer just before its products (it stays in L1); above, the pass's
+// rows are decoded once into a [32, K] buffer that every token block reads. Either way every (row, token)
+// sum runs over the groups in order inside AMX, and depends only on that row and token: a token's result
+// does not depend on its batch.
 static void amx_loop(const Nf4& w, const uint16_t* xt, int64_t M, float* y) {
   constexpr int64_t kPass = 2 * kTile, kTileWords = kTile * 2 * kTile;
   const Bf16Decoder dec(w.code);
   const int64_t K = w.K, N = w.N, groups = K / kGroup, token_tiles = (M + kTile - 1) / kTile;
+  const bool per_group = token_tiles <= 2;
   at::parallel_for(0, (N + kPass - 1) / kPass, 1, [&](int64_t begin, int64_t end) {
     configure_tiles();
-    std::vector<uint16_t> rows(kPass * K, 0);  // [32, K]
-    alignas(64) float sums[4][kTile * kTile];  // [row tile * 2 + column parity][row, token]
+    std::vector<uint16_t> rows(kPass * (per_group ? kGroup : K));  // [32, 32] or [32, K]; rows past N unused
+    __m512i tables[kPass];
+    alignas(64) float sums[4][kTile * kTile];  // [tile][row, token]
     for (int64_t pass = begin; pass < end; ++pass) {
       const int64_t o = pass * kPass, count = std::min<int64_t>(kPass, N - o);
-      for (int64_t r = 0; r < count; ++r) decode_row_bf16(w, dec, o + r, rows.data() + r * K);
-      const uint16_t *top = rows.data(), *bottom = rows.data() + kTile * K;
-      for (int64_t mt = 0; mt < token_tiles; ++mt) {
-        const uint16_t* b = xt + mt * groups * kTileWords;
+      if (!per_group)
+        for (int64_t r = 0; r < count; ++r) decode_row_bf16(w, dec, o + r, rows.data() + r * K);
+      for (int64_t mt = 0; mt < token_tiles; mt += 2) {
+        const int64_t pair = std::min<int64_t>(2, token_tiles - mt);
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-        int64_t kc = 0;
-        for (; kc + 1 < groups; kc += 2) {
-          _tile_loadd(6, b + kc * kTileWords, 64);
-          _tile_loadd(4, top + kc * kGroup, K * 2);
-          _tile_loadd(5, bottom + kc * kGroup, K * 2);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_loadd(7, b + (kc + 1) * kTileWords, 64);
-          _tile_loadd(4, top + (kc + 1) * kGroup, K * 2);
-          _tile_loadd(5, bottom + (kc + 1) * kGroup, K * 2);
-          _tile_dpbf16ps(1, 4, 7);
-          _tile_dpbf16ps(3, 5, 7);
-        }
-        if (kc < groups) {
-          _tile_loadd(6, b + kc * kTileWords, 64);
-          _tile_loadd(4, top + kc * kGroup, K * 2);
-          _tile_loadd(5, bottom + kc * kGroup, K * 2);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(2, 5, 6);
+        for (int64_t kc = 0; kc < groups; ++kc) {
+          if (per_group)
+            for (int64_t r = 0; r < count; ++r) {
+              const int64_t at = (o + r) * K + kc * kGroup;
+              if (kc == 0 || at % kBlock == 0) tables[r] = dec.table(block_absmax(w, at / kBlock));
+              _mm512_storeu_si512(rows.data() + r * kGroup, dec.decode(w.packed + at / 2, tables[r]));
+            }
+          const uint16_t* a = per_group ? rows.data() : rows.data() + kc * kGroup;
+          const int64_t stride = per_group ? kGroup : K;
+          const uint16_t* b = xt + (mt * groups + kc) * kTileWords;
+          pair == 2 ? amx_group<2>(a, stride, b, groups * kTileWords) : amx_group<1>(a, stride, b, 0);
         }
         _tile_stored(0, sums[0], 64); _tile_stored(1, sums[1], 64);
         _tile_stored(2, sums[2], 64); _tile_stored(3, sums[3], 64);
-        const int64_t tokens = std::min<int64_t>(kTile, M - mt * kTile);
+        const int64_t tokens = std::min<int64_t>(2 * kTile, M - mt * kTile);
         for (int64_t t = 0; t < tokens; ++t)
-          for (int64_t r = 0; r < count; ++r) {
-            const int64_t half = r / kTile, at = (r % kTile) * kTile + t;
-            y[(mt * kTile + t) * N + o + r] = sums[2 * half][at] + sums[2 * half + 1][at];
-          }
+          for (int64_t r = 0; r < count; ++r)
+            y[(mt * kTile + t) * N + o + r] = sums[r / kTile + 2 * (t / kTile)][(r % kTile) * kTile + t % kTile];
       }
     }
     _tile_release();
@@ -445,8 +485,10 @@ static Nf4 describe(torch::Tensor packed, torch::Tensor qabsmax, torch::Tensor a
               "contiguous state");
   TORCH_CHECK(K % kGroup == 0 && packed.numel() * 2 == N * K && code.numel() == 16,
               "NF4 weight of [N, K], K % 32 == 0");
+  TORCH_CHECK(blocksize2 > 0 && (blocksize2 & (blocksize2 - 1)) == 0, "nested blocksize must be a power of two");
   return Nf4{packed.data_ptr<uint8_t>(), qabsmax.data_ptr<uint8_t>(), absmax2.data_ptr<float>(),
-             code2.data_ptr<float>(), code.data_ptr<float>(), static_cast<float>(offset), blocksize2, N, K};
+             code2.data_ptr<float>(), code.data_ptr<float>(), static_cast<float>(offset),
+             __builtin_ctzll(static_cast<uint64_t>(blocksize2)), N, K};
 }
 
 // The whole weight dequantized, [N, K] float32 (bfloat16-rounded values when bf16).

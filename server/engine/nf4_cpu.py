@@ -109,8 +109,9 @@ class Nf4Weight:
 
     @classmethod
     def from_quant_state(cls, packed: torch.Tensor, state: bnbf.QuantState) -> Nf4Weight:
-        if not state.nested or state.blocksize != 64 or state.quant_type != "nf4":
-            raise ValueError("the fused NF4 kernel reads double-quantized NF4 with blocksize 64")
+        if not state.nested or state.blocksize != 64 or state.quant_type != "nf4" or state.state2.blocksize & (
+                state.state2.blocksize - 1):
+            raise ValueError("the fused NF4 kernel reads double-quantized NF4 with blocksize 64 (nested: a power of 2)")
         out_features, in_features = state.shape
         nested = state.state2
         return cls(packed.reshape(-1).contiguous(), state.absmax.contiguous(), nested.absmax.float().contiguous(),

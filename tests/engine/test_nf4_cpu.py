@@ -201,11 +201,17 @@ def test_a_machine_without_a_compiler_serves_through_bitsandbytes(tiny_llama: Pa
     assert "unavailable" in done.stderr and len(ast.literal_eval(done.stdout.strip())) == 4
 
 
-def test_the_plain_cpp_path_gives_the_same_values(tmp_path: Path) -> None:
-    """The kernel built without AVX2/FMA/AVX-512 (as on a CPU without them) decodes the same bits and
+@pytest.mark.parametrize("flags", [("-mno-avx2", "-mno-fma", "-mno-avx512f"), ("-mno-avx512f",)],
+                         ids=["plain_cpp", "avx2_only"])
+def test_the_other_cpu_paths_give_the_same_values(flags: tuple[str, ...]) -> None:
+    """The kernel built as for a CPU without AVX2/FMA/AVX-512, or with AVX2 but no AVX-512 (on the CPUs
+    that have them, each path runs here too: `-march=native` minus those), decodes the same bits and
     multiplies within the same bound, and a token's result does not depend on its batch there either."""
-    portable = cpu_extension.build("nf4_linear_portable", nf4_cpu._SOURCE,
-                                   ("-ffp-contract=off", "-mno-avx2", "-mno-fma", "-mno-avx512f"))
+    if "-mno-avx2" not in flags and "avx2" not in cpu_extension.cpu_flags().split():
+        pytest.skip("this CPU has no AVX2")
+    portable = cpu_extension.build("nf4_linear_" + "_".join(f.strip("-").replace("-", "_") for f in flags),
+                                   nf4_cpu._SOURCE,
+                                   ("-ffp-contract=off", *flags))
     assert portable is not None
     packed, state = quantized(96, 96, seed=4)
     weight = nf4_cpu.Nf4Weight.from_quant_state(packed, state)
