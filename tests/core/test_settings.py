@@ -81,3 +81,20 @@ def test_defaults_and_scopes():
 ])
 def test_listen_host_is_loopback_without_api_keys(values, listen_host):
     assert load_settings(**values).listen_host() == listen_host
+
+
+def test_quotas_come_from_the_config_or_a_quotas_file_checked_against_the_api_keys(tmp_path: Path):
+    key = {"name": "ci", "sha256": DIGEST}
+    config = tmp_path / "loraplex.toml"
+    config.write_text('[quotas.tenants.team-a]\nkeys = ["ci"]\nweight = 2\n[quotas.adapters.support]\nmax_queued = 4\n')
+    settings = load_settings(config_file=config, api_keys=[key])
+    quotas = settings.read_quotas()
+    assert quotas.tenant_of("ci") == "team-a" and quotas.limits_of("team-a").weight == 2
+    assert load_settings(quotas_file=config, api_keys=[key]).read_quotas() == quotas  # the same table, re-read
+    with pytest.raises(ValidationError, match="tenant 'team-a' lists API keys that are not configured: ci"):
+        load_settings(config_file=config)
+    bad = tmp_path / "quotas.toml"
+    bad.write_text("[quotas.default]\ntokens_per_minute = 0\n")
+    with pytest.raises(ValidationError, match="tokens_per_minute"):
+        load_settings(quotas_file=bad)
+    assert load_settings(["--no-scheduler.fairness"]).scheduler.fairness is False
