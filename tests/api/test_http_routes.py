@@ -469,6 +469,8 @@ async def test_non_finite_logprobs_fail_that_request_only(serving_model):
     (b'{"\\ud800": 1, "prompt": "hi"}', "body"),
     (b'{"prompt": "hi", "cache_salt": 5}', "cache_salt"),
     (b'{"prompt": "hi", "cache_salt": "' + b"s" * 257 + b'"}', "cache_salt"),
+    (b'{"prompt": "hi", "service_tier": "turbo"}', "service_tier"),
+    (b'{"prompt": "hi", "service_tier": ["flex"]}', "service_tier"),
 ])
 async def test_client_mistakes_are_400_naming_the_field(serving_model, body: bytes, param: str):
     async with serving(serving_model) as (_app, url):

@@ -4,6 +4,8 @@ structured INVALID_ARGUMENT metadata)."""
 from __future__ import annotations
 
 from loraplex.client.codec import (
+    PRIORITY_OF,
+    RETRY_AFTER_KEY,
     decode_completion,
     decode_token,
     encode_completion,
@@ -11,9 +13,11 @@ from loraplex.client.codec import (
     encode_token,
     invalid_argument,
     invalid_argument_metadata,
+    retry_after,
 )
 from loraplex.client.records import Completion, FinishReason, Token, TokenLogprob
 from loraplex.v1 import generation_pb2 as pb
+from loraplex.v1 import tenants_pb2
 
 
 def test_a_request_sets_only_the_sampling_fields_given() -> None:
@@ -41,6 +45,14 @@ def test_a_completion_survives_the_wire() -> None:
     encoded = encode_completion(completion)
     assert encoded.finish_reason == pb.FINISH_REASON_LENGTH and decode_completion(encoded) == completion
     assert encode_completion(None) is None
+
+
+def test_priority_is_unset_unless_asked_and_retry_after_reads_whole_seconds() -> None:
+    assert encode_request("hi").priority == tenants_pb2.PRIORITY_UNSPECIFIED
+    assert encode_request("hi", priority="batch").priority == tenants_pb2.PRIORITY_BATCH
+    assert PRIORITY_OF[encode_request("hi", priority="interactive").priority] == "interactive"
+    assert retry_after((("x-request-id", "abc"), (RETRY_AFTER_KEY, "3"))) == 3
+    assert retry_after((("x-request-id", "abc"),)) is None and retry_after(((RETRY_AFTER_KEY, "soon"),)) is None
 
 
 def test_invalid_argument_metadata_round_trips_and_is_absent_otherwise() -> None:

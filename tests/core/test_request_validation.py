@@ -142,3 +142,9 @@ async def test_the_same_bad_field_is_invalid_argument_over_grpc_and_400_over_htt
             error = answer["error"]
             assert (error["param"], error["type"]) == (param, "invalid_request_error"), case
             assert error["message"] == f"{param}: {problem}", case
+
+
+def test_a_priority_is_interactive_or_batch() -> None:
+    assert CHECKS.priority(GenerateCall("", "hi")) == "interactive"  # unset: the tenant's class decides
+    assert CHECKS.priority(GenerateCall("", "hi", priority="batch")) == "batch"
+    assert refused(CHECKS.priority, GenerateCall("", "hi", priority="urgent")).field == "priority"

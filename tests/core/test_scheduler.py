@@ -13,8 +13,9 @@ import torch
 
 from loraplex.adapters.reference import AdapterReference
 from loraplex.server.core.errors import AdapterNotFound, Overloaded, ShuttingDown
+from loraplex.server.core.quota_config import QuotaSettings
 from loraplex.server.core.requests import Request, RequestStream
-from loraplex.server.core.scheduler import Scheduler
+from loraplex.server.core.scheduler import NO_QUOTAS, Scheduler
 from loraplex.server.core.scheduler_config import SchedulerConfig
 from loraplex.server.default_model import default_model_path
 from loraplex.server.engine import SamplingParams
@@ -27,11 +28,11 @@ from support import ARCHITECTURES, MIXED_ADAPTERS, write_adapter, write_tiny_mod
 BLOCK_BYTES = 2 * 2 * 4 * 2 * 16 * 4
 
 
-def build(serving_model, engine_overrides=None, **config) -> Scheduler:
+def build(serving_model, engine_overrides=None, quotas: QuotaSettings = NO_QUOTAS, **config) -> Scheduler:
     base, adapters = serving_model
     engine = make_engine(base, **(engine_overrides or {}))
     store = Path(tempfile.mkdtemp(prefix="scheduler-store-"))
-    return Scheduler(engine, adapter_manager(engine, adapters, store), SchedulerConfig(**config))
+    return Scheduler(engine, adapter_manager(engine, adapters, store), SchedulerConfig(**config), quotas=quotas)
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +159,23 @@ async def test_cancel_frees_kv_blocks_and_adapter_references(serving_model):
         scheduler.close()
 
 
+async def test_a_request_over_a_quota_is_refused_before_it_takes_a_lease_or_a_sequence(serving_model):
+    adapter = next(iter(serving_model[1]))
+    quotas = QuotaSettings.model_validate({"adapters": {adapter: {"max_queued": 1}}})
+    scheduler = build(serving_model, quotas=quotas)  # not started: everything stays queued
+    request = Request(AdapterReference(adapter), [1, 2, 3], SamplingParams(max_new_tokens=4), tenant="t")
+    scheduler.submit(request)
+    with pytest.raises(Overloaded, match=f"adapter '{adapter}' is over its max_queued of 1") as refused:
+        scheduler.submit(request)
+    assert refused.value.limit == "max_queued"
+    assert active_requests(scheduler.adapters, adapter) == 1 and scheduler.num_waiting == 1  # no lease taken
+    scheduler.submit(Request(AdapterReference(""), [1, 2, 3], SamplingParams(max_new_tokens=4), tenant="t"))
+    tenants, _ = scheduler.quota_statuses()
+    assert [(s.name, s.in_flight, s.queued) for s in tenants] == [("t", 2, 2)]
+    scheduler.close()
+    assert scheduler.tenant_status("t").in_flight == 0
+
+
 async def test_an_unknown_adapter_is_refused_at_submit(serving_model):
     """(The prompt's and max_new_tokens' checks are the core's: test_request_validation.py.)"""
     scheduler = build(serving_model)
@@ -165,6 +183,28 @@ async def test_an_unknown_adapter_is_refused_at_submit(serving_model):
         scheduler.submit(Request(AdapterReference("nope"), [1, 2], SamplingParams(max_new_tokens=4)))
     assert scheduler.num_waiting == 0
     scheduler.close()
+
+
+@pytest.mark.parametrize(("fairness", "victim"), [(True, "heavy"), (False, "light")])
+async def test_kv_pressure_preempts_the_tenant_most_over_its_share_first(serving_model, fairness, victim):
+    scheduler = build(serving_model, engine_overrides=dict(kv_cache_bytes=8 * BLOCK_BYTES), max_running=2,
+                      fairness=fairness)
+    step, preempt, preempted = scheduler.engine.step, scheduler._preempt, []
+    scheduler.engine.step = lambda batch: (time.sleep(0.01), step(batch))[1]  # heavy runs while light arrives
+    scheduler._preempt = lambda entry: (preempted.append(entry.tenant), preempt(entry))
+    sampling = SamplingParams(max_new_tokens=16, ignore_eos=True)  # 24 positions: 6 of the 8 blocks each
+    scheduler.start()
+    try:
+        heavy = aiter(scheduler.submit(Request(AdapterReference(""), list(range(1, 9)), sampling, tenant="heavy")))
+        await anext(heavy)
+        with scheduler._cond:
+            scheduler._waiting.charge("heavy", 10_000)  # heavy was served far more than its share before
+        light = scheduler.submit(Request(AdapterReference(""), list(range(11, 19)), sampling, tenant="light"))
+        outputs = await asyncio.gather(tokens(light), tokens(heavy))
+    finally:
+        scheduler.close()
+    assert preempted and preempted[0] == victim, preempted  # off: the newest running sequence, as before
+    assert [len(output) for output in outputs] == [16, 15]
 
 
 async def test_distinct_adapters_per_step_are_capped(serving_model, reference_engine):
