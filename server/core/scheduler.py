@@ -170,11 +170,6 @@ class Scheduler:
         """The tenant of the API key named `key_name` under the quotas in force (any thread)."""
         return self._quotas.settings.tenant_of(key_name)
 
-    @property
-    def quotas(self) -> QuotaSettings:
-        """The quotas in force."""
-        return self._quotas.settings
-
     def set_quotas(self, quotas: QuotaSettings) -> None:
         """Put new tenant and adapter limits in force now (any thread); accepted requests go on."""
         with self._cond:
