@@ -35,7 +35,7 @@ class Limits(BaseModel):
     max_concurrent: int | None = Field(default=None, ge=1, le=1_000_000)
     """Most of its requests in flight (waiting or running) at once; one more is refused (RESOURCE_EXHAUSTED,
     HTTP 429)."""
-    max_queued: int | None = Field(default=None, ge=0, le=1_000_000)
+    max_queued: int | None = Field(default=None, ge=1, le=1_000_000)
     """Most of its requests waiting for admission at once; one more is refused."""
     tokens_per_minute: int | None = Field(default=None, ge=1, le=10**12)
     """Token rate (prompt plus generated tokens), as a token bucket refilled at this rate: a request is refused
