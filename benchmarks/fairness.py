@@ -4,11 +4,12 @@ Two in-process servers (`loraplex.server.app.start`) on loopback, identical but 
 off), serve two tenants, API keys "a" and "b", each on its own PEFT adapter (r=8 on q_proj and v_proj). Every
 request has a prompt of PROMPT_LENS tokens (uniform) and generates OUTPUT_LEN tokens (ignore_eos). The clients
 run in a second process (as remote users would, so their parsing does not hold the server's GIL) and stream
-over gRPC, timing every token:
-  - alone: tenant b sends one request per second (open loop) for ALONE_S seconds, nothing else runs;
-  - flood: tenant a runs FLOOD_CLIENTS clients back to back (closed loop) for FLOOD_S seconds while b sends one
-    request per second, weights 1:1; FLOOD_REPEATS alternating runs on each server (fairness on, off);
-  - share 1:1 and share 3:1: both tenants run SHARE_CLIENTS clients back to back for SHARE_S seconds on the
+over gRPC, timing every token (run lengths: FULL, or TINY with --tiny):
+  - alone: tenant b sends one request per second (open loop) for `alone_s` seconds, nothing else runs;
+  - flood: tenant a runs FLOOD_CLIENTS clients back to back (closed loop) for `flood_s` seconds while b sends one
+    request per second, weights 1:1; `flood_repeats` runs on each server (fairness on, off), alternating, the
+    first server of each pair alternating too (after a WARMUP_S flood on each);
+  - share 1:1 and share 3:1: both tenants run SHARE_CLIENTS clients back to back for `share_s` seconds on the
     fairness-on server, with weights 1:1 and then a:b = 3:1 (put in force while the server runs). Both are
     backlogged throughout (2 x SHARE_CLIENTS > MAX_RUNNING), and tokens served (prompt tokens at the first
     token, then each generated token) are counted per tenant within the window SHARE_WINDOW of the run.
@@ -62,6 +63,8 @@ SHARE_WINDOW = (0.25, 0.9)
 """Fractions of a share run between which tokens are counted (after the queues fill, before clients stop)."""
 FLOOD_WINDOW = 0.1
 """Throughput of a flood run counts tokens from this fraction of it to its end (the clients' last start)."""
+WARMUP_S = 3.0
+"""A short flood on each server before anything is measured."""
 FULL = {"alone_s": 15.0, "flood_s": 30.0, "flood_repeats": 2, "share_s": 40.0}
 TINY = {"alone_s": 5.0, "flood_s": 8.0, "flood_repeats": 1, "share_s": 8.0}
 
@@ -158,13 +161,14 @@ async def benchmark(base_folder: Path, adapters: dict[str, Path], device: str, w
 
     flood = [Load("a", "adapter-a", clients=FLOOD_CLIENTS), Load("b", "adapter-b", rate=B_RATE)]
     try:
-        for app in servers.values():  # kernels, allocator, both adapters into their slots
-            await run(app, [Load("a", "adapter-a", clients=2), Load("b", "adapter-b", clients=2)], 1.0)
+        for app in servers.values():  # kernels, allocator, batch shapes, both adapters into their slots
+            await run(app, flood, WARMUP_S)
         alone = await run(servers["on"], [Load("b", "adapter-b", rate=B_RATE)], sizes["alone_s"])
         print(f"alone: b TTFT p99 {ttft_p99(alone, 'b') * 1e3:.0f} ms", flush=True)
         floods: dict[str, list[dict]] = {"on": [], "off": []}
-        for _ in range(sizes["flood_repeats"]):
-            for label, app in servers.items():
+        for repeat in range(sizes["flood_repeats"]):
+            order = list(servers.items())
+            for label, app in order if repeat % 2 == 0 else reversed(order):  # neither always runs first
                 records = await run(app, flood, sizes["flood_s"])
                 rate = throughput(records, FLOOD_WINDOW * sizes["flood_s"], sizes["flood_s"])
                 floods[label].append({"b_ttft_p99_s": ttft_p99(records, "b"), "tokens_per_s": rate,
