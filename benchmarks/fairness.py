@@ -79,13 +79,16 @@ class Load:
     rate: float = 0.0
 
 
-def run_loads(target: str, loads: list[Load], duration_s: float, vocab_size: int, seed: int) -> list[dict]:
-    """In the client process: run `loads` for `duration_s` (requests start before it ends, then finish); one
-    record per request: tenant, start, prompt_tokens, token arrival times (perf_counter, this process)."""
-    return asyncio.run(_run_loads(target, loads, duration_s, vocab_size, seed))
+def run_loads(target: str, loads: list[Load], duration_s: float, vocab_size: int, seed: int,
+              drain: bool = True) -> list[dict]:
+    """In the client process: run `loads` for `duration_s`, then let the requests in flight finish (`drain`) or
+    cancel them; one record per request started: tenant, start, prompt_tokens, token arrival times (seconds
+    from the run's start, this process's clock; those received before a cancel)."""
+    return asyncio.run(_run_loads(target, loads, duration_s, vocab_size, seed, drain))
 
 
-async def _run_loads(target: str, loads: list[Load], duration_s: float, vocab_size: int, seed: int) -> list[dict]:
+async def _run_loads(target: str, loads: list[Load], duration_s: float, vocab_size: int, seed: int,
+                     drain: bool) -> list[dict]:
     rng = np.random.default_rng(seed)
     records: list[dict] = []
     clients = {load.tenant: AsyncClient(target, api_key=load.tenant) for load in loads}
@@ -93,12 +96,12 @@ async def _run_loads(target: str, loads: list[Load], duration_s: float, vocab_si
 
     async def one(load: Load) -> None:
         prompt = rng.integers(100, vocab_size, int(rng.integers(PROMPT_LENS[0], PROMPT_LENS[1] + 1))).tolist()
-        start, times = time.perf_counter(), []
+        record = {"tenant": load.tenant, "start": time.perf_counter() - began, "prompt_tokens": len(prompt),
+                  "tokens": []}
+        records.append(record)
         async for _ in clients[load.tenant].generate_stream(prompt, load.adapter, max_new_tokens=OUTPUT_LEN,
                                                            ignore_eos=True):
-            times.append(time.perf_counter())
-        records.append({"tenant": load.tenant, "start": start - began, "prompt_tokens": len(prompt),
-                        "tokens": [t - began for t in times]})
+            record["tokens"].append(time.perf_counter() - began)
 
     async def closed_loop(load: Load) -> None:
         while time.perf_counter() - began < duration_s:
@@ -111,13 +114,19 @@ async def _run_loads(target: str, loads: list[Load], duration_s: float, vocab_si
             tasks.append(asyncio.create_task(one(load)))
         await asyncio.gather(*tasks)
 
+    work = asyncio.gather(*(closed_loop(load) for load in loads for _ in range(load.clients)),
+                          *(open_loop(load) for load in loads if load.rate))
     try:
-        await asyncio.gather(*(closed_loop(load) for load in loads for _ in range(load.clients)),
-                             *(open_loop(load) for load in loads if load.rate))
+        if drain:
+            await work
+        else:
+            await asyncio.wait([work], timeout=duration_s)
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
     finally:
         for client in clients.values():
             await client.close()
-    return records
+    return [record for record in records if record["tokens"]]
 
 
 def ttft_p99(records: list[dict], tenant: str) -> float:
@@ -155,9 +164,9 @@ async def benchmark(base_folder: Path, adapters: dict[str, Path], device: str, w
     vocab = servers["on"].scheduler.engine.spec.vocab_size
     seeds = itertools.count()
 
-    async def run(app: App, loads: list[Load], duration_s: float) -> list[dict]:
+    async def run(app: App, loads: list[Load], duration_s: float, drain: bool = True) -> list[dict]:
         return await loop.run_in_executor(clients, run_loads, f"127.0.0.1:{app.port}", loads, duration_s, vocab,
-                                          next(seeds))
+                                          next(seeds), drain)
 
     flood = [Load("a", "adapter-a", clients=FLOOD_CLIENTS), Load("b", "adapter-b", rate=B_RATE)]
     try:
@@ -180,7 +189,8 @@ async def benchmark(base_folder: Path, adapters: dict[str, Path], device: str, w
         for label, weight_a in (("1to1", 1.0), ("3to1", 3.0)):
             servers["on"].scheduler.set_quotas(QuotaSettings.model_validate({"tenants": {"a": {"weight": weight_a}}}))
             records = await run(servers["on"], [Load("a", "adapter-a", clients=SHARE_CLIENTS),
-                                                Load("b", "adapter-b", clients=SHARE_CLIENTS)], sizes["share_s"])
+                                                Load("b", "adapter-b", clients=SHARE_CLIENTS)], sizes["share_s"],
+                                drain=False)  # the window ends before: cancel what still runs
             window = [fraction * sizes["share_s"] for fraction in SHARE_WINDOW]
             served = served_in(records, *window)
             b_share = served["b"] / sum(served.values())
