@@ -10,7 +10,8 @@ over gRPC, timing every token (run lengths: FULL, or TINY with --tiny):
     request per second, weights 1:1; `flood_repeats` runs on each server (fairness on, off), alternating, the
     first server of each pair alternating too (after a WARMUP_S flood on each);
   - share 1:1 and share 3:1: both tenants run SHARE_CLIENTS clients back to back for `share_s` seconds on the
-    fairness-on server, with weights 1:1 and then a:b = 3:1 (put in force while the server runs). Both are
+    fairness-on server, with weights 1:1 and then a:b = 3:1 (put in force while the server runs), and at 3:1 on
+    the fairness-off server for comparison (weights unused there: round-robin across the adapters). Both are
     backlogged throughout (2 x SHARE_CLIENTS > MAX_RUNNING), and tokens served (prompt tokens at the first
     token, then each generated token) are counted per tenant within the window SHARE_WINDOW of the run.
 
@@ -65,7 +66,7 @@ FLOOD_WINDOW = 0.1
 """Throughput of a flood run counts tokens from this fraction of it to its end (the clients' last start)."""
 WARMUP_S = 3.0
 """A short flood on each server before anything is measured."""
-FULL = {"alone_s": 15.0, "flood_s": 30.0, "flood_repeats": 2, "share_s": 40.0}
+FULL = {"alone_s": 15.0, "flood_s": 30.0, "flood_repeats": 3, "share_s": 40.0}
 TINY = {"alone_s": 5.0, "flood_s": 8.0, "flood_repeats": 1, "share_s": 8.0}
 
 
@@ -186,10 +187,11 @@ async def benchmark(base_folder: Path, adapters: dict[str, Path], device: str, w
                 print(f"flood fairness {label}: b TTFT p99 {floods[label][-1]['b_ttft_p99_s'] * 1e3:.0f} ms, "
                       f"{floods[label][-1]['tokens_per_s']:.1f} tokens/s", flush=True)
         shares = {}
-        for label, weight_a in (("1to1", 1.0), ("3to1", 3.0)):
-            servers["on"].scheduler.set_quotas(QuotaSettings.model_validate({"tenants": {"a": {"weight": weight_a}}}))
-            records = await run(servers["on"], [Load("a", "adapter-a", clients=SHARE_CLIENTS),
-                                                Load("b", "adapter-b", clients=SHARE_CLIENTS)], sizes["share_s"],
+        for label, server, weight_a in (("1to1", "on", 1.0), ("3to1", "on", 3.0), ("3to1_fairness_off", "off", 3.0)):
+            app = servers[server]
+            app.scheduler.set_quotas(QuotaSettings.model_validate({"tenants": {"a": {"weight": weight_a}}}))
+            records = await run(app, [Load("a", "adapter-a", clients=SHARE_CLIENTS),
+                                      Load("b", "adapter-b", clients=SHARE_CLIENTS)], sizes["share_s"],
                                 drain=False)  # the window ends before: cancel what still runs
             window = [fraction * sizes["share_s"] for fraction in SHARE_WINDOW]
             served = served_in(records, *window)
@@ -243,6 +245,9 @@ def main() -> None:
     for label, runs in result["flood"].items():
         for run in runs:
             print(f"{'flood fairness ' + label:<22}{run['b_ttft_p99_s'] * 1e3:>15.0f}{run['tokens_per_s']:>10.1f}")
+    for label, share in result["share"].items():
+        print(f"{'share ' + label:<24}b's share of the tokens served {share['b_share']:.3f}, of the weights "
+              f"{1.0 / (1.0 + share['weight_a']):.3f}")
     for name, value in ratios.items():
         print(f"  {name:<26}{value:6.3f}")
     print(f"total {time.perf_counter() - began:.0f} s")
