@@ -85,6 +85,8 @@ class Chunk:
     """Tokens in the prompt, on the first chunk of a stream (0 on the others)."""
     cached_tokens: int = 0
     """Of those, tokens found in the server's prefix cache, on the first chunk (0 on the others)."""
+    prompt_logprobs: tuple[Token, ...] | None = None
+    """With prompt_logprobs=True, on the first chunk: the prompt's tokens, the first without a logprob."""
 
     @property
     def text(self) -> str:
@@ -93,7 +95,8 @@ class Chunk:
     @classmethod
     def from_proto(cls, response: pb.GenerateStreamResponse) -> Chunk:
         completion = decode_completion(response.completion) if response.HasField("completion") else None
-        return cls(decode_token(response.token), completion, response.prompt_tokens, response.cached_tokens)
+        prompt = tuple(decode_token(t) for t in response.prompt_logprobs) or None
+        return cls(decode_token(response.token), completion, response.prompt_tokens, response.cached_tokens, prompt)
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,8 @@ class Generation:
     text: str
     tokens: list[Token]
     completion: Completion
+    prompt_logprobs: list[Token] | None = None
+    """With prompt_logprobs=True: the prompt's tokens, the first without a logprob."""
 
     @property
     def token_ids(self) -> list[int]:
@@ -110,7 +115,8 @@ class Generation:
 
     @classmethod
     def from_proto(cls, response: pb.GenerateResponse) -> Generation:
-        return cls(response.text, [decode_token(t) for t in response.tokens], decode_completion(response.completion))
+        return cls(response.text, [decode_token(t) for t in response.tokens], decode_completion(response.completion),
+                   [decode_token(t) for t in response.prompt_logprobs] or None)
 
 
 @dataclass(frozen=True)
@@ -152,21 +158,31 @@ def build_request(prompt: Prompt, adapter: str = "", *,
                   seed: int | None = None, presence_penalty: float | None = None,
                   frequency_penalty: float | None = None, stop_token_ids: Sequence[int] = (),
                   ignore_eos: bool = False, logprobs: bool = False, top_logprobs: int = 0,
-                  cache_salt: str = "", priority: str | None = None) -> pb.GenerateRequest:
+                  cache_salt: str = "", priority: str | None = None, json_schema: str | None = None,
+                  regex: str | None = None, grammar: str | None = None, json_object: bool = False,
+                  prompt_logprobs: bool = False) -> pb.GenerateRequest:
     """A GenerateRequest: `prompt` is text (tokenized by the server), token ids, or chat messages
     (`{"role": ..., "content": ...}` dicts, rendered with the model's chat template); None leaves the
     server default; `adapter` is "NAME", "NAME@VERSION" or "" (the base model); `chat` applies the
     model's chat template to text; `logprobs` asks for each token's log-probability, `top_logprobs` for
     that many most likely alternatives of each step; `cache_salt` shares prefix-cache blocks only with
     requests that send the same salt; `priority` "batch" waits while interactive requests do ("interactive",
-    or None: the tenant's class)."""
+    or None: the tenant's class); at most one of `json_schema` (JSON text), `regex`, `grammar` (EBNF) and
+    `json_object` constrains the output (ValueError for several); `prompt_logprobs` asks for the prompt
+    tokens' logprobs (Generation.prompt_logprobs, Chunk.prompt_logprobs)."""
     sampling = {k: v for k, v in dict(temperature=temperature, top_k=top_k, top_p=top_p,
                                       repetition_penalty=repetition_penalty, seed=seed,
                                       presence_penalty=presence_penalty,
                                       frequency_penalty=frequency_penalty).items() if v is not None}
+    constraints = [(kind, value) for kind, value in (("json_schema", json_schema), ("regex", regex),
+                                                     ("grammar", grammar), ("json_object", "" if json_object else None))
+                   if value is not None]
+    if len(constraints) > 1:
+        raise ValueError(f"set at most one constraint, not {', '.join(kind for kind, _ in constraints)}")
     return encode_request(prompt, adapter, chat=chat, max_new_tokens=max_new_tokens, sampling=sampling,
                           stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, logprobs=logprobs,
-                          top_logprobs=top_logprobs, cache_salt=cache_salt, priority=priority)
+                          top_logprobs=top_logprobs, cache_salt=cache_salt, priority=priority,
+                          constraint=constraints[0] if constraints else None, prompt_logprobs=prompt_logprobs)
 
 
 def _channel_setup(tls: bool, root_certificates: bytes | None, retry: RetryPolicy,

@@ -32,6 +32,8 @@ FINISH_REASON_OF = {code: reason for reason, code in FINISH_REASONS.items()}
 PRIORITIES = {"interactive": tenants_pb2.PRIORITY_INTERACTIVE, "batch": tenants_pb2.PRIORITY_BATCH}
 """A request's class by name, as GenerateRequest.priority encodes it (unset: PRIORITY_UNSPECIFIED)."""
 PRIORITY_OF = {code: name for name, code in PRIORITIES.items()}
+CONSTRAINT_KINDS = ("json_schema", "regex", "grammar", "json_object")
+"""GenerateRequest.constraint's members: a constraint travels as (kind, value), value "" for json_object."""
 RETRY_AFTER_KEY = "retry-after"
 """Trailing metadata of a RESOURCE_EXHAUSTED: whole seconds after which a retry may pass."""
 
@@ -39,14 +41,16 @@ RETRY_AFTER_KEY = "retry-after"
 def encode_request(prompt: Prompt, adapter: str = "", *, chat: bool = False, max_new_tokens: int | None = None,
                    sampling: Mapping[str, float | int] | None = None, stop_token_ids: Sequence[int] = (),
                    ignore_eos: bool = False, logprobs: bool = False, top_logprobs: int = 0,
-                   cache_salt: str = "", priority: str | None = None) -> pb.GenerateRequest:
+                   cache_salt: str = "", priority: str | None = None, constraint: tuple[str, str] | None = None,
+                   prompt_logprobs: bool = False) -> pb.GenerateRequest:
     """A GenerateRequest: `prompt` is text, token ids or chat messages; `sampling` holds the SAMPLING_FIELDS
     the caller sets (the others take the server's defaults), `max_new_tokens` None the server's default;
     `cache_salt` keeps its prefix-cache blocks to requests with the same salt; `priority` "interactive" or
-    "batch" (None: the tenant's class; KeyError for another name)."""
+    "batch" (None: the tenant's class; KeyError for another name); `constraint` (kind, value), kind one of
+    CONSTRAINT_KINDS (ValueError for another); `prompt_logprobs` asks for the prompt tokens' logprobs."""
     request = pb.GenerateRequest(
         adapter=adapter, chat=chat, sampling=pb.SamplingParameters(**(sampling or {})), logprobs=logprobs,
-        top_logprobs=top_logprobs, cache_salt=cache_salt,
+        top_logprobs=top_logprobs, cache_salt=cache_salt, prompt_logprobs=prompt_logprobs,
         priority=tenants_pb2.PRIORITY_UNSPECIFIED if priority is None else PRIORITIES[priority],
         stopping=pb.StoppingCriteria(max_new_tokens=max_new_tokens, stop_token_ids=list(stop_token_ids),
                                      ignore_eos=ignore_eos),
@@ -57,7 +61,20 @@ def encode_request(prompt: Prompt, adapter: str = "", *, chat: bool = False, max
         request.messages.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in prompt)
     else:
         request.token_ids.ids.extend(prompt)
+    if constraint is not None:
+        kind, value = constraint
+        if kind not in CONSTRAINT_KINDS:
+            raise ValueError(f"constraint kind {kind!r} is not one of {', '.join(CONSTRAINT_KINDS)}")
+        setattr(request, kind, True if kind == "json_object" else value)
     return request
+
+
+def decode_constraint(request: pb.GenerateRequest) -> tuple[str, str] | None:
+    """GenerateRequest.constraint as (kind, value); None when unset (or json_object false)."""
+    kind = request.WhichOneof("constraint")
+    if kind is None or (kind == "json_object" and not request.json_object):
+        return None
+    return kind, "" if kind == "json_object" else getattr(request, kind)
 
 
 def decode_token(token: pb.Token) -> Token:

@@ -14,9 +14,16 @@ from importlib import metadata
 
 import grpc
 
-from loraplex.client.codec import PRIORITIES, PRIORITY_OF, SAMPLING_FIELDS, encode_completion, encode_token
+from loraplex.client.codec import (
+    PRIORITIES,
+    PRIORITY_OF,
+    SAMPLING_FIELDS,
+    decode_constraint,
+    encode_completion,
+    encode_token,
+)
 from loraplex.server.core.auth import Authenticator, Principal, Scope
-from loraplex.server.core.calls import ChatMessage, GenerateCall, GeneratedToken
+from loraplex.server.core.calls import ChatMessage, Constraint, GenerateCall, GeneratedToken
 from loraplex.server.core.errors import InvalidRequest
 from loraplex.server.core.generation import GenerationCore
 from loraplex.server.core.quota_config import TenantLimits
@@ -50,6 +57,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         async for token in self._generate(request, context):
             response.text += token.text
             response.tokens.append(encode_token(token))
+            response.prompt_logprobs.extend(encode_token(prompt) for prompt in token.prompt_logprobs or ())
             if token.completion is not None:
                 response.completion.CopyFrom(encode_completion(token.completion))
         return response
@@ -58,7 +66,8 @@ class GenerationService(pb_grpc.GenerationServicer):
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateStreamResponse]:
         async for token in self._generate(request, context):
             yield pb.GenerateStreamResponse(token=encode_token(token), completion=encode_completion(token.completion),
-                                            prompt_tokens=token.prompt_tokens, cached_tokens=token.cached_tokens)
+                                            prompt_tokens=token.prompt_tokens, cached_tokens=token.cached_tokens,
+                                            prompt_logprobs=[encode_token(p) for p in token.prompt_logprobs or ()])
 
     async def ServerInfo(self, request: pb.ServerInfoRequest,
                          context: grpc.aio.ServicerContext) -> pb.ServerInfoResponse:
@@ -99,6 +108,7 @@ def decode_request(request: pb.GenerateRequest) -> GenerateCall:
     prompt = {"text": lambda: request.text, "token_ids": lambda: list(request.token_ids.ids),
               "messages": lambda: [ChatMessage(m.role, m.content) for m in request.messages.messages]}[kind]()
     stopping, sampling = request.stopping, request.sampling
+    constraint = decode_constraint(request)
     return GenerateCall(
         adapter=request.adapter, prompt=prompt, chat=request.chat,
         max_new_tokens=stopping.max_new_tokens if stopping.HasField("max_new_tokens") else None,
@@ -106,6 +116,7 @@ def decode_request(request: pb.GenerateRequest) -> GenerateCall:
         stop_token_ids=tuple(stopping.stop_token_ids), ignore_eos=stopping.ignore_eos,
         logprobs=request.logprobs, top_logprobs=request.top_logprobs, cache_salt=request.cache_salt,
         priority=PRIORITY_OF.get(request.priority),
+        constraint=None if constraint is None else Constraint(*constraint), prompt_logprobs=request.prompt_logprobs,
     )
 
 

@@ -58,7 +58,8 @@ class RemoteBackend:
         chunks = self._client.forwarding(authorization).generate_stream(
             prompt, call.adapter, chat=call.chat, max_new_tokens=call.max_new_tokens,
             stop_token_ids=call.stop_token_ids, ignore_eos=call.ignore_eos, logprobs=call.logprobs,
-            top_logprobs=call.top_logprobs, cache_salt=call.cache_salt, priority=call.priority, **call.sampling)
+            top_logprobs=call.top_logprobs, cache_salt=call.cache_salt, priority=call.priority,
+            prompt_logprobs=call.prompt_logprobs, **constraint_options(call), **call.sampling)
         try:
             async for chunk in chunks:
                 try:
@@ -111,11 +112,19 @@ async def serve_translator(target: str, host: str, port: int, *, tls: bool = Fal
         await backend.close()
 
 
+def constraint_options(call: GenerateCall) -> dict[str, str | bool]:
+    """The client's keyword argument for the call's constraint (none when unset)."""
+    if call.constraint is None:
+        return {}
+    kind = call.constraint.kind
+    return {kind: True if kind == "json_object" else call.constraint.value}
+
+
 def generated_token(chunk: Chunk) -> GeneratedToken:
     """The GeneratedToken a streamed chunk carries (the in-process core's record of the same token)."""
     token = chunk.token
     return GeneratedToken(token.id, token.text, token.logprob, token.piece, token.top_logprobs, chunk.completion,
-                          chunk.prompt_tokens, chunk.cached_tokens)
+                          chunk.prompt_tokens, chunk.cached_tokens, chunk.prompt_logprobs)
 
 
 def refusal(error: grpc.aio.AioRpcError) -> Exception:

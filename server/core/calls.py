@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from loraplex.client.records import Completion, Token
 from loraplex.server.core.quotas import QuotaStatus
@@ -15,6 +16,20 @@ from loraplex.server.core.quotas import QuotaStatus
 class StopGeneration(Exception):
     """Thrown into `generate` by a caller that met its own stop condition (e.g. an HTTP stop string)."""
 
+
+
+ConstraintKind = Literal["json_schema", "regex", "grammar", "json_object"]
+"""As client.codec.CONSTRAINT_KINDS names them."""
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a request's output must match. `value`: the JSON schema as JSON text (json_schema), a regular
+    expression (regex), an EBNF grammar in the GBNF dialect with a `root` rule (grammar); "" for
+    json_object (any JSON object)."""
+
+    kind: ConstraintKind
+    value: str = ""
 
 
 @dataclass(frozen=True)
@@ -49,6 +64,11 @@ class GenerateCall:
     """Share prefix-cache blocks only with requests of the same salt ("" shares with every unsalted one)."""
     priority: str | None = None
     """"interactive" or "batch" (quota_config.PRIORITIES); None takes the tenant's class."""
+    constraint: Constraint | None = None
+    """Structured output: what the generated text must match (core/grammar.py); None takes the adapter's
+    default constraint (its card's), if any, else generation is free."""
+    prompt_logprobs: bool = False
+    """Also report every prompt token's log-probability (GeneratedToken.prompt_logprobs, first token)."""
 
 
 
@@ -62,6 +82,9 @@ class GeneratedToken(Token):
     """Tokens in the prompt, on the first token of a generation (0 on the others)."""
     cached_tokens: int = 0
     """Of those, tokens found in the prefix cache, on the first token (0 on the others)."""
+    prompt_logprobs: tuple[Token, ...] | None = None
+    """With GenerateCall.prompt_logprobs, on the first token: each prompt token (text = piece), its logprob
+    given the tokens before it (None for the first) and its top_logprobs alternatives."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +138,8 @@ class EngineFacts:
     """Token positions per KV block."""
     kv_blocks: int
     """Blocks in the whole KV pool."""
+    eos_token_ids: tuple[int, ...] = ()
+    """The model's end-of-sequence ids (a constrained output may end with one only where its grammar accepts)."""
 
     def blocks_for(self, positions: int) -> int:
         """KV blocks that one sequence of `positions` token positions holds."""

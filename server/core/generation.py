@@ -21,10 +21,11 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
-from loraplex.client.records import Completion, FinishReason, TokenLogprob
+from loraplex.client.records import Completion, FinishReason, Token, TokenLogprob
 from loraplex.server.core.adapter_runtime.admin import request_errors
 from loraplex.server.core.adapter_runtime.manager import AdapterManager
 from loraplex.server.core.auth import Authenticator, Principal, Scope
@@ -39,16 +40,19 @@ from loraplex.server.core.calls import (
 )
 from loraplex.server.core.detokenizer import IncrementalDetokenizer
 from loraplex.server.core.errors import AdapterNotFound, GenerationFailed, Overloaded, RequestError
+from loraplex.server.core.grammar import Grammars
 from loraplex.server.core.metrics import REFUSED_LABEL, UNKNOWN_LABEL, ServerMetrics
 from loraplex.server.core.requests import Request, RequestLimits, RequestStream
 from loraplex.server.core.scheduler import Scheduler
 from loraplex.server.core.validation import Prompt, RequestChecks
-from loraplex.server.engine import TokenEvent
+from loraplex.server.engine import PromptLogprob, TokenEvent
 
 log = logging.getLogger("loraplex.requests")
 
 TOKENIZE_WORKERS = 2
-"""Threads that tokenize and apply chat templates, off the event loop."""
+"""Threads that tokenize, apply chat templates and compile constraints, off the event loop."""
+
+T = TypeVar("T")
 
 
 def check_finite(event: TokenEvent) -> None:
@@ -71,6 +75,8 @@ class GenerationCore:
         self.engine = scheduler.engine_facts()
         self.limits, self.model_name = limits, model_name
         self.checks = RequestChecks(limits, self.engine)
+        self.grammars = None if tokenizer is None else Grammars(tokenizer, self.engine.vocab_size,
+                                                                self.engine.eos_token_ids)
         self.metrics, self.log_prompts = metrics, log_prompts
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -98,8 +104,10 @@ class GenerationCore:
                 sampling = self.checks.sampling(call)
                 self.checks.prompt_ids(prompt_ids, sampling)
                 cache_salt, priority = self.checks.cache_salt(call), self.checks.priority(call)
+                constraint = await self._off_loop(lambda: self.checks.constraint(call.constraint, self.grammars))
                 tenant = self.scheduler.tenant_of(principal.name)
-                stream = self._submit(Request(reference, prompt_ids, sampling, cache_salt, tenant, priority))
+                stream = self._submit(Request(reference, prompt_ids, sampling, cache_salt, tenant, priority,
+                                              constraint))
             except RequestError as error:
                 label = UNKNOWN_LABEL if isinstance(error, AdapterNotFound) else REFUSED_LABEL
                 self._ended(adapter, label, "refused", call, prompt_ids, token_times, arrival)
@@ -118,7 +126,8 @@ class GenerationCore:
                         outcome = event.finish_reason.value
                     token = self._token(call, event, text, completion)
                     if len(token_times) == 1:
-                        token = replace(token, prompt_tokens=len(prompt_ids), cached_tokens=stream.cached_tokens)
+                        token = replace(token, prompt_tokens=len(prompt_ids), cached_tokens=stream.cached_tokens,
+                                        prompt_logprobs=self._prompt_tokens(prompt_ids, event.prompt_logprobs))
                     try:
                         yield token
                     except StopGeneration:
@@ -234,7 +243,7 @@ class GenerationCore:
         return list(await self._off_loop(lambda: tokenizer.apply_chat_template(
             conversation, add_generation_prompt=True, tokenize=True, return_dict=False)))
 
-    async def _off_loop(self, work: Callable[[], list[int]]) -> list[int]:
+    async def _off_loop(self, work: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._tokenizing, work)
 
     def close(self) -> None:
@@ -263,6 +272,19 @@ class GenerationCore:
         top = tuple(TokenLogprob(token_id, self._piece(token_id), logprob) for token_id, logprob in event.top_logprobs)
         return GeneratedToken(event.token_id, text, event.logprob if call.logprobs else None,
                               self._piece(event.token_id), top, completion)
+
+    def _prompt_tokens(self, prompt_ids: list[int], logprobs: tuple[PromptLogprob, ...] | None,
+                       ) -> tuple[Token, ...] | None:
+        """The prompt as Tokens (text = piece) with the engine's prompt logprobs: the first has none."""
+        if logprobs is None:
+            return None
+        first = self._piece(prompt_ids[0])
+        tokens = [Token(prompt_ids[0], first, None, first)]
+        for token_id, entry in zip(prompt_ids[1:], logprobs, strict=True):
+            piece = self._piece(token_id)
+            top = tuple(TokenLogprob(top_id, self._piece(top_id), logprob) for top_id, logprob in entry.top_logprobs)
+            tokens.append(Token(token_id, piece, entry.logprob, piece, top))
+        return tuple(tokens)
 
     def _piece(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""

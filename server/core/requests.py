@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from loraplex.adapters.reference import AdapterReference
 from loraplex.server.core.adapter_runtime.leases import AdapterLease
 from loraplex.server.core.quota_config import ANONYMOUS_TENANT, Priority
-from loraplex.server.engine import SamplingParams, TokenEvent
+from loraplex.server.engine import SamplingParams, TokenConstraint, TokenEvent
 
 if TYPE_CHECKING:
     from loraplex.server.core.scheduler import Scheduler, _Entry
@@ -31,6 +31,8 @@ class Request:
     """Who it is accounted to (quota_config.QuotaSettings.tenant_of its API key): quotas and fair shares."""
     priority: Priority = "interactive"
     """The class it asks for; a batch tenant's requests are batch whatever they ask (Scheduler.submit)."""
+    constraint: TokenConstraint | None = None
+    """Its next-token rule (structured output: a core/grammar.py matcher, its own); None: free."""
 
 
 

@@ -135,7 +135,7 @@ class Scheduler:
                 self._quotas.ended(tenant, adapter, waiting=True)
                 raise
             seq = self.engine.add_sequence(request.prompt_ids, request.sampling, version=lease.version,
-                                           cache_salt=request.cache_salt)
+                                           cache_salt=request.cache_salt, constraint=request.constraint)
             stream = RequestStream(self, lease, loop)
             batch = "batch" in (request.priority, self._quotas.settings.limits_of(tenant).priority)
             key = self._waiting.key("batch" if batch else "interactive", tenant, adapter)
@@ -150,7 +150,8 @@ class Scheduler:
         """What the engine serves, for read-outs (ServerInfo, prompt limits); fixed at start-up."""
         engine = self.engine
         return EngineFacts(engine.spec.model_type, engine.spec.vocab_size, engine.max_model_len, engine.num_slots,
-                           engine.config.max_rank, engine.cache.block_size, engine.cache.num_blocks)
+                           engine.config.max_rank, engine.cache.block_size, engine.cache.num_blocks,
+                           tuple(engine.spec.eos_token_ids))
 
     def kv_blocks(self) -> tuple[int, int]:
         """(blocks held by sequences, blocks in the pool) of the KV cache, now (any thread; approximate)."""

@@ -11,7 +11,9 @@ calls its steps in this order, so a request with several faults is refused for t
   4. `prompt_ids`: at least one token, room left in max_model_len, ids in the vocabulary, and prompt plus
      max_new_tokens within the whole KV pool;
   5. `cache_salt`: at most MAX_CACHE_SALT_CHARS characters;
-  6. `priority`: unset, "interactive" or "batch".
+  6. `priority`: unset, "interactive" or "batch";
+  7. `constraint`: the call's (or the adapter's default) constraint compiles (core/grammar.py), on a model
+     with a tokenizer; the compiled grammar's matcher goes into the Request.
 The engine still asserts its own contracts (Engine.add_sequence, SamplingParams) with ValueError; a checked
 request never trips them.
 """
@@ -25,8 +27,9 @@ from transformers import PreTrainedTokenizerBase
 from loraplex.adapters.reference import AdapterReference
 from loraplex.server.core.adapter_runtime.leases import BASE_MODEL, BASE_REFERENCE
 from loraplex.server.core.adapter_runtime.state import checked_reference
-from loraplex.server.core.calls import ChatMessage, EngineFacts, GenerateCall
+from loraplex.server.core.calls import ChatMessage, Constraint, EngineFacts, GenerateCall
 from loraplex.server.core.errors import InvalidRequest
+from loraplex.server.core.grammar import GrammarMatcher, Grammars
 from loraplex.server.core.quota_config import PRIORITIES, Priority
 from loraplex.server.core.requests import RequestLimits
 from loraplex.server.engine import InvalidSamplingParameter, SamplingParams
@@ -93,7 +96,8 @@ class RequestChecks:
             raise InvalidRequest("stop_token_ids", f"token ids must lie in [0, {vocab_size})")
         try:
             return SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=call.stop_token_ids,
-                                  ignore_eos=call.ignore_eos, top_logprobs=call.top_logprobs, **call.sampling)
+                                  ignore_eos=call.ignore_eos, top_logprobs=call.top_logprobs,
+                                  prompt_logprobs=call.prompt_logprobs, **call.sampling)
         except InvalidSamplingParameter as error:
             raise InvalidRequest(error.field, str(error)) from None
 
@@ -129,3 +133,13 @@ class RequestChecks:
         if call.priority not in PRIORITIES:
             raise InvalidRequest("priority", f"{call.priority!r} is not one of {', '.join(PRIORITIES)}")
         return call.priority
+
+    def constraint(self, constraint: Constraint | None, grammars: Grammars | None) -> GrammarMatcher | None:
+        """A matcher for `constraint` (the call's, or the adapter's default; None: free generation);
+        InvalidRequest("constraint") when the model has no tokenizer (`grammars` None) or it does not compile,
+        naming the problem. Compiling can take tens of milliseconds: call it off the event loop."""
+        if constraint is None:
+            return None
+        if grammars is None:
+            raise InvalidRequest("constraint", "this model folder has no tokenizer, which constraints need")
+        return grammars.matcher(constraint)

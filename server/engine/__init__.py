@@ -9,8 +9,10 @@ from loraplex.server.engine.sequence import (
     MAX_TOP_LOGPROBS,
     FinishReason,
     InvalidSamplingParameter,
+    PromptLogprob,
     SamplingParams,
     SequenceState,
+    TokenConstraint,
     TokenEvent,
 )
 from loraplex.server.engine.spec import ModelSpec
@@ -22,7 +24,9 @@ __all__ = [
     "FinishReason",
     "InvalidSamplingParameter",
     "ModelSpec",
+    "PromptLogprob",
     "SamplingParams",
     "SequenceState",
+    "TokenConstraint",
     "TokenEvent",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal
 
 import torch
@@ -22,7 +23,14 @@ from loraplex.server.engine.lora import NO_ADAPTER, LoraBatch, lora_grouped, lor
 from loraplex.server.engine.model import DecoderModel, LoraWeights, StepMetadata
 from loraplex.server.engine.prefix_cache import BlockChain, chain_root
 from loraplex.server.engine.sampling import sample
-from loraplex.server.engine.sequence import FinishReason, SamplingParams, SequenceState, TokenEvent
+from loraplex.server.engine.sequence import (
+    FinishReason,
+    PromptLogprob,
+    SamplingParams,
+    SequenceState,
+    TokenConstraint,
+    TokenEvent,
+)
 from loraplex.server.engine.spec import PROJECTIONS, ModelSpec
 
 LORA_OPS = {"grouped": lora_grouped, "reference": lora_reference, "cpu_kernel": lora_cpu.lora_cpu}
@@ -119,6 +127,8 @@ class Engine:
         self.slot_ranks = [0] * self.num_slots
         self._windows = set(spec.sliding_windows)
         self._seq_ids: Iterator[int] = itertools.count()
+        self._masks = ThreadPoolExecutor(1, thread_name_prefix="loraplex-masks")
+        """Fills constrained rows' bitmasks while the forward pass runs."""
 
     def _fused_nf4(self, spec: ModelSpec) -> bool:
         """Whether the base projections use the fused NF4 kernel (config.nf4_kernel; see EngineConfig)."""
@@ -158,8 +168,10 @@ class Engine:
     # -- sequences -------------------------------------------------------------------------------
 
     def add_sequence(self, prompt_ids: Sequence[int], sampling: SamplingParams, slot: int = NO_ADAPTER,
-                     version: str | None = None, cache_salt: str = "") -> SequenceState:
-        """A new sequence (nothing is computed or allocated until it is stepped or `reuse_prefix`).
+                     version: str | None = None, cache_salt: str = "",
+                     constraint: TokenConstraint | None = None) -> SequenceState:
+        """A new sequence (nothing is computed or allocated until it is stepped or `reuse_prefix`), its next
+        tokens limited by `constraint` when given.
 
         `version` is the content digest of the adapter it runs with ("" for the base model): with it (and
         config.prefix_cache), the sequence's full blocks are cached under (base digest, version,
@@ -181,15 +193,17 @@ class Engine:
         chain = None
         if version is not None and self.config.prefix_cache:
             chain = BlockChain(chain_root(self.base_digest, version, cache_salt), self.cache.block_size)
-        return SequenceState(next(self._seq_ids), list(prompt_ids), sampling, slot, generator=generator, chain=chain)
+        return SequenceState(next(self._seq_ids), list(prompt_ids), sampling, slot, generator=generator, chain=chain,
+                             constraint=constraint)
 
     def reuse_prefix(self, seq: SequenceState) -> int:
         """Start a sequence that holds no blocks from the longest chain of cached blocks matching its leading
         full blocks (never its last token, whose logits the next step needs): it holds them as its own
-        computed tokens until released. Returns the tokens reused (0 outside the prefix cache)."""
+        computed tokens until released. Returns the tokens reused (0 outside the prefix cache, and for a
+        sequence that asks for prompt logprobs: cached blocks come without logits)."""
         if seq.block_table or seq.num_computed:
             raise ValueError(f"sequence {seq.seq_id} has started: only a sequence without blocks reuses a prefix")
-        if seq.chain is None:
+        if seq.chain is None or seq.sampling.prompt_logprobs:
             return 0
         token_ids, blocks = seq.token_ids, []
         for index in range((seq.num_tokens - 1) // self.cache.block_size):
@@ -214,8 +228,10 @@ class Engine:
         """Run `count` pending tokens of each (sequence, count) through the model in one forward pass.
 
         A sequence whose pending tokens are all computed by this step gets its next token sampled and
-        reported; a partial prefill chunk reports nothing. Blocks this step fills are offered to the prefix
-        cache; finished sequences release their KV blocks.
+        reported; a partial prefill chunk reports nothing. Constrained sequences' bitmasks are filled on the
+        mask thread during the forward pass. Prompt positions of sequences that ask for prompt logprobs get
+        their logits computed too (only theirs). Blocks this step fills are offered to the prefix cache;
+        finished sequences release their KV blocks.
         Raises OutOfBlocks (changing nothing) when the cache cannot hold the step.
         """
         self._reserve_blocks(batch)
@@ -225,8 +241,11 @@ class Engine:
         attention_seqs: list[tuple[int, int, list[int]]] = []
         logits_index: list[int] = []
         sampled: list[SequenceState] = []
+        prompt_index: list[int] = []
+        prompt_rows: list[tuple[SequenceState, int, int]] = []  # (seq, first position, positions)
         for seq, count in batch:
             start = seq.num_computed
+            first = len(token_ids)
             token_ids.extend(seq.token_ids[start:start + count])
             positions.extend(range(start, start + count))
             slot_ids.extend([seq.slot] * count)
@@ -234,6 +253,13 @@ class Engine:
             if start + count == seq.num_tokens:
                 logits_index.append(len(token_ids) - 1)
                 sampled.append(seq)
+            if seq.sampling.prompt_logprobs:  # position p predicts prompt token p + 1
+                begin = max(start, len(seq.prompt_logprobs))
+                end = min(start + count, len(seq.prompt_ids) - 1)
+                if begin < end:
+                    prompt_index.extend(range(first + begin - start, first + end - start))
+                    prompt_rows.append((seq, begin, end - begin))
+        masks = self._fill_masks(sampled)
         device = self.device
         position_tensor = torch.tensor(positions, device=device)
         cos, sin = self.model.rotary(position_tensor)
@@ -241,24 +267,62 @@ class Engine:
             cos=cos, sin=sin,
             attention=AttentionBatch.build(attention_seqs, self._windows, device),
             lora=LoraBatch.build(slot_ids, self.slot_ranks, device),
-            logits_index=torch.tensor(logits_index, dtype=torch.long, device=device),
+            logits_index=torch.tensor(logits_index + prompt_index, dtype=torch.long, device=device),
         )
-        logits = self.model(torch.tensor(token_ids, device=device), meta, self.cache)  # [len(sampled), vocab]
+        logits = self.model(torch.tensor(token_ids, device=device), meta, self.cache)  # [outputs, vocab]
+        self._record_prompt_logprobs(prompt_rows, logits[len(sampled):])
         for seq, count in batch:
             self._register_full_blocks(seq, seq.num_computed + count)
             seq.num_computed += count
         if not sampled:
             return []
-        chosen = sample(logits, sampled)
+        chosen = sample(logits[:len(sampled)], sampled, masks.result() if masks is not None else None)
         events = []
         for seq, token, logprob, top in zip(sampled, chosen.tokens, chosen.logprobs, chosen.top_logprobs,
                                             strict=True):
+            prompt_logprobs = None
+            if seq.sampling.prompt_logprobs and not seq.output_ids:
+                prompt_logprobs = tuple(seq.prompt_logprobs)
             seq.output_ids.append(token)
+            if seq.constraint is not None:
+                seq.constraint.advance(token)
             seq.finish_reason = self._finish_reason(seq, token)
             if seq.finished:
                 self.release(seq)
-            events.append(TokenEvent(seq.seq_id, token, logprob, seq.finish_reason, top))
+            events.append(TokenEvent(seq.seq_id, token, logprob, seq.finish_reason, top, prompt_logprobs))
         return events
+
+    def _fill_masks(self, sampled: list[SequenceState]) -> Future[tuple[list[int], torch.Tensor]] | None:
+        """The bitmasks of the constrained rows of `sampled` (rows, [rows, ceil(vocab / 32)] int32), being
+        filled on the mask thread; None when no row is constrained."""
+        rows = [row for row, seq in enumerate(sampled) if seq.constraint is not None]
+        if not rows:
+            return None
+
+        def fill() -> tuple[list[int], torch.Tensor]:
+            bitmask = torch.zeros(len(rows), (self.spec.vocab_size + 31) // 32, dtype=torch.int32)
+            for index, row in enumerate(rows):
+                sampled[row].constraint.fill_bitmask(bitmask, index)
+            return rows, bitmask
+
+        return self._masks.submit(fill)
+
+    @staticmethod
+    def _record_prompt_logprobs(prompt_rows: list[tuple[SequenceState, int, int]], logits: torch.Tensor) -> None:
+        """logits: [sum of counts, vocab], the rows' prompt positions in order: each position p's logprob of
+        prompt token p + 1 (and its top_logprobs alternatives), appended to the sequence's prompt_logprobs."""
+        offset = 0
+        for seq, begin, count in prompt_rows:
+            logprobs = torch.log_softmax(logits[offset:offset + count], dim=-1)  # [count, vocab]
+            offset += count
+            targets = torch.tensor(seq.prompt_ids[begin + 1:begin + 1 + count], device=logits.device)
+            chosen = logprobs.gather(1, targets[:, None]).squeeze(1).tolist()  # [count]
+            k = seq.sampling.top_logprobs
+            tops: list[tuple[tuple[int, float], ...]] = [()] * count
+            if k:
+                values, ids = torch.topk(logprobs, k, dim=-1)  # [count, k]
+                tops = [tuple(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+            seq.prompt_logprobs.extend(PromptLogprob(lp, top) for lp, top in zip(chosen, tops, strict=True))
 
     def _reserve_blocks(self, batch: Sequence[tuple[SequenceState, int]]) -> None:
         needed = 0
@@ -284,6 +348,8 @@ class Engine:
 
     def _finish_reason(self, seq: SequenceState, token: int) -> FinishReason | None:
         params = seq.sampling
+        if seq.constraint is not None and seq.constraint.terminated:
+            return FinishReason.STOP
         if token in params.stop_token_ids or (not params.ignore_eos and token in self.spec.eos_token_ids):
             return FinishReason.STOP
         if len(seq.output_ids) >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:

@@ -103,20 +103,35 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     return torch.searchsorted(cumulative, threshold, right=True).clamp_(max=probs.numel() - 1)[0]
 
 
-def sample(logits: torch.Tensor, seqs: Sequence[SequenceState]) -> Sampled:
+def allowed_tokens(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """bitmask: [rows, ceil(vocab / 32)] int32 (bit j of word i: token 32 * i + j) -> [rows, vocab] bool."""
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)  # [32]
+    return ((bitmask[:, :, None] >> bits) & 1).bool().reshape(bitmask.shape[0], -1)[:, :vocab]
+
+
+def sample(logits: torch.Tensor, seqs: Sequence[SequenceState],
+           bitmask: tuple[list[int], torch.Tensor] | None = None) -> Sampled:
     """logits: [rows, vocab] float32, row i being the next-token logits of seqs[i] -> the chosen tokens.
 
-    The logits used for choosing get, in order: the repetition penalty (over prompt and output), the
-    presence and frequency penalties (over the output only), then, for sampled rows, temperature,
-    top-k and top-p. Greedy rows take the argmax of the penalized logits; the others sample with
+    `bitmask` (rows, [len(rows), ceil(vocab / 32)] int32): the constrained rows and their allowed tokens
+    (TokenConstraint.fill_bitmask); their disallowed tokens get -inf before anything else, other rows are
+    untouched. The logits used for choosing then get, in order: the repetition penalty (over prompt and
+    output), the presence and frequency penalties (over the output only), then, for sampled rows,
+    temperature, top-k and top-p. Greedy rows take the argmax of the penalized logits; the others sample with
     their own generator, so a seeded row's draw does not depend on the other rows of the batch.
     Reported log-probabilities (chosen and top alternatives) are those of the unprocessed logits.
     `seqs` is only read.
     """
     params = [s.sampling for s in seqs]
     logprobs = torch.log_softmax(logits, dim=-1)  # [rows, vocab]
+    penalized = logits.clone()
+    if bitmask is not None:
+        rows, bits = bitmask
+        index = torch.tensor(rows, device=logits.device)
+        allowed = allowed_tokens(bits.to(logits.device), logits.shape[1])  # [constrained rows, vocab]
+        penalized[index] = penalized[index].masked_fill(~allowed, float("-inf"))
     penalized = apply_repetition_penalty(
-        logits.clone(), [s.token_ids if s.sampling.repetition_penalty != 1.0 else [] for s in seqs],
+        penalized, [s.token_ids if s.sampling.repetition_penalty != 1.0 else [] for s in seqs],
         [p.repetition_penalty for p in params])
     penalized = apply_presence_frequency_penalties(
         penalized, [s.output_ids for s in seqs], [p.presence_penalty for p in params],

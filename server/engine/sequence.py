@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -47,6 +48,10 @@ class SamplingParams:
     """Same seed, same prompt, same adapter -> same output, whatever else is in the batch."""
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    prompt_logprobs: bool = False
+    """Also report the log-probability of every prompt token after the first (and the top_logprobs most
+    likely alternatives at each position), computed during prefill; such a sequence never starts from the
+    prefix cache, whose blocks hold no logits."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -75,6 +80,32 @@ class FinishReason(enum.Enum):
     """max_new_tokens or the model's context length was reached."""
 
 
+class TokenConstraint(Protocol):
+    """A per-sequence rule over the next token, in token ids only (server/core/grammar.py implements it with
+    a grammar matcher). The engine asks for the allowed set before each sample of the sequence, possibly on
+    another thread while the forward pass runs, then tells it the chosen token."""
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """bitmask: [rows, ceil(vocab / 32)] int32; set row `row`: bit j of word i is 1 iff token 32 * i + j
+        may come next (every other row is left alone)."""
+
+    def advance(self, token_id: int) -> None:
+        """The sequence took `token_id` (one the last bitmask allowed)."""
+
+    @property
+    def terminated(self) -> bool:
+        """Whether the rule is complete and allows nothing more: the sequence then stops (STOP)."""
+
+
+@dataclass(frozen=True)
+class PromptLogprob:
+    """The log-probability of one prompt token given those before it, with the most likely alternatives."""
+
+    logprob: float
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    """(token id, logprob) pairs, most likely first; as many as the sampling's top_logprobs."""
+
+
 @dataclass(frozen=True)
 class TokenEvent:
     """One generated token of one sequence."""
@@ -87,6 +118,9 @@ class TokenEvent:
     top_logprobs: tuple[tuple[int, float], ...] = ()
     """The sampling's `top_logprobs` most likely (token id, logprob) pairs of this step's unprocessed
     distribution, most likely first; empty when it asked for none."""
+    prompt_logprobs: tuple[PromptLogprob, ...] | None = None
+    """On a sequence's first event when its sampling asked (prompt_logprobs): one entry per prompt token
+    after the first (the first has no context to be predicted from); None otherwise."""
 
 
 @dataclass(eq=False)
@@ -106,6 +140,10 @@ class SequenceState:
     generator: torch.Generator | None = None
     chain: BlockChain | None = None
     """Keys of its full blocks in the prefix cache; None keeps it out of the cache (nothing reused or offered)."""
+    constraint: TokenConstraint | None = None
+    """Which tokens it may take next (structured output); None: any."""
+    prompt_logprobs: list[PromptLogprob] = field(default_factory=list)
+    """Filled during prefill when sampling.prompt_logprobs: entry i for prompt token i + 1."""
 
     @property
     def token_ids(self) -> list[int]:

@@ -9,10 +9,11 @@ and the options only HTTP has (n, stop, stream_options, top_logprobs needing log
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from loraplex.server.core.calls import ChatMessage, GenerateCall
+from loraplex.server.core.calls import ChatMessage, Constraint, GenerateCall
 from loraplex.server.core.errors import InvalidRequest
 from loraplex.server.engine import MAX_TOP_LOGPROBS
 
@@ -24,6 +25,8 @@ CHAT_PARAMS = {**COMPLETIONS_PARAMS, "prompt": "messages"}
 """GenerateCall's field names as a chat body spells them (in errors' `param`)."""
 ADMIN_PARAMS = {"name": "lora_name", "source": "lora_path"}
 """The admin calls' field names as vLLM's load/unload bodies spell them."""
+GUIDED_FIELDS = {"guided_json": "json_schema", "guided_regex": "regex", "guided_grammar": "grammar"}
+"""vLLM's extra body fields -> the Constraint kind each asks for (guided_json: a schema object or its JSON text)."""
 SERVICE_TIERS = {"auto": None, "default": None, "priority": "interactive", "flex": "batch"}
 """OpenAI's service_tier -> GenerateCall.priority: "flex" (slower, cheaper) is the batch class, "priority" asks
 for interactive; unset, "auto" and "default" take the tenant's class."""
@@ -41,18 +44,40 @@ class Answer:
     model: str
     stream: bool
     include_usage: bool
+    echo: bool = False
+    """Completions' `echo`: each choice starts with its prompt (and, with logprobs, the prompt's logprobs)."""
+    prompt_only: bool = False
+    """`echo` with max_tokens 0: the prompt alone (one token is generated and dropped)."""
 
 
 def decode_completions(body: dict) -> Answer:
-    """The Answer to a POST /v1/completions body."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str) and not (
-            isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
-        raise InvalidRequest("prompt", "must be a string, or a list of token ids")
+    """The Answer to a POST /v1/completions body: `n` choices per prompt (a string, token ids, or a list of
+    either), in prompt order. `echo` starts each choice with its prompt; with `logprobs`, the prompt tokens'
+    logprobs come first in the choice's logprobs (the first prompt token's is null), computed in prefill;
+    `max_tokens` 0 is allowed with `echo` (the prompt alone)."""
+    prompts = _prompts(body.get("prompt"))
     top = _optional_int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
-    return _decode(body, prompt, COMPLETIONS_PARAMS, chat=False, logprobs=top is not None, top_logprobs=top or 0)
+    echo = _flag(body, "echo")
+    prompt_only = echo and body.get("max_tokens") == 0
+    if prompt_only:
+        body = {**body, "max_tokens": 1}
+    answers = [_decode(body, prompt, COMPLETIONS_PARAMS, chat=False, logprobs=top is not None, top_logprobs=top or 0)
+               for prompt in prompts]
+    calls = [replace(call, prompt_logprobs=echo and (top is not None or not isinstance(call.prompt, str)))
+             for answer in answers for call in answer.calls]
+    return replace(answers[0], calls=calls, echo=echo, prompt_only=prompt_only)
+
+
+def _prompts(prompt: object) -> list[str | list[int]]:
+    """A completions body's prompts: a string, token ids, or a non-empty list of either."""
+    def token_ids(value: object) -> bool:
+        return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+    if isinstance(prompt, str) or (token_ids(prompt) and prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or token_ids(p) for p in prompt):
+        return list(prompt)
+    raise InvalidRequest("prompt", "must be a string, a list of token ids, or a list of either")
 
 
 def decode_chat(body: dict) -> Answer:
@@ -93,16 +118,49 @@ def _decode(body: dict, prompt: str | list[int] | list[ChatMessage], params: Map
     tier = body.get("service_tier") or "auto"
     if not isinstance(tier, str) or tier not in SERVICE_TIERS:
         raise InvalidRequest("service_tier", f"must be one of {', '.join(map(repr, SERVICE_TIERS))}")
+    constraint, constraint_param = _constraint(body)
     call = GenerateCall(adapter=model, prompt=prompt, max_new_tokens=None if max_tokens is None else
                         _int(max_tokens, "max_tokens"), sampling=sampling, ignore_eos=_flag(body, "ignore_eos"),
                         logprobs=logprobs, top_logprobs=top_logprobs, cache_salt=cache_salt,
-                        priority=SERVICE_TIERS[tier])
+                        priority=SERVICE_TIERS[tier], constraint=constraint)
     calls = [replace(call, sampling={**sampling, "seed": (seed + i) % 2**64}) if seed is not None else call
              for i in range(n)]
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise InvalidRequest("stream_options", "must be an object")
-    return Answer(calls, params, stops, chat, model, _flag(body, "stream"), _flag(stream_options, "include_usage"))
+    return Answer(calls, {**params, "constraint": constraint_param}, stops, chat, model, _flag(body, "stream"),
+                  _flag(stream_options, "include_usage"))
+
+
+def _constraint(body: dict) -> tuple[Constraint | None, str]:
+    """The body's structured-output constraint and the field that set it: OpenAI's `response_format`
+    ({"type": "text"}, {"type": "json_object"}, {"type": "json_schema", "json_schema": {"name", "schema",
+    "strict"}}: the output follows the schema whether or not `strict` is set) or one of vLLM's GUIDED_FIELDS;
+    at most one. Whether it compiles is the core's check (field "constraint", renamed to this field)."""
+    given = [name for name in ("response_format", *GUIDED_FIELDS) if body.get(name) is not None]
+    if len(given) > 1:
+        raise InvalidRequest(given[1], f"set only one of {', '.join(given)}")
+    if not given:
+        return None, "response_format"
+    name, value = given[0], body[given[0]]
+    if name == "guided_json" and isinstance(value, dict):
+        return Constraint("json_schema", json.dumps(value)), name
+    if name in GUIDED_FIELDS:
+        if not isinstance(value, str) or not value:
+            raise InvalidRequest(name, "must be a non-empty string" + (" or a JSON schema object"
+                                                                       if name == "guided_json" else ""))
+        return Constraint(GUIDED_FIELDS[name], value), name
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None, name
+    if kind == "json_object":
+        return Constraint("json_object"), name
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise InvalidRequest(name, "json_schema needs {\"name\", \"schema\": {...}}")
+        return Constraint("json_schema", json.dumps(spec["schema"])), name
+    raise InvalidRequest(name, 'type must be "text", "json_object" or "json_schema"')
 
 
 def string_field(values: dict, name: str) -> str:

@@ -35,6 +35,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from loraplex.server.api.http.body import MAX_REQUEST_BYTES, read_json_body
+from loraplex.server.api.http.echo import echoed
 from loraplex.server.api.http.openai_request import (
     ADMIN_PARAMS,
     Answer,
@@ -145,6 +146,9 @@ class HttpShim:
         authorization = _authorization(request)
         choices = [pieces(self._backend.generate(authorization, call), answer.stops, answer.params)
                    for call in answer.calls]
+        if answer.echo:
+            choices = [echoed(choice, call.prompt if isinstance(call.prompt, str) else None, answer.prompt_only)
+                       for choice, call in zip(choices, answer.calls, strict=True)]
         try:  # refusals (unknown model, overload, bad parameter) surface here, before any byte is sent
             firsts = await asyncio.gather(*(anext(choice) for choice in choices))
         except BaseException:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from loraplex.v1 import tenants_pb2 as loraplex_dot_v1_dot_tenants__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraplex/v1/generation.proto\x12\x0bloraplex.v1\x1a\x19loraplex/v1/tenants.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xb8\x02\n\x12SamplingParameters\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\"n\n\x10StoppingCriteria\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x02 \x03(\r\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\x42\x11\n\x0f_max_new_tokens\"\xed\x02\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.loraplex.v1.TokenIdsH\x00\x12-\n\x08messages\x18\x08 \x01(\x0b\x32\x19.loraplex.v1.ChatMessagesH\x00\x12\x0c\n\x04\x63hat\x18\x04 \x01(\x08\x12\x31\n\x08sampling\x18\x05 \x01(\x0b\x32\x1f.loraplex.v1.SamplingParameters\x12/\n\x08stopping\x18\x06 \x01(\x0b\x32\x1d.loraplex.v1.StoppingCriteria\x12\x10\n\x08logprobs\x18\x07 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\t \x01(\r\x12\x12\n\ncache_salt\x18\n \x01(\t\x12\'\n\x08priority\x18\x10 \x01(\x0e\x32\x15.loraplex.v1.PriorityB\x07\n\x05input\"\x83\x01\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05piece\x18\x04 \x01(\t\x12/\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprobB\n\n\x08_logprob\":\n\x0cTokenLogprob\x12\n\n\x02id\x18\x01 \x01(\r\x12\r\n\x05piece\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\xb0\x01\n\nCompletion\x12\x30\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x18\n\x10generated_tokens\x18\x03 \x01(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x05 \x01(\t\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\"q\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\"\n\x06tokens\x18\x02 \x03(\x0b\x32\x12.loraplex.v1.Token\x12+\n\ncompletion\x18\x03 \x01(\x0b\x32\x17.loraplex.v1.Completion\"\x96\x01\n\x16GenerateStreamResponse\x12!\n\x05token\x18\x01 \x01(\x0b\x32\x12.loraplex.v1.Token\x12+\n\ncompletion\x18\x02 \x01(\x0b\x32\x17.loraplex.v1.Completion\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"\x13\n\x11ServerInfoRequest\"\x8c\x01\n\tBaseModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x15\n\rhas_tokenizer\x18\x05 \x01(\x08\x12\x19\n\x11has_chat_template\x18\x06 \x01(\x08\":\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\"\xa1\x01\n\x06Limits\x12\x1c\n\x14max_new_tokens_limit\x18\x01 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x02 \x01(\r\x12\x13\n\x0bmax_running\x18\x03 \x01(\r\x12\x13\n\x0bmax_waiting\x18\x04 \x01(\r\x12\x15\n\radapter_slots\x18\x05 \x01(\r\x12\x18\n\x10max_adapter_rank\x18\x06 \x01(\r\"\x87\x01\n\x08Versions\x12\x10\n\x08loraplex\x18\x01 \x01(\t\x12\x37\n\tlibraries\x18\x02 \x03(\x0b\x32$.loraplex.v1.Versions.LibrariesEntry\x1a\x30\n\x0eLibrariesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe4\x01\n\x12ServerInfoResponse\x12*\n\nbase_model\x18\x01 \x01(\x0b\x32\x16.loraplex.v1.BaseModel\x12*\n\x08\x61\x64\x61pters\x18\x02 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\x12#\n\x06limits\x18\x03 \x01(\x0b\x32\x13.loraplex.v1.Limits\x12\'\n\x08versions\x18\x04 \x01(\x0b\x32\x15.loraplex.v1.Versions\x12(\n\x06tenant\x18\x05 \x01(\x0b\x32\x18.loraplex.v1.QuotaStatus*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xfb\x01\n\nGeneration\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.loraplex.v1.GenerateRequest\x1a#.loraplex.v1.GenerateStreamResponse0\x01\x12M\n\nServerInfo\x12\x1e.loraplex.v1.ServerInfoRequest\x1a\x1f.loraplex.v1.ServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraplex/v1/generation.proto\x12\x0bloraplex.v1\x1a\x19loraplex/v1/tenants.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xb8\x02\n\x12SamplingParameters\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\"n\n\x10StoppingCriteria\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x02 \x03(\r\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\x42\x11\n\x0f_max_new_tokens\"\xe6\x03\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.loraplex.v1.TokenIdsH\x00\x12-\n\x08messages\x18\x08 \x01(\x0b\x32\x19.loraplex.v1.ChatMessagesH\x00\x12\x0c\n\x04\x63hat\x18\x04 \x01(\x08\x12\x31\n\x08sampling\x18\x05 \x01(\x0b\x32\x1f.loraplex.v1.SamplingParameters\x12/\n\x08stopping\x18\x06 \x01(\x0b\x32\x1d.loraplex.v1.StoppingCriteria\x12\x10\n\x08logprobs\x18\x07 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\t \x01(\r\x12\x12\n\ncache_salt\x18\n \x01(\t\x12\'\n\x08priority\x18\x10 \x01(\x0e\x32\x15.loraplex.v1.Priority\x12\x15\n\x0bjson_schema\x18\x14 \x01(\tH\x01\x12\x0f\n\x05regex\x18\x15 \x01(\tH\x01\x12\x11\n\x07grammar\x18\x16 \x01(\tH\x01\x12\x15\n\x0bjson_object\x18\x17 \x01(\x08H\x01\x12\x17\n\x0fprompt_logprobs\x18\x18 \x01(\x08\x42\x07\n\x05inputB\x0c\n\nconstraint\"\x83\x01\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05piece\x18\x04 \x01(\t\x12/\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprobB\n\n\x08_logprob\":\n\x0cTokenLogprob\x12\n\n\x02id\x18\x01 \x01(\r\x12\r\n\x05piece\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\xb0\x01\n\nCompletion\x12\x30\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x18\n\x10generated_tokens\x18\x03 \x01(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x05 \x01(\t\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\"\x9e\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\"\n\x06tokens\x18\x02 \x03(\x0b\x32\x12.loraplex.v1.Token\x12+\n\ncompletion\x18\x03 \x01(\x0b\x32\x17.loraplex.v1.Completion\x12+\n\x0fprompt_logprobs\x18\x04 \x03(\x0b\x32\x12.loraplex.v1.Token\"\xc3\x01\n\x16GenerateStreamResponse\x12!\n\x05token\x18\x01 \x01(\x0b\x32\x12.loraplex.v1.Token\x12+\n\ncompletion\x18\x02 \x01(\x0b\x32\x17.loraplex.v1.Completion\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12+\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x12.loraplex.v1.Token\"\x13\n\x11ServerInfoRequest\"\x8c\x01\n\tBaseModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x15\n\rhas_tokenizer\x18\x05 \x01(\x08\x12\x19\n\x11has_chat_template\x18\x06 \x01(\x08\":\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\"\xa1\x01\n\x06Limits\x12\x1c\n\x14max_new_tokens_limit\x18\x01 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x02 \x01(\r\x12\x13\n\x0bmax_running\x18\x03 \x01(\r\x12\x13\n\x0bmax_waiting\x18\x04 \x01(\r\x12\x15\n\radapter_slots\x18\x05 \x01(\r\x12\x18\n\x10max_adapter_rank\x18\x06 \x01(\r\"\x87\x01\n\x08Versions\x12\x10\n\x08loraplex\x18\x01 \x01(\t\x12\x37\n\tlibraries\x18\x02 \x03(\x0b\x32$.loraplex.v1.Versions.LibrariesEntry\x1a\x30\n\x0eLibrariesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe4\x01\n\x12ServerInfoResponse\x12*\n\nbase_model\x18\x01 \x01(\x0b\x32\x16.loraplex.v1.BaseModel\x12*\n\x08\x61\x64\x61pters\x18\x02 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\x12#\n\x06limits\x18\x03 \x01(\x0b\x32\x13.loraplex.v1.Limits\x12\'\n\x08versions\x18\x04 \x01(\x0b\x32\x15.loraplex.v1.Versions\x12(\n\x06tenant\x18\x05 \x01(\x0b\x32\x18.loraplex.v1.QuotaStatus*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xfb\x01\n\nGeneration\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.loraplex.v1.GenerateRequest\x1a#.loraplex.v1.GenerateStreamResponse0\x01\x12M\n\nServerInfo\x12\x1e.loraplex.v1.ServerInfoRequest\x1a\x1f.loraplex.v1.ServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VERSIONS_LIBRARIESENTRY']._loaded_options = None
   _globals['_VERSIONS_LIBRARIESENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2396
-  _globals['_FINISHREASON']._serialized_end=2491
+  _globals['_FINISHREASON']._serialized_start=2608
+  _globals['_FINISHREASON']._serialized_end=2703
   _globals['_TOKENIDS']._serialized_start=72
   _globals['_TOKENIDS']._serialized_end=95
   _globals['_SAMPLINGPARAMETERS']._serialized_start=98
@@ -47,31 +47,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STOPPINGCRITERIA']._serialized_start=518
   _globals['_STOPPINGCRITERIA']._serialized_end=628
   _globals['_GENERATEREQUEST']._serialized_start=631
-  _globals['_GENERATEREQUEST']._serialized_end=996
-  _globals['_TOKEN']._serialized_start=999
-  _globals['_TOKEN']._serialized_end=1130
-  _globals['_TOKENLOGPROB']._serialized_start=1132
-  _globals['_TOKENLOGPROB']._serialized_end=1190
-  _globals['_COMPLETION']._serialized_start=1193
-  _globals['_COMPLETION']._serialized_end=1369
-  _globals['_GENERATERESPONSE']._serialized_start=1371
-  _globals['_GENERATERESPONSE']._serialized_end=1484
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1487
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1637
-  _globals['_SERVERINFOREQUEST']._serialized_start=1639
-  _globals['_SERVERINFOREQUEST']._serialized_end=1658
-  _globals['_BASEMODEL']._serialized_start=1661
-  _globals['_BASEMODEL']._serialized_end=1801
-  _globals['_ADAPTERINFO']._serialized_start=1803
-  _globals['_ADAPTERINFO']._serialized_end=1861
-  _globals['_LIMITS']._serialized_start=1864
-  _globals['_LIMITS']._serialized_end=2025
-  _globals['_VERSIONS']._serialized_start=2028
-  _globals['_VERSIONS']._serialized_end=2163
-  _globals['_VERSIONS_LIBRARIESENTRY']._serialized_start=2115
-  _globals['_VERSIONS_LIBRARIESENTRY']._serialized_end=2163
-  _globals['_SERVERINFORESPONSE']._serialized_start=2166
-  _globals['_SERVERINFORESPONSE']._serialized_end=2394
-  _globals['_GENERATION']._serialized_start=2494
-  _globals['_GENERATION']._serialized_end=2745
+  _globals['_GENERATEREQUEST']._serialized_end=1117
+  _globals['_TOKEN']._serialized_start=1120
+  _globals['_TOKEN']._serialized_end=1251
+  _globals['_TOKENLOGPROB']._serialized_start=1253
+  _globals['_TOKENLOGPROB']._serialized_end=1311
+  _globals['_COMPLETION']._serialized_start=1314
+  _globals['_COMPLETION']._serialized_end=1490
+  _globals['_GENERATERESPONSE']._serialized_start=1493
+  _globals['_GENERATERESPONSE']._serialized_end=1651
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1654
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1849
+  _globals['_SERVERINFOREQUEST']._serialized_start=1851
+  _globals['_SERVERINFOREQUEST']._serialized_end=1870
+  _globals['_BASEMODEL']._serialized_start=1873
+  _globals['_BASEMODEL']._serialized_end=2013
+  _globals['_ADAPTERINFO']._serialized_start=2015
+  _globals['_ADAPTERINFO']._serialized_end=2073
+  _globals['_LIMITS']._serialized_start=2076
+  _globals['_LIMITS']._serialized_end=2237
+  _globals['_VERSIONS']._serialized_start=2240
+  _globals['_VERSIONS']._serialized_end=2375
+  _globals['_VERSIONS_LIBRARIESENTRY']._serialized_start=2327
+  _globals['_VERSIONS_LIBRARIESENTRY']._serialized_end=2375
+  _globals['_SERVERINFORESPONSE']._serialized_start=2378
+  _globals['_SERVERINFORESPONSE']._serialized_end=2606
+  _globals['_GENERATION']._serialized_start=2706
+  _globals['_GENERATION']._serialized_end=2957
 # @@protoc_insertion_point(module_scope)
