@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import openai
+import pytest
 
 from loraplex.adapters.identity import adapter_digest
 from loraplex.server.core.auth import ApiKey
@@ -107,3 +108,22 @@ def test_translator_refuses_a_taken_port():
         done = subprocess.run([LORAPLEX, "http-shim", "--host", "127.0.0.1", "--port", str(port)],
                               capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and f"cannot listen on 127.0.0.1:{port} (HTTP)" in done.stderr, done.stderr
+
+
+async def test_a_refusal_over_a_quota_keeps_its_retry_after_through_the_translator(serving_model):
+    quotas = {"tenants": {"user": {"tokens_per_minute": 60, "burst_tokens": 10}}}  # 1 token/s, 10 at most
+    async with serving(serving_model, api_keys=KEYS, quotas=quotas) as (app, _):
+        process, url = await asyncio.to_thread(start_translator, app.port)
+        remote = openai.AsyncOpenAI(base_url=url, api_key=USER, max_retries=0)
+        try:
+            spent = await remote.completions.create(model="a_r4_qv", prompt="hello world", max_tokens=12,
+                                                    extra_body={"ignore_eos": True})
+            with pytest.raises(openai.RateLimitError) as refused:
+                await remote.completions.create(model="a_r4_qv", prompt="hello world", max_tokens=2)
+        finally:
+            await remote.close()
+            process.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(process.wait, 30)
+    assert spent.usage.completion_tokens == 12
+    assert refused.value.status_code == 429 and int(refused.value.response.headers["retry-after"]) >= 1
+    assert "tenant 'user' is over its tokens_per_minute of 60" in refused.value.body["message"]
