@@ -1,0 +1,96 @@
+"""Engine.step's per-row extras: token constraints (bitmasks applied to constrained rows only, in mixed-adapter
+batches) and prompt log-probabilities (full-prompt logits for the asking rows only, chunked prefill, no
+prefix-cache reuse), against solo runs and transformers' own logits."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from loraplex.server.engine import FinishReason, SamplingParams
+from loraplex.server.engine.lora import NO_ADAPTER
+from loraplex.server.engine.sampling import allowed_tokens
+from serving_support import generate_alone, make_engine
+from support import MIXED_ADAPTERS, write_adapter, write_tiny_model
+
+
+class EvenTokens:
+    """A TokenConstraint: only even token ids below `limit`, terminated after `length` tokens."""
+
+    def __init__(self, limit: int, length: int) -> None:
+        self.limit, self.length, self.taken = limit, length, []
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        allowed = torch.zeros(bitmask.shape[1] * 32, dtype=torch.bool)
+        allowed[0:self.limit:2] = True
+        words = allowed.view(-1, 32).to(torch.int64) << torch.arange(32)  # [words, 32]
+        bitmask[row] = words.sum(-1).to(torch.int64).remainder(2**32).to(torch.uint32).view(torch.int32)
+
+    def advance(self, token_id: int) -> None:
+        self.taken.append(token_id)
+
+    @property
+    def terminated(self) -> bool:
+        return len(self.taken) >= self.length
+
+
+def test_allowed_tokens_unpacks_bits_in_order():
+    bitmask = torch.tensor([[0b101, -2**31], [0, 1]], dtype=torch.int32)  # [2 rows, 2 words]
+    allowed = allowed_tokens(bitmask, 64)
+    assert allowed.shape == (2, 64) and allowed[0].nonzero().flatten().tolist() == [0, 2, 63]
+    assert allowed[1].nonzero().flatten().tolist() == [32]
+    assert allowed_tokens(bitmask, 40)[0].nonzero().flatten().tolist() == [0, 2]  # beyond the vocabulary: cut
+
+
+def test_constrained_rows_keep_their_rule_and_free_rows_get_their_solo_tokens(tmp_path):
+    base = write_tiny_model("llama", tmp_path / "base")
+    adapters = {s.name: write_adapter(base, s, tmp_path / s.name, seed=10 + i) for i, s in enumerate(MIXED_ADAPTERS)}
+    engine = make_engine(base, adapters, prefix_cache=False)
+    names = ["", *adapters]
+    prompts = [[(7 * i + j) % 96 for j in range(5 + 3 * i)] for i in range(len(names))]
+    free_params = [SamplingParams(max_new_tokens=8, ignore_eos=True,
+                                  **({"temperature": 0.9, "seed": i} if i % 2 else {})) for i in range(len(names))]
+    alone = [generate_alone(engine, adapters, p, name, s) for p, name, s in zip(prompts, names, free_params,
+                                                                                strict=True)]
+    seqs, rules = [], []
+    for i, (prompt, name) in enumerate(zip(prompts, names, strict=True)):
+        slot = NO_ADAPTER if name == "" else list(adapters).index(name)
+        seqs.append(engine.add_sequence(prompt, free_params[i], slot))
+        rule = EvenTokens(limit=20, length=5)
+        rules.append(rule)
+        seqs.append(engine.add_sequence(prompt[::-1], SamplingParams(max_new_tokens=8, temperature=1.0, seed=i),
+                                        slot, constraint=rule))
+    running = list(seqs)
+    while running:
+        engine.step([(seq, seq.num_pending) for seq in running])
+        running = [seq for seq in running if not seq.finished]
+    assert [seqs[2 * i].output_ids for i in range(len(names))] == alone
+    for rule, seq in zip(rules, seqs[1::2], strict=True):
+        assert seq.output_ids == rule.taken and len(seq.output_ids) == 5 and seq.finish_reason == FinishReason.STOP
+        assert all(token < 20 and token % 2 == 0 for token in seq.output_ids)
+
+
+def test_prompt_logprobs_match_transformers_and_skip_the_prefix_cache(tmp_path):
+    base = write_tiny_model("qwen2", tmp_path / "base")
+    engine = make_engine(base, quantize=False)
+    reference = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    prompt = [(11 * j + 3) % 96 for j in range(23)]
+    with torch.no_grad():
+        logits = reference(torch.tensor([prompt])).logits[0]  # [len(prompt), vocab]
+    expected = torch.log_softmax(logits, -1)[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+    engine.generate([prompt], SamplingParams(max_new_tokens=1), versions=[""])  # its blocks are cached now
+    params = SamplingParams(max_new_tokens=2, prompt_logprobs=True, top_logprobs=2)
+    seq = engine.add_sequence(prompt, params, version="")
+    assert engine.reuse_prefix(seq) == 0
+    free = engine.add_sequence(prompt[:9], SamplingParams(max_new_tokens=2))
+    events = []
+    for chunk in (7, 10, 6):  # chunked prefill next to a row that asks for nothing
+        events += engine.step([(seq, chunk)] + ([(free, free.num_pending)] if not free.finished else []))
+    first = next(e for e in events if e.seq_id == seq.seq_id)
+    got = torch.tensor([entry.logprob for entry in first.prompt_logprobs])
+    assert len(first.prompt_logprobs) == len(prompt) - 1
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert all(len(entry.top_logprobs) == 2 for entry in first.prompt_logprobs)
+    assert all(e.prompt_logprobs is None for e in events if e.seq_id == free.seq_id)
+    later = engine.step([(seq, 1)])
+    assert later[0].prompt_logprobs is None
