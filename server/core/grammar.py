@@ -89,8 +89,8 @@ class Grammars:
     def _compile(self, constraint: Constraint) -> xgrammar.CompiledGrammar:
         kind, value, compiler = constraint.kind, constraint.value, self._compiler_now()
         try:
-            if kind == "json_object":
-                return compiler.compile_builtin_json_grammar()
+            if kind == "json_object":  # the builtin JSON grammar takes any JSON value, not only objects
+                return compiler.compile_json_schema({"type": "object"}, any_whitespace=False)
             if kind == "json_schema":
                 schema = json.loads(value)
                 if not isinstance(schema, dict):
