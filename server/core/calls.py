@@ -33,9 +33,31 @@ class Constraint:
 
 
 @dataclass(frozen=True)
+class Tool:
+    """A function the model may call (OpenAI's tools[].function): `parameters` is its arguments' JSON
+    schema as JSON text."""
+
+    name: str
+    description: str = ""
+    parameters: str = "{}"
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One call of a tool: its name and the arguments as JSON text (an object)."""
+
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class ChatMessage:
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    """An assistant message's calls (core/tools.py renders them)."""
+    tool_call_id: str | None = None
+    """A "tool" message: the call it answers."""
 
 
 
@@ -69,6 +91,8 @@ class GenerateCall:
     default constraint (its card's), if any, else generation is free."""
     prompt_logprobs: bool = False
     """Also report every prompt token's log-probability (GeneratedToken.prompt_logprobs, first token)."""
+    tools: tuple[Tool, ...] = ()
+    """Functions a conversation's model may call, rendered into the prompt (core/tools.py)."""
 
 
 

@@ -37,6 +37,7 @@ from loraplex.server.core.calls import (
     ModelList,
     ServerFacts,
     StopGeneration,
+    Tool,
 )
 from loraplex.server.core.detokenizer import IncrementalDetokenizer
 from loraplex.server.core.errors import AdapterNotFound, GenerationFailed, Overloaded, RequestError
@@ -44,6 +45,7 @@ from loraplex.server.core.grammar import Grammars
 from loraplex.server.core.metrics import REFUSED_LABEL, UNKNOWN_LABEL, ServerMetrics
 from loraplex.server.core.requests import Request, RequestLimits, RequestStream
 from loraplex.server.core.scheduler import Scheduler
+from loraplex.server.core.tools import conversation, function_spec, template_knows_tools
 from loraplex.server.core.validation import Prompt, RequestChecks
 from loraplex.server.engine import PromptLogprob, TokenEvent
 
@@ -100,7 +102,7 @@ class GenerationCore:
                 principal = self.authorize(authorization)
                 reference = self.checks.adapter(adapter)
                 principal.require_adapter(reference.name)
-                prompt_ids = await self.prompt_ids(self.checks.prompt(call, self.tokenizer))
+                prompt_ids = await self.prompt_ids(self.checks.prompt(call, self.tokenizer), call.tools)
                 sampling = self.checks.sampling(call)
                 self.checks.prompt_ids(prompt_ids, sampling)
                 cache_salt, priority = self.checks.cache_salt(call), self.checks.priority(call)
@@ -230,18 +232,20 @@ class GenerationCore:
             removed, _ = await adapters.run_admin(adapters.unload, name)
         return list(removed)
 
-    async def prompt_ids(self, prompt: Prompt) -> list[int]:
+    async def prompt_ids(self, prompt: Prompt, tools: tuple[Tool, ...] = ()) -> list[int]:
         """The token ids of a checked prompt (RequestChecks.prompt): ids as given, text tokenized, a
-        conversation through the chat template; on the core's tokenizer threads, so a long prompt delays no
-        other request."""
+        conversation through the chat template (with `tools` as core/tools.py renders them); on the core's
+        tokenizer threads, so a long prompt delays no other request."""
         tokenizer = self.tokenizer
         if isinstance(prompt, str):
             return await self._off_loop(lambda: tokenizer(prompt)["input_ids"])
         if not isinstance(prompt[0], ChatMessage):
             return prompt
-        conversation = [{"role": m.role, "content": m.content} for m in prompt]
+        native = template_knows_tools(tokenizer.chat_template)
+        messages = conversation(prompt, tools, native)
+        options = {"tools": [function_spec(t) for t in tools]} if tools and native else {}
         return list(await self._off_loop(lambda: tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=True, return_dict=False)))
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False, **options)))
 
     async def _off_loop(self, work: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._tokenizing, work)

@@ -13,6 +13,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+from loraplex.server.api.http.tool_calls import NO_TOOLS, ToolUse, decode_message, decode_tools
 from loraplex.server.core.calls import ChatMessage, Constraint, GenerateCall
 from loraplex.server.core.errors import InvalidRequest
 from loraplex.server.engine import MAX_TOP_LOGPROBS
@@ -48,6 +49,8 @@ class Answer:
     """Completions' `echo`: each choice starts with its prompt (and, with logprobs, the prompt's logprobs)."""
     prompt_only: bool = False
     """`echo` with max_tokens 0: the prompt alone (one token is generated and dropped)."""
+    tool_use: ToolUse = NO_TOOLS
+    """Chat's tools and tool_choice (tool_calls.py)."""
 
 
 def decode_completions(body: dict) -> Answer:
@@ -83,16 +86,20 @@ def _prompts(prompt: object) -> list[str | list[int]]:
 def decode_chat(body: dict) -> Answer:
     """The Answer to a POST /v1/chat/completions body."""
     messages = body.get("messages")
-    if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages):
+    if not isinstance(messages, list):
         raise InvalidRequest("messages", "must be a list of {role, content} with string content")
+    prompt: list[ChatMessage] = [decode_message(m) for m in messages]
     logprobs = _flag(body, "logprobs")
     top = _optional_int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
     if top and not logprobs:
         raise InvalidRequest("top_logprobs", "needs logprobs: true")
-    prompt = [ChatMessage(m["role"], m["content"]) for m in messages]
-    return _decode(body, prompt, CHAT_PARAMS, chat=True, logprobs=logprobs, top_logprobs=top or 0)
+    tool_use = decode_tools(body)
+    answer = _decode(body, prompt, CHAT_PARAMS, chat=True, logprobs=logprobs, top_logprobs=top or 0)
+    if tool_use.constraint is not None and answer.calls[0].constraint is not None:
+        raise InvalidRequest("tool_choice", "a forced tool call cannot take response_format or guided_* too")
+    calls = [replace(call, tools=tool_use.tools, constraint=tool_use.constraint or call.constraint)
+             for call in answer.calls]
+    return replace(answer, calls=calls, tool_use=tool_use)
 
 
 def _decode(body: dict, prompt: str | list[int] | list[ChatMessage], params: Mapping[str, str], chat: bool,

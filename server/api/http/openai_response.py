@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse, Response
 
 from loraplex.server.api.http.openai_request import Answer
 from loraplex.server.api.http.stops import Piece
+from loraplex.server.api.http.tool_calls import rendered_reply
 from loraplex.server.core import errors
 from loraplex.server.core.errors import AdapterNotFound, InvalidRequest, RequestError
 
@@ -31,11 +32,13 @@ def render_choice(answer: Answer, index: int, piece: Piece, final: bool, offset:
     logprobs = _logprobs(answer, piece, offset) if answer.calls[index].logprobs else None
     if not answer.chat:
         return {"index": index, "text": piece.text, "finish_reason": piece.finish_reason, "logprobs": logprobs}
-    if final:
-        content = {"message": {"role": "assistant", "content": piece.text}}
-    else:
-        content = {"delta": {"content": piece.text} if piece.text else {}}
-    return {"index": index, **content, "logprobs": logprobs, "finish_reason": piece.finish_reason}
+    reason, fields = piece.finish_reason, {"content": piece.text}
+    if answer.tool_use.parse and reason is not None:  # a whole reply (tool_calls.whole when streamed)
+        fields, reason = rendered_reply(piece.text, answer.tool_use.tools, reason)
+        if not final and "tool_calls" in fields:
+            fields["tool_calls"] = [{"index": i, **call} for i, call in enumerate(fields["tool_calls"])]
+    content = {"message": {"role": "assistant", **fields}} if final else {"delta": fields if piece.text else {}}
+    return {"index": index, **content, "logprobs": logprobs, "finish_reason": reason}
 
 
 def _logprobs(answer: Answer, piece: Piece, offset: int) -> dict:

@@ -46,7 +46,7 @@ from loraplex.server.api.http.openai_request import (
 from loraplex.server.api.http.openai_response import bad_json, error_response, render_choice, usage
 from loraplex.server.api.http.plumbing import RequestIds
 from loraplex.server.api.http.stops import pieces
-from loraplex.server.api.http.streaming import events, joined, rest
+from loraplex.server.api.http.streaming import events, joined, rest, whole
 from loraplex.server.core.calls import GenerateCall, GeneratedToken, ModelList
 from loraplex.server.core.errors import InvalidRequest, RequestError
 
@@ -146,6 +146,8 @@ class HttpShim:
         authorization = _authorization(request)
         choices = [pieces(self._backend.generate(authorization, call), answer.stops, answer.params)
                    for call in answer.calls]
+        if answer.stream and answer.tool_use.parse:
+            choices = [whole(choice) for choice in choices]
         if answer.echo:
             choices = [echoed(choice, call.prompt if isinstance(call.prompt, str) else None, answer.prompt_only)
                        for choice, call in zip(choices, answer.calls, strict=True)]

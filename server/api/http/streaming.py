@@ -27,6 +27,12 @@ async def rest(first: Piece, choice: AsyncIterator[Piece]) -> list[Piece]:
     return pieces
 
 
+async def whole(choice: AsyncIterator[Piece]) -> AsyncIterator[Piece]:
+    """One choice as a single piece, when it ends (a streamed reply that may be a tool call)."""
+    first = await anext(choice)
+    yield joined(await rest(first, choice))
+
+
 def joined(pieces: Sequence[Piece]) -> Piece:
     last = pieces[-1]
     return Piece("".join(p.text for p in pieces), tuple(t for p in pieces for t in p.tokens), last.finish_reason,
