@@ -124,6 +124,12 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int)
     generate.add_argument("--top-p", type=float)
     generate.add_argument("--seed", type=int)
+    constraint = generate.add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", metavar="FILE_OR_JSON",
+                            help="constrain the output to this JSON schema (a file, or the JSON text itself)")
+    constraint.add_argument("--regex", help="constrain the output to match this regular expression")
+    constraint.add_argument("--grammar", metavar="FILE", type=Path, help="constrain the output to this EBNF grammar")
+    constraint.add_argument("--json-object", action="store_true", help="constrain the output to a JSON object")
     generate.set_defaults(run=_generate)
     info = verbs.add_parser("info", help="show the server's model, adapters, limits and versions (JSON)")
     info.set_defaults(run=_info)
@@ -204,7 +210,8 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
     for chunk in client.generate_stream(
         prompt, args.adapter, timeout=args.timeout, chat=args.token_ids is None and not args.raw,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed,
+        seed=args.seed, json_schema=_text_or_file(args.json_schema), regex=args.regex,
+        grammar=args.grammar.read_text() if args.grammar else None, json_object=args.json_object,
     ):
         print(chunk.text, end="", flush=True)
         completion = chunk.completion or completion
@@ -214,6 +221,13 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
         print(f"[{completion.finish_reason.value}: {completion.generated_tokens} tokens, "
               f"{completion.adapter or 'base model'}{version}]", file=sys.stderr)
     return 0
+
+
+def _text_or_file(value: str | None) -> str | None:
+    """A JSON schema given as text, or the text of the file it names."""
+    if value is None or value.lstrip().startswith("{"):
+        return value
+    return Path(value).read_text()
 
 
 def _info(client: Client, args: argparse.Namespace) -> int:

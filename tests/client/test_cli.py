@@ -95,6 +95,15 @@ def test_cli_generate_streams_the_text(serving_model, server):
     assert re.search(r"\[(stop|length): \d+ tokens, a_r4_qv@[0-9a-f]{12}\]", done.stderr)
 
 
+def test_cli_generate_passes_a_constraint_through(server):
+    done = run_cli("generate", "--server", server, "--raw", "--max-new-tokens", "12", "--temperature", "1",
+                   "--regex", "(hello|world)( fox)?", "the quick")
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"(hello|world)( fox)?(<eos>)?\n", done.stdout), done.stdout
+    done = run_cli("generate", "--server", server, "--raw", "--regex", "a(b", "the quick")
+    assert done.returncode == 1 and "INVALID_ARGUMENT: constraint: invalid regex" in done.stderr
+
+
 def test_cli_generate_token_ids_and_info(server):
     done = run_cli("generate", "--server", server, "--token-ids", "1", "2", "3", "--max-new-tokens", "3")
     assert done.returncode == 0, done.stderr
