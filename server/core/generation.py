@@ -25,6 +25,7 @@ from typing import TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
+from loraplex.adapters.reference import AdapterReference
 from loraplex.client.records import Completion, FinishReason, Token, TokenLogprob
 from loraplex.server.core.adapter_runtime.admin import request_errors
 from loraplex.server.core.adapter_runtime.manager import AdapterManager
@@ -32,6 +33,7 @@ from loraplex.server.core.auth import Authenticator, Principal, Scope
 from loraplex.server.core.calls import (
     AdapterFacts,
     ChatMessage,
+    Constraint,
     GenerateCall,
     GeneratedToken,
     ModelList,
@@ -106,7 +108,8 @@ class GenerationCore:
                 sampling = self.checks.sampling(call)
                 self.checks.prompt_ids(prompt_ids, sampling)
                 cache_salt, priority = self.checks.cache_salt(call), self.checks.priority(call)
-                constraint = await self._off_loop(lambda: self.checks.constraint(call.constraint, self.grammars))
+                constraint = await self._off_loop(lambda: self.checks.constraint(
+                    call.constraint or self._card_constraint(reference), self.grammars))
                 tenant = self.scheduler.tenant_of(principal.name)
                 stream = self._submit(Request(reference, prompt_ids, sampling, cache_salt, tenant, priority,
                                               constraint))
@@ -276,6 +279,11 @@ class GenerationCore:
         top = tuple(TokenLogprob(token_id, self._piece(token_id), logprob) for token_id, logprob in event.top_logprobs)
         return GeneratedToken(event.token_id, text, event.logprob if call.logprobs else None,
                               self._piece(event.token_id), top, completion)
+
+    def _card_constraint(self, reference: AdapterReference) -> Constraint | None:
+        """The default constraint of the adapter's card (adapter_runtime/cards.py), for a call that sets none."""
+        default = self.adapters.default_constraint(reference)
+        return None if default is None else Constraint(*default)
 
     def _prompt_tokens(self, prompt_ids: list[int], logprobs: tuple[PromptLogprob, ...] | None,
                        ) -> tuple[Token, ...] | None:

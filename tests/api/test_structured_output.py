@@ -15,6 +15,7 @@ import openai
 import pytest
 import pytest_asyncio
 
+from loraplex.adapters.validation import CARD_FILE
 from loraplex.client.client import AsyncClient
 from loraplex.client.codec import decode_constraint, encode_request, invalid_argument
 from loraplex.server.default_model import default_model_path
@@ -40,15 +41,20 @@ PROMPT = ("Extract the order as JSON.\nSentence: Omar Khan ordered 2 yoga mats, 
 SAMPLES = 50
 ORDERS = AdapterSpec("orders", 8, ("q_proj", "v_proj", "o_proj"))
 OTHER = AdapterSpec("other", 4, ("k_proj", "gate_proj"))
+EXTRACTOR = AdapterSpec("extractor", 4, ("q_proj", "v_proj"))
+"""Its card names ORDER_SCHEMA as its default constraint."""
 
 
 @pytest.fixture(scope="module")
 def smollm2_serving_model(tmp_path_factory):
-    """SmolLM2 and two random adapters on it: "orders" (standing in for the order-extraction adapter of
-    examples/order_extraction, which needs a training run) and "other"."""
+    """SmolLM2 and random adapters on it: "orders" (standing in for the order-extraction adapter of
+    examples/order_extraction, which needs a training run), "other", and "extractor" whose card sets
+    ORDER_SCHEMA as its default constraint."""
     base, root = default_model_path(), tmp_path_factory.mktemp("structured")
-    return base, {spec.name: write_adapter(base, spec, root / spec.name, seed=3 + i)
-                  for i, spec in enumerate((ORDERS, OTHER))}
+    adapters = {spec.name: write_adapter(base, spec, root / spec.name, seed=3 + i)
+                for i, spec in enumerate((ORDERS, OTHER, EXTRACTOR))}
+    (adapters["extractor"] / CARD_FILE).write_text(json.dumps({"default_constraint": {"json_schema": ORDER_SCHEMA}}))
+    return base, adapters
 
 
 def response_format(schema: dict) -> dict:
@@ -154,3 +160,15 @@ async def test_grpc_constraint_oneof_round_trips():
     assert decode_constraint(encode_request("x")) is None
     with pytest.raises(ValueError):
         encode_request("x", constraint=("xml", ""))
+
+
+async def test_an_adapter_cards_default_constraint_applies_unless_the_request_sets_one(server):
+    _app, url = server
+    sdk = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0)
+    for seed in range(3):
+        answer = await sdk.completions.create(model="extractor", prompt=PROMPT, temperature=1.0, seed=seed,
+                                              max_tokens=72)
+        assert valid(answer.choices[0].text), answer.choices[0].text
+    overridden = await sdk.completions.create(model="extractor", prompt=PROMPT, max_tokens=8,
+                                              extra_body={"guided_regex": "[a-z]{3}"})
+    assert re.fullmatch("[a-z]{3}", overridden.choices[0].text)

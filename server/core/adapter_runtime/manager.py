@@ -16,17 +16,18 @@ Counted uses are what make `unload` refuse (or wait); the busy slots the schedul
 keep eviction away from running sequences; pinned names keep their current version in a slot.
 
 The parts, one module each: `state` (the shared bookkeeping and its locks), `leases`, `placement`,
-`loader`, `admin` (operations) and `status` (read-outs).
+`loader`, `admin` (operations), `status` (read-outs) and `cards` (the cards' serving defaults).
 """
 
 from __future__ import annotations
 
 from loraplex.server.core.adapter_runtime.admin import AdminOperations
+from loraplex.server.core.adapter_runtime.cards import CardDefaults
 from loraplex.server.core.adapter_runtime.leases import Leases
 from loraplex.server.core.adapter_runtime.loader import Loader
 from loraplex.server.core.adapter_runtime.placement import Placement
 from loraplex.server.core.adapter_runtime.status import StatusReadouts
 
 
-class AdapterManager(Leases, Placement, Loader, AdminOperations, StatusReadouts):
+class AdapterManager(Leases, Placement, Loader, AdminOperations, StatusReadouts, CardDefaults):
     """Names, versions and tiers of the adapters served by one engine (see the module docstring)."""

@@ -84,6 +84,8 @@ class AdapterState:
         self._version_uses: Counter[str] = Counter()
         self._requests: Counter[str] = Counter()
         self._summaries: dict[str, AdapterSummary] = {}
+        self._card_constraints: dict[str, tuple[str, str] | None] = {}
+        """digest -> its card's default constraint (cards.py)."""
         self._loading: set[str] = set()
         self._loaded_for_slot: set[str] = set()
         """Versions read from the store whose first copy into a slot is still to come (not a host hit)."""
