@@ -2,8 +2,8 @@
 
 The engine alone (SmolLM2-135M-Instruct, NF4, as served), 32 requests of PROMPT_LEN prompt tokens and
 NEW_TOKENS new tokens each (sampled, seeded, temperature 0.8), prefilled then decoded together. In the
-constrained mode rows 0, 2, 4, ... follow ORDER_LIST_SCHEMA (a list of at least 32 order lines, 300+ tokens, so no row ends
-early and both modes decode the same number of rows per step) through server/core/grammar.py's xgrammar
+constrained mode rows 0, 2, 4, ... follow ORDER_LIST_SCHEMA (at least 32 order lines, 300+ tokens, so no row
+ends early and both modes decode the same number of rows per step) through server/core/grammar.py's xgrammar
 matchers: their bitmasks are filled on the engine's mask thread while the forward pass runs and applied to
 those rows only. The modes alternate REPEATS times; the figure is generated tokens per second of the whole
 run (prefill included), best of the repeats per mode. Writes benchmarks/results/structured_output.json with
