@@ -1,8 +1,9 @@
 """Attention over the paged KV cache for a batch that mixes prefill chunks and decode tokens.
 
 The batch's tokens are flat (`[num_tokens, ...]`), sequence after sequence. Sequences with one new
-token (decode) are attended together in one padded call; each sequence with several new tokens
-(a prefill chunk) gets its own call over its whole context. All index tensors are built once per
+token (decode) are attended together: on the CPU by `attention_cpu`'s kernel reading the cache in
+place, elsewhere in one padded call over gathered rows; each sequence with several new tokens (a
+prefill chunk) gets its own call over its whole context. All index tensors are built once per
 step (`AttentionBatch.build`) and shared by every layer.
 """
 
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from loraplex.server.engine import attention_cpu
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,8 @@ class AttentionGroup:
     """[G, K] KV storage rows of each sequence's context (padding repeats a valid row)."""
     masks: dict[int | None, torch.Tensor]
     """Sliding window (None: full causal) -> bool [G, 1, Q, K], True where a query may attend."""
+    lengths: torch.Tensor
+    """[G] context length of each sequence, this step's tokens included."""
     num_queries: int
 
 
@@ -70,7 +75,7 @@ def _group(first_queries: list[int], num_queries: int, starts: list[int], rows: 
     for window in windows:
         mask = visible if window is None else visible & (query_pos[:, :, None] - key_pos[None, None, :] < window)
         masks[window] = mask.unsqueeze(1)  # [G, 1, Q, K]
-    return AttentionGroup(query_index, context_rows, masks, num_queries)
+    return AttentionGroup(query_index, context_rows, masks, lengths, num_queries)
 
 
 def batch_invariant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor
@@ -96,9 +101,17 @@ def batch_invariant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: AttentionBatch,
                     window: int | None) -> torch.Tensor:
     """q: [num_tokens, heads, head_dim]; keys/values: one layer's storage [rows, kv_heads, head_dim],
-    already holding this step's tokens. Returns [num_tokens, heads, head_dim]."""
+    already holding this step's tokens. Returns [num_tokens, heads, head_dim].
+
+    The decode group goes to the CPU kernel where it runs (`attention_cpu`: the cache read in place);
+    prefill chunks, and decode elsewhere, gather their context and use the calls below."""
+    q = q.contiguous()
     out = torch.empty_like(q)
     for group in batch.groups:
+        if group.num_queries == 1 and attention_cpu.supports(q, q.shape[1], keys.shape[1]):
+            attention_cpu.decode_attention(out, q, keys, values, group.query_index, group.context_rows,
+                                           group.lengths, window)
+            continue
         num_seqs, context = group.context_rows.shape
         q_g = q.index_select(0, group.query_index).view(num_seqs, group.num_queries, *q.shape[1:])
         rows = group.context_rows.view(-1)

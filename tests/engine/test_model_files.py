@@ -126,7 +126,7 @@ def test_model_spec_of_each_tiny_architecture(tmp_path: Path, arch: str) -> None
     spec = model_spec(folder)
     head_dim, tied, qkv_bias, qk_norm, windows = EXPECTED_SPECS[arch]
     assert spec.model_type == arch
-    assert (spec.vocab_size, spec.hidden_size, spec.intermediate_size, spec.num_layers) == (96, 64, 96, 2)
+    assert (spec.vocab_size, spec.hidden_size, spec.intermediate_size, spec.num_layers) == (96, 64, 128, 2)
     assert (spec.num_heads, spec.num_kv_heads, spec.head_dim) == (4, 2, head_dim), "grouped-query attention"
     assert spec.tie_word_embeddings is tied
     assert spec.qkv_bias is qkv_bias
@@ -137,7 +137,7 @@ def test_model_spec_of_each_tiny_architecture(tmp_path: Path, arch: str) -> None
     assert spec.projection_shape("q_proj") == (64, 4 * head_dim)
     assert spec.projection_shape("k_proj") == spec.projection_shape("v_proj") == (64, 2 * head_dim)
     assert spec.projection_shape("o_proj") == (4 * head_dim, 64)
-    assert spec.projection_shape("down_proj") == (96, 64)
+    assert spec.projection_shape("down_proj") == (128, 64)
     # rotary frequencies (scaling included) as transformers computes them for the same folder
     rotary = AutoModelForCausalLM.from_pretrained(folder).model.rotary_emb
     assert len(spec.rope_inv_freq) == head_dim // 2

@@ -102,6 +102,8 @@ def test_mixed_batch_matches_peft_nf4(tiny_setup):
 #: different order than transformers' (attention, norms, oneDNN's matmul blocking), so logits agree to
 #: about ten such steps.
 BF16_TOLERANCE = 4e-2
+#: The same for SmolLM2's 30 layers (see test_smollm2_bfloat16_matches_peft_bfloat16).
+SMOLLM2_BF16_TOLERANCE = 8e-2
 
 
 def test_bfloat16_fused_kernel_matches_bitsandbytes(tiny_setup):
@@ -174,3 +176,16 @@ def test_smollm2_mixed_batch_matches_peft_unquantized(smollm2_setup):
 @pytest.mark.slow
 def test_smollm2_mixed_batch_matches_peft_nf4(smollm2_setup):
     assert_parity(smollm2_setup, quantize=True, tolerance=1e-3, new_tokens=SMOLLM2_NEW_TOKENS)
+
+
+@pytest.mark.slow
+def test_smollm2_bfloat16_matches_peft_bfloat16(smollm2_setup):
+    """compute_dtype bfloat16 (AMX where the CPU has it) against transformers + PEFT in bfloat16 on the same
+    NF4 weights: identical greedy tokens on every row of the mixed batch, logits within BF16_TOLERANCE. A
+    real model's logits are peaked enough that bf16 rounding does not flip its greedy picks here.
+
+    The tolerance is SMOLLM2_BF16_TOLERANCE: 30 layers round activations to bf16 about 15 times as often
+    as the tiny models' 2, and those steps add up like a random walk (sqrt(15) x BF16_TOLERANCE's ten
+    steps would be 0.15); measured: 4.4e-2 at most (Xeon, AMX)."""
+    assert_parity(smollm2_setup, quantize=True, tolerance=SMOLLM2_BF16_TOLERANCE, new_tokens=SMOLLM2_NEW_TOKENS,
+                  compute_dtype="bfloat16")
