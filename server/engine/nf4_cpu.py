@@ -11,11 +11,13 @@ absmax, `code2[qabsmax[b]] * absmax2[b / blocksize2] + offset` (two float32 roun
 bitsandbytes computes it); element f of the flattened [out, in] weight is the high nibble of byte
 f / 2 when f is even, the low one when odd. So every value is bit-identical to
 `bitsandbytes.functional.dequantize_4bit`'s (rounded to bfloat16 as well when the compute dtype is
-bfloat16, as bitsandbytes does). With AVX-512 the table lookup is one `vpermps` per 16 weights.
-With AVX2 the 16 float32 values are split into 4 byte planes and looked up with `vpshufb`, 32
-nibbles per instruction; the resulting vectors hold the even weights of each 8 in their low half
-and the odd ones in their high half, and x is permuted the same way once per call (`lane_of`), so
-no per-weight shuffle puts them back in order.
+bfloat16, as bitsandbytes does; the nested blocksize, a power of two, by shift). With AVX-512 the
+block's 16 products `code[j] * absmax` form the table, and the 16 bytes, zero-extended to 16 lanes,
+index it twice with `vpermps` (the low 4 bits: the low nibbles, odd weights; shifted by 4: the high
+ones, even weights), with no multiply per weight. With AVX2 the 16 float32 values are split into 4
+byte planes and looked up with `vpshufb`, 32 nibbles per instruction; the resulting vectors hold the
+even weights of each 8 in their low half and the odd ones in their high half. Either way x is
+permuted to the decoded order once per call (`lane_of`), so no per-weight shuffle puts them back.
 
 Multiplying, by token count:
 - up to `direct_max_tokens` (decode of a few sequences) each decoded group is used at once from
