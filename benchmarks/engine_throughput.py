@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from loraplex.adapters.bnb_compat import nf4_config, use_portable_nf4_path
 from loraplex.adapters.peft_format import read_lora_weights
 from loraplex.server.default_model import default_model_path
-from loraplex.server.engine import Engine, EngineConfig, SamplingParams, cpu_extension, nf4_cpu
+from loraplex.server.engine import Engine, EngineConfig, SamplingParams, attention_cpu, cpu_extension, nf4_cpu
 from loraplex.server.engine.spec import PROJECTIONS
 from loraplex.server.model_files import iter_weights, model_spec
 
@@ -182,7 +182,7 @@ def profile_decode(engine: Engine, prompts: list[list[int]], slots: list[int], s
 
 def profile_ops(engine: Engine, prompts: list[list[int]], slots: list[int], steps: int = 8, top: int = 8) -> list:
     """The `top` ops of a decode step by self CPU time, as (name, % of the step): torch's profiler,
-    with the fused NF4 kernel and the LoRA op named (they are not aten ops)."""
+    with the fused NF4 kernel, the CPU decode attention and the LoRA op named (they are not aten ops)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     def named(name: str, fn):
@@ -194,9 +194,10 @@ def profile_ops(engine: Engine, prompts: list[list[int]], slots: list[int], step
     seqs = [engine.add_sequence(p, SamplingParams(max_new_tokens=steps + 1, ignore_eos=True), s)
             for p, s in zip(prompts, slots, strict=False)]
     engine.step([(s, s.num_pending) for s in seqs])
-    fused, head = nf4_cpu.nf4_linear, nf4_cpu.dense_linear
+    fused, head, attend = nf4_cpu.nf4_linear, nf4_cpu.dense_linear, attention_cpu.decode_attention
     nf4_cpu.nf4_linear = named("loraplex::nf4_linear", fused)  # BaseLinear and the model look them up per call
     nf4_cpu.dense_linear = named("loraplex::dense_linear (lm_head)", head)
+    attention_cpu.decode_attention = named("loraplex::decode_attention", attend)
     op, engine.model.lora_op = engine.model.lora_op, named(f"loraplex::lora_{engine.lora_impl}", engine.model.lora_op)
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -206,7 +207,7 @@ def profile_ops(engine: Engine, prompts: list[list[int]], slots: list[int], step
             total_us = (time.perf_counter() - start) * 1e6
     finally:
         engine.model.lora_op = op
-        nf4_cpu.nf4_linear, nf4_cpu.dense_linear = fused, head
+        nf4_cpu.nf4_linear, nf4_cpu.dense_linear, attention_cpu.decode_attention = fused, head, attend
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     rows = [(e.key, 100 * e.self_cpu_time_total / total_us) for e in events[:top]]
     return [*rows, ("(python and the rest)", 100 - 100 * sum(e.self_cpu_time_total for e in events) / total_us)]
