@@ -35,8 +35,8 @@ bitsandbytes does, and x is bfloat16, so every product is exact in float32; the 
 they are summed (float32 throughout, rounded to bfloat16 once at the end). Where the CPU has AMX
 (`bf16_path() == "amx"`), each decoded group becomes bfloat16 with one `vpermw` from the block's
 16-entry bf16 table (`code * absmax` rounded as torch rounds it), 32 rows of a tile are decoded into a
-buffer, and AMX multiplies 16 rows x 16 tokens x 32 k per instruction, four tiles in flight (two row
-tiles x the even and odd column groups) because one tile product waits tens of cycles for the last.
+buffer (each group just before its products, up to 32 tokens), and AMX multiplies 16 rows x 16
+tokens x 32 k per instruction, four sums tiles at a time (two row tiles x two token tiles).
 The bits of a token's result do not depend on its batch there either. From `BF16_BLAS_MIN_TOKENS`
 (prefill) the weight is decoded into a bfloat16 buffer and oneDNN's bf16 matmul (AMX) runs it; with
 AVX512-BF16 but no AMX that BLAS path is used above `BLAS_MIN_TOKENS`, the float32 loop below it.
