@@ -24,6 +24,7 @@ serve: setup
 	$(BIN)/loraplex serve
 
 test: setup
+	bash scripts/install-test-system-deps.sh
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
