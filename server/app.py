@@ -138,7 +138,8 @@ async def start(settings: Settings, interceptors: Sequence[grpc.aio.ServerInterc
     limits = RequestLimits(settings.default_max_new_tokens, settings.max_new_tokens_limit)
     core = GenerationCore(scheduler, adapters, tokenizer, auth, limits, folder.name, metrics, settings.log_prompts)
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationService(core), server)
-    admin_pb2_grpc.add_AdapterAdminServicer_to_server(AdminService(adapters, auth), server)
+    admin = AdminService(adapters, auth)
+    admin_pb2_grpc.add_AdapterAdminServicer_to_server(admin, server)
     tenants_pb2_grpc.add_TenantAdminServicer_to_server(
         TenantService(scheduler, auth, lambda: reload_quotas(scheduler, settings)), server)
     health = health_aio.HealthServicer()
@@ -162,7 +163,8 @@ async def start(settings: Settings, interceptors: Sequence[grpc.aio.ServerInterc
         if settings.metrics.port is not None:
             app.metrics_server, _ = start_http_server(settings.metrics.port, host.strip("[]"), metrics.registry)
     if http_socket is not None:
-        shim = HttpShim(core, core if metrics is not None else None, settings.http_max_body_bytes)
+        shim = HttpShim(core, core if metrics is not None else None, settings.http_max_body_bytes, admin,
+                        settings.playground)
         app.http = EmbeddedServer(uvicorn.Config(shim.app, log_level="warning", lifespan="off",
                                                  timeout_graceful_shutdown=HTTP_CLOSE_S))
         app.http_task = asyncio.create_task(app.http.serve(sockets=[http_socket]))

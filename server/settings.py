@@ -119,6 +119,9 @@ class Settings(BaseSettings):
     http_port: int | None = Field(default=8000, ge=0, le=65535)
     """Port of the OpenAI-style HTTP API on the same address (same keys, same scheduler); 0 picks a free
     one; unset (null) serves gRPC only."""
+    playground: bool = True
+    """Serve the browser playground (server/api/http/playground/) at / on the HTTP port: a page over the public
+    HTTP API that compares the base and adapters side by side; `--no-playground` turns it off (/ is then 404)."""
     adapter: dict[str, Path] = Field(default_factory=dict)
     """Adapters registered (and placed in slots) at start-up, NAME=PEFT_FOLDER (repeat the flag for more);
     each becomes the current version of NAME in the store. Names: letters, digits, '.', '_', '-', up to

@@ -51,6 +51,15 @@ class AdminService(pb_grpc.AdapterAdminServicer):
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext,
                            ) -> pb.ListAdaptersResponse:
         authorize(self._auth, context, "admin")
+        return await self._listing()
+
+    async def adapter_listing(self, authorization: str | None) -> pb.ListAdaptersResponse:
+        """ListAdapters for a caller of another transport (the HTTP shim's GET /v1/admin/adapters):
+        `authorization` is its header value ("Bearer KEY"), which needs scope "admin"."""
+        self._auth.authorize(authorization, "admin")
+        return await self._listing()
+
+    async def _listing(self) -> pb.ListAdaptersResponse:
         statuses = await self._adapters.run_admin(self._adapters.statuses)
         return pb.ListAdaptersResponse(adapters=[encode_status(status) for status in statuses])
 

@@ -3,10 +3,10 @@
 `loraplex http-shim --grpc-target HOST:PORT` serves the OpenAI-style API on this machine and sends
 every request to the server at HOST:PORT through the Python client (`AsyncClient`, no retries):
 generation through `Generation.GenerateStream`, the model list through `ServerInfo`, vLLM's
-load/unload endpoints through `AdapterAdmin`, readiness through the standard gRPC health service. The
-caller's `Authorization` header is forwarded as gRPC metadata, so the server applies its own keys,
-scopes and allow-lists; its status codes come back as the same core refusals (server/core/errors.py)
-the in-process backend raises (so the HTTP answers are the same).
+load/unload endpoints and the admin listing through `AdapterAdmin`, readiness through the standard
+gRPC health service. The caller's `Authorization` header is forwarded as gRPC metadata, so the server
+applies its own keys, scopes and allow-lists; its status codes come back as the same core refusals
+(server/core/errors.py) the in-process backend raises (so the HTTP answers are the same).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from loraplex.server.core.calls import (
     StopGeneration,
 )
 from loraplex.server.core.errors import InvalidRequest, Overloaded, RequestError, ShuttingDown
+from loraplex.v1 import admin_pb2 as admin_pb
 
 T = TypeVar("T")
 
@@ -88,6 +89,10 @@ class RemoteBackend:
         unloaded = await _refused(self._client.forwarding(authorization).unload_adapter(name))
         return list(unloaded.removed_versions)
 
+    async def adapter_listing(self, authorization: str | None) -> admin_pb.ListAdaptersResponse:
+        """The server's ListAdapters answer (scope "admin")."""
+        return await _refused(self._client.forwarding(authorization).list_adapters())
+
     async def close(self) -> None:
         await self._client.close()
 
@@ -97,7 +102,8 @@ async def serve_translator(target: str, host: str, port: int, *, tls: bool = Fal
     """Serve the HTTP shim on host:port in front of the server at `target` until SIGTERM or SIGINT."""
     listening = bind_http_socket(host, port)
     backend = RemoteBackend(target, tls=tls, root_certificates=root_certificates)
-    server = EmbeddedServer(uvicorn.Config(HttpShim(backend).app, log_level="warning", lifespan="off"))
+    server = EmbeddedServer(uvicorn.Config(HttpShim(backend, admin=backend).app, log_level="warning",
+                                           lifespan="off"))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))

@@ -1,5 +1,6 @@
 """The OpenAI protocol's answers: rendered choices (whole messages or streamed deltas), logprobs in the
-completions or chat shape, usage, and refusals as `{"error": {"message", "type", "param", "code"}}`."""
+completions or chat shape, usage, the adapter version that answered, and refusals as
+`{"error": {"message", "type", "param", "code"}}`."""
 
 from __future__ import annotations
 
@@ -39,6 +40,14 @@ def render_choice(answer: Answer, index: int, piece: Piece, final: bool, offset:
             fields["tool_calls"] = [{"index": i, **call} for i, call in enumerate(fields["tool_calls"])]
     content = {"message": {"role": "assistant", **fields}} if final else {"delta": fields if piece.text else {}}
     return {"index": index, **content, "logprobs": logprobs, "finish_reason": reason}
+
+
+def served_by(piece: Piece) -> dict[str, str]:
+    """loraplex's field next to the choices (the OpenAI SDKs keep it as an extra): `adapter_version`, the full
+    content digest of the adapter version that generated the choice ("" for the base model), on the piece that
+    ends it; absent on the others, and when a stop string ended the generation before its last token."""
+    completion = piece.tokens[-1].completion if piece.tokens else None
+    return {} if completion is None else {"adapter_version": completion.adapter_version}
 
 
 def _logprobs(answer: Answer, piece: Piece, offset: int) -> dict:

@@ -8,7 +8,10 @@ alone in front of a remote server; the shim itself only translates JSON to `Gene
 Endpoints: GET /health (the process answers), GET /ready (the backend takes requests; 503 otherwise),
 GET /v1/models (the base and every adapter the key may use), POST /v1/completions and
 POST /v1/chat/completions, each unary or streamed as server-sent events ending in `data: [DONE]`,
-and vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (scope "admin").
+vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (scope "admin"), GET /v1/admin/adapters
+(scope "admin": AdapterAdmin.ListAdapters as protobuf's JSON with the .proto field names), and the
+playground page at / (server/api/http/page.py) unless turned off.
+Every answer's choice that ends carries `adapter_version` (openai_response.served_by) next to `choices`.
 `model` names the base (its folder name, or "") or an adapter ("NAME" or "NAME@VERSION").
 Supported: max_tokens / max_completion_tokens, temperature, top_p, seed, stop (a string or a list,
 matched on the decoded text), n (choice i samples with seed + i when a seed is given), logprobs and
@@ -28,11 +31,12 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from google.protobuf import json_format
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from loraplex.server.api.http.body import MAX_REQUEST_BYTES, read_json_body
 from loraplex.server.api.http.echo import echoed
@@ -43,12 +47,14 @@ from loraplex.server.api.http.openai_request import (
     decode_completions,
     string_field,
 )
-from loraplex.server.api.http.openai_response import bad_json, error_response, render_choice, usage
+from loraplex.server.api.http.openai_response import bad_json, error_response, render_choice, served_by, usage
+from loraplex.server.api.http.page import playground_routes
 from loraplex.server.api.http.plumbing import RequestIds
 from loraplex.server.api.http.stops import pieces
 from loraplex.server.api.http.streaming import events, joined, rest, whole
 from loraplex.server.core.calls import GenerateCall, GeneratedToken, ModelList
 from loraplex.server.core.errors import InvalidRequest, RequestError
+from loraplex.v1 import admin_pb2 as admin_pb
 
 
 class Backend(Protocol):
@@ -72,16 +78,24 @@ class MetricsSource(Protocol):
     async def exposition(self, authorization: str | None) -> bytes: ...
 
 
+class AdminListing(Protocol):
+    """Where GET /v1/admin/adapters comes from: the gRPC AdminService in process, or a RemoteBackend."""
+
+    async def adapter_listing(self, authorization: str | None) -> admin_pb.ListAdaptersResponse: ...
+
+
 class HttpShim:
     """The Starlette app over one backend; `app` is the ASGI application."""
 
     def __init__(self, backend: Backend, metrics: MetricsSource | None = None,
-                 max_body_bytes: int = MAX_REQUEST_BYTES) -> None:
+                 max_body_bytes: int = MAX_REQUEST_BYTES, admin: AdminListing | None = None,
+                 playground: bool = True) -> None:
         """`metrics`: served at GET /metrics (Prometheus text format, to keys with scope "metrics" or
-        "admin") when given; a request body over `max_body_bytes` is refused with 413 (TooLarge) as soon as
-        it is known to be."""
+        "admin") when given; `admin`: GET /v1/admin/adapters when given; `playground`: the page at /.
+        A request body over `max_body_bytes` is refused with 413 (TooLarge) as soon as it is known to be."""
         self._backend, self._metrics, self._max_body_bytes = backend, metrics, max_body_bytes
-        routes = [
+        self._admin = admin
+        routes: list[BaseRoute] = [
             Route("/health", self.health), Route("/ready", self.ready), Route("/v1/models", self.models),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
@@ -90,6 +104,10 @@ class HttpShim:
         ]
         if metrics is not None:
             routes.append(Route("/metrics", self.metrics))
+        if admin is not None:
+            routes.append(Route("/v1/admin/adapters", self.admin_adapters))
+        if playground:
+            routes.extend(playground_routes())
         self.app = RequestIds(Starlette(routes=routes, exception_handlers={
             RequestError: error_response, json.JSONDecodeError: bad_json, Exception: error_response}))
 
@@ -137,6 +155,16 @@ class HttpShim:
             raise error.renamed(ADMIN_PARAMS) from None
         return JSONResponse({"lora_name": name, "removed_versions": removed})
 
+    async def admin_adapters(self, request: HttpRequest) -> Response:
+        """AdapterAdmin.ListAdapters (scope "admin"): {"adapters": [{"name", "current_version", "pinned",
+        "versions": [{"digest", "rank", "targets", "size_bytes", "dtype", "tier", ...}], "requests_total",
+        "active_requests"}]}: protobuf's JSON mapping with the .proto field names, every field present, counts
+        as numbers, tiers as "ADAPTER_TIER_DEVICE" / "_HOST" / "_STORE"."""
+        listing = await self._admin.adapter_listing(_authorization(request))
+        return JSONResponse(json_format.MessageToDict(listing, always_print_fields_with_no_presence=True,
+                                                      preserving_proto_field_name=True,
+                                                      unquote_int64_if_possible=True))
+
     async def _json_body(self, request: HttpRequest) -> dict:
         return await read_json_body(request, self._max_body_bytes)
 
@@ -164,7 +192,8 @@ class HttpShim:
                     for index, choice_pieces in enumerate(collected)]
         return JSONResponse({"id": ident, "object": "chat.completion" if chat else "text_completion",
                              "created": created, "model": answer.model, "choices": rendered,
-                             "usage": usage([choice_pieces[-1] for choice_pieces in collected])})
+                             "usage": usage([choice_pieces[-1] for choice_pieces in collected]),
+                             **served_by(collected[0][-1])})
 
 
 def _authorization(request: HttpRequest) -> str | None:

@@ -9,7 +9,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 
 from loraplex.server.api.http.openai_request import Answer
-from loraplex.server.api.http.openai_response import error_body, render_choice, usage
+from loraplex.server.api.http.openai_response import error_body, render_choice, served_by, usage
 from loraplex.server.api.http.stops import Piece
 from loraplex.server.core.errors import RequestError
 
@@ -55,7 +55,7 @@ async def events(answer: Answer, firsts: list[Piece], choices: list[AsyncIterato
         lasts[index] = piece
         rendered = render_choice(answer, index, piece, final=False, offset=offsets[index])
         offsets[index] += len(piece.text)
-        return frame({"choices": [rendered]})
+        return frame({"choices": [rendered], **served_by(piece)})
 
     try:
         if answer.chat:
