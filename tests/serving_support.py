@@ -131,6 +131,16 @@ def post(url: str, payload: dict, key: str | None = None) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
+def get(url: str, key: str | None = None) -> tuple[int, dict]:
+    """GET a JSON answer with urllib (optionally `authorization: Bearer key`): (status, JSON answer)."""
+    request = urllib.request.Request(url, headers={"authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
 def status_of(url: str) -> int:
     """The HTTP status of GET url."""
     try:

@@ -1,6 +1,6 @@
 """`loraplex http-shim --grpc-target`: the HTTP API as a separate process in front of a real server's gRPC
-port answers like the shim inside the server (same tokens, logprobs, errors), forwards API keys to the
-server, reports readiness from the server's health service, and exits 0 on SIGTERM."""
+port answers like the shim inside the server (same tokens, logprobs, errors, admin listing), forwards API keys
+to the server, reports readiness from the server's health service, and exits 0 on SIGTERM."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pytest
 from loraplex.adapters.identity import adapter_digest
 from loraplex.server.core.auth import ApiKey
 from loraplex.server.settings import AdapterSettings
-from serving_support import TOKENIZER_CORPUS, post, serving, status_of, with_chat_template
+from serving_support import TOKENIZER_CORPUS, get, post, serving, status_of, with_chat_template
 
 LORAPLEX = str(Path(sys.executable).parent / "loraplex")
 ADMIN, USER = "k-admin-1234", "k-user-1234"
@@ -75,6 +75,9 @@ async def test_translator_answers_like_the_embedded_shim(serving_model, tmp_path
                                              {"lora_name": "gate", "lora_path": str(gate)}, ADMIN)
             unloaded = await asyncio.to_thread(post, f"{url}/unload_lora_adapter", {"lora_name": "gate"}, ADMIN)
             ready_while_serving = await asyncio.to_thread(status_of, f"{url.removesuffix('/v1')}/ready")
+            listings = [await asyncio.to_thread(get, f"{where}/admin/adapters", key)
+                        for where, key in ((embedded_url, ADMIN), (url, ADMIN), (url, USER))]
+            playground = await asyncio.to_thread(status_of, f"{url.removesuffix('/v1')}/")
             await remote.close()
             await app.stop(0)
             ready_after_stop = await asyncio.to_thread(status_of, f"{url.removesuffix('/v1')}/ready")
@@ -98,6 +101,9 @@ async def test_translator_answers_like_the_embedded_shim(serving_model, tmp_path
     assert refused_load[0] == 403 and loaded == (200, {"lora_name": "gate", "version": adapter_digest(gate)})
     assert unloaded == (200, {"lora_name": "gate", "removed_versions": [adapter_digest(gate)]})
     assert (ready_while_serving, ready_after_stop) == (200, 503)
+    assert listings[0][0] == listings[1][0] == 200 and listings[1][1] == listings[0][1]  # the same ListAdapters
+    assert [a["name"] for a in listings[1][1]["adapters"]] == list(serving_model[1]) and listings[2][0] == 403
+    assert playground == 200
     assert after_stop[0] == 503 and after_stop[1]["error"]["type"] == "service_unavailable"
     assert exit_code == 0
 
