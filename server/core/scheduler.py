@@ -7,6 +7,12 @@ Events cross back with one `loop.call_soon_threadsafe` per step.
 Policy, each step (`_plan`):
   1. Running sequences are scheduled first: decodes (one token each), then unfinished prefills in
      chunks, in admission order, all within `max_step_tokens`.
+     With fairness on, the requests above the one furthest below its share (other tenants than the
+     least-served one, batch ones while interactive ones are active; see `_share_order`) are held back:
+     their prompt tokens in one step total at most `over_share_prefill_tokens`, taken after the
+     least-served requests' prefills and admissions (3.). A flooding tenant's prompts then go in short
+     chunks, so a light tenant's request waits behind a short step at most and has its prompt prefilled
+     whole in the next one; with one tenant active nothing is held back.
   2. When the KV pool cannot hold a running sequence's next tokens, running sequences are preempted
      (blocks let go, recomputed later from what the prefix cache still holds; the oldest always progress):
      batch ones before interactive ones, then those of the tenant most over its fair share, then the most
@@ -39,7 +45,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loraplex.server.core.adapter_runtime.leases import AdapterLease
 from loraplex.server.core.adapter_runtime.manager import AdapterManager
@@ -73,6 +79,26 @@ class _Entry:
     """Prompt tokens its first admission found in the prefix cache (None until admitted)."""
     admitted_at: float | None = None
     """time.monotonic() of its first admission (None until then)."""
+
+
+@dataclass(eq=False)
+class _StepPlan:
+    """One step being planned: what it runs and what it has left."""
+
+    budget: int
+    """Tokens left of max_step_tokens."""
+    over_share_budget: int
+    """Prompt tokens left for requests held back (`Scheduler._held_back`)."""
+    busy: set[int]
+    """Adapter slots the step's sequences use."""
+    batch: list[tuple[_Entry, int]] = field(default_factory=list)
+    planned: set[_Entry] = field(default_factory=set)
+    reserved: int = 0
+    """KV blocks the planned sequences take in the step (the pool's free count does not know yet)."""
+    skipped: set[str] = field(default_factory=set)
+    """Adapters still loading: their requests keep their turn."""
+    admission_closed: bool = False
+    """A request could not be admitted (slots, KV): later ones do not overtake it this step."""
 
 
 @dataclass
@@ -276,70 +302,107 @@ class Scheduler:
         return max(0, self.engine.cache.blocks_needed(seq.num_computed + count) - len(seq.block_table))
 
     def _plan(self) -> list[tuple[_Entry, int]]:
-        budget = self.config.max_step_tokens
+        plan = _StepPlan(self.config.max_step_tokens, self.config.over_share_prefill_tokens, self._busy_slots())
+        leader = self._leader()
+        held_back = [e for e in self._running if self._held_back(e, leader)]
+        self._schedule_running(plan, [e for e in self._running if e not in held_back], leader)
+        self._admit(plan, leader, leading_only=True)
+        self._schedule_running(plan, held_back, leader)
+        self._admit(plan, leader, leading_only=False)
+        return plan.batch
+
+    def _leader(self) -> tuple[bool, float] | None:
+        """The share order (`_share_order`) of the request furthest below its share among those running or
+        waiting: requests above it are held back to `over_share_prefill_tokens` (None when fairness is off)."""
+        if not self._waiting.fair:
+            return None
+        return min(map(self._share_order, [*self._running, *self._waiting]), default=None)
+
+    def _held_back(self, entry: _Entry, leader: tuple[bool, float] | None) -> bool:
+        """Whether `entry`'s prompt goes in chunks of the over-share budget this step (a decode never is)."""
+        return leader is not None and entry.seq.num_pending > 1 and self._share_order(entry) > leader
+
+    def _count(self, plan: _StepPlan, entry: _Entry, held_back: bool) -> int:
+        """Tokens `entry` may compute in the step being planned."""
+        count = min(entry.seq.num_pending, plan.budget)
+        return min(count, plan.over_share_budget) if held_back else count
+
+    @staticmethod
+    def _take(plan: _StepPlan, entry: _Entry, count: int, need: int, held_back: bool) -> None:
+        """Put `count` tokens of `entry` (taking `need` more KV blocks) in the step."""
+        if held_back:
+            plan.over_share_budget -= count
+        plan.batch.append((entry, count))
+        plan.planned.add(entry)
+        plan.reserved += need
+        plan.budget -= count
+
+    def _schedule_running(self, plan: _StepPlan, entries: list[_Entry], leader: tuple[bool, float] | None) -> None:
+        """Running sequences' next tokens, decodes first (stable), preempting under KV pressure (module docstring)."""
         cache = self.engine.cache
-        reserved = 0  # blocks the planned sequences take in the step (the pool's free count does not know yet)
-        batch: list[tuple[_Entry, int]] = []
-        planned: set[_Entry] = set()
-        for entry in sorted(self._running, key=lambda e: e.seq.num_pending > 1):  # decodes first, stable
+        for entry in sorted(entries, key=lambda e: e.seq.num_pending > 1):
             if entry not in self._running:  # preempted for an older sequence in this plan
                 continue
-            count = min(entry.seq.num_pending, budget)
+            held_back = self._held_back(entry, leader)
+            count = self._count(plan, entry, held_back)
             if count == 0:
-                break
+                continue
             need = self._blocks_needed(entry.seq, count)
-            while need > cache.free_blocks - reserved:
-                victim = max((e for e in reversed(self._running) if e not in planned), key=self._victim_order)
+            while need > cache.free_blocks - plan.reserved:
+                victim = max((e for e in reversed(self._running) if e not in plan.planned), key=self._share_order)
                 self._preempt(victim)  # frees the blocks only it held
                 if victim is entry:
                     break
             if entry in self._running:
-                batch.append((entry, count))
-                planned.add(entry)
-                reserved += need
-                budget -= count
-        busy = self._busy_slots()
-        skipped: set[str] = set()  # adapters still loading: their requests keep their turn
-        while budget > 0 and len(self._running) < self.config.max_running:
-            key = next((key for key in self._waiting.candidates() if key.adapter not in skipped), None)
+                self._take(plan, entry, count, need, held_back)
+
+    def _admit(self, plan: _StepPlan, leader: tuple[bool, float] | None, leading_only: bool) -> None:
+        """Waiting requests in admission order while the limits allow (module docstring); `leading_only`: stop
+        at the first one above the leader's share order."""
+        cache = self.engine.cache
+        while plan.budget > 0 and not plan.admission_closed and len(self._running) < self.config.max_running:
+            key = next((key for key in self._waiting.candidates() if key.adapter not in plan.skipped), None)
             if key is None:
-                break
+                return
             entry = self._waiting.head(key)
+            if leading_only and leader is not None and self._share_order(entry) > leader:
+                return
             slot = self.adapters.resident_slot(entry.lease)
             resident = slot is not None and slot != NO_ADAPTER
-            new_slot = slot != NO_ADAPTER and slot not in busy
-            if new_slot and len(busy) >= self.max_step_adapters:
-                break
+            new_slot = slot != NO_ADAPTER and slot not in plan.busy
+            if new_slot and len(plan.busy) >= self.max_step_adapters:
+                plan.admission_closed = True
+                return
             if slot is None:
-                if not self.adapters.can_place(busy):
-                    break
+                if not self.adapters.can_place(plan.busy):
+                    plan.admission_closed = True
+                    return
                 try:
-                    slot = self.adapters.slot_for(entry.lease, busy)
+                    slot = self.adapters.slot_for(entry.lease, plan.busy)
                 except FailedPrecondition as error:  # its version cannot be loaded: fail it, go on
                     self._waiting.pop(key)
                     self._retire(entry, error)
                     continue
                 if slot is None:
-                    skipped.add(key.adapter)
+                    plan.skipped.add(key.adapter)
                     continue
             cached = self.engine.reuse_prefix(entry.seq)  # holds its cached blocks: out of the free count
-            count = min(entry.seq.num_pending, budget)
+            held_back = self._held_back(entry, leader)  # before its admission charges its prompt
+            count = self._count(plan, entry, held_back)
             need = self._blocks_needed(entry.seq, count)
-            if need > cache.free_blocks - reserved:
+            if count == 0 or need > cache.free_blocks - plan.reserved:
                 self.engine.release(entry.seq)  # it keeps its turn and holds nothing
-                break
+                plan.admission_closed = True
+                return
             self._waiting.pop(key)
             self._admitted(entry, cached)
             if resident:
                 self.adapters.count_device_hit()
             entry.seq.slot = slot
             self._running.append(entry)
-            batch.append((entry, count))
             if slot != NO_ADAPTER:
-                busy.add(slot)
-            reserved += need
-            budget -= count
-        return batch
+                plan.busy.add(slot)
+            self._take(plan, entry, count, need, held_back)
 
     def _admitted(self, entry: _Entry, cached: int) -> None:
         """Account an admission; the first one (not after a preemption) also charges its prompt tokens to its
@@ -355,8 +418,9 @@ class Scheduler:
         if self._on_prefix is not None and entry.seq.chain is not None:
             self._on_prefix(entry.lease.name, prompt_tokens, cached)
 
-    def _victim_order(self, entry: _Entry) -> tuple[bool, float]:
-        """Preempted first: the largest (batch before interactive, then the tenant most over its share)."""
+    def _share_order(self, entry: _Entry) -> tuple[bool, float]:
+        """How far `entry` is over its share: batch above interactive, then its tenant's virtual token counter.
+        Preempted first: the largest; prefilled whole: the smallest (`_leader`)."""
         return entry.key.priority == "batch", self._waiting.share_order(entry.tenant)
 
     def _busy_slots(self) -> set[int]:

@@ -207,6 +207,52 @@ async def test_kv_pressure_preempts_the_tenant_most_over_its_share_first(serving
     assert [len(output) for output in outputs] == [16, 15]
 
 
+@pytest.mark.parametrize("case", ["two tenants", "one tenant", "fairness off"])
+async def test_a_tenant_over_its_share_has_its_prompts_chunked_while_the_least_served_one_is_prefilled_whole(
+        serving_model, reference_engine, case):
+    """Heavy (far over its share) and light both decode; then both send a 30-token prompt. With fairness on, light's
+    prompt goes whole into one step and heavy's in chunks of over_share_prefill_tokens; with heavy alone, or
+    fairness off, heavy's goes whole too. Outputs equal each request run alone either way."""
+    scheduler = build(serving_model, max_running=8, max_step_tokens=64, over_share_prefill_tokens=8,
+                      fairness=case != "fairness off")
+    step, chunks = scheduler.engine.step, {}  # seq_id -> token counts of its steps
+
+    def recording_step(batch):
+        for seq, count in batch:
+            chunks.setdefault(seq.seq_id, []).append(count)
+        return step(batch)
+
+    scheduler.engine.step = recording_step
+    tenants = ["heavy"] if case == "one tenant" else ["heavy", "light"]
+    sampling = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    generator = torch.Generator().manual_seed(5)
+    first = {t: Request(AdapterReference(""), torch.randint(0, 96, (4,), generator=generator).tolist(),
+                        SamplingParams(max_new_tokens=40, ignore_eos=True), tenant=t) for t in tenants}
+    second = {t: Request(AdapterReference(""), torch.randint(0, 96, (30,), generator=generator).tolist(), sampling,
+                         tenant=t) for t in tenants}
+    scheduler.start()
+    try:
+        running = {t: aiter(scheduler.submit(first[t])) for t in tenants}
+        for stream in running.values():
+            await anext(stream)  # both decoding
+        with scheduler._cond:  # no plan in between: both wait, then heavy is charged far over its share
+            streams = {t: scheduler.submit(second[t]) for t in tenants}
+            seq_ids = {t: streams[t]._entry.seq.seq_id for t in tenants}
+            scheduler._waiting.charge("heavy", 10_000)
+        outputs = await asyncio.gather(*(tokens(streams[t]) for t in tenants),
+                                       *(tokens(stream) for stream in running.values()))
+    finally:
+        scheduler.close()
+    prefill = {t: [c for c in chunks[seq_ids[t]] if c > 1] for t in tenants}
+    if case == "two tenants":
+        assert prefill["light"] == [30]
+        assert sum(prefill["heavy"]) == 30 and max(prefill["heavy"]) == 8, prefill
+    else:
+        assert all(prefill[t] == [30] for t in tenants), prefill
+    for request, output in zip(second.values(), outputs, strict=False):
+        assert output == generate_alone(reference_engine, serving_model[1], request.prompt_ids, "", request.sampling)
+
+
 async def test_distinct_adapters_per_step_are_capped(serving_model, reference_engine):
     scheduler = build(serving_model, max_running=8, max_step_adapters=2)
     assert build(serving_model).max_step_adapters == scheduler.engine.num_slots  # the default: device slots
