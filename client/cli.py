@@ -324,9 +324,8 @@ def _print_tenants(response: tenants_pb.ListTenantsResponse, as_json: bool) -> N
         for status in statuses:
             limits = status.limits
             cells = [_limit(limits, name) for name in ("max_concurrent", "max_queued", "tokens_per_minute")]
-            weight = f"{limits.weight:g}" if kind == "tenant" else "-"
-            priority = tenants_pb.Priority.Name(limits.priority).removeprefix("PRIORITY_").lower() \
-                if kind == "tenant" else "-"
+            weight = f"{limits.weight:g}"
+            priority = tenants_pb.Priority.Name(limits.priority).removeprefix("PRIORITY_").lower()
             bucket = f"{status.bucket_tokens:.0f}" if status.HasField("bucket_tokens") else "-"
             rows.append([kind, status.name or "(base)", weight, priority, *cells, str(status.in_flight),
                          str(status.queued), str(status.served_tokens), bucket])

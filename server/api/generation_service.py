@@ -26,7 +26,7 @@ from loraplex.server.core.auth import Authenticator, Principal, Scope
 from loraplex.server.core.calls import ChatMessage, Constraint, GenerateCall, GeneratedToken
 from loraplex.server.core.errors import InvalidRequest
 from loraplex.server.core.generation import GenerationCore
-from loraplex.server.core.quota_config import TenantLimits
+from loraplex.server.core.quota_config import ShareLimits
 from loraplex.server.core.quotas import QuotaStatus
 from loraplex.v1 import generation_pb2 as pb
 from loraplex.v1 import generation_pb2_grpc as pb_grpc
@@ -125,7 +125,7 @@ def encode_quota_status(status: QuotaStatus) -> tenants_pb2.QuotaStatus:
     limits = status.limits
     encoded = tenants_pb2.QuotaLimits(max_concurrent=limits.max_concurrent, max_queued=limits.max_queued,
                                       tokens_per_minute=limits.tokens_per_minute, burst_tokens=limits.bucket_capacity())
-    if isinstance(limits, TenantLimits):  # a tenant's
+    if isinstance(limits, ShareLimits):
         encoded.weight, encoded.priority = limits.weight, PRIORITIES[limits.priority]
     return tenants_pb2.QuotaStatus(name=status.name, limits=encoded, in_flight=status.in_flight, queued=status.queued,
                                    served_tokens=status.served_tokens, bucket_tokens=status.bucket_tokens)

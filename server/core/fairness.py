@@ -9,9 +9,13 @@ weights. A tenant that becomes backlogged has its counter lifted to the smallest
 already backlogged (or, when none is, to that of the last one to leave the backlog): time spent idle banks
 no credit to spend later at the others' expense. Ties go to the tenant admitted least recently.
 
-Inside one tenant, its adapters take turns (round-robin, FIFO per adapter), so a busy adapter cannot starve a
-cold one; inside a priority class, interactive requests all go before batch ones (`quota_config.PRIORITIES`).
-With `fair` off every request falls in one class and one tenant: round-robin across adapters alone.
+Inside one tenant, its adapters take turns (weighted round-robin, FIFO per adapter), so a busy adapter cannot
+starve a cold one: each adapter's turn counter grows by 1/weight per request admitted, the adapter of the
+lowest counter goes next (ties in round-robin order, a newly waiting adapter last), and an adapter whose queue
+fills again is lifted to the lowest counter of the tenant's other waiting adapters, as tenants are; with equal
+weights that is plain round-robin. Across priority classes, interactive requests all go before batch ones
+(`quota_config.PRIORITIES`). With `fair` off every request falls in one class and one tenant: weighted
+round-robin across adapters alone.
 """
 
 from __future__ import annotations
@@ -57,16 +61,25 @@ class VirtualTokenCounters:
         """`tenant` has no waiting request any more."""
         self._last_left = self.value(tenant)
 
+    def lower(self, tenant: str, others: Iterable[str]) -> None:
+        """Put `tenant` level with the lowest of `others` if it is above them (it goes first among equals)."""
+        self._counters[tenant] = min(self.value(tenant), *(self.value(other) for other in others))
+
 
 class AdmissionQueue(Generic[E]):
     """The waiting requests, by class, tenant and adapter; `candidates()` is the admission order.
 
-    `weight_of(tenant)` is read at each charge, so reloaded weights apply from then on."""
+    `weight_of(tenant)` and `adapter_weight_of(adapter)` are read at each charge and each admission, so reloaded
+    weights apply from then on."""
 
-    def __init__(self, fair: bool, weight_of: Callable[[str], float]) -> None:
+    def __init__(self, fair: bool, weight_of: Callable[[str], float],
+                 adapter_weight_of: Callable[[str], float] = lambda adapter: 1.0) -> None:
         self.fair = fair
         self._weight_of = weight_of
+        self._adapter_weight_of = adapter_weight_of
         self.counters = VirtualTokenCounters()
+        self._turns: dict[tuple[Priority, str], VirtualTokenCounters] = {}
+        """Per class and tenant: its adapters' turn counters (requests admitted over weight)."""
         self._queues: dict[Priority, OrderedDict[str, OrderedDict[str, deque[E]]]] = {p: OrderedDict()
                                                                                      for p in PRIORITIES}
         self._waiting: dict[str, int] = {}
@@ -87,10 +100,14 @@ class AdmissionQueue(Generic[E]):
             tenants[key.tenant] = OrderedDict()
             tenants.move_to_end(key.tenant, last=False)
         adapters = tenants[key.tenant]
+        turns = self._turns.setdefault((key.priority, key.tenant), VirtualTokenCounters())
+        if key.adapter not in adapters:
+            turns.lift(key.adapter, adapters)
         queue = adapters.setdefault(key.adapter, deque())
         if front:
             queue.appendleft(entry)
             adapters.move_to_end(key.adapter, last=False)
+            turns.lower(key.adapter, adapters)
         else:
             queue.append(entry)
         self._waiting[key.tenant] = self._waiting.get(key.tenant, 0) + 1
@@ -98,12 +115,14 @@ class AdmissionQueue(Generic[E]):
 
     def candidates(self) -> Iterator[QueueKey]:
         """Every non-empty queue, best first: classes in order, tenants by counter (ties: least recently
-        admitted first), each tenant's adapters in their round-robin turn."""
+        admitted first), each tenant's adapters by turn counter (ties in round-robin order)."""
         for priority in PRIORITIES:
             tenants = self._queues[priority]
             order = sorted(tenants, key=self.counters.value) if len(tenants) > 1 else list(tenants)
             for tenant in order:
-                for adapter in tenants[tenant]:
+                adapters = tenants[tenant]
+                turns = self._turns[(priority, tenant)]
+                for adapter in sorted(adapters, key=turns.value) if len(adapters) > 1 else list(adapters):
                     yield QueueKey(priority, tenant, adapter)
 
     def head(self, key: QueueKey) -> E:
@@ -115,10 +134,13 @@ class AdmissionQueue(Generic[E]):
         tenants = self._queues[key.priority]
         adapters = tenants[key.tenant]
         entry = adapters[key.adapter].popleft()
+        turns = self._turns[(key.priority, key.tenant)]
+        turns.charge(key.adapter, 1, self._adapter_weight_of(key.adapter))
         if adapters[key.adapter]:
             adapters.move_to_end(key.adapter)
         else:
             del adapters[key.adapter]
+            turns.left(key.adapter)
         if adapters:
             tenants.move_to_end(key.tenant)
         else:
@@ -135,6 +157,7 @@ class AdmissionQueue(Generic[E]):
         queue.remove(entry)
         if not queue:
             del adapters[key.adapter]
+            self._turns[(key.priority, key.tenant)].left(key.adapter)
             if not adapters:
                 del self._queues[key.priority][key.tenant]
         self._left(key.tenant)
@@ -162,6 +185,7 @@ class AdmissionQueue(Generic[E]):
     def clear(self) -> None:
         for tenants in self._queues.values():
             tenants.clear()
+        self._turns.clear()
         self._waiting.clear()
         self._size = 0
 

@@ -58,18 +58,20 @@ class Limits(BaseModel):
         return self.burst_tokens or self.tokens_per_minute
 
 
-class TenantLimits(Limits):
-    """A tenant's share and class besides its limits."""
+class ShareLimits(Limits):
+    """A tenant's or adapter's share and class besides its limits."""
 
     weight: float = Field(default=1.0, gt=0.0, le=1e6)
-    """Share of the server while tenants compete (weighted fair queuing over tokens served): two backlogged
-    tenants of weights 3 and 1 are served about 3:1 prompt plus generated tokens."""
+    """Share while others compete. A tenant's: weighted fair queuing over tokens served (two backlogged tenants
+    of weights 3 and 1 are served about 3:1 prompt plus generated tokens). An adapter's: its turns among the
+    adapters of each tenant that has requests waiting on it (weighted round-robin: weights 3 and 1 admit about
+    3 of the first's requests for 1 of the second's)."""
     priority: Priority = "interactive"
     """The class of its requests: "batch" requests are admitted only when no interactive one waits. A request
-    may ask for "batch" itself; a batch tenant's requests are always batch."""
+    may ask for "batch" itself; a request of a batch tenant, or on a batch adapter, is always batch."""
 
 
-class TenantQuota(TenantLimits):
+class TenantQuota(ShareLimits):
     """One `tenants` entry: limits, and the API keys it groups."""
 
     keys: frozenset[str] = frozenset()
@@ -84,11 +86,12 @@ class QuotaSettings(BaseModel):
 
     tenants: dict[str, TenantQuota] = Field(default_factory=dict)
     """Tenants by name (letters, digits, '.', '_', '-'; at most 64), with their limits and keys."""
-    default: TenantLimits = TenantLimits()
+    default: ShareLimits = ShareLimits()
     """Limits of each tenant without an entry in `tenants` (each has its own counters): by default weight 1, no
     limits, interactive."""
-    adapters: dict[str, Limits] = Field(default_factory=dict)
-    """Limits per adapter name, over the requests of every tenant on it ("" is the base model)."""
+    adapters: dict[str, ShareLimits] = Field(default_factory=dict)
+    """Limits per adapter name, over the requests of every tenant on it ("" is the base model), with its turns'
+    weight and class."""
 
     @model_validator(mode="after")
     def _check_names(self) -> QuotaSettings:
@@ -120,13 +123,23 @@ class QuotaSettings(BaseModel):
                 return name
         return key_name
 
-    def limits_of(self, tenant: str) -> TenantLimits:
+    def limits_of(self, tenant: str) -> ShareLimits:
         """`tenant`'s entry, or `default`."""
         return self.tenants.get(tenant, self.default)
 
-    def adapter_limits(self, adapter: str) -> Limits | None:
+    def adapter_limits(self, adapter: str) -> ShareLimits | None:
         """The limits of adapter `adapter` ("" the base model), None when it has none."""
         return self.adapters.get(adapter)
+
+    def adapter_weight(self, adapter: str) -> float:
+        """`adapter`'s weight among a tenant's adapters (1 when it has no entry)."""
+        limits = self.adapters.get(adapter)
+        return 1.0 if limits is None else limits.weight
+
+    def is_batch(self, tenant: str, adapter: str) -> bool:
+        """Whether every request of `tenant` on `adapter` is batch class (the tenant's or the adapter's)."""
+        limits = self.adapters.get(adapter)
+        return self.limits_of(tenant).priority == "batch" or (limits is not None and limits.priority == "batch")
 
 
 def read_quota_file(path: Path) -> QuotaSettings:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loraplex.server.core.errors import Overloaded
-from loraplex.server.core.quota_config import Limits, QuotaSettings
+from loraplex.server.core.quota_config import Limits, QuotaSettings, ShareLimits
 
 
 class TokenBucket:
@@ -154,7 +154,8 @@ class QuotaBook:
         now = self._clock()
         settings = self.settings
         tenants = [self.tenant_status(name) for name in sorted({*settings.tenants, *self._tenants})]
-        adapters = [self._status(name, settings.adapter_limits(name) or Limits(), self._adapters.get(name), now)
+        adapters = [self._status(name, settings.adapter_limits(name) or ShareLimits(), self._adapters.get(name),
+                                 now)
                     for name in sorted({*settings.adapters, *self._adapters})]
         return tenants, adapters
 

@@ -134,7 +134,8 @@ class Scheduler:
         adapters.on_ready(self.wake)
         self._quotas = QuotaBook(quotas)
         self._waiting: AdmissionQueue[_Entry] = AdmissionQueue(
-            config.fairness, lambda tenant: self._quotas.settings.limits_of(tenant).weight)
+            config.fairness, lambda tenant: self._quotas.settings.limits_of(tenant).weight,
+            lambda adapter: self._quotas.settings.adapter_weight(adapter))
         self._running: list[_Entry] = []
         self._accepting = True
         self._stopping = False
@@ -163,7 +164,7 @@ class Scheduler:
             seq = self.engine.add_sequence(request.prompt_ids, request.sampling, version=lease.version,
                                            cache_salt=request.cache_salt, constraint=request.constraint)
             stream = RequestStream(self, lease, loop)
-            batch = "batch" in (request.priority, self._quotas.settings.limits_of(tenant).priority)
+            batch = request.priority == "batch" or self._quotas.settings.is_batch(tenant, adapter)
             key = self._waiting.key("batch" if batch else "interactive", tenant, adapter)
             entry = _Entry(seq, lease, stream, tenant, key, time.monotonic())
             stream._entry = entry

@@ -121,8 +121,11 @@ async def test_a_tenant_over_its_token_rate_gets_429_with_retry_after(serving_mo
             assert refused.value.retry_after_s >= 1 and "tokens_per_minute" in refused.value.details()
 
 
-async def test_an_interactive_request_is_admitted_before_batch_ones_queued_earlier(serving_model, tmp_path):
-    async with serving(serving_model, api_keys=KEYS, quotas_file=quotas_file(tmp_path),
+@pytest.mark.parametrize("batch_by", ["request", "adapter"])
+async def test_an_interactive_request_is_admitted_before_batch_ones_queued_earlier(serving_model, tmp_path, batch_by):
+    """Batch by the request's own priority, or by its adapter's class in the quotas (the request asks nothing)."""
+    batch_adapter = '[quotas.adapters.d_r8_k_gate]\npriority = "batch"\nweight = 2\n'
+    async with serving(serving_model, api_keys=KEYS, quotas_file=quotas_file(tmp_path, QUOTAS + batch_adapter),
                        scheduler={"max_running": 1}) as (app, _):
         slow_steps(app, 0.01)
         order: list[str] = []
@@ -134,12 +137,16 @@ async def test_an_interactive_request_is_admitted_before_batch_ones_queued_earli
             blocker = asyncio.create_task(run("first", b, priority="interactive"))
             while not app.scheduler.queues().running:
                 await asyncio.sleep(0.005)
-            tasks = [asyncio.create_task(run(f"batch{i}", b, priority="batch")) for i in range(3)]
+            batch = {"priority": "batch"} if batch_by == "request" else {"adapter": "d_r8_k_gate"}
+            tasks = [asyncio.create_task(run(f"batch{i}", b, **batch)) for i in range(3)]
             while app.scheduler.num_waiting < 3:
                 await asyncio.sleep(0.005)
             tasks.append(asyncio.create_task(run("interactive", a1)))
             await asyncio.gather(blocker, *tasks)
         assert order[:2] == ["first", "interactive"], order
+        async with client(app, "ops") as ops:
+            adapter = next(a for a in (await ops.list_tenants()).adapters if a.name == "d_r8_k_gate")
+        assert adapter.limits.weight == 2 and adapter.limits.priority == tenants_pb2.PRIORITY_BATCH
 
 
 async def test_quotas_reload_live_and_a_bad_file_keeps_them(serving_model, tmp_path):

@@ -85,6 +85,27 @@ def test_a_tenants_adapters_take_turns_fifo_within_each():
     assert len(queue) == 0
 
 
+@pytest.mark.parametrize("fair", [True, False])
+def test_a_tenants_adapters_take_turns_in_proportion_to_their_weights(fair):
+    """Weights x:y:z = 3:1:1 (both with fairness on, inside a tenant, and off): of every 5 admissions while
+    all three wait, x gets 3; an adapter that comes back after idling banks no turns."""
+    weights = {"x": 3.0, "y": 1.0, "z": 1.0}
+    queue = AdmissionQueue(fair, lambda tenant: 1.0, lambda adapter: weights.get(adapter, 1.0))
+    for adapter in "xyz":
+        for i in range(60):
+            queue.push(f"{adapter}{i}", queue.key("interactive", "t", adapter))
+    order = [queue.pop(next(queue.candidates())) for _ in range(25)]
+    counts = {adapter: sum(name[0] == adapter for name in order) for adapter in "xyz"}
+    assert counts == {"x": 15, "y": 5, "z": 5}
+    for name in [e for e in list(queue) if e[0] == "z"]:
+        queue.remove(name, queue.key("interactive", "t", "z"))
+    for _ in range(10):  # x and y take turns while z has nothing waiting
+        queue.pop(next(queue.candidates()))
+    queue.push("z-new", queue.key("interactive", "t", "z"))
+    order = [queue.pop(next(queue.candidates())) for _ in range(5)]
+    assert order.count("z-new") == 1 and sum(name[0] == "x" for name in order) >= 2
+
+
 def test_without_fairness_tenants_and_classes_are_ignored():
     queue = queue_of({"a": 100.0}, fair=False)
     requests = [("a1", "batch", "a", "x"), ("a2", "interactive", "a", "x"), ("b1", "interactive", "b", "y")]
