@@ -1,8 +1,8 @@
 """The playground page in a real browser: Debian's Chromium, headless, driven by selenium through the system
 chromedriver (no Selenium Manager, no download), against a real server on a loopback port with API keys on
 and two adapters. The page's answers are compared with what the `openai` SDK gets for the same requests;
-the adapters view, the key handling and the held-out JSONL run (its table and its downloaded CSV) are read
-back from the page. The side-by-side screenshot is written to docs/playground.png."""
+the adapters view, the key handling, the schema box and the held-out JSONL run (its table and its downloaded
+CSV) are read back from the page. The side-by-side screenshot is written to docs/playground.png."""
 
 from __future__ import annotations
 
@@ -89,6 +89,7 @@ def browser(downloads):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    offline = os.environ.get("SE_OFFLINE")
     os.environ["SE_OFFLINE"] = "true"  # selenium never reaches for the network (both paths are given anyway)
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
@@ -103,6 +104,10 @@ def browser(downloads):
         yield driver
     finally:
         driver.quit()
+        if offline is None:
+            os.environ.pop("SE_OFFLINE")
+        else:
+            os.environ["SE_OFFLINE"] = offline
 
 
 def sdk(server: ServerThread, key: str) -> openai.OpenAI:
@@ -319,3 +324,33 @@ def test_a_heldout_jsonl_is_scored_per_model_and_downloads_as_csv(server, browse
     assert rows[4] == ["score", "", "", *(cell for model in models for cell in
                                           ("", f"{hits[model][0]}/3", f"{hits[model][1]}/3"))]
     assert len(rows) == 5
+
+
+def test_the_schema_box_constrains_the_answer_as_response_format_does(server, browser):
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, server)
+    use_key(browser, USER_KEY)
+    choose(browser, [ADAPTERS[1]])
+    set_field(browser, "prompt", PROMPT)
+    set_field(browser, "max-tokens", str(MAX_TOKENS))
+    set_field(browser, "schema", '{"type": "object"')
+    browser.find_element(By.ID, "send").click()
+    notice = wait_for(lambda: text_of(browser, "#notice"), "the schema's message")
+    assert notice.startswith("JSON schema: not valid JSON")
+
+    # the tiny test tokenizer cannot spell JSON, so the schema sent is one the server refuses while checking
+    # the request (before anything is queued): the column shows the refusal the SDK gets for the same body
+    schema = {"type": "no-such-type"}
+    set_field(browser, "schema", json.dumps(schema))
+    browser.find_element(By.ID, "send").click()
+    wait_for(lambda: browser.execute_script("const c = document.querySelector('.column');"
+                                            "return c && c.dataset.state === 'error';"), "the refusal")
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk(server, USER_KEY).chat.completions.create(
+            model=ADAPTERS[1], messages=[{"role": "user", "content": PROMPT}], max_tokens=MAX_TOKENS,
+            temperature=0, top_p=1,
+            response_format={"type": "json_schema", "json_schema": {"name": "playground", "schema": schema}})
+    assert refused.value.body["param"] == "response_format"
+    assert text_of(browser, ".column-error") == f"400: {refused.value.body['message']}"
+    set_field(browser, "schema", "")
