@@ -9,8 +9,8 @@ Policy, each step (`_plan`):
      chunks, in admission order, all within `max_step_tokens`.
      With fairness on, the requests above the one furthest below its share (other tenants than the
      least-served one, batch ones while interactive ones are active; see `_share_order`) are held back:
-     their prompt tokens in one step total at most `over_share_prefill_tokens`, taken after the
-     least-served requests' prefills and admissions (3.). A flooding tenant's prompts then go in short
+     their prompt tokens in one step are at most what the least-served requests' prefills and admissions
+     (3.), taken first, leave of `over_share_prefill_tokens`. A flooding tenant's prompts then go in short
      chunks, so a light tenant's request waits behind a short step at most and has its prompt prefilled
      whole in the next one; with one tenant active nothing is held back.
   2. When the KV pool cannot hold a running sequence's next tokens, running sequences are preempted
@@ -88,7 +88,8 @@ class _StepPlan:
     budget: int
     """Tokens left of max_step_tokens."""
     over_share_budget: int
-    """Prompt tokens left for requests held back (`Scheduler._held_back`)."""
+    """Prompt tokens left for requests held back (`Scheduler._held_back`): over_share_prefill_tokens less every
+    prefill planned so far."""
     busy: set[int]
     """Adapter slots the step's sequences use."""
     batch: list[tuple[_Entry, int]] = field(default_factory=list)
@@ -331,8 +332,8 @@ class Scheduler:
     @staticmethod
     def _take(plan: _StepPlan, entry: _Entry, count: int, need: int, held_back: bool) -> None:
         """Put `count` tokens of `entry` (taking `need` more KV blocks) in the step."""
-        if held_back:
-            plan.over_share_budget -= count
+        if held_back or count > 1:  # the least-served's prefills use up the held-back ones' budget first
+            plan.over_share_budget = max(0, plan.over_share_budget - count)
         plan.batch.append((entry, count))
         plan.planned.add(entry)
         plan.reserved += need

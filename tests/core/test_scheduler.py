@@ -211,15 +211,17 @@ async def test_kv_pressure_preempts_the_tenant_most_over_its_share_first(serving
 async def test_a_tenant_over_its_share_has_its_prompts_chunked_while_the_least_served_one_is_prefilled_whole(
         serving_model, reference_engine, case):
     """Heavy (far over its share) and light both decode; then both send a 30-token prompt. With fairness on, light's
-    prompt goes whole into one step and heavy's in chunks of over_share_prefill_tokens; with heavy alone, or
+    prompt goes whole into one step (heavy's prompt has no part in it) and heavy's in chunks of
+    over_share_prefill_tokens; with heavy alone, or
     fairness off, heavy's goes whole too. Outputs equal each request run alone either way."""
     scheduler = build(serving_model, max_running=8, max_step_tokens=64, over_share_prefill_tokens=8,
                       fairness=case != "fairness off")
-    step, chunks = scheduler.engine.step, {}  # seq_id -> token counts of its steps
+    step, chunks, steps = scheduler.engine.step, {}, []  # seq_id -> token counts of its steps; each step's counts
 
     def recording_step(batch):
         for seq, count in batch:
             chunks.setdefault(seq.seq_id, []).append(count)
+        steps.append({seq.seq_id: count for seq, count in batch})
         return step(batch)
 
     scheduler.engine.step = recording_step
@@ -247,6 +249,8 @@ async def test_a_tenant_over_its_share_has_its_prompts_chunked_while_the_least_s
     if case == "two tenants":
         assert prefill["light"] == [30]
         assert sum(prefill["heavy"]) == 30 and max(prefill["heavy"]) == 8, prefill
+        light_step = next(counts for counts in steps if counts.get(seq_ids["light"]) == 30)
+        assert light_step.get(seq_ids["heavy"], 0) <= 1, "light's prefill used up the held-back budget"
     else:
         assert all(prefill[t] == [30] for t in tenants), prefill
     for request, output in zip(second.values(), outputs, strict=False):
