@@ -13,6 +13,7 @@ from loraplex.server.api.http.openai_request import Answer
 from loraplex.server.api.http.stops import Piece
 from loraplex.server.api.http.tool_calls import rendered_reply
 from loraplex.server.core import errors
+from loraplex.server.core.calls import GeneratedToken
 from loraplex.server.core.errors import AdapterNotFound, InvalidRequest, RequestError
 
 HTTP_ERRORS: dict[type[RequestError], tuple[int, str]] = {
@@ -45,9 +46,12 @@ def render_choice(answer: Answer, index: int, piece: Piece, final: bool, offset:
 def served_by(piece: Piece) -> dict[str, str]:
     """loraplex's field next to the choices (the OpenAI SDKs keep it as an extra): `adapter_version`, the full
     content digest of the adapter version that generated the choice ("" for the base model), on the piece that
-    ends it; absent on the others, and when a stop string ended the generation before its last token."""
-    completion = piece.tokens[-1].completion if piece.tokens else None
-    return {} if completion is None else {"adapter_version": completion.adapter_version}
+    ends it; absent on the others, when a stop string ended the generation before its last token, and on an
+    echoed prompt alone (max_tokens 0: its tokens are the prompt's)."""
+    last = piece.tokens[-1] if piece.tokens else None
+    if not isinstance(last, GeneratedToken) or last.completion is None:
+        return {}
+    return {"adapter_version": last.completion.adapter_version}
 
 
 def _logprobs(answer: Answer, piece: Piece, offset: int) -> dict:
