@@ -70,8 +70,15 @@ class Grammars:
             return self._compiler
 
     def matcher(self, constraint: Constraint) -> GrammarMatcher:
-        """A fresh matcher for `constraint`; InvalidRequest("constraint") naming what is wrong with it."""
-        return GrammarMatcher(self.compiled(constraint))
+        """A fresh matcher for `constraint`; InvalidRequest("constraint") naming what is wrong with it, or when
+        no token of the vocabulary can start a text it allows."""
+        matcher = GrammarMatcher(self.compiled(constraint))
+        bitmask = xgrammar.allocate_token_bitmask(1, self._vocab_size)  # [1, ceil(vocab / 32)] int32
+        matcher.fill_bitmask(bitmask, 0)
+        if not bitmask.any():
+            raise InvalidRequest("constraint", "no token of the model's vocabulary can start a text this "
+                                 f"{constraint.kind} allows")
+        return matcher
 
     def compiled(self, constraint: Constraint) -> xgrammar.CompiledGrammar:
         """The compiled grammar of `constraint`, from the cache when it was compiled before."""

@@ -50,13 +50,13 @@ from dataclasses import dataclass, field
 from loraplex.server.core.adapter_runtime.leases import AdapterLease
 from loraplex.server.core.adapter_runtime.manager import AdapterManager
 from loraplex.server.core.calls import EngineFacts
-from loraplex.server.core.errors import FailedPrecondition, Overloaded, ShuttingDown
+from loraplex.server.core.errors import FailedPrecondition, InvalidRequest, Overloaded, ShuttingDown
 from loraplex.server.core.fairness import AdmissionQueue, QueueKey
 from loraplex.server.core.quota_config import QuotaSettings
 from loraplex.server.core.quotas import QuotaBook, QuotaStatus
 from loraplex.server.core.requests import Queues, Request, RequestStream
 from loraplex.server.core.scheduler_config import SchedulerConfig
-from loraplex.server.engine import Engine, SequenceState, TokenEvent
+from loraplex.server.engine import Engine, FinishReason, SequenceState, TokenEvent
 from loraplex.server.engine.lora import NO_ADAPTER
 
 log = logging.getLogger(__name__)
@@ -443,6 +443,11 @@ class Scheduler:
         for event in events:
             entry = by_seq[event.seq_id]
             if entry.cancelled:  # cancelled while its step ran: deliver nothing more
+                continue
+            if event.finish_reason is FinishReason.DEAD_END:  # this request fails, the others go on
+                self._running.remove(entry)
+                self._retire(entry, InvalidRequest("constraint", "the model's vocabulary cannot continue the "
+                                                   "text it allows after the tokens generated so far"))
                 continue
             deliveries.setdefault(entry.stream._loop, []).append((entry.stream, event))
             self._waiting.charge(entry.tenant, 1)

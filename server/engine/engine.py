@@ -278,8 +278,13 @@ class Engine:
             return []
         chosen = sample(logits[:len(sampled)], sampled, masks.result() if masks is not None else None)
         events = []
-        for seq, token, logprob, top in zip(sampled, chosen.tokens, chosen.logprobs, chosen.top_logprobs,
-                                            strict=True):
+        for row, (seq, token, logprob, top) in enumerate(zip(sampled, chosen.tokens, chosen.logprobs,
+                                                             chosen.top_logprobs, strict=True)):
+            if row in chosen.dead_ends:
+                seq.finish_reason = FinishReason.DEAD_END
+                self.release(seq)
+                events.append(TokenEvent(seq.seq_id, -1, float("nan"), FinishReason.DEAD_END))
+                continue
             prompt_logprobs = None
             if seq.sampling.prompt_logprobs and not seq.output_ids:
                 prompt_logprobs = tuple(seq.prompt_logprobs)

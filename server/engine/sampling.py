@@ -21,6 +21,8 @@ class Sampled(NamedTuple):
     top_logprobs: list[tuple[tuple[int, float], ...]]
     """Per row, its sampling's `top_logprobs` most likely (token id, logprob) pairs of the unprocessed
     distribution, most likely first; () for rows that asked for none."""
+    dead_ends: frozenset[int] = frozenset()
+    """Constrained rows whose bitmask allows no token of the vocabulary (their `tokens` entry means nothing)."""
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: list[list[int]], penalties: list[float]) -> torch.Tensor:
@@ -130,6 +132,9 @@ def sample(logits: torch.Tensor, seqs: Sequence[SequenceState],
         index = torch.tensor(rows, device=logits.device)
         allowed = allowed_tokens(bits.to(logits.device), logits.shape[1])  # [constrained rows, vocab]
         penalized[index] = penalized[index].masked_fill(~allowed, float("-inf"))
+        dead_ends = frozenset(rows[i] for i in (~allowed.any(dim=1)).nonzero().flatten().tolist())
+    else:
+        dead_ends = frozenset()
     penalized = apply_repetition_penalty(
         penalized, [s.token_ids if s.sampling.repetition_penalty != 1.0 else [] for s in seqs],
         [p.repetition_penalty for p in params])
@@ -138,7 +143,7 @@ def sample(logits: torch.Tensor, seqs: Sequence[SequenceState],
         [p.frequency_penalty for p in params])
     tokens = penalized.argmax(dim=-1)  # [rows]
     for row, (seq, p) in enumerate(zip(seqs, params, strict=True)):
-        if p.greedy:
+        if p.greedy or row in dead_ends:
             continue
         scaled = filter_top_k_top_p(penalized[row] / p.temperature, p.top_k, p.top_p)  # [vocab]
         tokens[row] = draw(scaled.softmax(-1), seq.generator)
@@ -153,4 +158,4 @@ def sample(logits: torch.Tensor, seqs: Sequence[SequenceState],
         for row, ids, values in zip(asking, top_ids.tolist(), top_values.tolist(), strict=True):
             n = params[row].top_logprobs
             top_logprobs[row] = tuple(zip(ids[:n], values[:n], strict=True))
-    return Sampled(tokens.tolist(), chosen.tolist(), top_logprobs)
+    return Sampled(tokens.tolist(), chosen.tolist(), top_logprobs, dead_ends)

@@ -78,6 +78,9 @@ class FinishReason(enum.Enum):
     """EOS or a stop token was produced (it is the last event's token)."""
     LENGTH = "length"
     """max_new_tokens or the model's context length was reached."""
+    DEAD_END = "dead_end"
+    """Its constraint allows no token of the model's vocabulary here: the sequence ends without a token this
+    step (the event's token_id is -1), so only this sequence fails, not the step."""
 
 
 class TokenConstraint(Protocol):

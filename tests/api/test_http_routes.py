@@ -105,6 +105,19 @@ async def test_errors_have_openai_shape_and_status(serving_model):
     assert listed == ["a_r4_qv"]
 
 
+async def test_a_schema_the_vocabulary_cannot_spell_is_refused_with_400(serving_model):
+    """The tiny tokenizer has no way to write "Lisbon": 400 naming the constraint, and the server serves on."""
+    schema = {"type": "object", "properties": {"city": {"enum": ["Lisbon", "Osaka"]}}, "required": ["city"]}
+    async with serving(serving_model) as (_app, url):
+        sdk = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as refused:
+            await sdk.completions.create(model="", prompt="x", max_tokens=4, extra_body={"guided_json": schema})
+        body = refused.value.body
+        assert body["param"] == "guided_json" and "no token of the model's vocabulary can start" in body["message"]
+        answer = await sdk.completions.create(model="", prompt="x", max_tokens=3)
+        assert answer.usage.completion_tokens >= 1
+
+
 async def test_sse_framing_and_stop_strings_over_raw_http(serving_model):
     async with serving(serving_model) as (_app, url):
         request = urllib.request.Request(f"{url}/completions", method="POST", headers={

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from loraplex.adapters.reference import AdapterReference
-from loraplex.server.core.errors import AdapterNotFound, Overloaded, ShuttingDown
+from loraplex.server.core.errors import AdapterNotFound, InvalidRequest, Overloaded, ShuttingDown
 from loraplex.server.core.quota_config import QuotaSettings
 from loraplex.server.core.requests import Request, RequestStream
 from loraplex.server.core.scheduler import NO_QUOTAS, Scheduler
@@ -255,6 +255,46 @@ async def test_a_tenant_over_its_share_has_its_prompts_chunked_while_the_least_s
         assert all(prefill[t] == [30] for t in tenants), prefill
     for request, output in zip(second.values(), outputs, strict=False):
         assert output == generate_alone(reference_engine, serving_model[1], request.prompt_ids, "", request.sampling)
+
+
+class DeadEndAfter:
+    """A constraint allowing any token for `free` tokens, then none (a grammar the vocabulary cannot continue)."""
+
+    def __init__(self, free: int) -> None:
+        self.left = free
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        bitmask[row] = -1 if self.left > 0 else 0
+
+    def advance(self, token_id: int) -> None:
+        assert self.left > 0, "a token was taken where the constraint allows none"
+        self.left -= 1
+
+    @property
+    def terminated(self) -> bool:
+        return False
+
+
+async def test_a_constraint_at_a_dead_end_fails_its_request_alone(serving_model, reference_engine):
+    """Two tokens, then its constraint allows nothing: that request ends with InvalidRequest("constraint") after
+    its two tokens, while the free requests in the same steps get their solo tokens."""
+    scheduler = build(serving_model, max_running=4)
+    sampling = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    free = [Request(AdapterReference(name), [5, 6, 7, i], sampling) for i, name in enumerate(["", "a_r4_qv"])]
+    stuck = Request(AdapterReference(""), [9, 8, 7], sampling, constraint=DeadEndAfter(2))
+    scheduler.start()
+    try:
+        stuck_stream = scheduler.submit(stuck)
+        outputs = await asyncio.gather(*(tokens(scheduler.submit(r)) for r in free))
+        received = []
+        with pytest.raises(InvalidRequest, match="constraint: the model's vocabulary cannot continue"):
+            async for event in stuck_stream:
+                received.append(event.token_id)
+    finally:
+        scheduler.close()
+    assert len(received) == 2 and -1 not in received
+    assert_alone_equal(serving_model, reference_engine, free, outputs)
+    assert scheduler.engine.cache.free_blocks == scheduler.engine.cache.num_blocks
 
 
 async def test_distinct_adapters_per_step_are_capped(serving_model, reference_engine):

@@ -151,7 +151,7 @@ def test_temperature_top_k_top_p_chain_matches_transformers(temperature: float, 
 
 def test_greedy_is_argmax_with_raw_logprob() -> None:
     logits = random_logits(3, seed=6)
-    tokens, logprobs, top_logprobs = sample(logits, [row(SamplingParams())] * 3)
+    tokens, logprobs, top_logprobs, _ = sample(logits, [row(SamplingParams())] * 3)
     assert tokens == logits.argmax(-1).tolist()
     assert top_logprobs == [(), (), ()]
     expected = torch.log_softmax(logits, -1)[torch.arange(3), logits.argmax(-1)]
@@ -161,10 +161,10 @@ def test_greedy_is_argmax_with_raw_logprob() -> None:
 def test_greedy_applies_repetition_penalty_but_reports_raw_logprob() -> None:
     logits = torch.zeros(1, VOCAB)
     logits[0, 10], logits[0, 20] = 4.0, 3.0
-    tokens, logprobs, _ = sample(logits, [row(SamplingParams(repetition_penalty=2.0), prompt=[10])])
+    tokens, logprobs, _, _ = sample(logits, [row(SamplingParams(repetition_penalty=2.0), prompt=[10])])
     assert tokens == [20], "4.0 / 2.0 = 2.0 falls below 3.0"
     assert logprobs[0] == pytest.approx(torch.log_softmax(logits[0], -1)[20].item(), abs=1e-6)
-    tokens, _, _ = sample(logits, [row(SamplingParams(), prompt=[10])])
+    tokens, _, _, _ = sample(logits, [row(SamplingParams(), prompt=[10])])
     assert tokens == [10]
 
 
@@ -247,7 +247,7 @@ def test_presence_frequency_penalties_change_the_greedy_choice(presence: float, 
     logits = torch.zeros(1, VOCAB)
     logits[0, 10], logits[0, 20], logits[0, 30] = 4.0, 3.5, 3.0
     params = SamplingParams(presence_penalty=presence, frequency_penalty=frequency)
-    tokens, logprobs, _ = sample(logits, [row(params, prompt=[1, 2], output=generated)])
+    tokens, logprobs, _, _ = sample(logits, [row(params, prompt=[1, 2], output=generated)])
     assert tokens == [expected]
     assert logprobs[0] == pytest.approx(torch.log_softmax(logits[0], -1)[expected].item(), abs=1e-6), \
         "the reported logprob is the unprocessed one"
@@ -291,7 +291,7 @@ def test_top_logprobs_are_the_most_likely_of_the_unprocessed_distribution() -> N
             row(SamplingParams(top_logprobs=asked[1])),
             row(SamplingParams(top_logprobs=asked[2], temperature=0.8), generator=torch.Generator().manual_seed(0)),
             row(SamplingParams(top_logprobs=asked[3]))]
-    tokens, logprobs, top_logprobs = sample(logits, seqs)
+    tokens, logprobs, top_logprobs, _ = sample(logits, seqs)
     raw = torch.log_softmax(logits, -1)  # [rows, vocab]
     for r, k in enumerate(asked):
         pairs = top_logprobs[r]
@@ -529,3 +529,16 @@ def test_draw_follows_the_distribution_and_its_generator():
     again = torch.Generator().manual_seed(3)
     assert [int(draw(probs, again)) for _ in range(50)] == draws[:50].tolist()
     assert int(draw(torch.tensor([0.0, 0.0, 1.0]), generator)) == 2
+
+
+def test_constrained_rows_take_only_allowed_tokens_and_a_row_allowing_none_is_a_dead_end() -> None:
+    logits = random_logits(3, seed=12)
+    vocab = logits.shape[1]
+    bits = torch.zeros(2, (vocab + 31) // 32, dtype=torch.int32)  # rows 0 and 2 constrained
+    bits[0, 1] = 1 << 3  # row 0 may take only token 35
+    seqs = [row(SamplingParams()), row(SamplingParams()), row(SamplingParams(temperature=0.7),
+                                                               generator=torch.Generator().manual_seed(1))]
+    chosen = sample(logits, seqs, ([0, 2], bits))
+    assert chosen.tokens[0] == 35 and chosen.tokens[1] == logits[1].argmax().item()
+    assert chosen.dead_ends == {2}
+    assert sample(logits, seqs).dead_ends == frozenset()
