@@ -34,6 +34,7 @@ class StepMetadata:
     cos: torch.Tensor
     """[num_tokens, head_dim] rotary cos per token (attention scaling applied)."""
     sin: torch.Tensor
+    """[num_tokens, head_dim] rotary sin per token (scaled likewise), its first half negated (`rotate`)."""
     attention: AttentionBatch
     lora: LoraBatch
     logits_index: torch.Tensor
@@ -41,16 +42,21 @@ class StepMetadata:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32, as the reference implementation does."""
+    """RMSNorm computed in float32, as the reference implementation does. On float32 input that is torch's
+    fused F.rms_norm (bit-identical to the reference formula below, in one op instead of six: tests/engine/
+    test_engine.py checks it)."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     variance = x.float().pow(2).mean(-1, keepdim=True)
     return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding (half-split layout). x: [num_tokens, heads, head_dim]; cos/sin: [num_tokens, head_dim]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (half-split layout): x * cos + rotate_half(x) * sin, where rotate_half(x) = [-x2, x1].
+    `signed_sin` is sin with its first half negated, so rotate_half's sign is folded in and rotate_half
+    becomes one roll ([x2, x1]); -a * b == a * -b exactly, so the result is bit-identical.
+    x: [num_tokens, heads, head_dim]; cos/signed_sin: [num_tokens, head_dim]."""
+    return x * cos.unsqueeze(1) + x.roll(x.shape[-1] // 2, -1) * signed_sin.unsqueeze(1)
 
 
 class DecoderLayer(torch.nn.Module):
@@ -149,11 +155,13 @@ class DecoderModel(torch.nn.Module):
         return cls(spec, embed, layers, _take(tensors, "model.norm.weight"), lm_head, inv_freq)
 
     def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [num_tokens] -> cos, sin: [num_tokens, head_dim] in the compute dtype."""
+        """positions: [num_tokens] -> cos, signed sin (`rotate`): [num_tokens, head_dim] in the compute dtype."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [num_tokens, head_dim // 2]
-        angles = torch.cat((freqs, freqs), dim=-1)
-        scaling = self.spec.rope_attention_scaling
-        return (angles.cos() * scaling).to(self.embed.dtype), (angles.sin() * scaling).to(self.embed.dtype)
+        angles = torch.cat((freqs, freqs), dim=-1)  # [num_tokens, head_dim]: cos/sin as the reference takes them
+        scaling, half = self.spec.rope_attention_scaling, freqs.shape[-1]
+        sin = angles.sin() * scaling
+        signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        return (angles.cos() * scaling).to(self.embed.dtype), signed_sin.to(self.embed.dtype)
 
     def forward(self, token_ids: torch.Tensor, meta: StepMetadata, cache: PagedKVCache) -> torch.Tensor:
         """token_ids: [num_tokens] -> logits [num_outputs, vocab] (float32) at `meta.logits_index`."""
