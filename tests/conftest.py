@@ -1,5 +1,15 @@
+import os
+import sys
+
 import pytest
 import torch
+
+# Without CUDA, Triton can only interpret: its kernels then run on CPU tensors (tests/engine/
+# test_triton_kernels.py). Triton reads TRITON_INTERPRET when its own modules and each kernel are
+# decorated, so it is set here, before anything imports Triton (bitsandbytes does), for the whole process.
+if not torch.cuda.is_available():
+    assert "triton" not in sys.modules, "Triton was imported before tests/conftest.py could set TRITON_INTERPRET"
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

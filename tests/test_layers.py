@@ -53,8 +53,9 @@ its candidates, a completion) is plain data that the client, the codec and the s
 is the process and the command line (server.app, server.settings, client.cli), which wire everything
 together."""
 
-ENGINE_THIRD_PARTY = {"torch", "numpy", "bitsandbytes", "pydantic"}
-"""What the engine may import besides itself and the standard library (pydantic: EngineConfig)."""
+ENGINE_THIRD_PARTY = {"torch", "numpy", "bitsandbytes", "pydantic", "triton"}
+"""What the engine may import besides itself and the standard library (pydantic: EngineConfig; triton: the
+CUDA kernels, imported by kernel_choice on CUDA only)."""
 
 
 def layer_of(module: str) -> str | None:

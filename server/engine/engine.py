@@ -16,10 +16,10 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from loraplex.server.engine import lora_cpu, nf4_cpu
+from loraplex.server.engine import kernel_choice
 from loraplex.server.engine.attention import AttentionBatch
 from loraplex.server.engine.kv_cache import OutOfBlocks, PagedKVCache
-from loraplex.server.engine.lora import NO_ADAPTER, LoraBatch, lora_grouped, lora_reference
+from loraplex.server.engine.lora import NO_ADAPTER, LoraBatch
 from loraplex.server.engine.model import DecoderModel, LoraWeights, StepMetadata
 from loraplex.server.engine.prefix_cache import BlockChain, chain_root
 from loraplex.server.engine.sampling import sample
@@ -32,8 +32,6 @@ from loraplex.server.engine.sequence import (
     TokenEvent,
 )
 from loraplex.server.engine.spec import PROJECTIONS, ModelSpec
-
-LORA_OPS = {"grouped": lora_grouped, "reference": lora_reference, "cpu_kernel": lora_cpu.lora_cpu}
 
 
 class EngineConfig(BaseModel):
@@ -62,16 +60,16 @@ class EngineConfig(BaseModel):
     """Token positions per KV block."""
     max_model_len: int | None = Field(default=None, ge=2)
     """Longest sequence (prompt + output); None uses the model's max_position_embeddings."""
-    lora_impl: Literal["auto", "cpu_kernel", "grouped", "reference"] = "auto"
-    """LoRA op: "cpu_kernel" (compiled per-token kernel + BLAS, float32 on CPU), "grouped" (batched
-    matmuls over gathered slots, any device), "reference" (the plain test oracle); "auto" picks
-    cpu_kernel where it applies and compiles, else grouped."""
-    nf4_kernel: Literal["auto", "fused", "bitsandbytes"] = "auto"
+    lora_impl: Literal["auto", "cpu_kernel", "triton", "grouped", "reference"] = "auto"
+    """LoRA op: "cpu_kernel" (compiled per-token kernel + BLAS, float32 on CPU), "triton" (SGMV/BGMV
+    kernels reading the slots in place, CUDA), "grouped" (batched matmuls over gathered slots, any
+    device), "reference" (the plain test oracle); "auto" picks by kernel_choice's table."""
+    nf4_kernel: Literal["auto", "fused", "triton", "bitsandbytes"] = "auto"
     """NF4 base matmul: "fused" (the compiled CPU kernel that dequantizes tiles of the packed weight
     in registers and L1; float32 or bfloat16 compute on the CPU, in_features a multiple of 32),
-    "bitsandbytes" (bitsandbytes' matmul_4bit: the whole weight dequantized per call, then a matmul);
-    "auto" picks fused wherever it applies and compiles, else bitsandbytes. Same dequantized values
-    either way."""
+    "triton" (the CUDA kernel decoding in registers, up to kernel_choice.NF4_TRITON_MAX_TOKENS tokens,
+    bitsandbytes above), "bitsandbytes" (bitsandbytes' matmul_4bit: the whole weight dequantized per
+    call, then a matmul); "auto" picks by kernel_choice's table. Same dequantized values either way."""
     prefix_cache: bool = True
     """Keep finished sequences' full KV blocks, keyed by their prefix under the adapter version's content
     digest, and start new sequences from the longest cached chain (see prefix_cache.py); False prefills
@@ -112,12 +110,18 @@ class Engine:
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype()
         self.num_slots = slots_within_budget(spec, config, self.dtype)
+        tools = kernel_choice.Toolchain.detect(self.device)
+        self.nf4_plan = kernel_choice.BITSANDBYTES
+        """Which NF4 kernel the base projections run at each token count (kernel_choice's table)."""
+        if config.quantize:
+            in_features = sorted({spec.projection_shape(proj)[0] for proj in PROJECTIONS})
+            self.nf4_plan = kernel_choice.nf4_plan(self.device, self.dtype, in_features, tools, config.nf4_kernel)
+        self.lora_impl = kernel_choice.lora_impl(self.device, self.dtype, tools, config.lora_impl)
         self.model = DecoderModel.from_weights(
             spec, iter(weights), dtype=self.dtype, device=self.device, quantize=config.quantize,
-            num_slots=self.num_slots, max_rank=config.max_rank, fused_nf4=self._fused_nf4(spec),
+            num_slots=self.num_slots, max_rank=config.max_rank, nf4_plan=self.nf4_plan,
         )
-        self.lora_impl = self._pick_lora_impl()
-        self.model.lora_op = LORA_OPS[self.lora_impl]
+        self.model.lora_op = kernel_choice.lora_op(self.lora_impl)
         num_blocks = PagedKVCache.blocks_for_budget(
             config.kv_cache_bytes, spec.num_layers, config.block_size, spec.num_kv_heads, spec.head_dim, self.dtype,
         )
@@ -129,24 +133,6 @@ class Engine:
         self._seq_ids: Iterator[int] = itertools.count()
         self._masks = ThreadPoolExecutor(1, thread_name_prefix="loraplex-masks")
         """Fills constrained rows' bitmasks while the forward pass runs."""
-
-    def _fused_nf4(self, spec: ModelSpec) -> bool:
-        """Whether the base projections use the fused NF4 kernel (config.nf4_kernel; see EngineConfig)."""
-        if not self.config.quantize or self.config.nf4_kernel == "bitsandbytes":
-            return False
-        fits = all(nf4_cpu.supports(spec.projection_shape(proj)[::-1], self.device, self.dtype) for proj in PROJECTIONS)
-        if self.config.nf4_kernel == "fused" and not (fits and nf4_cpu.available()):
-            raise ValueError("nf4_kernel='fused' needs the CPU, float32 or bfloat16 compute, in_features that are "
-                             "multiples of 32, and a C++ compiler; use 'auto' or 'bitsandbytes'")
-        return fits and nf4_cpu.available()
-
-    def _pick_lora_impl(self) -> str:
-        fits_kernel = self.device.type == "cpu" and self.dtype == torch.float32
-        if self.config.lora_impl == "cpu_kernel" and not (fits_kernel and lora_cpu.available()):
-            raise ValueError("lora_impl='cpu_kernel' needs float32 on the CPU and a C++ compiler")
-        if self.config.lora_impl != "auto":
-            return self.config.lora_impl
-        return "cpu_kernel" if fits_kernel and lora_cpu.available() else "grouped"
 
     # -- adapter slots ---------------------------------------------------------------------------
 

@@ -97,7 +97,9 @@ class GroupLayout:
     valid_positions: torch.Tensor | None
     """[num_grouped_tokens] padded positions that hold real tokens; None when nothing is padded."""
     token_index: torch.Tensor
-    """[num_grouped_tokens] token each valid padded position writes back to."""
+    """[num_grouped_tokens] token each valid padded position writes back to: the groups' tokens, group by group."""
+    starts: torch.Tensor
+    """[num_groups + 1] where each group's tokens begin in `token_index` (then its end): segments for SGMV."""
     group_len: int
     rank: int
     """Largest rank among the groups' adapters: slot buffers are read only up to this rank."""
@@ -109,8 +111,9 @@ class GroupLayout:
     @staticmethod
     def build(tokens_by_slot: dict[int, list[int]], slot_ranks: list[int], device: torch.device) -> GroupLayout:
         group_len = max((len(tokens) for tokens in tokens_by_slot.values()), default=0)
-        gather, valid, writes = [], [], []
+        gather, valid, writes, starts = [], [], [], [0]
         for tokens in tokens_by_slot.values():
+            starts.append(starts[-1] + len(tokens))
             valid.extend(range(len(gather), len(gather) + len(tokens)))
             writes.extend(tokens)
             gather.extend(tokens + [tokens[0]] * (group_len - len(tokens)))
@@ -119,6 +122,7 @@ class GroupLayout:
             gather_index=_index(gather, device),
             valid_positions=_index(valid, device) if len(gather) != len(writes) else None,
             token_index=_index(writes, device),
+            starts=_index(starts, device),
             group_len=group_len,
             rank=max((slot_ranks[s] for s in tokens_by_slot), default=0),
         )

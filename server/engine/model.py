@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from loraplex.server.engine import nf4_cpu
 from loraplex.server.engine.attention import AttentionBatch, paged_attention
+from loraplex.server.engine.kernel_choice import BITSANDBYTES, Nf4Plan
 from loraplex.server.engine.kv_cache import PagedKVCache
 from loraplex.server.engine.lora import LoraBatch, LoraSlots, MultiLoraLinear, lora_grouped
 from loraplex.server.engine.nf4 import BaseLinear
@@ -114,9 +115,9 @@ class DecoderModel(torch.nn.Module):
     @classmethod
     def from_weights(cls, spec: ModelSpec, weights: Iterator[tuple[str, torch.Tensor]], *, dtype: torch.dtype,
                      device: torch.device, quantize: bool, num_slots: int, max_rank: int,
-                     fused_nf4: bool = False) -> DecoderModel:
+                     nf4_plan: Nf4Plan = BITSANDBYTES) -> DecoderModel:
         """Build from (Hugging Face parameter name, tensor) pairs, quantizing projections as they arrive
-        (computed by the fused NF4 kernel with `fused_nf4`, else by bitsandbytes).
+        (multiplied by the kernels `nf4_plan` names, see kernel_choice).
 
         Each tensor is moved to `device` and cast to `dtype` first, so NF4 blocks are computed from the
         same values a transformers model loaded in `dtype` would quantize.
@@ -130,7 +131,7 @@ class DecoderModel(torch.nn.Module):
             if len(parts) == 6 and parts[4] in PROJECTIONS:  # model.layers.{i}.{self_attn|mlp}.{proj}.{weight|bias}
                 key = (int(parts[2]), parts[4])
                 if parts[5] == "weight":
-                    bases[key] = BaseLinear(tensor, dtype, quantize, fused=fused_nf4)  # quantized now: no dense copy
+                    bases[key] = BaseLinear(tensor, dtype, quantize, plan=nf4_plan)  # quantized now: no dense copy
                 else:
                     biases[key] = tensor
             else:

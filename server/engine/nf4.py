@@ -7,6 +7,7 @@ import bitsandbytes.functional as bnbf
 import torch
 
 from loraplex.server.engine import nf4_cpu
+from loraplex.server.engine.kernel_choice import BITSANDBYTES, Nf4Plan
 
 #: NF4 quantization settings; the training sidecar and the parity tests' references use the same.
 NF4_BLOCKSIZE = 64
@@ -17,17 +18,21 @@ class BaseLinear(torch.nn.Module):
     """`y = x @ W.T + b` with W stored as bitsandbytes NF4 (double-quantized, blocksize 64).
 
     With `quantize=False` W stays dense in the compute dtype (a debugging aid). The bias, when the
-    architecture has one, stays in the compute dtype either way. With `fused` the NF4 product runs
-    in `nf4_cpu`'s kernel (same dequantized values, no dense copy of W); otherwise through
-    bitsandbytes' `matmul_4bit`.
+    architecture has one, stays in the compute dtype either way. `plan` (kernel_choice) says which
+    kernel multiplies at each token count: `nf4_cpu`'s or `nf4_triton`'s (same dequantized values,
+    no dense copy of W) or bitsandbytes' `matmul_4bit`.
     """
 
     def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype, quantize: bool,
-                 bias: torch.Tensor | None = None, fused: bool = False) -> None:
+                 bias: torch.Tensor | None = None, plan: Nf4Plan = BITSANDBYTES) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.compute_dtype = compute_dtype
         self.bias = None if bias is None else bias.to(compute_dtype)
+        self.plan = plan
+        self.kernel = plan.kernel_module()
+        """The plan's kernel module (looked up per call: benchmarks wrap its `nf4_linear`); None: bitsandbytes."""
+        self.kernel_weight: nf4_cpu.Nf4Weight | None = None
         if quantize:
             packed, state = bnbf.quantize_4bit(
                 weight, blocksize=NF4_BLOCKSIZE, compress_statistics=NF4_DOUBLE_QUANT, quant_type="nf4",
@@ -36,19 +41,19 @@ class BaseLinear(torch.nn.Module):
             self.quant_state: bnbf.QuantState | None = state
             self.quant_state.dtype = compute_dtype  # dequantize straight into the compute dtype
             self.dense_weight: torch.Tensor | None = None
-            self.fused_weight = nf4_cpu.Nf4Weight.from_quant_state(packed, state) if fused else None
+            if self.kernel is not None:  # views of the same packed data and state: no copy
+                self.kernel_weight = nf4_cpu.Nf4Weight.from_quant_state(packed, state)
         else:
             self.packed_weight = None
             self.quant_state = None
             self.dense_weight = weight.to(compute_dtype)  # [out, in]
-            self.fused_weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [num_tokens, in] -> [num_tokens, out]."""
         if self.dense_weight is not None:
             return torch.nn.functional.linear(x, self.dense_weight, self.bias)
-        if self.fused_weight is not None:
-            return nf4_cpu.nf4_linear(x, self.fused_weight, self.bias)
+        if self.kernel_weight is not None and x.shape[0] <= self.plan.max_tokens:  # plan.kernel_for, inlined
+            return self.kernel.nf4_linear(x, self.kernel_weight, self.bias)
         return bnb.matmul_4bit(x, self.packed_weight.t(), quant_state=self.quant_state, bias=self.bias)
 
     def resident_bytes(self) -> int:

@@ -167,8 +167,8 @@ def engine(folder: Path, nf4_kernel: str) -> Engine:
 
 def test_auto_uses_the_fused_kernel_and_matches_bitsandbytes(tiny_llama: Path) -> None:
     fused, portable = engine(tiny_llama, "auto"), engine(tiny_llama, "bitsandbytes")
-    assert all(p.base.fused_weight is not None for _, _, p in fused.model.projections())
-    assert all(p.base.fused_weight is None for _, _, p in portable.model.projections())
+    assert all(p.base.kernel_weight is not None for _, _, p in fused.model.projections())
+    assert all(p.base.kernel_weight is None for _, _, p in portable.model.projections())
     prompts = [[1, 2, 3, 4, 5], [9, 8, 7], list(range(10, 60))]
     sampling = SamplingParams(max_new_tokens=12, ignore_eos=True)
     assert fused.generate(prompts, sampling) == portable.generate(prompts, sampling)
@@ -176,7 +176,7 @@ def test_auto_uses_the_fused_kernel_and_matches_bitsandbytes(tiny_llama: Path) -
 
 def test_auto_falls_back_to_bitsandbytes_without_the_kernel(tiny_llama: Path, monkeypatch) -> None:
     monkeypatch.setattr(nf4_cpu, "available", lambda: False)
-    assert all(p.base.fused_weight is None for _, _, p in engine(tiny_llama, "auto").model.projections())
+    assert all(p.base.kernel_weight is None for _, _, p in engine(tiny_llama, "auto").model.projections())
     with pytest.raises(ValueError, match="nf4_kernel='fused' needs"):
         engine(tiny_llama, "fused")
 
@@ -191,7 +191,7 @@ def test_a_machine_without_a_compiler_serves_through_bitsandbytes(tiny_llama: Pa
         "config = EngineConfig(num_slots=1, max_rank=8, kv_cache_bytes=2**20)\n"
         "e = Engine(model_spec(folder), iter_weights(folder), config)\n"
         "assert not nf4_cpu.available()\n"
-        "assert all(p.base.fused_weight is None for _, _, p in e.model.projections())\n"
+        "assert all(p.base.kernel_weight is None for _, _, p in e.model.projections())\n"
         "print(e.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4, ignore_eos=True))[0])\n"
     )
     env = {**os.environ, "LORAPLEX_HOME": str(tmp_path / "home"), "CXX": str(tmp_path / "no-such-compiler")}

@@ -1,0 +1,90 @@
+"""The kernel-choice table: which NF4 matmul and LoRA op run for each device, compute dtype and token count
+(the GPU rows are read here without a GPU), refusals of kernels that cannot run, and a CPU engine
+built by the table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraplex.server.engine import Engine, EngineConfig, kernel_choice, lora_cpu, nf4_triton
+from loraplex.server.engine.kernel_choice import NF4_TRITON_MAX_TOKENS, Toolchain, lora_impl, nf4_plan
+from loraplex.server.engine.lora import lora_grouped
+from loraplex.server.model_files import iter_weights, model_spec
+from support import write_tiny_model
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+EVERYTHING = Toolchain(cpu_kernels=True, triton=True)
+NOTHING = Toolchain(cpu_kernels=False, triton=False)
+SMOLLM2_IN_FEATURES = [576, 1536]  # hidden and intermediate sizes: multiples of 32
+
+#: (device, dtype, toolchain, tokens in the step) -> (NF4 base matmul, LoRA op), with everything left at "auto".
+TABLE = [
+    (CPU, F32, EVERYTHING, 1, ("nf4_cpu", "cpu_kernel")),
+    (CPU, F32, EVERYTHING, 512, ("nf4_cpu", "cpu_kernel")),  # nf4_cpu runs dequantize + BLAS inside
+    (CPU, BF16, EVERYTHING, 1, ("nf4_cpu", "grouped")),
+    (CPU, F16, EVERYTHING, 1, ("bitsandbytes", "grouped")),
+    (CPU, F32, NOTHING, 1, ("bitsandbytes", "grouped")),  # no C++ compiler
+    (CUDA, BF16, EVERYTHING, 1, ("nf4_triton", "triton")),  # decode of one sequence
+    (CUDA, BF16, EVERYTHING, NF4_TRITON_MAX_TOKENS, ("nf4_triton", "triton")),
+    (CUDA, BF16, EVERYTHING, NF4_TRITON_MAX_TOKENS + 1, ("bitsandbytes", "triton")),  # bitsandbytes + cuBLAS
+    (CUDA, BF16, EVERYTHING, 2048, ("bitsandbytes", "triton")),  # prefill
+    (CUDA, F16, EVERYTHING, 8, ("nf4_triton", "triton")),
+    (CUDA, F32, EVERYTHING, 8, ("nf4_triton", "triton")),
+    (CUDA, BF16, NOTHING, 1, ("bitsandbytes", "grouped")),  # no Triton installed
+]
+
+
+@pytest.mark.parametrize(("device", "dtype", "tools", "tokens", "expected"), TABLE)
+def test_the_kernel_choice_table(device, dtype, tools, tokens, expected) -> None:
+    plan = nf4_plan(device, dtype, SMOLLM2_IN_FEATURES, tools)
+    assert (plan.kernel_for(tokens), lora_impl(device, dtype, tools)) == expected
+
+
+def test_a_cpu_projection_the_fused_kernel_cannot_hold_falls_back_to_bitsandbytes() -> None:
+    assert nf4_plan(CPU, F32, [576, 1000], EVERYTHING).kernel_for(1) == "bitsandbytes"  # 1000 % 32 != 0
+
+
+def test_explicit_choices_win_over_the_table() -> None:
+    assert nf4_plan(CUDA, BF16, SMOLLM2_IN_FEATURES, EVERYTHING, "bitsandbytes").kernel_for(1) == "bitsandbytes"
+    assert nf4_plan(CPU, F32, SMOLLM2_IN_FEATURES, EVERYTHING, "fused").kernel_for(1) == "nf4_cpu"
+    assert lora_impl(CUDA, BF16, EVERYTHING, "grouped") == "grouped"
+    assert lora_impl(CPU, F32, EVERYTHING, "reference") == "reference"
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: nf4_plan(CUDA, BF16, SMOLLM2_IN_FEATURES, EVERYTHING, "fused"), "nf4_kernel='fused' needs the CPU"),
+    (lambda: nf4_plan(CPU, F32, SMOLLM2_IN_FEATURES, EVERYTHING, "triton"), "nf4_kernel='triton' needs a CUDA"),
+    (lambda: nf4_plan(CUDA, BF16, SMOLLM2_IN_FEATURES, NOTHING, "triton"), "nf4_kernel='triton' needs a CUDA"),
+    (lambda: lora_impl(CUDA, BF16, EVERYTHING, "cpu_kernel"), "lora_impl='cpu_kernel' needs float32 on the CPU"),
+    (lambda: lora_impl(CPU, F32, EVERYTHING, "triton"), "lora_impl='triton' needs a CUDA device"),
+])
+def test_asking_for_a_kernel_that_cannot_run_is_refused(call, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_each_plan_names_the_module_that_runs_it() -> None:
+    assert kernel_choice.Nf4Plan("nf4_triton", NF4_TRITON_MAX_TOKENS).kernel_module() is nf4_triton
+    assert kernel_choice.BITSANDBYTES.kernel_module() is None
+    assert kernel_choice.lora_op("triton").__module__ == "loraplex.server.engine.lora_triton"
+    assert kernel_choice.lora_op("grouped") is lora_grouped
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    return write_tiny_model("llama", tmp_path_factory.mktemp("llama") / "base")
+
+
+def test_a_cpu_engine_is_built_by_the_table(tiny_llama: Path) -> None:
+    engine = Engine(model_spec(tiny_llama), iter_weights(tiny_llama),
+                    EngineConfig(num_slots=1, max_rank=8, kv_cache_bytes=2**20))
+    tools = Toolchain.detect(CPU)
+    in_features = sorted({engine.spec.projection_shape(p)[0] for p in ("q_proj", "down_proj")})
+    assert engine.nf4_plan == nf4_plan(CPU, F32, in_features, tools)
+    assert engine.lora_impl == lora_impl(CPU, F32, tools)
+    assert all(p.base.plan == engine.nf4_plan for _, _, p in engine.model.projections())
+    assert engine.lora_impl == "cpu_kernel" and engine.model.lora_op is lora_cpu.lora_cpu  # CI has a C++ compiler

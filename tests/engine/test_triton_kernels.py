@@ -1,0 +1,145 @@
+"""The Triton kernels (lora_triton, nf4_triton) against their oracles: `lora_reference`, and bitsandbytes'
+dequantize + matmul.
+
+On CUDA they run compiled on the GPU (float32 and bfloat16); elsewhere in Triton's interpreter on CPU
+tensors (`TRITON_INTERPRET=1`, which tests/conftest.py sets before anything imports Triton). The
+interpreter does not emulate bfloat16 faithfully (its bf16 `tl.dot` returns garbage), so the bfloat16
+cases are collected on CUDA only. Shapes are small: the interpreter runs every program in Python.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import bitsandbytes.functional as bnbf
+import pytest
+import torch
+
+from loraplex.server.engine import lora_triton, nf4_triton
+from loraplex.server.engine.lora import LARGE_GROUP, NO_ADAPTER, LoraBatch, LoraSlots, lora_reference
+from loraplex.server.engine.nf4 import NF4_BLOCKSIZE, NF4_DOUBLE_QUANT
+from loraplex.server.engine.nf4_cpu import Nf4Weight
+
+ON_CUDA = torch.cuda.is_available()
+assert ON_CUDA or os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets TRITON_INTERPRET without CUDA"
+DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+DTYPES = [torch.float32, torch.bfloat16] if ON_CUDA else [torch.float32]
+#: |kernel - reference| / max |reference| allowed: summation order differs (and bfloat16 rounds the hidden).
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+
+
+# -- multi-LoRA -------------------------------------------------------------------------------------
+
+IN_FEATURES, OUT_FEATURES = 160, 144  # neither a multiple of the kernels' K / N tiles
+MAX_RANK = 32
+#: Rank of each slot's adapter; slot 3 holds nothing in this projection (an adapter that does not target it).
+RANKS = [8, 32, 4, 16]
+
+
+@pytest.fixture(params=DTYPES, ids=str)
+def slots(request) -> LoraSlots:
+    dtype = request.param
+    generator = torch.Generator().manual_seed(0)
+    buffers = LoraSlots(len(RANKS), MAX_RANK, IN_FEATURES, OUT_FEATURES, dtype, DEVICE)
+    for slot, rank in enumerate(RANKS[:3]):
+        buffers.set_slot(slot, torch.randn(rank, IN_FEATURES, generator=generator).to(dtype),
+                         torch.randn(OUT_FEATURES, rank, generator=generator).to(dtype), 0.5 + slot)
+    return buffers
+
+
+def run_both(slots: LoraSlots, slot_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y before, lora_triton's y, lora_reference's y) for random x and y of len(slot_ids) tokens."""
+    generator = torch.Generator().manual_seed(len(slot_ids))
+    dtype = slots.A.dtype
+    x = torch.randn(len(slot_ids), IN_FEATURES, generator=generator).to(DEVICE, dtype)
+    y = torch.randn(len(slot_ids), OUT_FEATURES, generator=generator).to(DEVICE, dtype)
+    batch = LoraBatch.build(slot_ids, RANKS, DEVICE)
+    return y, lora_triton.lora_triton(y.clone(), x, slots, batch), lora_reference(y.clone(), x, slots, batch)
+
+
+def assert_matches(slots: LoraSlots, slot_ids: list[int]) -> None:
+    before, fast, reference = run_both(slots, slot_ids)
+    base_rows = torch.tensor([s == NO_ADAPTER for s in slot_ids], device=DEVICE)
+    assert torch.equal(fast[base_rows], before[base_rows]), "slot -1 rows must be left untouched"
+    assert relative_error(fast, reference) < TOLERANCE[slots.A.dtype]
+    assert relative_error(fast - before, reference - before) < 10 * TOLERANCE[slots.A.dtype]
+
+
+def test_decode_tokens_of_mixed_slots_and_ranks_go_through_bgmv(slots: LoraSlots) -> None:
+    slot_ids = [2, NO_ADAPTER, 0, 1, 1, NO_ADAPTER, 2, 0, 1]  # one token per sequence, slots repeat
+    assert_matches(slots, slot_ids)
+
+
+def test_prefill_segments_go_through_sgmv(slots: LoraSlots) -> None:
+    """Two prefill chunks of LARGE_GROUP + 5 and LARGE_GROUP tokens (SGMV over full token tiles and a
+    partial one), a base-model prompt between them, and decode tokens in the same step: slot 2's goes
+    through BGMV, slot 0's joins its slot's prefill segment (segments are per slot, not per sequence)."""
+    slot_ids = [1] * (LARGE_GROUP + 5) + [NO_ADAPTER] * 3 + [0] * LARGE_GROUP + [2, NO_ADAPTER, 0]
+    batch = LoraBatch.build(slot_ids, RANKS, DEVICE)
+    assert batch.large_groups.slots.tolist() == [1, 0] and batch.small_slots.tolist() == [2]
+    assert_matches(slots, slot_ids)
+
+
+def test_a_slot_without_weights_for_this_projection_adds_exactly_zero(slots: LoraSlots) -> None:
+    """Slot 3's adapter has rank 16 elsewhere but does not target this projection: its rows here are zero."""
+    slot_ids = [3] * (LARGE_GROUP + 1) + [3, NO_ADAPTER, 3]
+    before, fast, _ = run_both(slots, slot_ids)
+    assert torch.equal(fast, before)
+
+
+def test_a_batch_without_adapters_is_left_alone(slots: LoraSlots) -> None:
+    before, fast, _ = run_both(slots, [NO_ADAPTER] * 4)
+    assert torch.equal(fast, before)
+
+
+# -- NF4 matmul -------------------------------------------------------------------------------------
+
+NF4_OUT, NF4_IN = 80, 192  # 192 = 1.5 K tiles; 80 = 2.5 N tiles
+
+
+@pytest.fixture(scope="module")
+def quantized() -> tuple[torch.Tensor, bnbf.QuantState]:
+    weight = torch.randn(NF4_OUT, NF4_IN, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    return bnbf.quantize_4bit(weight, blocksize=NF4_BLOCKSIZE, compress_statistics=NF4_DOUBLE_QUANT,
+                              quant_type="nf4")
+
+
+def dequantized(quantized, dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes' own dequantized weight [out, in] in `dtype` (the oracle)."""
+    packed, state = quantized
+    state = copy.copy(state)
+    state.dtype = dtype
+    return bnbf.dequantize_4bit(packed, state)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nf4_values_are_bit_identical_to_bitsandbytes(quantized, dtype: torch.dtype) -> None:
+    """One-hot rows read single weights out of the product exactly: row k of x = e_k gives W[:, k]."""
+    weight = Nf4Weight.from_quant_state(*quantized)
+    identity = torch.eye(NF4_IN, dtype=dtype, device=DEVICE)  # [in, in]
+    columns = nf4_triton.nf4_linear(identity, weight)  # [in, out] = dequant(W).T
+    assert columns.dtype == dtype
+    assert torch.equal(columns.T, dequantized(quantized, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_tokens", [1, 5, 17])
+def test_nf4_matmul_matches_bitsandbytes_dequantize_then_matmul(quantized, dtype: torch.dtype,
+                                                               num_tokens: int) -> None:
+    generator = torch.Generator().manual_seed(num_tokens)
+    x = torch.randn(num_tokens, NF4_IN, generator=generator).to(DEVICE, dtype)
+    bias = torch.randn(NF4_OUT, generator=generator).to(DEVICE, dtype)
+    expected = x.float() @ dequantized(quantized, dtype).float().T + bias.float()  # [tokens, out]
+    actual = nf4_triton.nf4_linear(x, Nf4Weight.from_quant_state(*quantized), bias)
+    assert actual.shape == (num_tokens, NF4_OUT) and actual.dtype == dtype
+    assert relative_error(actual, expected) < TOLERANCE[dtype]
+
+
+def test_nf4_matmul_refuses_x_of_the_wrong_width(quantized) -> None:
+    with pytest.raises(ValueError, match="x has 64 features, the NF4 weight 192"):
+        nf4_triton.nf4_linear(torch.zeros(2, 64, device=DEVICE), Nf4Weight.from_quant_state(*quantized))
