@@ -5,8 +5,8 @@ token, inter-token gaps, end-to-end time), engine steps (the scheduler, after ea
 duration), prefix-cache lookups (the scheduler, when it first admits a request: prompt tokens queried and
 found cached) and adapter-load phases (the adapter manager: read, validate, copy). Read at scrape time by
 `ServerState`, so they cost nothing while serving: queue and KV gauges (cached prefix blocks among them),
-vLLM-style LoRA info, adapter residency per tier, tier hit/miss/eviction counters, training runs recorded
-in the adapter store.
+vLLM-style LoRA info, adapter residency per tier, tier hit/miss/eviction counters, store read failures,
+training runs recorded in the adapter store.
 
 Adapter label cardinality is bounded: the first `max_adapter_labels` adapters to receive requests keep
 their own `adapter` label value for the life of the process (a label value never moves, so counters stay
@@ -243,6 +243,9 @@ class ServerState(Collector):
             for tier in ("device", "host"):
                 family.add_metric([tier], stats[f"{tier}_{name}"])
             yield family
+        yield CounterMetricFamily("loraplex_adapter_load_failures", "Registered adapter versions that could not be "
+                                  "read from the store into host memory (the requests holding them failed; the log "
+                                  "says why).", value=stats["load_failures"])
         runs = CounterMetricFamily("loraplex_training_runs", "serve-train runs on this adapter store, by outcome "
                                    "(succeeded, rejected: stored but not promoted, failed, interrupted).",
                                    labels=["outcome"])

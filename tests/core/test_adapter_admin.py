@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from loraplex.adapters.identity import adapter_digest
 from loraplex.adapters.peft_format import read_lora_weights
@@ -175,14 +176,22 @@ async def test_a_damaged_upload_is_refused_and_the_previous_version_keeps_servin
     assert sorted(p.name for p in (tmp_path / "store" / "hot").iterdir()) == [status.current_version]
 
 
+def load_failures(app) -> float:
+    """The server's loraplex_adapter_load_failures_total, read from its exposition."""
+    (value,) = [sample.value for family in text_string_to_metric_families(app.metrics.exposition().decode())
+                if family.name == "loraplex_adapter_load_failures" for sample in family.samples]
+    return value
+
+
 async def test_stored_files_damaged_on_disk_fail_their_requests_only(lifecycle, tmp_path):
     _base, _root, folders = lifecycle
-    async with serving(lifecycle, tmp_path / "store") as (_app, client, stub):
+    async with serving(lifecycle, tmp_path / "store") as (app, client, stub):
         loaded = await stub.LoadAdapter(admin.LoadAdapterRequest(name="hot", source=str(folders["hot_v2"])))
         stored = tmp_path / "store" / "hot" / loaded.adapter.current_version / "adapter_model.safetensors"
         stored.write_bytes(stored.read_bytes()[:-8])  # damaged after it was stored, before its first use
         details = await expect_status(grpc.StatusCode.FAILED_PRECONDITION, client.generate([1, 2], "hot"))
         assert "cannot be loaded" in details and "no longer match version" in details, details
+        assert load_failures(app) == 1.0
         base_result = await client.generate([1, 2], "", max_new_tokens=3, ignore_eos=True)
         assert len(base_result.token_ids) == 3
         await stub.LoadAdapter(admin.LoadAdapterRequest(name="hot", source=str(folders["hot_v0"])))

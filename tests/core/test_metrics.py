@@ -28,7 +28,8 @@ from serving_support import post, serving, slow_steps, status_of
 EXPORTED = {
     "counter": ["loraplex_requests", "loraplex_prompt_tokens", "loraplex_generation_tokens",
                 "loraplex_adapter_evictions", "loraplex_adapter_cache_hits", "loraplex_adapter_cache_misses",
-                "loraplex_training_runs", "loraplex_prefix_cache_queries", "loraplex_prefix_cache_hits"],
+                "loraplex_training_runs", "loraplex_prefix_cache_queries", "loraplex_prefix_cache_hits",
+                "loraplex_adapter_load_failures"],
     "histogram": ["loraplex_time_to_first_token_seconds", "loraplex_inter_token_latency_seconds",
                   "loraplex_e2e_request_latency_seconds", "loraplex_batch_size", "loraplex_step_duration_seconds",
                   "loraplex_adapter_load_seconds"],

@@ -56,11 +56,12 @@ class StatusReadouts(AdapterState):
 
     def tier_counters(self) -> dict[str, int]:
         """{device,host}_{cache_hits,cache_misses,evictions} since start (a host miss is a store read, done
-        or failed)."""
+        or failed), and load_failures (store reads that failed)."""
         stats = self.stats
         return {"device_cache_hits": stats.device_hits, "device_cache_misses": stats.installs,
                 "device_evictions": self.slots.evictions, "host_cache_hits": stats.host_hits,
-                "host_cache_misses": stats.loads + stats.load_failures, "host_evictions": self.host.evictions}
+                "host_cache_misses": stats.loads + stats.load_failures, "host_evictions": self.host.evictions,
+                "load_failures": stats.load_failures}
 
     def status(self, name: str) -> AdapterStatus:
         """Versions, tiers and use counts of `name`; AdapterNotFound if it is not registered."""
