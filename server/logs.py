@@ -54,3 +54,24 @@ def configure_logging(level: str, log_format: Literal["text", "json"]) -> None:
     handler.setFormatter(JsonLines() if log_format == "json" else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+BNB_KERNEL_HUB_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
+"""What bitsandbytes logs on import on CPUs with AVX512-BF16 when it cannot fetch a fused CPU 4-bit GEMM from
+the Hugging Face kernel hub (the `kernels` package, which downloads code at run time), with the advice to
+`pip install kernels`. loraplex never runs that kernel: the server multiplies NF4 weights with its own kernels
+and the training sidecar keeps bitsandbytes on its portable path (adapters/bnb_compat.py)."""
+
+
+def _not_kernel_hub_warning(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(BNB_KERNEL_HUB_WARNING)
+
+
+def filter_bitsandbytes_kernel_hub_warning() -> None:
+    """Drop BNB_KERNEL_HUB_WARNING, and only it, from bitsandbytes' CPU backend logger (idempotent). Called by
+    the `loraplex.server` and `loraplex.adapters` packages before any of their modules imports bitsandbytes
+    (directly, or through peft or transformers)."""
+    logger = logging.getLogger(BNB_CPU_LOGGER)
+    if _not_kernel_hub_warning not in logger.filters:
+        logger.addFilter(_not_kernel_hub_warning)
