@@ -13,6 +13,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+from loraplex.server.api.http.fields import flag, integer, number, optional_int
 from loraplex.server.api.http.tool_calls import NO_TOOLS, ToolUse, decode_message, decode_tools
 from loraplex.server.core.calls import ChatMessage, Constraint, GenerateCall
 from loraplex.server.core.errors import InvalidRequest
@@ -59,8 +60,8 @@ def decode_completions(body: dict) -> Answer:
     logprobs come first in the choice's logprobs (the first prompt token's is null), computed in prefill;
     `max_tokens` 0 is allowed with `echo` (the prompt alone)."""
     prompts = _prompts(body.get("prompt"))
-    top = _optional_int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
-    echo = _flag(body, "echo")
+    top = optional_int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+    echo = flag(body, "echo")
     prompt_only = echo and body.get("max_tokens") == 0
     if prompt_only:
         body = {**body, "max_tokens": 1}
@@ -89,8 +90,8 @@ def decode_chat(body: dict) -> Answer:
     if not isinstance(messages, list):
         raise InvalidRequest("messages", "must be a list of {role, content} with string content")
     prompt: list[ChatMessage] = [decode_message(m) for m in messages]
-    logprobs = _flag(body, "logprobs")
-    top = _optional_int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    logprobs = flag(body, "logprobs")
+    top = optional_int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
     if top and not logprobs:
         raise InvalidRequest("top_logprobs", "needs logprobs: true")
     tool_use = decode_tools(body)
@@ -109,16 +110,16 @@ def _decode(body: dict, prompt: str | list[int] | list[ChatMessage], params: Map
     if not isinstance(model, str):
         raise InvalidRequest("model", "must be a string")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    sampling = {"temperature": _number(body, "temperature", 1.0), "top_p": _number(body, "top_p", 1.0),
-                "presence_penalty": _number(body, "presence_penalty", 0.0),
-                "frequency_penalty": _number(body, "frequency_penalty", 0.0)}
-    seed = _optional_int(body, "seed", -(2**63), 2**64 - 1)
+    sampling = {"temperature": number(body, "temperature", 1.0), "top_p": number(body, "top_p", 1.0),
+                "presence_penalty": number(body, "presence_penalty", 0.0),
+                "frequency_penalty": number(body, "frequency_penalty", 0.0)}
+    seed = optional_int(body, "seed", -(2**63), 2**64 - 1)
     stop = body.get("stop")
     stops = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else ()
     if (stop is not None and not isinstance(stop, str | list)) or not all(isinstance(s, str) and s for s in stops) \
             or len(stops) > MAX_STOP_STRINGS:
         raise InvalidRequest("stop", f"must be a non-empty string or a list of up to {MAX_STOP_STRINGS}")
-    n = _optional_int(body, "n", 1, MAX_CHOICES) or 1
+    n = optional_int(body, "n", 1, MAX_CHOICES) or 1
     cache_salt = "" if body.get("cache_salt") is None else body["cache_salt"]  # vLLM's field
     if not isinstance(cache_salt, str):
         raise InvalidRequest("cache_salt", "must be a string")
@@ -127,7 +128,7 @@ def _decode(body: dict, prompt: str | list[int] | list[ChatMessage], params: Map
         raise InvalidRequest("service_tier", f"must be one of {', '.join(map(repr, SERVICE_TIERS))}")
     constraint, constraint_param = _constraint(body)
     call = GenerateCall(adapter=model, prompt=prompt, max_new_tokens=None if max_tokens is None else
-                        _int(max_tokens, "max_tokens"), sampling=sampling, ignore_eos=_flag(body, "ignore_eos"),
+                        integer(max_tokens, "max_tokens"), sampling=sampling, ignore_eos=flag(body, "ignore_eos"),
                         logprobs=logprobs, top_logprobs=top_logprobs, cache_salt=cache_salt,
                         priority=SERVICE_TIERS[tier], constraint=constraint)
     calls = [replace(call, sampling={**sampling, "seed": (seed + i) % 2**64}) if seed is not None else call
@@ -135,8 +136,8 @@ def _decode(body: dict, prompt: str | list[int] | list[ChatMessage], params: Map
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise InvalidRequest("stream_options", "must be an object")
-    return Answer(calls, {**params, "constraint": constraint_param}, stops, chat, model, _flag(body, "stream"),
-                  _flag(stream_options, "include_usage"))
+    return Answer(calls, {**params, "constraint": constraint_param}, stops, chat, model, flag(body, "stream"),
+                  flag(stream_options, "include_usage"))
 
 
 def _constraint(body: dict) -> tuple[Constraint | None, str]:
@@ -168,42 +169,3 @@ def _constraint(body: dict) -> tuple[Constraint | None, str]:
             raise InvalidRequest(name, "json_schema needs {\"name\", \"schema\": {...}}")
         return Constraint("json_schema", json.dumps(spec["schema"])), name
     raise InvalidRequest(name, 'type must be "text", "json_object" or "json_schema"')
-
-
-def string_field(values: dict, name: str) -> str:
-    value = values.get(name)
-    if not isinstance(value, str) or not value:
-        raise InvalidRequest(name, "must be a non-empty string")
-    return value
-
-
-def _flag(values: dict, name: str) -> bool:
-    value = values.get(name, False)
-    if not isinstance(value, bool):
-        raise InvalidRequest(name, "must be true or false")
-    return value
-
-
-def _int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(name, "must be an integer")
-    return value
-
-
-def _optional_int(body: dict, name: str, low: int, high: int) -> int | None:
-    """body[name] when set (an integer in [low, high]), else None."""
-    value = body.get(name)
-    if value is None:
-        return None
-    if not low <= _int(value, name) <= high:
-        raise InvalidRequest(name, f"must lie in [{low}, {high}]")
-    return value
-
-
-def _number(body: dict, name: str, default: float) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidRequest(name, "must be a number")
-    return float(value)

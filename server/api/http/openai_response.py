@@ -92,11 +92,11 @@ def error_body(error: Exception) -> tuple[int, dict]:
 
 
 async def error_response(request: HttpRequest, error: Exception) -> Response:
-    """The refusal's JSON; an Overloaded one (429) also says when to retry (Retry-After, in seconds)."""
+    """The refusal's JSON; an Overloaded one (429) also says when to retry."""
     status, body = error_body(error)
-    headers = {"Retry-After": str(error.retry_after_s)} if isinstance(error, errors.Overloaded) else None
-    return JSONResponse(body, status, headers)
+    return JSONResponse(body, status, retry_after(error))
 
 
-async def bad_json(request: HttpRequest, error: Exception) -> Response:
-    return await error_response(request, InvalidRequest("body", f"is not valid JSON ({error})"))
+def retry_after(error: Exception) -> dict[str, str] | None:
+    """The headers of a refusal: Retry-After (in seconds) for an Overloaded one (429), else none."""
+    return {"Retry-After": str(error.retry_after_s)} if isinstance(error, errors.Overloaded) else None

@@ -3,11 +3,13 @@
 The backend is the in-process `GenerationCore` when `loraplex serve` runs the shim next to gRPC, or a
 `RemoteBackend` (server/api/remote_backend.py) when `loraplex http-shim --grpc-target HOST:PORT` runs it
 alone in front of a remote server; the shim itself only translates JSON to `GenerateCall`s and
-`GeneratedToken`s to JSON, and forwards `Authorization: Bearer KEY` to the backend, which checks it.
+`GeneratedToken`s to JSON, and forwards `Authorization: Bearer KEY` (or Anthropic's `x-api-key: KEY`) to the
+backend, which checks it.
 
 Endpoints: GET /health (the process answers), GET /ready (the backend takes requests; 503 otherwise),
 GET /v1/models (the base and every adapter the key may use), POST /v1/completions and
 POST /v1/chat/completions, each unary or streamed as server-sent events ending in `data: [DONE]`,
+Anthropic's POST /v1/messages (anthropic_request.py; its refusals in Anthropic's error shape),
 vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (scope "admin"), GET /v1/admin/adapters
 (scope "admin": AdapterAdmin.ListAdapters as protobuf's JSON with the .proto field names), and the
 playground page at / (server/api/http/page.py) unless turned off.
@@ -38,16 +40,19 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from loraplex.server.api.http import anthropic_response
+from loraplex.server.api.http.anthropic_request import decode_messages
+from loraplex.server.api.http.anthropic_streaming import message_events
 from loraplex.server.api.http.body import MAX_REQUEST_BYTES, read_json_body
 from loraplex.server.api.http.echo import echoed
+from loraplex.server.api.http.fields import string_field
 from loraplex.server.api.http.openai_request import (
     ADMIN_PARAMS,
     Answer,
     decode_chat,
     decode_completions,
-    string_field,
 )
-from loraplex.server.api.http.openai_response import bad_json, error_response, render_choice, served_by, usage
+from loraplex.server.api.http.openai_response import error_response, render_choice, served_by, usage
 from loraplex.server.api.http.page import playground_routes
 from loraplex.server.api.http.plumbing import RequestIds
 from loraplex.server.api.http.stops import pieces
@@ -55,6 +60,8 @@ from loraplex.server.api.http.streaming import events, joined, rest, whole
 from loraplex.server.core.calls import GenerateCall, GeneratedToken, ModelList
 from loraplex.server.core.errors import InvalidRequest, RequestError
 from loraplex.v1 import admin_pb2 as admin_pb
+
+MESSAGES_PATH = "/v1/messages"
 
 
 class Backend(Protocol):
@@ -99,6 +106,7 @@ class HttpShim:
             Route("/health", self.health), Route("/ready", self.ready), Route("/v1/models", self.models),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route(MESSAGES_PATH, self.messages, methods=["POST"]),
             Route("/v1/load_lora_adapter", self.load_lora_adapter, methods=["POST"]),
             Route("/v1/unload_lora_adapter", self.unload_lora_adapter, methods=["POST"]),
         ]
@@ -109,7 +117,7 @@ class HttpShim:
         if playground:
             routes.extend(playground_routes())
         self.app = RequestIds(Starlette(routes=routes, exception_handlers={
-            RequestError: error_response, json.JSONDecodeError: bad_json, Exception: error_response}))
+            RequestError: _refusal, json.JSONDecodeError: _refusal, Exception: _refusal}))
 
     async def metrics(self, request: HttpRequest) -> Response:
         return Response(await self._metrics.exposition(_authorization(request)), media_type=CONTENT_TYPE_LATEST)
@@ -135,6 +143,23 @@ class HttpShim:
 
     async def chat_completions(self, request: HttpRequest) -> Response:
         return await self._answer(request, decode_chat(await self._json_body(request)))
+
+    async def messages(self, request: HttpRequest) -> Response:
+        """Anthropic's Messages API: one reply, as a `message` object or as its event stream."""
+        answer = decode_messages(await self._json_body(request))
+        choice = pieces(self._backend.generate(_authorization(request), answer.call), answer.stops, answer.params)
+        if answer.tool_use.parse:
+            choice = whole(choice)
+        try:  # refusals surface here, before any byte is sent
+            first = await anext(choice)
+        except BaseException:
+            await choice.aclose()
+            raise
+        ident = f"msg_{uuid.uuid4().hex}"
+        if answer.stream:
+            return StreamingResponse(message_events(answer, first, choice, ident), media_type="text/event-stream")
+        reply = joined(await rest(first, choice))
+        return JSONResponse(anthropic_response.whole_message(answer, ident, reply))
 
     async def load_lora_adapter(self, request: HttpRequest) -> Response:
         """vLLM's endpoint: {"lora_name", "lora_path"} -> AdapterAdmin.LoadAdapter (scope "admin")."""
@@ -197,4 +222,17 @@ class HttpShim:
 
 
 def _authorization(request: HttpRequest) -> str | None:
-    return request.headers.get("authorization")
+    """The caller's credentials as the backend takes them: the Authorization header, else `x-api-key: KEY`
+    (Anthropic's header) as "Bearer KEY"."""
+    key = request.headers.get("x-api-key")
+    return request.headers.get("authorization") or (f"Bearer {key}" if key else None)
+
+
+async def _refusal(request: HttpRequest, error: Exception) -> Response:
+    """A refusal in the shape of the protocol its route speaks: Anthropic's on /v1/messages, else OpenAI's; a
+    body that is not JSON is an InvalidRequest of field "body"."""
+    if isinstance(error, json.JSONDecodeError):
+        error = InvalidRequest("body", f"is not valid JSON ({error})")
+    if request.url.path == MESSAGES_PATH:
+        return await anthropic_response.error_response(request, error)
+    return await error_response(request, error)

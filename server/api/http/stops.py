@@ -27,6 +27,8 @@ class Piece:
     completion_tokens: int = 0
     cached_tokens: int = 0
     """Of prompt_tokens, those the prefix cache held."""
+    stop_string: str | None = None
+    """The stop string that ended the choice (on its last piece); None when the model or a limit ended it."""
 
 
 async def pieces(tokens: AsyncIterator[GeneratedToken], stops: tuple[str, ...], names: Mapping[str, str],
@@ -41,14 +43,14 @@ async def pieces(tokens: AsyncIterator[GeneratedToken], stops: tuple[str, ...], 
             first = first or token
             held += token.text
             held_tokens.append(token)
-            cut = min((i for i in (held.find(stop) for stop in stops) if i >= 0), default=-1)
+            cut, stop = min(((i, stop) for stop in stops if (i := held.find(stop)) >= 0), default=(-1, None))
             if cut >= 0 and token.completion is None:  # the generation ends here, as finished
                 with contextlib.suppress(StopAsyncIteration):
                     await tokens.athrow(StopGeneration())
             if cut >= 0 or token.completion is not None:
                 reason = "stop" if cut >= 0 else token.completion.finish_reason.value  # OpenAI's names
                 yield Piece(held[:cut] if cut >= 0 else held, tuple(held_tokens), reason, first.prompt_tokens,
-                            generated, first.cached_tokens)
+                            generated, first.cached_tokens, stop)
                 return
             if not stops:  # one piece per token, as gRPC streams (its text may be empty)
                 yield Piece(held, tuple(held_tokens))

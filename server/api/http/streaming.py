@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 
 from loraplex.server.api.http.openai_request import Answer
 from loraplex.server.api.http.openai_response import error_body, render_choice, served_by, usage
@@ -34,9 +35,8 @@ async def whole(choice: AsyncIterator[Piece]) -> AsyncIterator[Piece]:
 
 
 def joined(pieces: Sequence[Piece]) -> Piece:
-    last = pieces[-1]
-    return Piece("".join(p.text for p in pieces), tuple(t for p in pieces for t in p.tokens), last.finish_reason,
-                 last.prompt_tokens, last.completion_tokens, last.cached_tokens)
+    """One choice's pieces as one: their text and tokens, with the last one's finish and counts."""
+    return replace(pieces[-1], text="".join(p.text for p in pieces), tokens=tuple(t for p in pieces for t in p.tokens))
 
 
 async def events(answer: Answer, firsts: list[Piece], choices: list[AsyncIterator[Piece]], ident: str,
