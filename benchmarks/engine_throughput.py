@@ -13,6 +13,7 @@ kernel's dequantize + BLAS path, over token counts), and profiles one decode ste
 
     python benchmarks/engine_throughput.py            # SmolLM2-135M-Instruct, NF4 (the default model)
     python benchmarks/engine_throughput.py --tiny     # a random tiny llama, for a quick check
+    python benchmarks/engine_throughput.py --device cuda   # the GPU set (engine_throughput_cuda.py)
 """
 
 from __future__ import annotations
@@ -309,8 +310,17 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="random tiny llama instead of SmolLM2")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-peft", action="store_true", help="leave out mode (e)")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--output", type=Path, default=RESULTS,
+                        help="the JSON file; on CUDA its folder gets engine_throughput_cuda_<shape>.json")
+    parser.add_argument("--shapes", nargs="+", default=["smollm2", "llama3-8b"],
+                        help="on CUDA: random-weight models of these shapes (engine_throughput_cuda.SHAPES)")
     args = parser.parse_args()
+    if args.device.startswith("cuda"):  # the GPU set: engine_throughput_cuda.py
+        from engine_throughput_cuda import run
+
+        for shape in args.shapes:
+            run(shape, args.device, args.output.with_name(f"engine_throughput_cuda_{shape}.json"))
+        return
 
     workdir = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
     base_folder = tiny_model(workdir / "base") if args.tiny else default_model_path()
