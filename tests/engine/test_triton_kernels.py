@@ -16,10 +16,14 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
-from loraplex.server.engine import lora_triton, nf4_triton
+from loraplex.adapters.peft_format import read_lora_weights
+from loraplex.server.engine import Engine, EngineConfig, SamplingParams, kernel_choice, lora_triton, nf4_triton
+from loraplex.server.engine.kernel_choice import NF4_TRITON_MAX_TOKENS, Nf4Plan
 from loraplex.server.engine.lora import LARGE_GROUP, NO_ADAPTER, LoraBatch, LoraSlots, lora_reference
-from loraplex.server.engine.nf4 import NF4_BLOCKSIZE, NF4_DOUBLE_QUANT
+from loraplex.server.engine.nf4 import NF4_BLOCKSIZE, NF4_DOUBLE_QUANT, BaseLinear
 from loraplex.server.engine.nf4_cpu import Nf4Weight
+from loraplex.server.model_files import iter_weights, model_spec
+from support import MIXED_ADAPTERS, write_adapter, write_tiny_model
 
 ON_CUDA = torch.cuda.is_available()
 assert ON_CUDA or os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets TRITON_INTERPRET without CUDA"
@@ -143,3 +147,66 @@ def test_nf4_matmul_matches_bitsandbytes_dequantize_then_matmul(quantized, dtype
 def test_nf4_matmul_refuses_x_of_the_wrong_width(quantized) -> None:
     with pytest.raises(ValueError, match="x has 64 features, the NF4 weight 192"):
         nf4_triton.nf4_linear(torch.zeros(2, 64, device=DEVICE), Nf4Weight.from_quant_state(*quantized))
+
+
+def test_base_linear_runs_the_triton_kernel_up_to_its_token_count_then_bitsandbytes() -> None:
+    """`BaseLinear` with the CUDA row's plan: nf4_triton up to max_tokens, bitsandbytes' matmul_4bit above."""
+    import bitsandbytes as bnb
+
+    weight = torch.randn(NF4_OUT, NF4_IN, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    linear = BaseLinear(weight, torch.float32, quantize=True, plan=Nf4Plan("nf4_triton", max_tokens=4))
+    assert linear.kernel is nf4_triton
+    for num_tokens in (4, 5):
+        x = torch.randn(num_tokens, NF4_IN, generator=torch.Generator().manual_seed(num_tokens)).to(DEVICE)
+        portable = bnb.matmul_4bit(x, linear.packed_weight.t(), quant_state=linear.quant_state)
+        if num_tokens <= 4:
+            assert torch.equal(linear.forward(x), nf4_triton.nf4_linear(x, linear.kernel_weight))
+            assert relative_error(linear.forward(x), portable) < TOLERANCE[torch.float32]
+        else:
+            assert torch.equal(linear.forward(x), portable)
+
+
+# -- the engine on the CUDA row's kernels -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """(base folder, adapter folders): a tiny llama and two adapters of different ranks and targets."""
+    root = tmp_path_factory.mktemp("triton-engine")
+    base = write_tiny_model("llama", root / "base")
+    return base, [write_adapter(base, spec, root / spec.name, seed=20 + i) for i, spec in enumerate(MIXED_ADAPTERS[:2])]
+
+
+def run_engine(tiny_model, on_triton: bool, monkeypatch) -> tuple[list[list[int]], torch.Tensor]:
+    """Greedy tokens and the last step's logits of a mixed batch: a prefill long enough for SGMV, decode
+    rows of both adapters and the base. With `on_triton` the engine is built with the table's CUDA choices
+    (nf4_triton, triton), forced here on a device that is not CUDA: the kernel choice is patched, nothing else."""
+    base, adapters = tiny_model
+    with monkeypatch.context() as patch:
+        if on_triton:
+            patch.setattr(kernel_choice, "nf4_plan", lambda *_: Nf4Plan("nf4_triton", NF4_TRITON_MAX_TOKENS))
+            patch.setattr(kernel_choice, "lora_impl", lambda *_: "triton")
+        engine = Engine(model_spec(base), iter_weights(base), EngineConfig(
+            device=str(DEVICE), compute_dtype="float32", num_slots=2, max_rank=16, kv_cache_bytes=2**22))
+    assert (engine.lora_impl == "triton") == (engine.nf4_plan.kernel == "nf4_triton") == on_triton
+    for slot, folder in enumerate(adapters):
+        engine.set_slot(slot, read_lora_weights(folder))
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 96, (n,), generator=generator).tolist() for n in (LARGE_GROUP + 2, 5, 7, 3)]
+    logits: list[torch.Tensor] = []
+    forward = engine.model.forward
+
+    def recording_forward(*args: object) -> torch.Tensor:  # test-only instrumentation
+        logits.append(forward(*args))
+        return logits[-1]
+
+    engine.model.forward = recording_forward
+    tokens = engine.generate(prompts, SamplingParams(max_new_tokens=3, ignore_eos=True), slots=[0, 1, -1, 0])
+    return tokens, logits[-1].cpu()
+
+
+def test_an_engine_on_the_triton_kernels_matches_the_default_one(tiny_model, monkeypatch) -> None:
+    triton_tokens, triton_logits = run_engine(tiny_model, True, monkeypatch)
+    tokens, logits = run_engine(tiny_model, False, monkeypatch)
+    assert triton_tokens == tokens
+    assert relative_error(triton_logits, logits) < 1e-4
