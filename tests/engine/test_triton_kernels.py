@@ -179,15 +179,17 @@ def tiny_model(tmp_path_factory):
 
 def run_engine(tiny_model, on_triton: bool, monkeypatch) -> tuple[list[list[int]], torch.Tensor]:
     """Greedy tokens and the last step's logits of a mixed batch: a prefill long enough for SGMV, decode
-    rows of both adapters and the base. With `on_triton` the engine is built with the table's CUDA choices
-    (nf4_triton, triton), forced here on a device that is not CUDA: the kernel choice is patched, nothing else."""
+    rows of both adapters and the base. With `on_triton` the engine runs the table's CUDA choices
+    (nf4_triton, triton): the table's own on CUDA, forced elsewhere (the kernel choice is patched, nothing
+    else); without, bitsandbytes and the grouped LoRA op."""
     base, adapters = tiny_model
+    kernels = {} if on_triton else {"nf4_kernel": "bitsandbytes", "lora_impl": "grouped"}
     with monkeypatch.context() as patch:
-        if on_triton:
+        if on_triton and not ON_CUDA:
             patch.setattr(kernel_choice, "nf4_plan", lambda *_: Nf4Plan("nf4_triton", NF4_TRITON_MAX_TOKENS))
             patch.setattr(kernel_choice, "lora_impl", lambda *_: "triton")
         engine = Engine(model_spec(base), iter_weights(base), EngineConfig(
-            device=str(DEVICE), compute_dtype="float32", num_slots=2, max_rank=16, kv_cache_bytes=2**22))
+            device=str(DEVICE), compute_dtype="float32", num_slots=2, max_rank=16, kv_cache_bytes=2**22, **kernels))
     assert (engine.lora_impl == "triton") == (engine.nf4_plan.kernel == "nf4_triton") == on_triton
     for slot, folder in enumerate(adapters):
         engine.set_slot(slot, read_lora_weights(folder))
@@ -205,7 +207,7 @@ def run_engine(tiny_model, on_triton: bool, monkeypatch) -> tuple[list[list[int]
     return tokens, logits[-1].cpu()
 
 
-def test_an_engine_on_the_triton_kernels_matches_the_default_one(tiny_model, monkeypatch) -> None:
+def test_an_engine_on_the_triton_kernels_matches_one_on_bitsandbytes_and_grouped(tiny_model, monkeypatch) -> None:
     triton_tokens, triton_logits = run_engine(tiny_model, True, monkeypatch)
     tokens, logits = run_engine(tiny_model, False, monkeypatch)
     assert triton_tokens == tokens
