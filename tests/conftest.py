@@ -1,5 +1,4 @@
 import os
-import sys
 
 import pytest
 import torch
@@ -8,7 +7,6 @@ import torch
 # test_triton_kernels.py). Triton reads TRITON_INTERPRET when its own modules and each kernel are
 # decorated, so it is set here, before anything imports Triton (bitsandbytes does), for the whole process.
 if not torch.cuda.is_available():
-    assert "triton" not in sys.modules, "Triton was imported before tests/conftest.py could set TRITON_INTERPRET"
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 

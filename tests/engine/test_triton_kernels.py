@@ -26,7 +26,11 @@ from loraplex.server.model_files import iter_weights, model_spec
 from support import MIXED_ADAPTERS, write_adapter, write_tiny_model
 
 ON_CUDA = torch.cuda.is_available()
-assert ON_CUDA or os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets TRITON_INTERPRET without CUDA"
+if not ON_CUDA:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert isinstance(nf4_triton._nf4_matmul, InterpretedFunction) and os.environ.get("TRITON_INTERPRET") == "1", (
+        "without CUDA the kernels must be interpreted: Triton was imported before tests/conftest.py set TRITON_INTERPRET")
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 DTYPES = [torch.float32, torch.bfloat16] if ON_CUDA else [torch.float32]
 #: |kernel - reference| / max |reference| allowed: summation order differs (and bfloat16 rounds the hidden).
