@@ -1,10 +1,10 @@
 """Attention over the paged KV cache for a batch that mixes prefill chunks and decode tokens.
 
 The batch's tokens are flat (`[num_tokens, ...]`), sequence after sequence. Sequences with one new
-token (decode) are attended together: on the CPU by `attention_cpu`'s kernel reading the cache in
-place, elsewhere in one padded call over gathered rows; each sequence with several new tokens (a
-prefill chunk) gets its own call over its whole context. All index tensors are built once per
-step (`AttentionBatch.build`) and shared by every layer.
+token (decode) are attended together: on the CPU by `attention_cpu`'s kernel and on CUDA by
+`attention_triton`'s, both reading the cache in place, elsewhere in one padded call over gathered
+rows; each sequence with several new tokens (a prefill chunk) gets its own call over its whole
+context. All index tensors are built once per step (`AttentionBatch.build`) and shared by every layer.
 """
 
 from __future__ import annotations
@@ -39,10 +39,13 @@ class AttentionBatch:
     write_rows: torch.Tensor
     """[num_tokens] KV storage row of each new token."""
     groups: tuple[AttentionGroup, ...]
+    decode_kernel: str = "torch"
+    """Who attends the decode group (kernel_choice.decode_attention): "triton" (attention_triton, CUDA) or
+    "torch" (the CPU kernel where `attention_cpu.supports` it, else the gathered calls below)."""
 
     @staticmethod
     def build(sequences: list[tuple[int, int, list[int]]], windows: set[int | None],
-              device: torch.device) -> AttentionBatch:
+              device: torch.device, decode_kernel: str = "torch") -> AttentionBatch:
         """`sequences`: per sequence (context length before this step, new tokens, storage rows of the
         full context including the new tokens), in batch order. `windows`: the sliding windows in use."""
         write_rows: list[int] = []
@@ -59,7 +62,7 @@ class AttentionBatch:
                                  windows, device))
         for first, start, rows in prefill:
             groups.append(_group([first], len(rows) - start, [start], [rows], windows, device))
-        return AttentionBatch(torch.tensor(write_rows, dtype=torch.long, device=device), tuple(groups))
+        return AttentionBatch(torch.tensor(write_rows, dtype=torch.long, device=device), tuple(groups), decode_kernel)
 
 
 def _group(first_queries: list[int], num_queries: int, starts: list[int], rows: list[list[int]],
@@ -103,11 +106,18 @@ def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, b
     """q: [num_tokens, heads, head_dim]; keys/values: one layer's storage [rows, kv_heads, head_dim],
     already holding this step's tokens. Returns [num_tokens, heads, head_dim].
 
-    The decode group goes to the CPU kernel where it runs (`attention_cpu`: the cache read in place);
-    prefill chunks, and decode elsewhere, gather their context and use the calls below."""
+    The decode group goes to the Triton kernel on CUDA (`attention_triton`) or the CPU kernel where it
+    runs (`attention_cpu`), both reading the cache in place; prefill chunks, and decode elsewhere, gather
+    their context and use the calls below."""
     q = q.contiguous()
     out = torch.empty_like(q)
     for group in batch.groups:
+        if group.num_queries == 1 and batch.decode_kernel == "triton":
+            from loraplex.server.engine import attention_triton  # imports Triton: CUDA engines only
+
+            attention_triton.decode_attention(out, q, keys, values, group.query_index, group.context_rows,
+                                              group.lengths, window)
+            continue
         if group.num_queries == 1 and attention_cpu.supports(q, q.shape[1], keys.shape[1]):
             attention_cpu.decode_attention(out, q, keys, values, group.query_index, group.context_rows,
                                            group.lengths, window)

@@ -122,6 +122,9 @@ class Engine:
             num_slots=self.num_slots, max_rank=config.max_rank, nf4_plan=self.nf4_plan,
         )
         self.model.lora_op = kernel_choice.lora_op(self.lora_impl)
+        self.decode_attention = kernel_choice.decode_attention(self.device, spec.num_heads, spec.num_kv_heads,
+                                                               spec.head_dim, tools)
+        """Who attends decode sequences: "triton" or "torch" (kernel_choice's table)."""
         num_blocks = PagedKVCache.blocks_for_budget(
             config.kv_cache_bytes, spec.num_layers, config.block_size, spec.num_kv_heads, spec.head_dim, self.dtype,
         )
@@ -251,7 +254,7 @@ class Engine:
         cos, sin = self.model.rotary(position_tensor)
         meta = StepMetadata(
             cos=cos, sin=sin,
-            attention=AttentionBatch.build(attention_seqs, self._windows, device),
+            attention=AttentionBatch.build(attention_seqs, self._windows, device, self.decode_attention),
             lora=LoraBatch.build(slot_ids, self.slot_ranks, device),
             logits_index=torch.tensor(logits_index + prompt_index, dtype=torch.long, device=device),
         )

@@ -3,16 +3,20 @@ one kernel-choice table.
 
 With `engine.nf4_kernel` and `engine.lora_impl` left at "auto":
 
-| device | compute dtype       | tokens per step         | NF4 base matmul           | LoRA op      |
-|--------|---------------------|-------------------------|---------------------------|--------------|
-| cpu    | float32             | any                     | nf4_cpu (fused)           | cpu_kernel   |
-| cpu    | bfloat16            | any                     | nf4_cpu (fused)           | grouped      |
-| cpu    | float16             | any                     | bitsandbytes              | grouped      |
-| cuda   | any                 | <= NF4_TRITON_MAX_TOKENS| nf4_triton                | triton       |
-| cuda   | any                 | > NF4_TRITON_MAX_TOKENS | bitsandbytes (+ cuBLAS)   | triton       |
+| device | compute dtype | tokens per step          | NF4 base matmul         | LoRA op    | decode attention |
+|--------|---------------|--------------------------|-------------------------|------------|------------------|
+| cpu    | float32       | any                      | nf4_cpu (fused)         | cpu_kernel | torch            |
+| cpu    | bfloat16      | any                      | nf4_cpu (fused)         | grouped    | torch            |
+| cpu    | float16       | any                      | bitsandbytes            | grouped    | torch            |
+| cuda   | any           | <= NF4_TRITON_MAX_TOKENS | nf4_triton              | triton     | triton           |
+| cuda   | any           | > NF4_TRITON_MAX_TOKENS  | bitsandbytes (+ cuBLAS) | triton     | triton           |
 
 and, wherever a kernel cannot run (no C++ compiler for the CPU kernels, no Triton for the CUDA ones,
-a CPU projection whose in_features is not a multiple of 32), bitsandbytes and `grouped`. nf4_cpu
+a CPU projection whose in_features is not a multiple of 32), bitsandbytes and `grouped`. Decode
+attention "torch" is `attention.paged_attention`'s own path: `attention_cpu`'s kernel where it
+supports the step (CPU, float32 or bfloat16), else batched calls over gathered rows; "triton" needs a
+head_dim that is a power of two >= 16 and GQA groups of at most TRITON_ATTENTION_MAX_GROUP heads.
+Prefill chunks are attended by torch on every device. nf4_cpu
 switches to dequantize + BLAS inside itself from its own threshold (`nf4_cpu.BLAS_MIN_TOKENS`); the
 CUDA path switches kernels here, per call, in `BaseLinear.forward`. Every choice computes the same
 dequantized weights and `lora_reference`'s op (tests/engine/test_kernel_choice.py asserts the table).
@@ -40,6 +44,8 @@ if TYPE_CHECKING:
 #: tl.dot tile of tokens. Not yet measured on a GPU: benchmarks/engine_throughput.py's projection rows
 #: on CUDA are the place to move it.
 NF4_TRITON_MAX_TOKENS = 16
+#: Query heads per kv head the Triton decode attention handles (one tl.dot tile of rows).
+TRITON_ATTENTION_MAX_GROUP = 16
 
 
 @dataclass(frozen=True)
@@ -128,3 +134,16 @@ def lora_op(name: str) -> LoraOp:
 
         return lora_triton.lora_triton
     return {"grouped": lora_grouped, "reference": lora_reference, "cpu_kernel": lora_cpu.lora_cpu}[name]
+
+
+def triton_attention_fits(heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether attention_triton's decode kernel serves this attention shape (see the table)."""
+    return (head_dim >= 16 and head_dim & (head_dim - 1) == 0 and heads % kv_heads == 0
+            and heads // kv_heads <= TRITON_ATTENTION_MAX_GROUP)
+
+
+def decode_attention(device: torch.device, heads: int, kv_heads: int, head_dim: int, tools: Toolchain) -> str:
+    """Who attends a step's decode sequences: "triton" or "torch" (see the table)."""
+    if device.type == "cuda" and tools.triton and triton_attention_fits(heads, kv_heads, head_dim):
+        return "triton"
+    return "torch"

@@ -1,6 +1,6 @@
-"""The kernel-choice table: which NF4 matmul and LoRA op run for each device, compute dtype and token count
-(the GPU rows are read here without a GPU), refusals of kernels that cannot run, and a CPU engine
-built by the table."""
+"""The kernel-choice table: which NF4 matmul, LoRA op and decode attention run for each device, compute
+dtype and token count (the GPU rows are read here without a GPU), refusals of kernels that cannot run,
+and a CPU engine built by the table."""
 
 from __future__ import annotations
 
@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from loraplex.server.engine import Engine, EngineConfig, kernel_choice, lora_cpu, nf4_triton
-from loraplex.server.engine.kernel_choice import NF4_TRITON_MAX_TOKENS, Toolchain, lora_impl, nf4_plan
+from loraplex.server.engine.kernel_choice import (
+    NF4_TRITON_MAX_TOKENS,
+    Toolchain,
+    decode_attention,
+    lora_impl,
+    nf4_plan,
+)
 from loraplex.server.engine.lora import lora_grouped
 from loraplex.server.model_files import iter_weights, model_spec
 from support import write_tiny_model
@@ -21,27 +27,41 @@ EVERYTHING = Toolchain(cpu_kernels=True, triton=True)
 NOTHING = Toolchain(cpu_kernels=False, triton=False)
 SMOLLM2_IN_FEATURES = [576, 1536]  # hidden and intermediate sizes: multiples of 32
 
-#: (device, dtype, toolchain, tokens in the step) -> (NF4 base matmul, LoRA op), with everything left at "auto".
+SMOLLM2_HEADS = (9, 3, 64)  # query heads, kv heads, head_dim
+
+#: (device, dtype, toolchain, tokens in the step) -> (NF4 base matmul, LoRA op, decode attention), everything
+#: left at "auto".
 TABLE = [
-    (CPU, F32, EVERYTHING, 1, ("nf4_cpu", "cpu_kernel")),
-    (CPU, F32, EVERYTHING, 512, ("nf4_cpu", "cpu_kernel")),  # nf4_cpu runs dequantize + BLAS inside
-    (CPU, BF16, EVERYTHING, 1, ("nf4_cpu", "grouped")),
-    (CPU, F16, EVERYTHING, 1, ("bitsandbytes", "grouped")),
-    (CPU, F32, NOTHING, 1, ("bitsandbytes", "grouped")),  # no C++ compiler
-    (CUDA, BF16, EVERYTHING, 1, ("nf4_triton", "triton")),  # decode of one sequence
-    (CUDA, BF16, EVERYTHING, NF4_TRITON_MAX_TOKENS, ("nf4_triton", "triton")),
-    (CUDA, BF16, EVERYTHING, NF4_TRITON_MAX_TOKENS + 1, ("bitsandbytes", "triton")),  # bitsandbytes + cuBLAS
-    (CUDA, BF16, EVERYTHING, 2048, ("bitsandbytes", "triton")),  # prefill
-    (CUDA, F16, EVERYTHING, 8, ("nf4_triton", "triton")),
-    (CUDA, F32, EVERYTHING, 8, ("nf4_triton", "triton")),
-    (CUDA, BF16, NOTHING, 1, ("bitsandbytes", "grouped")),  # no Triton installed
+    (CPU, F32, EVERYTHING, 1, ("nf4_cpu", "cpu_kernel", "torch")),
+    (CPU, F32, EVERYTHING, 512, ("nf4_cpu", "cpu_kernel", "torch")),  # nf4_cpu runs dequantize + BLAS inside
+    (CPU, BF16, EVERYTHING, 1, ("nf4_cpu", "grouped", "torch")),
+    (CPU, F16, EVERYTHING, 1, ("bitsandbytes", "grouped", "torch")),
+    (CPU, F32, NOTHING, 1, ("bitsandbytes", "grouped", "torch")),  # no C++ compiler
+    (CUDA, BF16, EVERYTHING, 1, ("nf4_triton", "triton", "triton")),  # decode of one sequence
+    (CUDA, BF16, EVERYTHING, NF4_TRITON_MAX_TOKENS, ("nf4_triton", "triton", "triton")),
+    (CUDA, BF16, EVERYTHING, NF4_TRITON_MAX_TOKENS + 1, ("bitsandbytes", "triton", "triton")),  # + cuBLAS
+    (CUDA, BF16, EVERYTHING, 2048, ("bitsandbytes", "triton", "triton")),  # prefill
+    (CUDA, F16, EVERYTHING, 8, ("nf4_triton", "triton", "triton")),
+    (CUDA, F32, EVERYTHING, 8, ("nf4_triton", "triton", "triton")),
+    (CUDA, BF16, NOTHING, 1, ("bitsandbytes", "grouped", "torch")),  # no Triton installed
 ]
 
 
 @pytest.mark.parametrize(("device", "dtype", "tools", "tokens", "expected"), TABLE)
 def test_the_kernel_choice_table(device, dtype, tools, tokens, expected) -> None:
     plan = nf4_plan(device, dtype, SMOLLM2_IN_FEATURES, tools)
-    assert (plan.kernel_for(tokens), lora_impl(device, dtype, tools)) == expected
+    chosen = (plan.kernel_for(tokens), lora_impl(device, dtype, tools), decode_attention(device, *SMOLLM2_HEADS, tools))
+    assert chosen == expected
+
+
+@pytest.mark.parametrize(("heads", "expected"), [
+    ((32, 8, 128), "triton"),  # Llama-3-8B
+    ((16, 16, 64), "triton"),  # no GQA
+    ((8, 2, 24), "torch"),  # head_dim not a power of two
+    ((64, 2, 64), "torch"),  # GQA groups of 32 query heads
+])
+def test_decode_attention_on_cuda_needs_shapes_the_kernel_tiles(heads, expected: str) -> None:
+    assert decode_attention(CUDA, *heads, EVERYTHING) == expected
 
 
 def test_a_cpu_projection_the_fused_kernel_cannot_hold_falls_back_to_bitsandbytes() -> None:
@@ -86,5 +106,6 @@ def test_a_cpu_engine_is_built_by_the_table(tiny_llama: Path) -> None:
     in_features = sorted({engine.spec.projection_shape(p)[0] for p in ("q_proj", "down_proj")})
     assert engine.nf4_plan == nf4_plan(CPU, F32, in_features, tools)
     assert engine.lora_impl == lora_impl(CPU, F32, tools)
+    assert engine.decode_attention == "torch"
     assert all(p.base.plan == engine.nf4_plan for _, _, p in engine.model.projections())
     assert engine.lora_impl == "cpu_kernel" and engine.model.lora_op is lora_cpu.lora_cpu  # CI has a C++ compiler

@@ -1,5 +1,5 @@
-"""The Triton kernels (lora_triton, nf4_triton) against their oracles: `lora_reference`, and bitsandbytes'
-dequantize + matmul.
+"""The Triton kernels (lora_triton, nf4_triton, attention_triton) against their oracles: `lora_reference`,
+bitsandbytes' dequantize + matmul, and `batch_invariant_attention` over gathered rows.
 
 On CUDA they run compiled on the GPU (float32 and bfloat16); elsewhere in Triton's interpreter on CPU
 tensors (`TRITON_INTERPRET=1`, which tests/conftest.py sets before anything imports Triton). The
@@ -17,7 +17,16 @@ import pytest
 import torch
 
 from loraplex.adapters.peft_format import read_lora_weights
-from loraplex.server.engine import Engine, EngineConfig, SamplingParams, kernel_choice, lora_triton, nf4_triton
+from loraplex.server.engine import (
+    Engine,
+    EngineConfig,
+    SamplingParams,
+    attention_triton,
+    kernel_choice,
+    lora_triton,
+    nf4_triton,
+)
+from loraplex.server.engine.attention import AttentionBatch, batch_invariant_attention, paged_attention
 from loraplex.server.engine.kernel_choice import NF4_TRITON_MAX_TOKENS, Nf4Plan
 from loraplex.server.engine.lora import LARGE_GROUP, NO_ADAPTER, LoraBatch, LoraSlots, lora_reference
 from loraplex.server.engine.nf4 import NF4_BLOCKSIZE, NF4_DOUBLE_QUANT, BaseLinear
@@ -30,7 +39,7 @@ if not ON_CUDA:
     from triton.runtime.interpreter import InterpretedFunction
 
     assert isinstance(nf4_triton._nf4_matmul, InterpretedFunction) and os.environ.get("TRITON_INTERPRET") == "1", (
-        "without CUDA the kernels must be interpreted: Triton was imported before tests/conftest.py set TRITON_INTERPRET")
+        "without CUDA the kernels must be interpreted: Triton was imported before conftest.py set TRITON_INTERPRET")
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 DTYPES = [torch.float32, torch.bfloat16] if ON_CUDA else [torch.float32]
 #: |kernel - reference| / max |reference| allowed: summation order differs (and bfloat16 rounds the hidden).
@@ -170,6 +179,52 @@ def test_base_linear_runs_the_triton_kernel_up_to_its_token_count_then_bitsandby
             assert torch.equal(linear.forward(x), portable)
 
 
+# -- decode attention -------------------------------------------------------------------------------
+
+HEADS, KV_HEADS, HEAD_DIM, CACHE_ROWS = 8, 2, 16, 512
+#: Context lengths of the decode sequences: one position, under one tile, over two tiles (BLOCK_N = 64).
+DECODE_LENGTHS = (1, 5, 150)
+
+
+@pytest.mark.parametrize("window", [None, 8], ids=["causal", "window8"])
+def test_decode_attention_reads_the_paged_cache_like_the_gathered_reference(window: int | None) -> None:
+    """A step of decode sequences (contexts scattered over the cache) and a prefill chunk: paged_attention
+    with decode_kernel "triton" gives the decode rows batch_invariant_attention's values over gathered
+    rows, and the prefill rows its own torch path's."""
+    generator = torch.Generator().manual_seed(4)
+    keys = torch.randn(CACHE_ROWS, KV_HEADS, HEAD_DIM, generator=generator).to(DEVICE)  # [rows, kv_heads, D]
+    values = torch.randn(CACHE_ROWS, KV_HEADS, HEAD_DIM, generator=generator).to(DEVICE)
+    scattered = torch.randperm(CACHE_ROWS, generator=generator).tolist()
+    sequences, taken = [], 0
+    for length in (*DECODE_LENGTHS, 12):  # the last one: a prefill chunk of 4 new tokens
+        new = 1 if length in DECODE_LENGTHS else 4
+        sequences.append((length - new, new, scattered[taken:taken + length]))
+        taken += length
+    q = torch.randn(len(DECODE_LENGTHS) + 4, HEADS, HEAD_DIM, generator=generator).to(DEVICE)
+    on_triton = AttentionBatch.build(sequences, {None, 8}, DEVICE, decode_kernel="triton")
+    on_torch = AttentionBatch.build(sequences, {None, 8}, DEVICE)
+    attended = paged_attention(q, keys, values, on_triton, window)  # [tokens, heads, D]
+
+    decode = on_triton.groups[0]
+    num_seqs, context = decode.context_rows.shape
+    gathered = [t.index_select(0, decode.context_rows.view(-1)).view(num_seqs, context, KV_HEADS, HEAD_DIM)
+                .transpose(1, 2) for t in (keys, values)]  # [G, kv_heads, K, D] each
+    queries = q[decode.query_index].view(num_seqs, HEADS, 1, HEAD_DIM)
+    expected = batch_invariant_attention(queries, *gathered, decode.masks[window]).view(num_seqs, HEADS, HEAD_DIM)
+    assert relative_error(attended[decode.query_index], expected) < TOLERANCE[torch.float32]
+    prefill = on_torch.groups[1].query_index
+    assert torch.equal(attended[prefill], paged_attention(q, keys, values, on_torch, window)[prefill])
+
+
+def test_decode_attention_refuses_shapes_it_does_not_tile() -> None:
+    q = torch.zeros(1, 4, 24, device=DEVICE)  # head_dim 24: not a power of two
+    cache = torch.zeros(8, 2, 24, device=DEVICE)
+    index = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="4 heads / 2 kv heads of dim 24 unsupported"):
+        attention_triton.decode_attention(torch.empty_like(q), q, cache, cache, index, index.view(1, 1), index + 1,
+                                          None)
+
+
 # -- the engine on the CUDA row's kernels -----------------------------------------------------------
 
 
@@ -188,13 +243,16 @@ def run_engine(tiny_model, on_triton: bool, monkeypatch) -> tuple[list[list[int]
     else); without, bitsandbytes and the grouped LoRA op."""
     base, adapters = tiny_model
     kernels = {} if on_triton else {"nf4_kernel": "bitsandbytes", "lora_impl": "grouped"}
+    # (decode attention has no setting: off CUDA the table says "torch", on CUDA both engines use Triton's)
     with monkeypatch.context() as patch:
         if on_triton and not ON_CUDA:
             patch.setattr(kernel_choice, "nf4_plan", lambda *_: Nf4Plan("nf4_triton", NF4_TRITON_MAX_TOKENS))
             patch.setattr(kernel_choice, "lora_impl", lambda *_: "triton")
+            patch.setattr(kernel_choice, "decode_attention", lambda *_: "triton")
         engine = Engine(model_spec(base), iter_weights(base), EngineConfig(
             device=str(DEVICE), compute_dtype="float32", num_slots=2, max_rank=16, kv_cache_bytes=2**22, **kernels))
     assert (engine.lora_impl == "triton") == (engine.nf4_plan.kernel == "nf4_triton") == on_triton
+    assert (engine.decode_attention == "triton") == on_triton
     for slot, folder in enumerate(adapters):
         engine.set_slot(slot, read_lora_weights(folder))
     generator = torch.Generator().manual_seed(3)
