@@ -265,7 +265,7 @@ def run_engine(tiny_model, on_triton: bool, monkeypatch) -> tuple[list[list[int]
         return logits[-1]
 
     engine.model.forward = recording_forward
-    tokens = engine.generate(prompts, SamplingParams(max_new_tokens=3, ignore_eos=True), slots=[0, 1, -1, 0])
+    tokens = engine.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True), slots=[0, 1, -1, 0])
     return tokens, logits[-1].cpu()
 
 
