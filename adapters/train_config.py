@@ -1,23 +1,30 @@
 """serve-train's settings: flags (`--data train.jsonl --name NAME --rank 32`), LORAPLEX_TRAIN_* environment
-variables, then the defaults below (the guide's: r=16, alpha=32, all linear layers, dropout 0.05).
-Bad values stop the command before anything loads, with a message naming the setting."""
+variables, a YAML or TOML file (`--config FILE`: adapters/config_file.py), then the defaults below (the
+guide's: r=16, alpha=32, all linear layers, dropout 0.05), in that priority. Bad values and unknown keys stop
+the command before anything loads, with a message naming the setting. docs/serve-train.md lists every setting
+(adapters/train_reference.py writes it from this model)."""
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from loraplex.adapters.config_file import ConfigFileSource
 from loraplex.adapters.qlora import ALL_LINEAR
 from loraplex.adapters.reference import ADAPTER_NAME
 from loraplex.server.engine.spec import PROJECTIONS
 
+_config_file: ContextVar[Path | None] = ContextVar("loraplex_train_config_file", default=None)
+
 
 class TrainSettings(BaseSettings):
-    """Everything one serve-train job needs."""
+    """Everything one serve-train job needs. `--config FILE` (YAML or TOML): any of them, flags override it."""
 
     model_config = SettingsConfigDict(env_prefix="LORAPLEX_TRAIN_", extra="forbid", use_attribute_docstrings=True,
                                       cli_implicit_flags=True, cli_prog_name="serve-train", cli_kebab_case=True)
@@ -39,7 +46,8 @@ class TrainSettings(BaseSettings):
     api_key: str | None = None
     """API key with the "admin" scope for --server (or LORAPLEX_TRAIN_API_KEY)."""
     promote_if_better: bool = False
-    """With --server: load the adapter only if its held-out score beats the base's."""
+    """Promote the adapter only if its held-out score beats the base's: with --server, load it into that
+    server only then; without, a server starting on (or watching) the store registers it only then."""
     rank: int = Field(default=16, ge=1, le=1024)
     """LoRA rank r."""
     alpha: float = Field(default=32.0, gt=0)
@@ -54,6 +62,7 @@ class TrainSettings(BaseSettings):
     warmup_ratio: float = Field(default=0.05, ge=0.0, le=0.5)
     """Fraction of the steps spent warming up."""
     weight_decay: float = Field(default=0.0, ge=0.0)
+    """AdamW weight decay of the LoRA weights."""
     epochs: float = Field(default=3.0, gt=0, le=1000)
     """Passes over the training examples (fractions allowed)."""
     batch_size: int = Field(default=8, ge=1, le=4096)
@@ -69,6 +78,7 @@ class TrainSettings(BaseSettings):
     eval_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     """Share of --data held out when no --eval-data is given."""
     eval_batch_size: int = Field(default=16, ge=1, le=4096)
+    """Held-out examples per batch when scoring base and adapter."""
     eval_max_new_tokens: int = Field(default=64, ge=1, le=4096)
     """Longest greedy answer generated per held-out prompt."""
     scorer: str = "exact_match"
@@ -103,16 +113,32 @@ class TrainSettings(BaseSettings):
             raise ValueError(f"use {ALL_LINEAR!r} or names among {list(PROJECTIONS)}")
         return targets
 
-    @model_validator(mode="after")
-    def _check_cross_fields(self) -> TrainSettings:
-        if self.promote_if_better and self.server is None:
-            raise ValueError("promote_if_better needs --server")
-        return self
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, ConfigFileSource(settings_cls, _config_file.get())
 
     def lora_targets(self) -> tuple[str, ...] | str:
         return ALL_LINEAR if self.target_modules == [ALL_LINEAR] else tuple(self.target_modules)
 
 
 def parse_settings(args: Sequence[str]) -> TrainSettings:
-    """TrainSettings from command-line `args` and LORAPLEX_TRAIN_* variables; pydantic.ValidationError otherwise."""
-    return TrainSettings(_cli_parse_args=list(args), _cli_exit_on_error=False)
+    """TrainSettings from command-line `args` (`--config FILE` among them names the settings file),
+    LORAPLEX_TRAIN_* variables and that file; pydantic.ValidationError or pydantic_settings.SettingsError
+    (the file: unreadable, not YAML/TOML, unknown keys) otherwise."""
+    config, rest = _config_flag().parse_known_args(list(args))
+    token = _config_file.set(config.config)
+    try:
+        return TrainSettings(_cli_parse_args=rest, _cli_exit_on_error=False)
+    finally:
+        _config_file.reset(token)
+
+
+def _config_flag() -> argparse.ArgumentParser:
+    """Takes `--config FILE` (or `--config=FILE`) out of the arguments; the settings' parser reads the rest."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--config", type=Path, default=None)
+    return parser

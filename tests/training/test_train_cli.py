@@ -1,5 +1,5 @@
-"""The `serve-train` console script: --help lists the settings with the guide's defaults; missing or bad
-settings exit 2 with a message naming them, before anything loads."""
+"""The `serve-train` console script: --help lists the settings with the guide's defaults and the config file;
+missing or bad settings exit 2 with a message naming them, before anything loads."""
 
 import shutil
 import subprocess
@@ -21,6 +21,7 @@ def test_help_lists_the_settings_and_their_defaults() -> None:
         assert flag in result.stdout, flag
     for default in ("(default: 16)", "(default: 32.0)", "(default: 0.05)", "all-linear"):
         assert default in result.stdout, default
+    assert "`--config FILE` (YAML or TOML)" in result.stdout
 
 
 def test_missing_and_bad_settings_exit_2(tmp_path: Path) -> None:
@@ -30,5 +31,3 @@ def test_missing_and_bad_settings_exit_2(tmp_path: Path) -> None:
     data.write_text('{"prompt": "a", "completion": " b"}\n')
     bad_name = run("--data", str(data), "--name", "no spaces")
     assert bad_name.returncode == 2 and "name" in bad_name.stderr and "letters, digits" in bad_name.stderr
-    no_server = run("--data", str(data), "--name", "x", "--promote-if-better")
-    assert no_server.returncode == 2 and "promote_if_better needs --server" in no_server.stderr
