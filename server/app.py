@@ -43,6 +43,7 @@ from loraplex.server.core.requests import RequestLimits
 from loraplex.server.core.scheduler import Scheduler
 from loraplex.server.default_model import default_model_path, loraplex_home
 from loraplex.server.engine import Engine, cpu_extension
+from loraplex.server.gguf_model import served_folder
 from loraplex.server.logs import configure_logging
 from loraplex.server.model_files import base_digest, iter_weights, model_spec
 from loraplex.server.settings import Settings
@@ -124,7 +125,7 @@ async def start(settings: Settings, interceptors: Sequence[grpc.aio.ServerInterc
                     "allow_unauthenticated_remote to serve other machines without authentication)", host, settings.host)
     port = _bind(server, host, settings.port, _server_credentials(settings))
     http_socket = bind_http_socket(host, settings.http_port) if settings.http_port is not None else None
-    folder = settings.model or default_model_path()
+    folder = served_folder(settings.model) if settings.model is not None else default_model_path()
     metrics = (ServerMetrics(settings.metrics.max_adapter_labels, settings.metrics.max_tenant_labels)
                if settings.metrics.enabled else None)
     cpu_extension.set_build_root(loraplex_home() / "torch_extensions")

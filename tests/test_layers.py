@@ -27,6 +27,8 @@ LAYERS = (
     ("loraplex.server.core", "core"),
     ("loraplex.server.api", "api"),
     ("loraplex.server.default_model", "base"),
+    ("loraplex.server.gguf_convert", "base"),
+    ("loraplex.server.gguf_model", "base"),
     ("loraplex.server.model_files", "base"),
     ("loraplex.server.logs", "base"),
     ("loraplex.server", "entry"),

@@ -39,7 +39,7 @@ def test_sources_in_priority_order(tmp_path: Path, monkeypatch):
     (["--scheduler.max_step_tokens", "0"], {}, "scheduler.max_step_tokens"),
     (["--adapter", "bad name=/tmp"], {}, "adapter name 'bad name'"),
     (["--adapter", "x=/does/not/exist"], {}, "/does/not/exist is not a folder"),
-    ([], {"model": "/does/not/exist"}, "has no config.json"),
+    ([], {"model": "/does/not/exist"}, "is neither a Hugging Face model folder"),
     (["--default_max_new_tokens", "10", "--max_new_tokens_limit", "5"], {}, "exceeds max_new_tokens_limit=5"),
     ([], {"api_keys": [{"name": "a", "sha256": DIGEST}, {"name": "b", "sha256": DIGEST}]}, "share a sha256"),
     ([], {"api_keys": [{"name": "a", "sha256": "short"}]}, "api_keys.0.sha256"),
