@@ -11,7 +11,7 @@ import itertools
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,6 +32,9 @@ from loraplex.server.engine.sequence import (
     TokenEvent,
 )
 from loraplex.server.engine.spec import PROJECTIONS, ModelSpec
+
+if TYPE_CHECKING:
+    from loraplex.server.engine.cuda_graphs import DecodeGraphs
 
 
 class EngineConfig(BaseModel):
@@ -70,6 +73,10 @@ class EngineConfig(BaseModel):
     "triton" (the CUDA kernel decoding in registers, up to kernel_choice.NF4_TRITON_MAX_TOKENS tokens,
     bitsandbytes above), "bitsandbytes" (bitsandbytes' matmul_4bit: the whole weight dequantized per
     call, then a matmul); "auto" picks by kernel_choice's table. Same dequantized values either way."""
+    cuda_graphs: bool = False
+    """Replay plain decode steps (one new token per sequence, up to 32 sequences) as CUDA graphs captured per
+    bucket of batch sizes (cuda_graphs.py): CUDA with the Triton kernels only. Off by default: not yet
+    measured on a GPU."""
     prefix_cache: bool = True
     """Keep finished sequences' full KV blocks, keyed by their prefix under the adapter version's content
     digest, and start new sequences from the longest cached chain (see prefix_cache.py); False prefills
@@ -136,6 +143,13 @@ class Engine:
         self._seq_ids: Iterator[int] = itertools.count()
         self._masks = ThreadPoolExecutor(1, thread_name_prefix="loraplex-masks")
         """Fills constrained rows' bitmasks while the forward pass runs."""
+        self.decode_graphs: DecodeGraphs | None = None
+        """The captured decode steps, with config.cuda_graphs (kernel_choice.decode_graphs)."""
+        if kernel_choice.decode_graphs(self.device, self.lora_impl, self.decode_attention, config.cuda_graphs):
+            from loraplex.server.engine.cuda_graphs import DecodeGraphs
+
+            self.decode_graphs = DecodeGraphs(self.model, self.cache, self.max_model_len, self.num_slots,
+                                              config.max_rank, self.device)
 
     # -- adapter slots ---------------------------------------------------------------------------
 
@@ -221,9 +235,16 @@ class Engine:
         mask thread during the forward pass. Prompt positions of sequences that ask for prompt logprobs get
         their logits computed too (only theirs). Blocks this step fills are offered to the prefix cache;
         finished sequences release their KV blocks.
-        Raises OutOfBlocks (changing nothing) when the cache cannot hold the step.
+        Raises OutOfBlocks (changing nothing) when the cache cannot hold the step. With CUDA graphs, a plain
+        decode step replays its bucket's graph instead (cuda_graphs.py).
         """
         self._reserve_blocks(batch)
+        if self.decode_graphs is not None and self.decode_graphs.serves(batch):
+            sampled = [seq for seq, _ in batch]
+            masks = self._fill_masks(sampled)
+            logits = self.decode_graphs.run(batch, self.slot_ranks)  # [sequences, vocab]
+            self._advance(batch)
+            return self._sample_events(sampled, logits, masks)
         token_ids: list[int] = []
         positions: list[int] = []
         slot_ids: list[int] = []
@@ -260,9 +281,18 @@ class Engine:
         )
         logits = self.model(torch.tensor(token_ids, device=device), meta, self.cache)  # [outputs, vocab]
         self._record_prompt_logprobs(prompt_rows, logits[len(sampled):])
+        self._advance(batch)
+        return self._sample_events(sampled, logits, masks)
+
+    def _advance(self, batch: Sequence[tuple[SequenceState, int]]) -> None:
+        """Mark the step's tokens computed, offering the blocks they fill to the prefix cache."""
         for seq, count in batch:
             self._register_full_blocks(seq, seq.num_computed + count)
             seq.num_computed += count
+
+    def _sample_events(self, sampled: list[SequenceState], logits: torch.Tensor,
+                       masks: Future[tuple[list[int], torch.Tensor]] | None) -> list[TokenEvent]:
+        """Sample each of `sampled` from its row of logits [>= len(sampled), vocab], finish and report it."""
         if not sampled:
             return []
         chosen = sample(logits[:len(sampled)], sampled, masks.result() if masks is not None else None)

@@ -16,7 +16,11 @@ a CPU projection whose in_features is not a multiple of 32), bitsandbytes and `g
 attention "torch" is `attention.paged_attention`'s own path: `attention_cpu`'s kernel where it
 supports the step (CPU, float32 or bfloat16), else batched calls over gathered rows; "triton" needs a
 head_dim that is a power of two >= 16 and GQA groups of at most TRITON_ATTENTION_MAX_GROUP heads.
-Prefill chunks are attended by torch on every device. nf4_cpu
+Prefill chunks are attended by torch on every device.
+
+Decode steps replay CUDA graphs (cuda_graphs.py, `engine.cuda_graphs`, off by default until measured
+on a GPU) only where every kernel of the step is a CUDA one that reads device-side bounds: the triton
+LoRA op and the triton decode attention (`decode_graphs`). nf4_cpu
 switches to dequantize + BLAS inside itself from its own threshold (`nf4_cpu.BLAS_MIN_TOKENS`); the
 CUDA path switches kernels here, per call, in `BaseLinear.forward`. Every choice computes the same
 dequantized weights and `lora_reference`'s op (tests/engine/test_kernel_choice.py asserts the table).
@@ -147,3 +151,12 @@ def decode_attention(device: torch.device, heads: int, kv_heads: int, head_dim: 
     if device.type == "cuda" and tools.triton and triton_attention_fits(heads, kv_heads, head_dim):
         return "triton"
     return "torch"
+
+
+def decode_graphs(device: torch.device, lora: str, attention: str, requested: bool) -> bool:
+    """Whether plain decode steps replay CUDA graphs: when asked for (engine.cuda_graphs) and the step's
+    kernels allow it (a CUDA device, the "triton" LoRA op and decode attention)."""
+    if requested and not (device.type == "cuda" and lora == "triton" and attention == "triton"):
+        raise ValueError("cuda_graphs needs a CUDA device with Triton, lora_impl 'triton' (or 'auto') and a model "
+                         "whose attention the Triton decode kernel serves (head_dim a power of two >= 16)")
+    return requested

@@ -19,7 +19,9 @@ followed by an expand (y += h @ B[s, :r]):
   row is loaded once per BLOCK_M tokens.
 - BGMV for the other tokens (`LoraBatch.small_tokens` / `small_slots`: decode tokens, typically of
   distinct adapters): one program per token (per output tile for the expand), multiply-and-reduce
-  without `tl.dot`, which needs no padding of a single token to a 16-row tile.
+  without `tl.dot`, which needs no padding of a single token to a 16-row tile. A token given with
+  slot -1 reads nothing and adds zero: a CUDA-graph decode step (cuda_graphs.py) passes all its
+  tokens, whatever their slots, so that its launch shapes stay fixed.
 
 Tokens appear once across both sets, so every y row is written by one program per output tile:
 no atomics, and a token's result does not depend on which other tokens share its step.
@@ -112,7 +114,9 @@ def _bgmv_shrink(x_ptr, a_ptr, scale_ptr, ranks_ptr, tokens_ptr, token_slots_ptr
     position = tl.program_id(0)
     token = tl.load(tokens_ptr + position).to(tl.int64)
     slot = tl.load(token_slots_ptr + position)
-    rank = tl.load(ranks_ptr + slot)
+    has_slot = slot >= 0  # a slot -1 token reads nothing and adds zero
+    slot = tl.maximum(slot, 0)
+    rank = tl.where(has_slot, tl.load(ranks_ptr + slot), 0)
     ranks = tl.arange(0, BLOCK_R)
     in_rank = ranks < rank
     a_rows = a_ptr + slot.to(tl.int64) * stride_a_slot + ranks[:, None] * stride_a_rank  # [R, 1]
@@ -135,7 +139,9 @@ def _bgmv_expand(y_ptr, b_ptr, ranks_ptr, tokens_ptr, token_slots_ptr, h_ptr,
     position = tl.program_id(0)
     token = tl.load(tokens_ptr + position).to(tl.int64)
     slot = tl.load(token_slots_ptr + position)
-    rank = tl.load(ranks_ptr + slot)
+    has_slot = slot >= 0  # a slot -1 token reads nothing and adds zero
+    slot = tl.maximum(slot, 0)
+    rank = tl.where(has_slot, tl.load(ranks_ptr + slot), 0)
     ranks = tl.arange(0, BLOCK_R)
     in_rank = ranks < rank
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -94,6 +94,23 @@ def test_each_plan_names_the_module_that_runs_it() -> None:
     assert kernel_choice.lora_op("grouped") is lora_grouped
 
 
+@pytest.mark.parametrize(("device", "lora", "attention", "requested", "expected"), [
+    (CUDA, "triton", "triton", True, True),
+    (CUDA, "triton", "triton", False, False),  # off unless asked for (engine.cuda_graphs)
+    (CPU, "cpu_kernel", "torch", False, False),
+])
+def test_decode_graphs_are_used_when_asked_for_and_the_kernels_allow(device, lora, attention, requested,
+                                                                    expected: bool) -> None:
+    assert kernel_choice.decode_graphs(device, lora, attention, requested) is expected
+
+
+@pytest.mark.parametrize(("device", "lora", "attention"), [
+    (CPU, "cpu_kernel", "torch"), (CUDA, "grouped", "triton"), (CUDA, "triton", "torch")])
+def test_decode_graphs_are_refused_where_a_kernel_would_not_replay(device, lora: str, attention: str) -> None:
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        kernel_choice.decode_graphs(device, lora, attention, True)
+
+
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
     return write_tiny_model("llama", tmp_path_factory.mktemp("llama") / "base")

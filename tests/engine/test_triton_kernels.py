@@ -274,3 +274,19 @@ def test_an_engine_on_the_triton_kernels_matches_one_on_bitsandbytes_and_grouped
     tokens, logits = run_engine(tiny_model, False, monkeypatch)
     assert triton_tokens == tokens
     assert relative_error(triton_logits, logits) < 1e-4
+
+
+def test_bgmv_given_base_tokens_leaves_them_alone(slots: LoraSlots) -> None:
+    """A CUDA-graph decode step hands BGMV every token, slot -1 ones included (cuda_graphs.py)."""
+    slot_ids = [1, NO_ADAPTER, 0, NO_ADAPTER, 2]
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(len(slot_ids), IN_FEATURES, generator=generator).to(DEVICE, slots.A.dtype)
+    y = torch.randn(len(slot_ids), OUT_FEATURES, generator=generator).to(DEVICE, slots.A.dtype)
+    every_token = torch.arange(len(slot_ids), device=DEVICE)
+    token_slots = torch.tensor(slot_ids, device=DEVICE)
+    ranks = torch.tensor(RANKS, device=DEVICE)
+    fast = lora_triton.bgmv(y.clone(), x, slots, every_token, token_slots, ranks, MAX_RANK)
+    reference = lora_reference(y.clone(), x, slots, LoraBatch.build(slot_ids, RANKS, DEVICE))
+    base_rows = token_slots == NO_ADAPTER
+    assert torch.equal(fast[base_rows], y[base_rows])
+    assert relative_error(fast, reference) < TOLERANCE[slots.A.dtype]
