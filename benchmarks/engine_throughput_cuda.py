@@ -10,6 +10,8 @@ LoRA weights of rank 16 on all linear projections (lora_B scaled down as PEFT's 
 Per shape (--shapes: smollm2 = SmolLM2-135M's, llama3-8b = Llama-3-8B's), modes of 32 requests of
 PROMPT_LEN prompt + NEW_TOKENS new tokens, interleaved as engine_throughput.run_engine_modes does:
   a_base (no adapter), b_one_adapter (all 32 on one), c_distinct_r16 (32 distinct), a_base_batch1
+then the same base and distinct modes on a second engine with CUDA graphs (engine.cuda_graphs), for
+`graphs_vs_eager*`; the figures without graphs are written before that part runs.
 The floor of a decode step is the bytes it must read once, over the GPU's measured copy bandwidth:
 the NF4 base projections (packed data + quantization state), the lm_head, the distinct adapters' A
 and B rows, and the KV cache of every sequence at its mean context length.
@@ -117,16 +119,23 @@ def step_bytes(engine: Engine, adapters: list[LoraWeights], num_sequences: int) 
             "adapters": adapter_bytes, "kv": kv_bytes}
 
 
+def build_engine(folder: Path, device: str, adapters: list[LoraWeights], cuda_graphs: bool) -> Engine:
+    """The engine of the model in `folder` on `device`, `adapters` in its first slots."""
+    config = EngineConfig(device=device, num_slots=NUM_REQUESTS, max_rank=RANK, kv_cache_bytes=4 * 2**30,
+                          cuda_graphs=cuda_graphs)
+    engine = Engine(model_spec(folder), random_weights(folder, torch.device(device), config.torch_dtype()), config)
+    for slot, weights in enumerate(adapters):
+        engine.set_slot(slot, weights)
+    return engine
+
+
 def run(shape: str, device: str, output: Path) -> dict:
     """Measure one shape on `device`; writes and returns the figures."""
     torch_device = torch.device(device)
     folder = write_config(shape, Path(tempfile.mkdtemp(prefix=f"loraplex-{shape}-")))
     spec = model_spec(folder)
-    config = EngineConfig(device=device, num_slots=NUM_REQUESTS, max_rank=RANK, kv_cache_bytes=4 * 2**30)
-    engine = Engine(spec, random_weights(folder, torch_device, config.torch_dtype()), config)
-    adapters = random_adapters(spec, NUM_REQUESTS, RANK, torch_device, engine.dtype)
-    for slot, weights in enumerate(adapters):
-        engine.set_slot(slot, weights)
+    adapters = random_adapters(spec, NUM_REQUESTS, RANK, torch_device, EngineConfig(device=device).torch_dtype())
+    engine = build_engine(folder, device, adapters, cuda_graphs=False)
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(100, spec.vocab_size, (NUM_REQUESTS, PROMPT_LEN), generator=generator).tolist()
     base = [-1] * NUM_REQUESTS
@@ -153,7 +162,7 @@ def run(shape: str, device: str, output: Path) -> dict:
         "model": f"random weights, {shape} shapes", "device": torch.cuda.get_device_name(torch_device),
         "torch": torch.__version__, "dtype": str(engine.dtype), "lora_impl": engine.lora_impl,
         "nf4_plan": {"kernel": engine.nf4_plan.kernel, "max_tokens": engine.nf4_plan.max_tokens},
-        "cuda_graphs": False, "tokens_per_s": tps, "ratios": ratios, "modes": results,
+        "tokens_per_s": tps, "ratios": ratios, "modes": results,
         "step_bytes": needed, "floor_s": floor, "bandwidth_bytes_per_s": bandwidth,
     }
     print(f"\n{shape}: {report['device']}, {report['dtype']}, lora {engine.lora_impl}, nf4 {engine.nf4_plan.kernel}")
@@ -166,6 +175,19 @@ def run(shape: str, device: str, output: Path) -> dict:
         print(f"  {name:<30}{value:8.3f}")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
-    del engine
-    torch.cuda.empty_cache()
+
+    graphed = build_engine(folder, device, adapters, cuda_graphs=True)
+    compared = ("a_base", "c_distinct_r16", "a_base_batch1")
+    graph_modes = {f"{mode}_graphs": (graphed, modes[mode][1]) for mode in compared}
+    warm_up(prompts, graph_modes)
+    graph_results = run_engine_modes(prompts, graph_modes)
+    report["modes"].update(graph_results)
+    report["tokens_per_s"].update({mode: r["tokens_per_s"] for mode, r in graph_results.items()})
+    report["cuda_graphs_buckets"] = graphed.decode_graphs.captured
+    for mode in compared:
+        report["ratios"][f"graphs_vs_eager_{mode}"] = (results[mode]["decode_step_s"]
+                                                       / graph_results[f"{mode}_graphs"]["decode_step_s"])
+        print(f"  {mode}_graphs: decode step {graph_results[f'{mode}_graphs']['decode_step_s'] * 1e3:7.2f} ms, "
+              f"graphs vs eager {report['ratios'][f'graphs_vs_eager_{mode}']:.3f}")
+    output.write_text(json.dumps(report, indent=2) + "\n")
     return report

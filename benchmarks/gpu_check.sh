@@ -2,9 +2,11 @@
 # The device check (issue 21), unattended on a bare CUDA machine without network, within 8 minutes:
 #   1. installs what that machine's Python lacks from .gpu-wheels/ (made by benchmarks/gpu_wheels.sh where a
 #      package registry is reachable, and carried along), then loraplex itself, all without the network;
-#   2. runs the Triton kernel tests compiled on the GPU (float32 and bfloat16), the kernel-choice table, and
-#      the CUDA parity tests (every family, NF4 and dense, mixed-adapter batch vs transformers + PEFT);
-#   3. runs `engine_throughput.py --device cuda`: random-weight SmolLM2- and Llama-3-8B-shaped models.
+#   2. runs the Triton kernel tests compiled on the GPU (float32 and bfloat16), the kernel-choice table, the
+#      CUDA-graph decode tests (captured graphs vs eager steps), and the CUDA parity tests (every family, NF4
+#      and dense, mixed-adapter batch vs transformers + PEFT);
+#   3. runs `engine_throughput.py --device cuda`: random-weight SmolLM2- and Llama-3-8B-shaped models, eager
+#      and with CUDA graphs.
 # JSON goes to $OUT when set (the device tool's folder), else benchmarks/results/. Exits non-zero, after
 # running everything it can, when CUDA is missing, a test fails, or any test was skipped.
 #
@@ -33,7 +35,7 @@ export LORAPLEX_HOME
 
 status=0
 timeout 270 "$PYTHON" -m pytest -q -p no:cacheprovider -rs --junitxml="$RESULTS/gpu_tests.xml" \
-  tests/engine/test_triton_kernels.py tests/engine/test_kernel_choice.py \
+  tests/engine/test_triton_kernels.py tests/engine/test_kernel_choice.py tests/engine/test_cuda_graphs.py \
   tests/engine/test_parity.py::test_mixed_batch_matches_peft_on_cuda || status=$?
 "$PYTHON" - "$RESULTS/gpu_tests.xml" <<'EOF' || status=1
 import sys
