@@ -22,7 +22,7 @@ from loraplex.client.client import AsyncClient
 from loraplex.server.core.auth import ApiKey
 from loraplex.server.default_model import default_model_path
 from loraplex.server.engine import EngineConfig
-from serving_support import TOKENIZER_CORPUS, post, serving, with_chat_template
+from serving_support import TOKENIZER_CORPUS, post, serving, slow_steps, with_chat_template
 
 SYSTEM = "hello world"
 ASK = [{"role": "user", "content": TOKENIZER_CORPUS[1]}]
@@ -114,6 +114,23 @@ async def test_a_stop_sequence_ends_the_reply_where_the_openai_route_stops(chat_
     assert (cut.stop_reason, cut.stop_sequence) == ("stop_sequence", stop)
     assert "".join(e.delta.text for e in events if e.type == "content_block_delta") == text_of(cut)
     assert (events[-2].delta.stop_reason, events[-2].delta.stop_sequence) == ("stop_sequence", stop)
+
+
+async def test_a_client_that_leaves_a_stream_frees_its_sequence(chat_model):
+    async with serving(chat_model) as (app, url):
+        slow_steps(app, 0.01)
+        claude, _ = clients(url)
+        stream = await claude.messages.create(model=ADAPTER, messages=ASK, max_tokens=200, stream=True)
+        assert (await anext(aiter(stream))).type == "message_start"
+        await stream.close()
+        await claude.close()
+        cache = app.scheduler.engine.cache
+        for _ in range(500):
+            if cache.free_blocks == cache.num_blocks:
+                break
+            await asyncio.sleep(0.01)
+        assert cache.free_blocks == cache.num_blocks
+        assert app.scheduler.stats.cancelled == 1
 
 
 async def test_refusals_have_anthropic_shape_and_status(chat_model):

@@ -30,9 +30,9 @@ async def message_events(answer: MessagesAnswer, first: Piece, choice: AsyncIter
                          ident: str) -> AsyncIterator[str]:
     """The events of one streamed answer whose first piece (`first`) is already generated; the choice is
     closed when the stream ends, also when the client goes away."""
-    yield event({"type": "message_start", "message": message(answer, ident, [], None, None, {
-        **input_usage(first.tokens[0]), "output_tokens": 0})})
     try:
+        yield event({"type": "message_start", "message": message(answer, ident, [], None, None, {
+            **input_usage(first.tokens[0]), "output_tokens": 0})})
         if answer.tool_use.parse:
             last = first
             blocks, reason, sequence = content_blocks(answer, first)
