@@ -69,7 +69,12 @@ class StaticDecodeStep:
         self.every_token = torch.arange(bucket, device=device)  # [bucket]: queries, LoRA tokens, logits rows
         context = torch.arange(max_blocks * block_size, device=device)  # [max_context] positions
         self.block_of, self.row_in_block = context // block_size, context % block_size
-        self.max_rank = max_rank
+        no_groups = GroupLayout.build({}, [], device)  # here, not in metadata(): no host copies while capturing
+        self.lora = LoraBatch(
+            slot_ids=self.slot_ids, groups=dataclasses.replace(no_groups, rank=max_rank), large_groups=no_groups,
+            small_tokens=self.every_token, small_slots=self.slot_ids, slot_ranks=self.slot_ranks, has_adapters=True,
+        )
+        """Every token through BGMV (slot -1 adds zero), rank tile max_rank: the same launches whatever the slots."""
 
     def fill(self, batch: Sequence[tuple[SequenceState, int]], cache: PagedKVCache, slot_ranks: list[int]) -> None:
         """Copy a plain decode step's inputs into the buffers; rows past len(batch) repeat its last sequence."""
@@ -88,12 +93,7 @@ class StaticDecodeStep:
         cos, sin = model.rotary(self.positions)
         rows = self.block_tables[:, self.block_of] * self.block_size + self.row_in_block  # [bucket, max_context]
         decode = AttentionGroup(self.every_token, rows, {}, self.lengths, 1)
-        no_groups = GroupLayout.build({}, [], self.packed.device)
-        lora = LoraBatch(
-            slot_ids=self.slot_ids, groups=dataclasses.replace(no_groups, rank=self.max_rank), large_groups=no_groups,
-            small_tokens=self.every_token, small_slots=self.slot_ids, slot_ranks=self.slot_ranks, has_adapters=True,
-        )
-        return StepMetadata(cos, sin, AttentionBatch(self.write_rows, (decode,), "triton"), lora, self.every_token)
+        return StepMetadata(cos, sin, AttentionBatch(self.write_rows, (decode,), "triton"), self.lora, self.every_token)
 
     def forward(self, model: DecoderModel, cache: PagedKVCache) -> torch.Tensor:
         """Logits [bucket, vocab] of the step in the buffers (KV rows written as an eager step writes them)."""
