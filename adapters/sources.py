@@ -24,7 +24,10 @@ class AdapterSources:
         self._s3: BaseClient | None = None
 
     def put(self, source: str, name: str) -> StoredAdapter:
-        """Validate `source` and store it as a version of `name` (see AdapterStore.put, put_from_s3)."""
+        """Validate `source` and store it as a version of `name` (see AdapterStore.put, put_from_s3); an empty
+        `source` takes the version of `name` the store holds already and stored last (AdapterStore.latest)."""
+        if not source:
+            return self.store.latest(name)
         if source.startswith(S3_SCHEME):
             return put_from_s3(self.store, self._s3_client(), source, name)
         return self.store.put(_local(source), name)

@@ -123,6 +123,16 @@ class AdapterStore:
         """Validation's summary of a stored version (re-validated: limits may have changed since it was put)."""
         return validate(self.path(name, digest), self._spec, self.limits, self._base_digest)
 
+    def latest(self, name: str) -> StoredAdapter:
+        """The version of `name` stored last (its folder's modification time: when its files were written),
+        re-validated; VersionNotStored if the store holds none."""
+        folder = self.root / check_name(name)
+        stored = [entry for entry in folder.iterdir() if DIGEST.fullmatch(entry.name)] if folder.is_dir() else []
+        if not stored:
+            raise VersionNotStored(f"the store holds no version of adapter {name!r}; give a source to load it from")
+        newest = max(stored, key=lambda entry: (entry.stat().st_mtime_ns, entry.name))
+        return StoredAdapter(name, newest, self.summary(name, newest.name))
+
     def versions(self, name: str) -> list[str]:
         """Digests of the stored versions of `name`, sorted."""
         folder = self.root / check_name(name)

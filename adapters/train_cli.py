@@ -1,11 +1,15 @@
 """`serve-train`: train a LoRA on the server's NF4 base, evaluate it, store it, and optionally serve it.
 
     serve-train --data train.jsonl --name NAME [--eval-data eval.jsonl] [--model PATH]
-                [--server HOST:PORT [--promote-if-better]] [--rank 16 --epochs 3 ...]
+                [--server HOST:PORT] [--promote-if-better] [--rank 16 --epochs 3 ...]
+    serve-train --config train.yaml [--epochs 2 ...]          (YAML or TOML; flags override it)
     torchrun --nproc_per_node=2 -m loraplex.adapters.train_cli --data ... --name ...   (DDP)
 
-`serve-train --help` lists every setting. Exit status: 0 done, 1 refused or failed (the message says
-why; nothing was stored), 2 bad settings, 130 interrupted (a checkpoint was saved: rerun with --resume).
+The stored version is promoted (unless --promote-if-better and it did not beat the base): loaded into
+--server if one is named, else recorded in the store so that a server starting on it serves the version as
+NAME. `serve-train --help` and docs/serve-train.md list every setting. Exit status: 0 done, 1 refused or
+failed (the message says why; nothing was stored), 2 bad settings, 130 interrupted (a checkpoint was saved:
+rerun with --resume).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 from pydantic import ValidationError
@@ -43,8 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result.stored is None:  # not process 0 of a torchrun job: process 0 reports
         return 0
     print(summary(settings, result))
-    status, outcome = promote(settings, result) if settings.server is not None else (0, "succeeded")
-    _record(settings, outcome)
+    status, outcome = promote(settings, result) if settings.server is not None else keep_in_store(settings, result)
+    _record(settings, outcome, result.stored.digest)
     return status
 
 
@@ -61,10 +66,35 @@ def summary(settings: TrainSettings, result: TrainResult) -> str:
     ])
 
 
-def _record(settings: TrainSettings, outcome: str) -> None:
-    """Add the run to the store's training record (process 0 of a torchrun job only)."""
+def _record(settings: TrainSettings, outcome: str, version: str | None = None) -> None:
+    """Add the run (and the version it stored) to the store's training record (process 0 of a torchrun job
+    only)."""
     if os.environ.get("RANK", "0") == "0":
-        record_run(settings.store or loraplex_home() / "adapters", settings.name, outcome)
+        record_run(_store(settings), settings.name, outcome, version)
+
+
+def _store(settings: TrainSettings) -> Path:
+    return settings.store or loraplex_home() / "adapters"
+
+
+def _not_better(settings: TrainSettings, result: TrainResult) -> str | None:
+    """Why the adapter is not promoted under --promote-if-better (None: promote it)."""
+    if settings.promote_if_better and not result.adapter.score > result.base.score:
+        return f"the adapter's {settings.scorer} {result.adapter.score:.3f} does not beat the base's " \
+               f"{result.base.score:.3f}"
+    return None
+
+
+def keep_in_store(settings: TrainSettings, result: TrainResult) -> tuple[int, str]:
+    """No --server: promote the stored version for the servers of the store (the training record says so), or
+    not; (exit status, training-run outcome)."""
+    reason = _not_better(settings, result)
+    if reason is not None:
+        print(f"not promoted: {reason}; servers on {_store(settings)} keep their current {settings.name}")
+        return 0, "rejected"
+    print(f"a server started on {_store(settings)} serves it as {settings.name}; a running one loads it with "
+          f"`loraplex adapters load {settings.name}`")
+    return 0, "succeeded"
 
 
 def promote(settings: TrainSettings, result: TrainResult) -> tuple[int, str]:
@@ -72,9 +102,9 @@ def promote(settings: TrainSettings, result: TrainResult) -> tuple[int, str]:
     (exit status, training-run outcome)."""
     from loraplex.client.client import Client
 
-    if settings.promote_if_better and not result.adapter.score > result.base.score:
-        print(f"not loaded into {settings.server}: the adapter's {settings.scorer} {result.adapter.score:.3f} does "
-              f"not beat the base's {result.base.score:.3f}")
+    reason = _not_better(settings, result)
+    if reason is not None:
+        print(f"not loaded into {settings.server}: {reason}")
         return 0, "rejected"
     try:
         with Client(settings.server, api_key=settings.api_key) as client:

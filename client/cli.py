@@ -164,7 +164,8 @@ def _adapters_parser(verbs: argparse._SubParsersAction) -> list[argparse.Argumen
     load = actions.add_parser("load", help="validate and store an adapter and make it NAME's current version "
                               "(replacing the previous one atomically)")
     load.add_argument("name")
-    load.add_argument("source", help=source_help)
+    load.add_argument("source", nargs="?", default="", help=f"{source_help}; omitted: the version of NAME the "
+                      "server's adapter store holds and stored last (e.g. one serve-train stored there)")
     load.add_argument("--warm", action="store_true", help="also load it into a device slot now, not on first use")
     load.set_defaults(run=_adapters_load)
     unload = actions.add_parser("unload", help="unregister an adapter (or one old version) and delete its files")

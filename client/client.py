@@ -243,10 +243,11 @@ class Client:
 
     # -- adapter administration (the "admin" scope; never retried) --------------------------------
 
-    def load_adapter(self, name: str, source: str, warm: bool = False,
+    def load_adapter(self, name: str, source: str = "", warm: bool = False,
                      timeout: float | None = None) -> admin_pb.LoadAdapterResponse:
         """Validate the adapter at `source` (an absolute folder path under the server's allowed roots, or
-        "s3://BUCKET/PREFIX"), store it, and make it the current version of `name` (created if new).
+        "s3://BUCKET/PREFIX"; empty: the version of `name` the server's store holds and stored last, NOT_FOUND
+        if none), store it, and make it the current version of `name` (created if new).
         Replacing is atomic: requests already accepted finish on the old version. `warm` also starts
         loading it into a device slot now. `.changed` is False when that content already was current.
         INVALID_ARGUMENT ("source: ..." or "name: ...") when the source or adapter is refused."""
@@ -367,7 +368,7 @@ class AsyncClient:
         view._metadata = (("authorization", authorization),) if authorization else ()
         return view
 
-    async def load_adapter(self, name: str, source: str, warm: bool = False,
+    async def load_adapter(self, name: str, source: str = "", warm: bool = False,
                            timeout: float | None = None) -> admin_pb.LoadAdapterResponse:
         return await self._admin.LoadAdapter(admin_pb.LoadAdapterRequest(name=name, source=source, warm=warm),
                                              timeout=timeout, metadata=self._metadata)

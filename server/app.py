@@ -178,7 +178,8 @@ def adapter_manager(engine: Engine, settings: Settings, base: str,
                     on_load_phase: Callable[[str, float], None] | None = None) -> AdapterManager:
     """The store, registry and tiers of `settings.adapters` on `engine` (base digest `base`), with the
     start-up `settings.adapter` folders registered and warmed (they and the watch folder count as allowed
-    roots); `on_load_phase` hears load-phase durations (metrics)."""
+    roots), then the versions serve-train promoted in the store registered under their names
+    (`register_promoted`); `on_load_phase` hears load-phase durations (metrics)."""
     config = settings.adapters
     root = config.store or loraplex_home() / "adapters"
     limits = Limits(max_rank=engine.config.max_rank, max_bytes=config.max_adapter_bytes)
@@ -191,6 +192,7 @@ def adapter_manager(engine: Engine, settings: Settings, base: str,
                              config.load_workers, config.max_versions, on_load_phase)
     for name, folder in settings.adapter.items():
         manager.load(str(folder.resolve()), name, warm=True)
+    manager.register_promoted(skip=settings.adapter.keys())
     return manager
 
 

@@ -192,6 +192,28 @@ async def test_cli_adapters_verbs(serving_model, tmp_path, sources):
         assert done.stderr.startswith("loraplex adapters describe: NOT_FOUND: "), done.stderr
 
 
+async def test_cli_adapters_load_without_a_source_takes_the_version_stored_last(serving_model, tmp_path):
+    """Versions written into the store as serve-train writes them (<store>/<NAME>/<digest>/, the later one with
+    the later modification time), then `loraplex adapters load NAME` alone."""
+    adapters = serving_model[1]
+    older, newer = adapters["a_r4_qv"], adapters["d_r8_k_gate"]
+    async with serving(serving_model, tmp_path) as target:
+        server = ("--server", target)
+        done = await loraplex("adapters", "load", "orders", *server)
+        assert done.returncode == 1
+        assert "NOT_FOUND: the store holds no version of adapter 'orders'; give a source" in done.stderr, done.stderr
+        for when, folder in enumerate((newer, older)):  # copied in the other order: the times decide
+            stored = shutil.copytree(folder, tmp_path / "store" / "orders" / adapter_digest(folder))
+            os.utime(stored, (1_000_000 * (2 - when), 1_000_000 * (2 - when)))
+        done = await loraplex("adapters", "load", "orders", *server)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(f"loaded: orders@{adapter_digest(newer)[:12]}\n"), done.stdout
+        done = await loraplex("generate", "--adapter", "orders", "--token-ids", "1", "2", "--max-new-tokens", "2",
+                              *server)
+        assert done.returncode == 0, done.stderr
+        assert f"orders@{adapter_digest(newer)[:12]}]" in done.stderr
+
+
 async def test_admin_needs_the_admin_scope(serving_model, tmp_path, sources):
     keys = [ApiKey(name=name, sha256=hashlib.sha256(key.encode()).hexdigest(), scopes=frozenset({name}))
             for name, key in KEYS.items()]

@@ -1,6 +1,7 @@
 """serve-train on the tiny model: it learns, stores a validated adapter with its card, serves it with train/serve
 parity, refuses bad inputs with a clear message and nothing stored, resumes after Ctrl-C to the same adapter, runs
-under torchrun with 2 processes, and hands its adapter to a running server."""
+under torchrun with 2 processes, hands its adapter to a running server, and (without one, from a config file)
+leaves it for a server started on the store to serve by name."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from loraplex.adapters.identity import adapter_digest
 from loraplex.adapters.peft_format import read_lora_weights
@@ -177,6 +179,29 @@ async def test_serve_train_hands_its_adapter_to_a_running_server(serving_model, 
     assert listing.adapters[1].current_version == version.name == adapter_digest(version)
     assert answer.text == PAIRS[0][1] and answer.completion.adapter_version == version.name
     assert len(other_results) > 3 and set(other_results) == {4}
+
+
+async def test_a_version_trained_without_a_server_is_served_by_name_by_a_server_started_on_the_store(
+        serving_model, data, tmp_path):
+    """The job's settings in a YAML file, no --server; then `start` on the same store, and "memo" answers."""
+    flags = job_args(serving_model, data, tmp_path, epochs=5)  # --flag value pairs; 15 steps memorize PAIRS
+    settings = {flag.removeprefix("--").replace("-", "_"): yaml.safe_load(value)
+                for flag, value in zip(flags[::2], flags[1::2], strict=True)}
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({**settings, "promote_if_better": True}))
+    done = run("--config", str(config))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"a server started on {tmp_path / 'store'} serves it as memo" in done.stdout, done.stdout
+    (version,) = stored_versions(tmp_path / "store")
+    app = await start(load_settings(model=serving_model[0], host="127.0.0.1", port=0, reflection=False,
+                                    engine=EngineConfig(**TEST_ENGINE),
+                                    adapters=AdapterSettings(store=tmp_path / "store")))
+    try:
+        async with AsyncClient(f"127.0.0.1:{app.port}") as client:
+            answer = await client.generate(PAIRS[0][0], "memo", max_new_tokens=16, stop_token_ids=[0])
+    finally:
+        await app.stop(0)
+    assert answer.text == PAIRS[0][1] and answer.completion.adapter_version == version.name
 
 
 def test_a_wrong_base_is_refused_by_the_server_and_the_adapter_stays_stored(serving_model, data, tmp_path):

@@ -1,10 +1,12 @@
-"""Admin operations: registering a source under a name, validating, unloading, pinning, prefetching;
-and the mapping of the adapters package's refusals to request errors (`request_errors`).
+"""Admin operations: registering a source under a name, validating, unloading, pinning, prefetching,
+registering what serve-train promoted in the store; and the mapping of the adapters package's refusals to
+request errors (`request_errors`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Collection, Iterator
 
 from botocore.exceptions import BotoCoreError
@@ -14,10 +16,13 @@ from loraplex.adapters.reference import InvalidAdapterReference
 from loraplex.adapters.registry import AdapterEntry
 from loraplex.adapters.s3_source import S3SourceError
 from loraplex.adapters.store import SourceChanged, SourceNotAllowed, VersionNotStored
+from loraplex.adapters.training_runs import promoted_versions
 from loraplex.adapters.validation import AdapterSummary
 from loraplex.server.core.adapter_runtime.leases import AdapterLease
 from loraplex.server.core.adapter_runtime.state import AdapterState, checked_reference
-from loraplex.server.core.errors import FailedPrecondition, InvalidRequest
+from loraplex.server.core.errors import AdapterNotFound, FailedPrecondition, InvalidRequest
+
+log = logging.getLogger(__name__)
 
 LOAD_ATTEMPTS = 3
 """Tries of `load` when a concurrent unload of the same version deletes its files between store and register."""
@@ -27,11 +32,13 @@ class AdminOperations(AdapterState):
     """Changes of names and versions (serialized by `_admin`), run on the admin threads."""
 
     def load(self, source: str, name: str, warm: bool = False) -> tuple[AdapterEntry, AdapterSummary, bool]:
-        """Validate and store `source`, then make it the current version of `name` in one step (requests
-        already holding the old version finish on it). `warm` also starts placing it in a slot.
+        """Validate and store `source` (empty: the version of `name` stored last), then make it the current
+        version of `name` in one step (requests already holding the old version finish on it). `warm` also
+        starts placing it in a slot.
         Returns the entry, the version's summary, and whether the current version changed.
 
-        Raises SourceNotAllowed, S3SourceError, InvalidAdapterReference, AdapterFormatError, SourceChanged.
+        Raises SourceNotAllowed, S3SourceError, InvalidAdapterReference, AdapterFormatError, SourceChanged,
+        VersionNotStored (an empty source, and no version stored).
         """
         for _ in range(LOAD_ATTEMPTS):
             stored = self.sources.put(source, name)  # slow (disk, S3): outside the locks; idempotent per digest
@@ -54,6 +61,31 @@ class AdminOperations(AdapterState):
             raise SourceChanged(f"adapter {name!r} was unloaded while {source} was being stored; retry")
         self._wake()
         return self.registry.entry(name), stored.summary, changed
+
+    def register_promoted(self, skip: Collection[str] = ()) -> list[str]:
+        """Make the version that each name's latest succeeded serve-train run promoted in the store
+        (training_runs.promoted_versions) its current version, unless the registry has already held that version
+        under the name (it was registered, or replaced or removed since: the admin's choice stands) or the name
+        is in `skip` (given explicitly at start-up). So a version trained without --server is served by its
+        name. A version that fails validation here (trained on another base, above this server's limits) is
+        logged and skipped. Returns the names whose current version changed."""
+        held = {entry.name: entry.versions for entry in self.registry.entries()}
+        changed_names = []
+        for name, digest in sorted(promoted_versions(self.store.root).items()):
+            if name in skip or digest in held.get(name, ()):
+                continue
+            try:
+                _, _, changed = self.load(str(self.store.path(name, digest)), name)
+            except VersionNotStored:
+                continue  # deleted from the store since it was trained
+            except (AdapterFormatError, InvalidAdapterReference, SourceNotAllowed, SourceChanged) as error:
+                log.error("adapter %r version %s that serve-train stored is not served: %s", name, digest[:12],
+                          error)
+                continue
+            if changed:
+                log.info("serving adapter %r version %s, stored and promoted by serve-train", name, digest[:12])
+                changed_names.append(name)
+        return changed_names
 
     def validate(self, source: str) -> AdapterSummary:
         """Dry run: validate `source` as `load` would; stores and loads nothing."""
@@ -166,3 +198,5 @@ def request_errors(adapter_format: bool = True) -> Iterator[None]:
         raise FailedPrecondition(f"source: S3 cannot be used: {error}") from None
     except SourceChanged as error:
         raise FailedPrecondition(f"source: {error}") from None
+    except VersionNotStored as error:  # an empty source: the store's latest version, and there is none
+        raise AdapterNotFound(str(error)) from None
