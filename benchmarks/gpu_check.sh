@@ -34,7 +34,7 @@ LORAPLEX_HOME=$(mktemp -d)  # compiled CPU kernels (the table test builds a CPU 
 export LORAPLEX_HOME
 
 status=0
-timeout 270 "$PYTHON" -m pytest -q -p no:cacheprovider -rs --junitxml="$RESULTS/gpu_tests.xml" \
+timeout 240 "$PYTHON" -m pytest -q -p no:cacheprovider -rs --junitxml="$RESULTS/gpu_tests.xml" \
   tests/engine/test_triton_kernels.py tests/engine/test_kernel_choice.py tests/engine/test_cuda_graphs.py \
   tests/engine/test_parity.py::test_mixed_batch_matches_peft_on_cuda || status=$?
 "$PYTHON" - "$RESULTS/gpu_tests.xml" <<'EOF' || status=1
@@ -49,7 +49,7 @@ if counts["skipped"] or not counts["tests"]:
     sys.exit(f"gpu_check: {counts['skipped']} of {counts['tests']} tests skipped on a CUDA machine (see -rs above)")
 EOF
 
-timeout 180 "$PYTHON" benchmarks/engine_throughput.py --device cuda \
+timeout 200 "$PYTHON" benchmarks/engine_throughput.py --device cuda \
   --output "$RESULTS/engine_throughput_cuda.json" 2>&1 | grep -v Warning || status=1
 ls "$RESULTS"
 if [ "$status" -ne 0 ]; then echo "gpu_check: FAILED (status $status)" >&2; fi
