@@ -4,7 +4,10 @@ helpers for tests against a running server."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -162,3 +165,14 @@ def with_chat_template(serving_model: tuple[Path, dict[str, Path]], base: Path) 
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(base)
     return base, serving_model[1]
+
+
+def start_translator(grpc_port: int) -> tuple[subprocess.Popen, str]:
+    """`loraplex http-shim` on a free loopback port in front of 127.0.0.1:grpc_port; (process, base URL)."""
+    command = [str(Path(sys.executable).parent / "loraplex"), "http-shim", "--grpc-target", f"127.0.0.1:{grpc_port}",
+               "--host", "127.0.0.1", "--port", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    match = re.search(r" on (127\.0\.0\.1:\d+) in front of ", line)
+    assert match, f"the translator did not start: {line!r}"
+    return process, f"http://{match.group(1)}/v1"

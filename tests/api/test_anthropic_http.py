@@ -1,14 +1,16 @@
 """Anthropic's Messages API (POST /v1/messages) on a real server (loopback), driven by the official `anthropic`
 SDK: unary and streamed replies on the base and on an adapter give the tokens the OpenAI chat route (openai
 SDK) and gRPC give with the same sampling (greedy, seeded, top_k); stop sequences; the event sequence; each
-refusal in Anthropic's error shape with its status (the SDK's typed errors); x-api-key and Bearer keys; tool
-use on SmolLM2 matching the OpenAI route's tool calls."""
+refusal in Anthropic's error shape with its status (the SDK's typed errors); x-api-key and Bearer keys; a
+client that leaves a stream; the same answers through `loraplex http-shim`; tool use on SmolLM2 matching the
+OpenAI route's tool calls."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import json
+import signal
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,7 +24,7 @@ from loraplex.client.client import AsyncClient
 from loraplex.server.core.auth import ApiKey
 from loraplex.server.default_model import default_model_path
 from loraplex.server.engine import EngineConfig
-from serving_support import TOKENIZER_CORPUS, post, serving, slow_steps, with_chat_template
+from serving_support import TOKENIZER_CORPUS, post, serving, slow_steps, start_translator, with_chat_template
 
 SYSTEM = "hello world"
 ASK = [{"role": "user", "content": TOKENIZER_CORPUS[1]}]
@@ -131,6 +133,33 @@ async def test_a_client_that_leaves_a_stream_frees_its_sequence(chat_model):
             await asyncio.sleep(0.01)
         assert cache.free_blocks == cache.num_blocks
         assert app.scheduler.stats.cancelled == 1
+
+
+async def test_messages_through_the_http_shim_alone(chat_model):
+    """`loraplex http-shim` in front of the server's gRPC port answers Messages as the embedded shim does; the
+    x-api-key goes through to the server, which checks it."""
+    key = "k-full-1234"
+    keys = [ApiKey(name="full", sha256=hashlib.sha256(key.encode()).hexdigest())]
+    async with serving(chat_model, api_keys=keys) as (app, url):
+        process, shim_url = await asyncio.to_thread(start_translator, app.port)
+        try:
+            embedded, _ = clients(url, key)
+            remote, _ = clients(shim_url, key)
+            stranger, _ = clients(shim_url, "k-wrong-1234")
+            request = dict(model=ADAPTER, system=SYSTEM, messages=ASK, max_tokens=8, stop_sequences=["zz"],
+                           extra_body={"temperature": 0})
+            here = await embedded.messages.create(**request)
+            async with remote.messages.stream(**request) as stream:
+                there = await stream.get_final_message()
+            with pytest.raises(anthropic.AuthenticationError) as refused:
+                await stranger.messages.create(**request)
+            for client in (embedded, remote, stranger):
+                await client.close()
+        finally:
+            process.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(process.wait, 30)
+    assert text_of(there) == text_of(here) and there.usage.output_tokens == here.usage.output_tokens
+    assert refused.value.type == "authentication_error"
 
 
 async def test_refusals_have_anthropic_shape_and_status(chat_model):

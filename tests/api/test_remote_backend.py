@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
 import signal
 import socket
 import subprocess
@@ -19,22 +18,20 @@ import pytest
 from loraplex.adapters.identity import adapter_digest
 from loraplex.server.core.auth import ApiKey
 from loraplex.server.settings import AdapterSettings
-from serving_support import TOKENIZER_CORPUS, get, post, serving, status_of, with_chat_template
+from serving_support import (
+    TOKENIZER_CORPUS,
+    get,
+    post,
+    serving,
+    start_translator,
+    status_of,
+    with_chat_template,
+)
 
 LORAPLEX = str(Path(sys.executable).parent / "loraplex")
 ADMIN, USER = "k-admin-1234", "k-user-1234"
 KEYS = [ApiKey(name="admin", sha256=hashlib.sha256(ADMIN.encode()).hexdigest(), scopes={"admin", "inference"}),
         ApiKey(name="user", sha256=hashlib.sha256(USER.encode()).hexdigest(), adapters={"a_r4_qv"})]
-
-
-def start_translator(grpc_port: int) -> tuple[subprocess.Popen, str]:
-    """`loraplex http-shim` on a free loopback port in front of 127.0.0.1:grpc_port; (process, base URL)."""
-    process = subprocess.Popen([LORAPLEX, "http-shim", "--grpc-target", f"127.0.0.1:{grpc_port}", "--host",
-                                "127.0.0.1", "--port", "0"], stdout=subprocess.PIPE, text=True)
-    line = process.stdout.readline()
-    match = re.search(r" on (127\.0\.0\.1:\d+) in front of ", line)
-    assert match, f"the translator did not start: {line!r}"
-    return process, f"http://{match.group(1)}/v1"
 
 
 def completions(url: str, key: str, **body) -> tuple[int, dict]:
