@@ -92,8 +92,8 @@ def keep_in_store(settings: TrainSettings, result: TrainResult) -> tuple[int, st
     if reason is not None:
         print(f"not promoted: {reason}; servers on {_store(settings)} keep their current {settings.name}")
         return 0, "rejected"
-    print(f"a server started on {_store(settings)} serves it as {settings.name}; a running one loads it with "
-          f"`loraplex adapters load {settings.name}`")
+    print(f"promoted: servers on {_store(settings)} serve it as {settings.name} (one started later at once, a "
+          "running one at its next look at the store)")
     return 0, "succeeded"
 
 

@@ -34,7 +34,7 @@ from loraplex.server.api.http.routes import HttpShim
 from loraplex.server.api.interceptor import ErrorInterceptor
 from loraplex.server.api.tenant_service import TenantService
 from loraplex.server.core.adapter_runtime.manager import AdapterManager
-from loraplex.server.core.adapter_runtime.watcher import AdapterWatcher
+from loraplex.server.core.adapter_runtime.watcher import AdapterWatcher, PromotionWatcher
 from loraplex.server.core.auth import Authenticator
 from loraplex.server.core.generation import GenerationCore
 from loraplex.server.core.metrics import ServerMetrics
@@ -72,6 +72,8 @@ class App:
     port: int
     model_name: str
     watcher: AdapterWatcher | None = None
+    promotions: PromotionWatcher | None = None
+    """Registers what serve-train promotes in the store while serving (None with adapters.watch_store off)."""
     http: EmbeddedServer | None = None
     """The OpenAI-style HTTP server (None with http_port unset); `http.port` is the bound port."""
     http_task: asyncio.Task | None = None
@@ -90,8 +92,9 @@ class App:
         servers close (HTTP responses still open after HTTP_CLOSE_S are cancelled)."""
         self.scheduler.stop_accepting()
         await self.health.enter_graceful_shutdown()
-        if self.watcher is not None:
-            self.watcher.stop()
+        for watcher in (self.watcher, self.promotions):
+            if watcher is not None:
+                watcher.stop()
         grpc_stopped = asyncio.create_task(self.server.stop(grace_s))
         await self.core.drain(grace_s)
         self.scheduler.close()
@@ -152,13 +155,16 @@ async def start(settings: Settings, interceptors: Sequence[grpc.aio.ServerInterc
                                             server)
     watch_dir = settings.adapters.watch_dir
     watcher = AdapterWatcher(adapters, watch_dir, settings.adapters.watch_interval_s) if watch_dir else None
+    promotions = PromotionWatcher(adapters, settings.adapters.watch_interval_s) if settings.adapters.watch_store \
+        else None
     scheduler.start()
-    if watcher is not None:
-        watcher.start()
+    for started in (watcher, promotions):
+        if started is not None:
+            started.start()
     await server.start()
     for name in ("", SERVICE_NAME, ADMIN_SERVICE_NAME, TENANT_SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    app = App(server, scheduler, core, health, host, port, folder.name, watcher, metrics=metrics)
+    app = App(server, scheduler, core, health, host, port, folder.name, watcher, promotions, metrics=metrics)
     if metrics is not None:
         metrics.watch(scheduler, adapters, adapters.store.root)
         if settings.metrics.port is not None:

@@ -55,7 +55,11 @@ class AdapterSettings(BaseModel):
     """Drop folder to watch: each `<watch_dir>/<NAME>/` PEFT folder is loaded as adapter NAME when it
     appears, and again as a new version whenever its files change (it counts as an allowed root)."""
     watch_interval_s: float = Field(default=2.0, ge=0.05, le=3600.0)
-    """Seconds between two scans of watch_dir; a folder loads once unchanged over two scans."""
+    """Seconds between two scans of watch_dir (a folder loads once unchanged over two scans) and of the
+    store's serve-train record (watch_store)."""
+    watch_store: bool = True
+    """Also while serving (not only at start-up), serve each version serve-train stores and promotes in the
+    store as its name's current version: the store's training record is checked every watch_interval_s."""
     s3_endpoint_url: str | None = None
     """S3 endpoint for s3:// sources (e.g. a MinIO URL); None uses AWS. Credentials come from the
     standard AWS environment variables or files."""

@@ -2,11 +2,13 @@
 register_promoted): the version of each name's latest succeeded run, never a rejected one, never over a
 start-up --adapter of the same name, never again once the admin replaced or removed it; a version that is no
 longer stored, or that this server refuses (here: above its rank limit), is skipped without stopping the start.
+A running server does the same when the store's training record changes (PromotionWatcher).
 
 The store is filled as serve-train fills it: AdapterStore.put of the version, then record_run with its digest."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -67,3 +69,20 @@ async def test_a_version_this_server_refuses_is_logged_and_the_server_starts(ser
             assert current_versions(app) == {}
     assert "adapter 'too_big' version" in caplog.text and "that serve-train stored is not served: " in caplog.text
     assert "rank 16" in caplog.text
+
+
+async def test_a_running_server_serves_what_serve_train_promotes_meanwhile(serving_model, tmp_path):
+    base, adapters = serving_model
+    store = tmp_path / "store"
+    async with serving(serving_model, adapter={}, adapters={"store": store, "watch_interval_s": 0.05}) as (app, _):
+        assert current_versions(app) == {}
+        trained(store, base, adapters["b_r16_all"], "late", "rejected")
+        promoted = trained(store, base, adapters["a_r4_qv"], "late", "succeeded")
+        for _ in range(200):
+            if current_versions(app):
+                break
+            await asyncio.sleep(0.05)
+        assert current_versions(app) == {"late": promoted}
+    async with serving(serving_model, adapter={}, adapters={"store": store / "other", "watch_store": False}) as (
+            app, _):
+        assert app.promotions is None

@@ -18,8 +18,10 @@ import yaml
 
 from loraplex.adapters.identity import adapter_digest
 from loraplex.adapters.peft_format import read_lora_weights
+from loraplex.adapters.train_cli import main
 from loraplex.adapters.train_config import parse_settings
 from loraplex.adapters.trainer import train
+from loraplex.adapters.training_runs import count_runs, promoted_versions
 from loraplex.adapters.validation import CARD_FILE
 from loraplex.client.client import AsyncClient
 from loraplex.server.app import start
@@ -191,7 +193,7 @@ async def test_a_version_trained_without_a_server_is_served_by_name_by_a_server_
     config.write_text(yaml.safe_dump({**settings, "promote_if_better": True}))
     done = run("--config", str(config))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"a server started on {tmp_path / 'store'} serves it as memo" in done.stdout, done.stdout
+    assert f"promoted: servers on {tmp_path / 'store'} serve it as memo" in done.stdout, done.stdout
     (version,) = stored_versions(tmp_path / "store")
     app = await start(load_settings(model=serving_model[0], host="127.0.0.1", port=0, reflection=False,
                                     engine=EngineConfig(**TEST_ENGINE),
@@ -202,6 +204,16 @@ async def test_a_version_trained_without_a_server_is_served_by_name_by_a_server_
     finally:
         await app.stop(0)
     assert answer.text == PAIRS[0][1] and answer.completion.adapter_version == version.name
+
+
+def test_a_version_that_does_not_beat_the_base_is_stored_but_not_promoted(serving_model, data, tmp_path, capsys):
+    """--promote-if-better without --server: the run is recorded as rejected, so no server on the store serves it."""
+    args = job_args(serving_model, data, tmp_path, "--promote-if-better", "--learning-rate", "1e-6", epochs=1)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "not promoted: the adapter's exact_match 0.000 does not beat the base's 0.000; servers on " in out, out
+    assert len(stored_versions(tmp_path / "store")) == 1
+    assert count_runs(tmp_path / "store") == {"rejected": 1} and promoted_versions(tmp_path / "store") == {}
 
 
 def test_a_wrong_base_is_refused_by_the_server_and_the_adapter_stays_stored(serving_model, data, tmp_path):
