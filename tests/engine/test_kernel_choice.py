@@ -4,6 +4,9 @@ and a CPU engine built by the table."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,3 +129,25 @@ def test_a_cpu_engine_is_built_by_the_table(tiny_llama: Path) -> None:
     assert engine.decode_attention == "torch"
     assert all(p.base.plan == engine.nf4_plan for _, _, p in engine.model.projections())
     assert engine.lora_impl == "cpu_kernel" and engine.model.lora_op is lora_cpu.lora_cpu  # CI has a C++ compiler
+
+
+def test_a_cpu_engine_runs_where_triton_is_not_installed(tiny_llama: Path) -> None:
+    """Triton is an optional import: with `import triton` failing, a CPU engine starts, generates, and never
+    loads a Triton kernel module."""
+    script = (
+        "import sys\n"
+        "sys.modules['triton'] = None  # import triton now raises ImportError, as where it is not installed\n"
+        "from pathlib import Path\n"
+        "from loraplex.server.engine import Engine, EngineConfig, SamplingParams\n"
+        "from loraplex.server.model_files import iter_weights, model_spec\n"
+        "folder = Path(sys.argv[1])\n"
+        "config = EngineConfig(num_slots=1, max_rank=8, kv_cache_bytes=2**20)\n"
+        "e = Engine(model_spec(folder), iter_weights(folder), config)\n"
+        "print(e.generate([[1, 2, 3]], SamplingParams(max_new_tokens=3, ignore_eos=True))[0])\n"
+        "assert not [m for m in sys.modules if m.startswith('loraplex') and m.endswith('_triton')], 'Triton used'\n"
+    )
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # a CPU engine on a GPU machine too
+    done = subprocess.run([sys.executable, "-c", script, str(tiny_llama)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.split(",")) == 3  # three generated token ids
