@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The device check (issue 21), unattended on a bare CUDA machine without network, within 8 minutes:
 #   1. installs what that machine's Python lacks from .gpu-wheels/ (made by benchmarks/gpu_wheels.sh where a
-#      package registry is reachable, and carried along), then loraplex itself, all without the network;
+#      package registry is reachable, and carried along), then loraplex itself (a copy of this checkout), all
+#      without the network, into a temporary folder put on PYTHONPATH;
 #   2. runs the Triton kernel tests compiled on the GPU (float32 and bfloat16), the kernel-choice table, the
 #      CUDA-graph decode tests (captured graphs vs eager steps), and the CUDA parity tests (every family, NF4
 #      and dense, mixed-adapter batch vs transformers + PEFT);
@@ -28,8 +29,13 @@ import torch, triton
 assert torch.cuda.is_available(), "gpu_check: CUDA is not available on this machine"
 print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name(0))'
 
-"$PYTHON" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check "$WHEELS"/*.whl
-"$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --disable-pip-version-check -e .
+# Into a folder of its own on PYTHONPATH, as the machine's Python environment may be read-only.
+SITE=$(mktemp -d)
+PIP=("$PYTHON" -m pip install -q --no-index --no-deps --disable-pip-version-check --target "$SITE")
+"${PIP[@]}" --no-compile "$WHEELS"/*.whl
+"${PIP[@]}" --no-build-isolation .
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+"$PYTHON" -c 'import loraplex.server.engine, bitsandbytes, pydantic; print("loraplex from", loraplex.server.engine.__file__)'
 LORAPLEX_HOME=$(mktemp -d)  # compiled CPU kernels (the table test builds a CPU engine) and model caches
 export LORAPLEX_HOME
 
