@@ -3,6 +3,7 @@ server quantizes it (NF4, double quantization, blocksize 64), with a PEFT LoRA o
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from loraplex.adapters.bnb_compat import nf4_config, use_portable_nf4_path
 
 ALL_LINEAR = "all-linear"
+PEFT_DEPRECATED_READ = "`is_gradient_checkpointing` is deprecated"
+"""The FutureWarning transformers gives when get_peft_model reads `is_gradient_checkpointing` (peft 0.21)."""
 
 
 @dataclass(frozen=True)
@@ -47,4 +50,6 @@ def add_lora(base: PreTrainedModel, lora: LoraSettings, gradient_checkpointing: 
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
                         target_modules=lora.target_modules if isinstance(lora.target_modules, str)
                         else list(lora.target_modules), task_type="CAUSAL_LM")
-    return get_peft_model(base, config)
+    with warnings.catch_warnings():  # PEFT reads a property transformers deprecated: nothing for a user to do
+        warnings.filterwarnings("ignore", message=PEFT_DEPRECATED_READ, category=FutureWarning)
+        return get_peft_model(base, config)

@@ -26,6 +26,7 @@ from loraplex.adapters.validation import CARD_FILE
 from loraplex.client.client import AsyncClient
 from loraplex.server.app import start
 from loraplex.server.engine import EngineConfig, SamplingParams
+from loraplex.server.logs import BNB_KERNEL_HUB_WARNING
 from loraplex.server.model_files import base_digest
 from loraplex.server.settings import AdapterSettings, load_settings
 from serving_support import TEST_ENGINE, make_engine
@@ -194,6 +195,7 @@ async def test_a_version_trained_without_a_server_is_served_by_name_by_a_server_
     done = run("--config", str(config))
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"promoted: servers on {tmp_path / 'store'} serve it as memo" in done.stdout, done.stdout
+    assert "Warning" not in done.stderr and BNB_KERNEL_HUB_WARNING not in done.stderr  # no dependency's warning
     (version,) = stored_versions(tmp_path / "store")
     app = await start(load_settings(model=serving_model[0], host="127.0.0.1", port=0, reflection=False,
                                     engine=EngineConfig(**TEST_ENGINE),
