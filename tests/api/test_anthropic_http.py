@@ -1,9 +1,9 @@
 """Anthropic's Messages API (POST /v1/messages) on a real server (loopback), driven by the official `anthropic`
 SDK: unary and streamed replies on the base and on an adapter give the tokens the OpenAI chat route (openai
 SDK) and gRPC give with the same sampling (greedy, seeded, top_k); stop sequences; the event sequence; each
-refusal in Anthropic's error shape with its status (the SDK's typed errors); x-api-key and Bearer keys; a
-client that leaves a stream; the same answers through `loraplex http-shim`; tool use on SmolLM2 matching the
-OpenAI route's tool calls."""
+refusal in Anthropic's error shape with its status (the SDK's typed errors), overload (429, Retry-After) and
+a failed step (500) included; x-api-key and Bearer keys; a client that leaves a stream; the same answers
+through `loraplex http-shim`; tool use on SmolLM2 matching the OpenAI route's tool calls."""
 
 from __future__ import annotations
 
@@ -133,6 +133,35 @@ async def test_a_client_that_leaves_a_stream_frees_its_sequence(chat_model):
             await asyncio.sleep(0.01)
         assert cache.free_blocks == cache.num_blocks
         assert app.scheduler.stats.cancelled == 1
+
+
+async def test_overload_is_429_with_retry_after_and_a_failed_step_is_500(chat_model):
+    async with serving(chat_model, scheduler={"max_running": 1, "max_waiting": 1}) as (app, url):
+        slow_steps(app, 0.02)
+        claude, _ = clients(url)
+        running = await claude.messages.create(model=ADAPTER, messages=ASK, max_tokens=200, stream=True)
+        await anext(aiter(running))
+        waiting = asyncio.create_task(claude.messages.create(model=ADAPTER, messages=ASK, max_tokens=2))
+        while app.scheduler.num_waiting < 1:
+            await asyncio.sleep(0.005)
+        with pytest.raises(anthropic.RateLimitError) as overloaded:
+            await claude.messages.create(model=ADAPTER, messages=ASK, max_tokens=2)
+        await running.close()
+        await waiting
+        step = app.scheduler.engine.step
+
+        def failing_step(batch):
+            app.scheduler.engine.step = step  # fail once
+            raise RuntimeError("simulated device fault")
+
+        app.scheduler.engine.step = failing_step
+        with pytest.raises(anthropic.InternalServerError) as failed:
+            await claude.messages.create(model=ADAPTER, messages=ASK, max_tokens=2)
+        await claude.close()
+    assert (overloaded.value.status_code, overloaded.value.type) == (429, "rate_limit_error")
+    assert "max_waiting=1" in overloaded.value.api_message and overloaded.value.response.headers["retry-after"]
+    assert (failed.value.status_code, failed.value.type) == (500, "api_error")
+    assert "simulated" not in failed.value.api_message  # details stay in the server log
 
 
 async def test_messages_through_the_http_shim_alone(chat_model):

@@ -72,7 +72,7 @@ def whole_message(answer: MessagesAnswer, ident: str, reply: Piece) -> dict:
 def error_body(error: Exception) -> tuple[int, dict]:
     """(HTTP status, Anthropic error object) of a refusal; anything else is 500 without details (the log has
     them)."""
-    status = HTTP_ERRORS.get(type(error), (500, ""))[0]
+    status = HTTP_ERRORS[type(error)][0] if type(error) in HTTP_ERRORS else 500
     text = str(error) if isinstance(error, RequestError) else "internal error (see the server log)"
     return status, {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": text}}
 
