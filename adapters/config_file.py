@@ -72,9 +72,15 @@ def _unknown_key(key: object, fields: dict[str, FieldInfo]) -> str:
     return f"unknown setting {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
 
+def unwrap_optional(annotation: object) -> tuple[object, bool]:
+    """(`X`, True) for `X | None`, else (`annotation`, False)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(members) == 1:
+            return members[0], True
+    return annotation, False
+
+
 def _is_path(field: FieldInfo) -> bool:
     """Whether the field holds a Path (possibly optional)."""
-    annotation = field.annotation
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return Path in typing.get_args(annotation)
-    return annotation is Path
+    return unwrap_optional(field.annotation)[0] is Path

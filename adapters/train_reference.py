@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 import typing
 from pathlib import Path
 
 import annotated_types
 from pydantic.fields import FieldInfo
 
+from loraplex.adapters.config_file import unwrap_optional
 from loraplex.adapters.train_config import TrainSettings
 
 HEADER = """# serve-train settings
@@ -39,16 +39,13 @@ def reference_table() -> str:
         if not field.description:
             raise ValueError(f"TrainSettings.{name} has no docstring: document it")
         rows.append(f"| `{name}` | `--{name.replace('_', '-')}` | {type_name(field)} | {default_text(field)} | "
-                    f"{' '.join(field.description.split())} |".replace("\n", " "))
+                    f"{' '.join(field.description.split())} |")
     return HEADER + "\n" + "\n".join(rows) + "\n"
 
 
 def type_name(field: FieldInfo) -> str:
     """The value type as a user writes it, with its bounds: "integer, >= 1, <= 1024", "path or unset"."""
-    annotation, optional = field.annotation, False
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-        annotation, optional = members[0], len(members) < len(typing.get_args(annotation))
+    annotation, optional = unwrap_optional(field.annotation)
     if typing.get_origin(annotation) is typing.Literal:
         text = "one of " + ", ".join(f'"{value}"' for value in typing.get_args(annotation))
     elif typing.get_origin(annotation) is list:
