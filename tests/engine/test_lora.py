@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from loraplex.adapters.peft_format import read_lora_weights
-from loraplex.server.engine import Engine, EngineConfig, ModelSpec, SamplingParams
+from loraplex.server.engine import Engine, EngineConfig, ModelSpec, SamplingParams, cpu_extension
+from loraplex.server.engine import lora_cpu as lora_cpu_module
 from loraplex.server.engine.lora import (
     LARGE_GROUP,
     NO_ADAPTER,
@@ -312,3 +313,35 @@ def test_empty_batch_returns_y_untouched(op_slots) -> None:
     for op in (lora_grouped, lora_reference, lora_cpu):
         result = op(y.clone(), x, slots, batch)
         assert torch.equal(result, y)
+
+
+@pytest.mark.parametrize("flags", [(), ("-mno-avx512f",), ("-mno-avx2", "-mno-fma", "-mno-avx512f")],
+                         ids=["native", "avx2_only", "plain_cpp"])
+def test_the_cpu_kernel_on_every_vector_path_matches_the_reference_whatever_the_batch(op_slots, flags) -> None:
+    """lora_cpu's kernel built as for this CPU, for one with AVX2 but no AVX-512, and for one with neither
+    (`-march=native` minus those, so each path runs on the CPUs that have them): the reference's result on a
+    mixed batch (ranks 1..16, tiles of 1..4 tokens, tails of 24 inputs and 40 outputs past the vector width),
+    and each token's bits the same alone as in that batch."""
+    if "-mno-avx2" not in flags and flags and "avx2" not in cpu_extension.cpu_flags().split():
+        pytest.skip("this CPU has no AVX2")
+    kernel = cpu_extension.build("lora_bgmv_" + "_".join(f.strip("-").replace("-", "_") for f in flags),
+                                 lora_cpu_module._SOURCE, flags) if flags else lora_cpu_module._extension()
+    assert kernel is not None
+    slots, _, ranks = op_slots
+    slot_ids = CASES["mixed_padded"]
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(len(slot_ids), IN_FEATURES, generator=generator)
+    y = torch.randn(len(slot_ids), OUT_FEATURES, generator=generator)
+
+    def run(rows: list[int]) -> torch.Tensor:
+        batch = LoraBatch.build([slot_ids[row] for row in rows], ranks, torch.device("cpu"))
+        out = y[rows].clone()
+        kernel.lora_bgmv(out, x[rows].contiguous(), slots.A, slots.B, slots.scale, batch.slot_ranks,
+                         batch.small_tokens, batch.small_slots)
+        return out
+
+    whole = run(list(range(len(slot_ids))))
+    reference = lora_reference(y.clone(), x, slots, LoraBatch.build(slot_ids, ranks, torch.device("cpu")))
+    torch.testing.assert_close(whole, reference, rtol=1e-5, atol=1e-5)
+    for row in range(len(slot_ids)):
+        assert torch.equal(run([row])[0], whole[row]), f"token {row} alone differs from its batch"
