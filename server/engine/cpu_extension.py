@@ -1,9 +1,10 @@
 """Compiling the engine's C++ CPU kernels: on first use, for the host CPU, cached on disk.
 
 Each kernel module (`lora_cpu`, `nf4_cpu`) hands its source here. The build is keyed by the source,
-the CPU's flags and the torch version, so a machine with other CPU features (AVX2 only vs AVX-512 /
-AMX) or another torch builds its own copy, compiled with `-march=native`: the kernels pick their
-vector path at compile time from what that CPU has (`__AVX512F__`, `__AVX2__`, or plain C++).
+the CPU's flags and the torch version and folder, so a machine with other CPU features (AVX2 only vs
+AVX-512 / AMX) or another torch (or virtualenv) builds its own copy, compiled with `-march=native`:
+the kernels pick their vector path at compile time from what that CPU has (`__AVX512F__`, `__AVX2__`,
+or plain C++).
 When nothing compiles (no compiler, no ninja) the build returns None and the caller falls back.
 
 Where the builds are cached is the caller's to say: the serving process passes its folder in
@@ -60,7 +61,10 @@ def build(name: str, source: str, extra_cflags: tuple[str, ...] = ()) -> ModuleT
     if os.environ.get(DISABLE_ENV):
         return None
     cflags = ["-O3", "-march=native", "-fopenmp", *extra_cflags]
-    key = hashlib.sha256((source + cpu_flags() + torch.__version__ + " ".join(cflags)).encode()).hexdigest()[:16]
+    # torch's folder too: two environments with the same torch release build against their own headers and
+    # libraries, and sharing one build folder would make each rebuild over the other's copy
+    identity = source + cpu_flags() + torch.__version__ + str(Path(torch.__file__).parent) + " ".join(cflags)
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     folder = build_root() / f"{name}_{key}"
     try:
         from torch.utils.cpp_extension import load_inline
