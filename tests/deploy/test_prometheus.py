@@ -113,7 +113,7 @@ def write_config(folder: Path, target: str) -> Path:
 
 def api(base: str, path: str, **params: str) -> dict:
     url = f"{base}/api/v1/{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
-    with urllib.request.urlopen(url, timeout=10) as response:
+    with urllib.request.urlopen(url, timeout=60) as response:  # generous: the suite may load both cores
         answer = json.loads(response.read())
     assert answer["status"] == "success", answer
     return answer["data"]
