@@ -14,6 +14,7 @@ Where the builds are cached is the caller's to say: the serving process passes i
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 #: Set (to anything) to skip every compiled CPU kernel, as on a machine without a compiler.
 DISABLE_ENV = "LORAPLEX_DISABLE_CPU_KERNEL"
 HOME_ENV = "LORAPLEX_HOME"
+#: The advisory lock loraplex builds hold, and torch's own lock file (torch.utils.file_baton), in a build folder.
+BUILD_LOCK, TORCH_LOCK = "loraplex-build.lock", "lock"
 
 _build_root: Path | None = None
 
@@ -56,22 +59,34 @@ def cpu_flags() -> str:
     return next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
 
 
-def build(name: str, source: str, extra_cflags: tuple[str, ...] = ()) -> ModuleType | None:
-    """The compiled extension `name` built from C++ `source`, or None (logged) when it cannot be built."""
-    if os.environ.get(DISABLE_ENV):
-        return None
-    cflags = ["-O3", "-march=native", "-fopenmp", *extra_cflags]
+def build_folder(name: str, source: str, cflags: list[str]) -> Path:
+    """The folder a build of `name` from `source` with `cflags` is cached in."""
     # torch's folder too: two environments with the same torch release build against their own headers and
     # libraries, and sharing one build folder would make each rebuild over the other's copy
     identity = source + cpu_flags() + torch.__version__ + str(Path(torch.__file__).parent) + " ".join(cflags)
-    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
-    folder = build_root() / f"{name}_{key}"
+    return build_root() / f"{name}_{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+
+
+def build(name: str, source: str, extra_cflags: tuple[str, ...] = ()) -> ModuleType | None:
+    """The compiled extension `name` built from C++ `source`, or None (logged) when it cannot be built.
+
+    Processes building the same kernel at once wait for each other on an advisory lock of the build folder
+    (`flock`, let go by the kernel when its holder dies), not on torch's lock file alone: a build killed
+    midway leaves that file behind, and torch would wait for it forever. Whoever holds the flock removes
+    such a leftover before building."""
+    if os.environ.get(DISABLE_ENV):
+        return None
+    cflags = ["-O3", "-march=native", "-fopenmp", *extra_cflags]
+    folder = build_folder(name, source, cflags)
     try:
         from torch.utils.cpp_extension import load_inline
 
         folder.mkdir(parents=True, exist_ok=True)
-        return load_inline(name=f"loraplex_{name}", cpp_sources=[source], build_directory=str(folder),
-                           extra_cflags=cflags, verbose=False)
+        with open(folder / BUILD_LOCK, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            (folder / TORCH_LOCK).unlink(missing_ok=True)  # only a killed build leaves it while we hold the flock
+            return load_inline(name=f"loraplex_{name}", cpp_sources=[source], build_directory=str(folder),
+                               extra_cflags=cflags, verbose=False)
     except Exception as error:  # no compiler, no ninja, unsupported platform: fall back, loudly
         log.warning("CPU kernel %s unavailable (%s); using the portable torch path", name, error)
         return None
