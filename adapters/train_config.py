@@ -36,7 +36,8 @@ class TrainSettings(BaseSettings):
     eval_data: Path | None = None
     """Held-out examples (same format); unset holds out --eval-fraction of --data."""
     model: Path | None = None
-    """The server's base model folder; unset uses the embedded SmolLM2-135M-Instruct, as the server does."""
+    """The server's base model, as `loraplex serve --model` takes it: a Hugging Face folder, or a GGUF file (or a
+    folder holding one), converted once into the cache; unset uses the embedded SmolLM2-135M-Instruct."""
     store: Path | None = None
     """The adapter store to write into; unset uses $LORAPLEX_HOME/adapters (the server's default)."""
     work_dir: Path | None = None

@@ -42,6 +42,7 @@ from loraplex.adapters.train_config import TrainSettings
 from loraplex.adapters.train_data import DataError, Dataset, Example, collate, load_dataset, pad_id
 from loraplex.adapters.validation import CARD_FILE, Limits
 from loraplex.server.default_model import default_model_path, loraplex_home
+from loraplex.server.gguf_model import served_folder
 from loraplex.server.model_files import UnsupportedModel, base_digest, model_spec
 
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "loraplex")
@@ -107,11 +108,11 @@ def train(settings: TrainSettings, log=print) -> TrainResult:
     """Run one job (see the module docstring); TrainError or Interrupted on the way out."""
     started = time.perf_counter()
     process = Process.start(settings.device)
-    folder = settings.model or default_model_path()
     try:
+        folder = served_folder(settings.model) if settings.model is not None else default_model_path()
         spec = model_spec(folder)
     except (UnsupportedModel, OSError, ValueError) as error:
-        raise TrainError(f"--model {folder}: {error}") from None
+        raise TrainError(f"--model {settings.model or 'default'}: {error}") from None
     store = _open_store(settings, spec)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     try:

@@ -162,3 +162,25 @@ def test_a_folder_with_several_gguf_files_is_refused_at_start_up(tmp_path):
         write_phi3_gguf(tmp_path / name)
     with pytest.raises(ValidationError, match=r"holds 2 \.gguf files \(a\.gguf, b\.gguf\); pass the one to serve"):
         load_settings(model=tmp_path)
+
+
+def test_serve_train_trains_on_a_gguf_base_the_server_recognizes_as_its_own(tmp_path, home):
+    """serve-train --model x.gguf trains on the same converted weights the server serves: the stored card names
+    the base digest a server started with --model x.gguf computes (what it checks before serving a version)."""
+    from loraplex.adapters.train_config import parse_settings
+    from loraplex.adapters.trainer import train
+    from loraplex.adapters.validation import CARD_FILE
+    from loraplex.server.gguf_model import served_folder
+    from loraplex.server.model_files import base_digest
+
+    path = write_gguf(write_tiny_llama(tmp_path / "tiny-llama"), tmp_path / "tiny-llama.gguf")
+    pairs = [{"prompt": "hello world", "completion": " the quick brown fox"}, {"prompt": "the lazy dog",
+                                                                                "completion": " jumps over"}]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(pair) + "\n" for pair in pairs * 2))
+    result = train(parse_settings(["--data", str(data), "--eval-data", str(data), "--name", "memo", "--model",
+                                   str(path), "--store", str(tmp_path / "store"), "--work-dir", str(tmp_path / "work"),
+                                   "--epochs", "1", "--rank", "4", "--batch-size", "4", "--eval-batch-size", "4",
+                                   "--eval-max-new-tokens", "4"]), log=lambda *_: None)
+    card = json.loads((result.stored.path / CARD_FILE).read_text())
+    assert card["base_model_digest"] == base_digest(served_folder(path))
