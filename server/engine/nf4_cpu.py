@@ -65,8 +65,11 @@ from loraplex.server.engine import cpu_extension
 
 #: Token counts up to which the kernel decodes weights into registers and uses them at once (at most 4).
 DIRECT_MAX_TOKENS = 4
-#: Token counts from which the kernel dequantizes the whole weight and calls BLAS instead of its own loop.
-BLAS_MIN_TOKENS = 48
+#: Token counts from which the kernel dequantizes the whole weight and calls BLAS instead of its own loop. With
+#: AVX-512 the loop keeps up longer: over a decoder layer's projections (benchmarks/engine_throughput.py
+#: "projections" rows) it is ahead by 6% at 48 tokens and 9% at 64, BLAS by 30% at 128 (Xeon SPR); the
+#: AVX2 loop falls behind from 48 (EPYC).
+BLAS_MIN_TOKENS = 80 if "avx512f" in cpu_extension.cpu_flags().split() else 48
 #: The same for bfloat16 activations on AMX, whose own loop keeps up with oneDNN's bf16 matmul longer
 #: (benchmarks/engine_throughput.py "projections" rows: loop ahead at 64 tokens, BLAS at 128; Xeon SPR).
 BF16_BLAS_MIN_TOKENS = 96
