@@ -3,6 +3,7 @@ helpers for tests against a running server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -94,6 +95,15 @@ def slow_steps(app: App, seconds: float) -> None:
         return step(batch)
 
     app.scheduler.engine.step = slow_step
+
+
+async def blocks_back(app: App, timeout: float = 10.0) -> bool:
+    """Whether every KV block of the app's engine is free again within `timeout` s (released sequences)."""
+    cache = app.scheduler.engine.cache
+    deadline = time.monotonic() + timeout
+    while cache.free_blocks != cache.num_blocks and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return cache.free_blocks == cache.num_blocks
 
 
 async def expect_status(code: grpc.StatusCode, awaitable) -> str:

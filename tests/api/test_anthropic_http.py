@@ -24,7 +24,15 @@ from loraplex.client.client import AsyncClient
 from loraplex.server.core.auth import ApiKey
 from loraplex.server.default_model import default_model_path
 from loraplex.server.engine import EngineConfig
-from serving_support import TOKENIZER_CORPUS, post, serving, slow_steps, start_translator, with_chat_template
+from serving_support import (
+    TOKENIZER_CORPUS,
+    blocks_back,
+    post,
+    serving,
+    slow_steps,
+    start_translator,
+    with_chat_template,
+)
 
 SYSTEM = "hello world"
 ASK = [{"role": "user", "content": TOKENIZER_CORPUS[1]}]
@@ -126,12 +134,7 @@ async def test_a_client_that_leaves_a_stream_frees_its_sequence(chat_model):
         assert (await anext(aiter(stream))).type == "message_start"
         await stream.close()
         await claude.close()
-        cache = app.scheduler.engine.cache
-        for _ in range(500):
-            if cache.free_blocks == cache.num_blocks:
-                break
-            await asyncio.sleep(0.01)
-        assert cache.free_blocks == cache.num_blocks
+        assert await blocks_back(app)
         assert app.scheduler.stats.cancelled == 1
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import time
 from contextlib import asynccontextmanager
 from importlib import metadata
 
@@ -20,7 +19,7 @@ from transformers import AutoTokenizer
 from loraplex.adapters.identity import adapter_digest
 from loraplex.client.client import AsyncClient
 from loraplex.client.records import FinishReason
-from loraplex.server.app import App, start
+from loraplex.server.app import start
 from loraplex.server.core.auth import ApiKey
 from loraplex.server.engine import EngineConfig, SamplingParams
 from loraplex.server.settings import load_settings
@@ -29,6 +28,7 @@ from serving_support import (
     TEST_ENGINE,
     TOKENIZER_CORPUS,
     active_requests,
+    blocks_back,
     drain,
     expect_status,
     generate_alone,
@@ -51,14 +51,6 @@ async def running(serving_model, **overrides):
             yield app, client
     finally:
         await app.stop(0)
-
-
-async def blocks_back(app: App, timeout: float = 10.0) -> bool:
-    cache = app.scheduler.engine.cache
-    deadline = time.monotonic() + timeout
-    while cache.free_blocks != cache.num_blocks and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    return cache.free_blocks == cache.num_blocks
 
 
 @pytest.fixture(scope="module")

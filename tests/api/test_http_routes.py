@@ -31,6 +31,7 @@ from loraplex.server.settings import AdapterSettings, load_settings
 from serving_support import (
     TEST_ENGINE,
     TOKENIZER_CORPUS,
+    blocks_back,
     post,
     serving,
     slow_steps,
@@ -167,12 +168,7 @@ async def test_a_client_that_disconnects_mid_stream_frees_its_sequence(serving_m
         await anext(aiter(stream))
         await stream.close()
         await client.close()
-        cache = app.scheduler.engine.cache
-        for _ in range(500):
-            if cache.free_blocks == cache.num_blocks:
-                break
-            await asyncio.sleep(0.01)
-        assert cache.free_blocks == cache.num_blocks
+        assert await blocks_back(app)
         assert app.scheduler.stats.cancelled == 1
 
 
