@@ -97,6 +97,17 @@ def slow_steps(app: App, seconds: float) -> None:
     app.scheduler.engine.step = slow_step
 
 
+def fail_next_step(app: App) -> None:
+    """Make the next engine step raise (a simulated device fault); later steps run as before."""
+    step = app.scheduler.engine.step
+
+    def failing_step(batch):
+        app.scheduler.engine.step = step
+        raise RuntimeError("simulated device fault")
+
+    app.scheduler.engine.step = failing_step
+
+
 async def blocks_back(app: App, timeout: float = 10.0) -> bool:
     """Whether every KV block of the app's engine is free again within `timeout` s (released sequences)."""
     cache = app.scheduler.engine.cache

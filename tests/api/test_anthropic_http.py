@@ -27,6 +27,7 @@ from loraplex.server.engine import EngineConfig
 from serving_support import (
     TOKENIZER_CORPUS,
     blocks_back,
+    fail_next_step,
     post,
     serving,
     slow_steps,
@@ -151,13 +152,7 @@ async def test_overload_is_429_with_retry_after_and_a_failed_step_is_500(chat_mo
             await claude.messages.create(model=ADAPTER, messages=ASK, max_tokens=2)
         await running.close()
         await waiting
-        step = app.scheduler.engine.step
-
-        def failing_step(batch):
-            app.scheduler.engine.step = step  # fail once
-            raise RuntimeError("simulated device fault")
-
-        app.scheduler.engine.step = failing_step
+        fail_next_step(app)
         with pytest.raises(anthropic.InternalServerError) as failed:
             await claude.messages.create(model=ADAPTER, messages=ASK, max_tokens=2)
         await claude.close()

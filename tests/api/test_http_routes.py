@@ -32,6 +32,7 @@ from serving_support import (
     TEST_ENGINE,
     TOKENIZER_CORPUS,
     blocks_back,
+    fail_next_step,
     post,
     serving,
     slow_steps,
@@ -325,13 +326,7 @@ async def test_overload_is_429_and_a_failed_step_is_500(serving_model):
             await client.completions.create(model="a_r4_qv", prompt="hello", max_tokens=2)
         await running.close()
         await waiting
-        step = app.scheduler.engine.step
-
-        def failing_step(batch):
-            app.scheduler.engine.step = step  # fail once
-            raise RuntimeError("simulated device fault")
-
-        app.scheduler.engine.step = failing_step
+        fail_next_step(app)
         with pytest.raises(openai.InternalServerError) as failed:
             await client.completions.create(model="a_r4_qv", prompt="hello", max_tokens=2)
         after = await client.completions.create(model="a_r4_qv", prompt="hello", max_tokens=2)
