@@ -107,16 +107,23 @@ def _sgmv_expand(y_ptr, b_ptr, ranks_ptr, tokens_ptr, starts_ptr, group_slots_pt
 
 
 @triton.jit
+def _position_slot(position, tokens_ptr, token_slots_ptr, ranks_ptr):
+    """(token, slot, rank) of BGMV position `position`: a slot -1 token gets slot 0 and rank 0, so it reads
+    nothing and adds zero."""
+    token = tl.load(tokens_ptr + position).to(tl.int64)
+    slot = tl.load(token_slots_ptr + position)
+    has_slot = slot >= 0
+    slot = tl.maximum(slot, 0)
+    return token, slot, tl.where(has_slot, tl.load(ranks_ptr + slot), 0)
+
+
+@triton.jit
 def _bgmv_shrink(x_ptr, a_ptr, scale_ptr, ranks_ptr, tokens_ptr, token_slots_ptr, h_ptr,
                  stride_x, stride_a_slot, stride_a_rank, stride_h, IN_FEATURES: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """h[p, :r] = A[slot_p, :r] @ x[tokens[p]] * scale[slot_p] for one position p."""
     position = tl.program_id(0)
-    token = tl.load(tokens_ptr + position).to(tl.int64)
-    slot = tl.load(token_slots_ptr + position)
-    has_slot = slot >= 0  # a slot -1 token reads nothing and adds zero
-    slot = tl.maximum(slot, 0)
-    rank = tl.where(has_slot, tl.load(ranks_ptr + slot), 0)
+    token, slot, rank = _position_slot(position, tokens_ptr, token_slots_ptr, ranks_ptr)
     ranks = tl.arange(0, BLOCK_R)
     in_rank = ranks < rank
     a_rows = a_ptr + slot.to(tl.int64) * stride_a_slot + ranks[:, None] * stride_a_rank  # [R, 1]
@@ -137,11 +144,7 @@ def _bgmv_expand(y_ptr, b_ptr, ranks_ptr, tokens_ptr, token_slots_ptr, h_ptr,
                  BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """y[tokens[p], n] += h[p, :r] @ B[slot_p, :r, n] for one position p and BLOCK_N outputs n."""
     position = tl.program_id(0)
-    token = tl.load(tokens_ptr + position).to(tl.int64)
-    slot = tl.load(token_slots_ptr + position)
-    has_slot = slot >= 0  # a slot -1 token reads nothing and adds zero
-    slot = tl.maximum(slot, 0)
-    rank = tl.where(has_slot, tl.load(ranks_ptr + slot), 0)
+    token, slot, rank = _position_slot(position, tokens_ptr, token_slots_ptr, ranks_ptr)
     ranks = tl.arange(0, BLOCK_R)
     in_rank = ranks < rank
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
