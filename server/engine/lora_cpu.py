@@ -36,6 +36,9 @@ _SOURCE = r"""
 #include <algorithm>
 #include <type_traits>
 #include <vector>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 // One register of floats: 16 lanes with AVX-512, 8 elsewhere (AVX2; two NEON registers on arm64).
 #if defined(__AVX512F__)
@@ -46,6 +49,19 @@ constexpr int kLanes = 8, kRegisters = 16;
 typedef float vf __attribute__((vector_size(kLanes * 4), aligned(4)));
 static inline vf loadv(const float* p) { return *reinterpret_cast<const vf*>(p); }
 static inline void storev(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
+static inline vf splat(float s) { return vf{} + s; }  // s in every lane
+// a * b + c: one rounding where the CPU has FMA, two elsewhere, in every instantiation alike (built with
+// -ffp-contract=off: the compiler fusing some products and not others would make a token's bits depend on
+// its tile, as GCC does for -march=znver4 -mno-avx512f).
+static inline vf fmadd(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+  return static_cast<vf>(_mm512_fmadd_ps(static_cast<__m512>(a), static_cast<__m512>(b), static_cast<__m512>(c)));
+#elif defined(__AVX2__) && defined(__FMA__)
+  return static_cast<vf>(_mm256_fmadd_ps(static_cast<__m256>(a), static_cast<__m256>(b), static_cast<__m256>(c)));
+#else
+  return a * b + c;
+#endif
+}
 static inline float hsum(vf v) {
   float s = 0;
   for (int i = 0; i < kLanes; ++i) s += v[i];
@@ -78,7 +94,7 @@ static inline void shrink_rows(const float* a, const float* const* xs, int64_t i
     for (int t = 0; t < T; ++t) xv[t] = loadv(xs[t] + i);
     for (int j = 0; j < R; ++j) {
       const vf av = loadv(a + (j0 + j) * in + i);
-      for (int t = 0; t < T; ++t) acc[j][t] += av * xv[t];
+      for (int t = 0; t < T; ++t) acc[j][t] = fmadd(av, xv[t], acc[j][t]);
     }
   }
   for (int j = 0; j < R; ++j)
@@ -99,7 +115,7 @@ static inline void expand_vecs(const float* b, const float* h, float* const* ys,
     const float* brow = b + k * out + o0;
     for (int v = 0; v < V; ++v) {
       const vf bv = loadv(brow + v * kLanes);
-      for (int t = 0; t < T; ++t) acc[v][t] += h[t * r + k] * bv;
+      for (int t = 0; t < T; ++t) acc[v][t] = fmadd(splat(h[t * r + k]), bv, acc[v][t]);
     }
   }
   for (int v = 0; v < V; ++v)
@@ -162,14 +178,21 @@ void lora_bgmv(torch::Tensor y, torch::Tensor x, torch::Tensor A, torch::Tensor 
   });
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("lora_bgmv", &lora_bgmv); }
+// Without the GIL, as torch's own ops: the server's other threads go on meanwhile.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lora_bgmv", &lora_bgmv, py::call_guard<py::gil_scoped_release>());
+}
 """
+
+
+CFLAGS = ("-ffp-contract=off",)
+"""Every product is rounded as written or fused explicitly (`fmadd`), whatever the tile."""
 
 
 @functools.cache
 def _extension():
     """The compiled kernel module, or None when it cannot be built here."""
-    return cpu_extension.build("lora_bgmv", _SOURCE)
+    return cpu_extension.build("lora_bgmv", _SOURCE, CFLAGS)
 
 
 def available() -> bool:

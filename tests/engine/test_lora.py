@@ -325,7 +325,8 @@ def test_the_cpu_kernel_on_every_vector_path_matches_the_reference_whatever_the_
     if "-mno-avx2" not in flags and flags and "avx2" not in cpu_extension.cpu_flags().split():
         pytest.skip("this CPU has no AVX2")
     kernel = cpu_extension.build("lora_bgmv_" + "_".join(f.strip("-").replace("-", "_") for f in flags),
-                                 lora_cpu_module._SOURCE, flags) if flags else lora_cpu_module._extension()
+                                 lora_cpu_module._SOURCE, (*lora_cpu_module.CFLAGS, *flags)
+                                 ) if flags else lora_cpu_module._extension()
     assert kernel is not None
     slots, _, ranks = op_slots
     slot_ids = CASES["mixed_padded"]
