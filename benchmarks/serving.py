@@ -120,20 +120,27 @@ def summarize(trace: list[TraceRequest], starts: list[float], arrivals: list[lis
 
 class StepTimer:
     """Replaces `engine.step` (both paths call it) to add up the time spent inside it, the steps and the
-    sequences per step: what is left of the makespan is waiting for arrivals plus the path's overhead."""
+    sequences per step: what is left of the makespan is waiting for arrivals plus the path's overhead. A step
+    run while another is paused between its layers counts as a step, its time once (inside the paused one's)."""
 
     def __init__(self, engine: Engine) -> None:
         self._step = engine.step
         engine.step = self
+        self._depth = 0
         self.reset()
 
     def reset(self) -> None:
         self.busy_s, self.steps, self.sequences = 0.0, 0, 0
 
-    def __call__(self, batch):
+    def __call__(self, batch, between_layers=None):
         start = time.perf_counter()
-        events = self._step(batch)
-        self.busy_s += time.perf_counter() - start
+        self._depth += 1
+        try:
+            events = self._step(batch, between_layers)
+        finally:
+            self._depth -= 1
+        if self._depth == 0:
+            self.busy_s += time.perf_counter() - start
         self.steps += 1
         self.sequences += len(batch)
         return events

@@ -90,9 +90,9 @@ def slow_steps(app: App, seconds: float) -> None:
     """Make every engine step take at least `seconds` (test instrumentation), so requests stay in flight."""
     step = app.scheduler.engine.step
 
-    def slow_step(batch):
+    def slow_step(batch, between_layers=None):
         time.sleep(seconds)
-        return step(batch)
+        return step(batch, between_layers)
 
     app.scheduler.engine.step = slow_step
 
@@ -101,7 +101,7 @@ def fail_next_step(app: App) -> None:
     """Make the next engine step raise (a simulated device fault); later steps run as before."""
     step = app.scheduler.engine.step
 
-    def failing_step(batch):
+    def failing_step(batch, between_layers=None):
         app.scheduler.engine.step = step
         raise RuntimeError("simulated device fault")
 

@@ -7,12 +7,16 @@ Events cross back with one `loop.call_soon_threadsafe` per step.
 Policy, each step (`_plan`):
   1. Running sequences are scheduled first: decodes (one token each), then unfinished prefills in
      chunks, in admission order, all within `max_step_tokens`.
-     With fairness on, the requests above the one furthest below its share (other tenants than the
-     least-served one, batch ones while interactive ones are active; see `_share_order`) are held back:
-     their prompt tokens in one step are at most what the least-served requests' prefills and admissions
-     (3.), taken first, leave of `over_share_prefill_tokens`. A flooding tenant's prompts then go in short
-     chunks, so a light tenant's request waits behind a short step at most and has its prompt prefilled
-     whole in the next one; with one tenant active nothing is held back.
+     With fairness on, a request owed service first never waits on another tenant's long prompt:
+     - submitted while a step with prompt chunks runs, a request of another tenant no further over its
+       share than theirs (`_owed_before`) pauses that step at its next decoder layer; it is admitted and
+       its prompt prefilled whole in a step of its own, its first token sent, and the paused step resumes
+       (`Engine.step`'s `between_layers`; results bit-identical to an uninterrupted step);
+     - in a step that prefills the prompt of a request furthest below its share (the least-served tenant's,
+       interactive ones' while batch ones run; see `_share_order`), the requests above it are held back:
+       their prompt tokens are at most what those prefills and admissions (3.), taken first, leave of
+       `over_share_prefill_tokens`, so its first token waits behind a short step at most.
+     With one tenant active nothing is held back or paused.
   2. When the KV pool cannot hold a running sequence's next tokens, running sequences are preempted
      (blocks let go, recomputed later from what the prefix cache still holds; the oldest always progress):
      batch ones before interactive ones, then those of the tenant most over its fair share, then the most
@@ -102,6 +106,16 @@ class _StepPlan:
     """A request could not be admitted (slots, KV): later ones do not overtake it this step."""
 
 
+@dataclass(frozen=True)
+class _PauseCeiling:
+    """What a request submitted during a step must be below to pause it (`Scheduler._owed_before`)."""
+
+    share_order: tuple[bool, float]
+    """The largest share order (`Scheduler._share_order`) among the step's prefill chunks."""
+    tenants: frozenset[str]
+    """Their tenants."""
+
+
 @dataclass
 class SchedulerStats:
     """Counters since start (read without the lock: approximate while running)."""
@@ -138,6 +152,10 @@ class Scheduler:
             config.fairness, lambda tenant: self._quotas.settings.limits_of(tenant).weight,
             lambda adapter: self._quotas.settings.adapter_weight(adapter))
         self._running: list[_Entry] = []
+        self._pause_below: _PauseCeiling | None = None
+        """The step in progress's pause ceiling (`_pause_ceiling`); None between steps."""
+        self._owed = False
+        """A request below the pause ceiling was submitted: the step pauses at its next layer."""
         self._accepting = True
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="loraplex-scheduler", daemon=True)
@@ -170,6 +188,8 @@ class Scheduler:
             entry = _Entry(seq, lease, stream, tenant, key, time.monotonic())
             stream._entry = entry
             self._waiting.push(entry, key)
+            if self._pause_below is not None and self._owed_before(entry, self._pause_below):
+                self._owed = True  # the step in progress pauses at its next layer (_serve_owed)
             self._idle = False
             self._cond.notify()
         return stream
@@ -276,23 +296,66 @@ class Scheduler:
                 self.adapters.install_warm(self._busy_slots())
                 batch = self._plan()
                 self._idle = not batch and not self._running
+                self._pause_below, self._owed = self._pause_ceiling(batch), False
             if not batch:
                 continue
             try:
-                began = time.perf_counter()
-                events = self.engine.step([(entry.seq, count) for entry, count in batch])
-                if self._on_step is not None:
-                    self._on_step(len(batch), time.perf_counter() - began)
+                events = self._run_pausable(batch)
             except Exception as exc:  # a failed step fails its requests, not the server
-                log.exception("engine step failed")
-                with self._cond:
-                    for entry, _ in batch:
-                        self._running.remove(entry)
-                        self.engine.release(entry.seq)
-                        self._retire(entry, exc)
+                self._fail(batch, exc)
                 continue
+            finally:
+                with self._cond:
+                    self._pause_below = None
             with self._cond:
                 self._route(batch, events)
+
+    def _run_pausable(self, batch: list[tuple[_Entry, int]]) -> list[TokenEvent]:
+        """Run the planned step, pausing it between layers for requests owed service first (`_serve_owed`)."""
+        began, paused = time.perf_counter(), [0.0]
+
+        def between_layers() -> None:
+            if self._owed:
+                pause_began = time.perf_counter()
+                self._serve_owed()
+                paused[0] += time.perf_counter() - pause_began
+
+        events = self.engine.step([(entry.seq, count) for entry, count in batch],
+                                  between_layers if self._pause_below is not None else None)
+        if self._on_step is not None:
+            self._on_step(len(batch), time.perf_counter() - began - paused[0])
+        return events
+
+    def _serve_owed(self) -> None:
+        """While a step is paused: admit the waiting requests below its pause ceiling (`_pause_ceiling`) and run
+        their prompts whole in a step of their own; their first tokens go out before the paused step resumes."""
+        with self._cond:
+            self._owed = False
+            plan = _StepPlan(self.config.max_step_tokens, self.config.max_step_tokens, self._busy_slots())
+            ceiling = self._pause_below
+            self._admit(plan, None, leading_only=False, stop=lambda entry: not self._owed_before(entry, ceiling))
+            batch = plan.batch
+        if not batch:
+            return
+        try:
+            began = time.perf_counter()
+            events = self.engine.step([(entry.seq, count) for entry, count in batch])
+            if self._on_step is not None:
+                self._on_step(len(batch), time.perf_counter() - began)
+        except Exception as exc:
+            self._fail(batch, exc)
+            return
+        with self._cond:
+            self._route(batch, events)
+
+    def _fail(self, batch: list[tuple[_Entry, int]], exc: Exception) -> None:
+        """A failed step fails its own requests, not the server."""
+        log.exception("engine step failed")
+        with self._cond:
+            for entry, _ in batch:
+                self._running.remove(entry)
+                self.engine.release(entry.seq)
+                self._retire(entry, exc)
 
     def _reap_cancelled(self) -> None:
         for entry in [e for e in self._running if e.cancelled]:
@@ -309,9 +372,25 @@ class Scheduler:
         held_back = [e for e in self._running if self._held_back(e, leader)]
         self._schedule_running(plan, [e for e in self._running if e not in held_back], leader)
         self._admit(plan, leader, leading_only=True)
+        if not any(count > 1 for _, count in plan.batch):  # no leading prompt waits on this step's length
+            plan.over_share_budget = plan.budget  # and one that comes during it pauses it (`_pause_ceiling`)
         self._schedule_running(plan, held_back, leader)
         self._admit(plan, leader, leading_only=False)
         return plan.batch
+
+    def _pause_ceiling(self, batch: list[tuple[_Entry, int]]) -> _PauseCeiling | None:
+        """With fairness on, what a request must be below to pause the step: the step's prefill chunks (None
+        when it has none, or fairness is off: nothing pauses it)."""
+        prefills = [entry for entry, count in batch if count > 1]
+        if not self._waiting.fair or not prefills:
+            return None
+        return _PauseCeiling(max(map(self._share_order, prefills)), frozenset(entry.tenant for entry in prefills))
+
+    def _owed_before(self, entry: _Entry, ceiling: _PauseCeiling) -> bool:
+        """Whether `entry` is owed service before the paused step's prefills: another tenant than theirs, no further
+        over its share than the furthest of them (fair queuing would have admitted it first; a tenant becoming
+        backlogged starts level with the others, core/fairness.py)."""
+        return entry.tenant not in ceiling.tenants and self._share_order(entry) <= ceiling.share_order
 
     def _leader(self) -> tuple[bool, float] | None:
         """The share order (`_share_order`) of the request furthest below its share among those running or
@@ -358,9 +437,10 @@ class Scheduler:
             if entry in self._running:
                 self._take(plan, entry, count, need, held_back)
 
-    def _admit(self, plan: _StepPlan, leader: tuple[bool, float] | None, leading_only: bool) -> None:
+    def _admit(self, plan: _StepPlan, leader: tuple[bool, float] | None, leading_only: bool,
+               stop: Callable[[_Entry], bool] | None = None) -> None:
         """Waiting requests in admission order while the limits allow (module docstring); `leading_only`: stop
-        at the first one above the leader's share order."""
+        at the first one above the leader's share order; `stop`: at the first one it holds for."""
         cache = self.engine.cache
         while plan.budget > 0 and not plan.admission_closed and len(self._running) < self.config.max_running:
             key = next((key for key in self._waiting.candidates() if key.adapter not in plan.skipped), None)
@@ -368,6 +448,8 @@ class Scheduler:
                 return
             entry = self._waiting.head(key)
             if leading_only and leader is not None and self._share_order(entry) > leader:
+                return
+            if stop is not None and stop(entry):
                 return
             slot = self.adapters.resident_slot(entry.lease)
             resident = slot is not None and slot != NO_ADAPTER

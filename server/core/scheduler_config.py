@@ -20,12 +20,12 @@ class SchedulerConfig(BaseModel):
     """Most distinct adapters in one engine step; unset means engine.num_slots (the device slots), and
     it never exceeds them."""
     over_share_prefill_tokens: int = Field(default=64, ge=1, le=1_048_576)
-    """With fairness on, most prompt tokens one step prefills in all when it prefills for the requests of tenants
-    above the one furthest below its share (and for batch-class requests while interactive ones are active): a
-    flooding tenant's prompts go in chunks of at most this size, after the least-served tenant's prefills, which
-    use it up first, so the step an under-served tenant's request waits behind stays short and its own prompt is
-    prefilled whole in the next step. The least-served tenant's prompts are bounded only by max_step_tokens;
-    with one tenant active (or fairness off) nothing is held back."""
+    """With fairness on, most prompt tokens one step prefills in all when it prefills the prompt of a request of
+    the tenant furthest below its share (or of an interactive request while batch ones run): that prompt goes
+    first, bounded only by max_step_tokens, and the other tenants' prompts get what it leaves of this, so its
+    first token waits behind a short step at most. In other steps they are not held back: a request owed service
+    that arrives meanwhile pauses the step between layers instead (scheduler.py). With one tenant active (or
+    fairness off) nothing is held back."""
     fairness: bool = True
     """Admit by priority class and weighted fair queuing over tenants (core/fairness.py), then round-robin
     across each tenant's adapters; off admits round-robin across adapters alone, whoever sends the requests

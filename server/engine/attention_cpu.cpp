@@ -136,4 +136,7 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor keys, to
 #undef LORAPLEX_ATTEND
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("decode_attention", &decode_attention); }
+// Without the GIL, as torch's own ops: the server's other threads go on meanwhile.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention", &decode_attention, py::call_guard<py::gil_scoped_release>());
+}

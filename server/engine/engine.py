@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Literal
 
@@ -141,6 +141,8 @@ class Engine:
         self.slot_ranks = [0] * self.num_slots
         self._windows = set(spec.sliding_windows)
         self._seq_ids: Iterator[int] = itertools.count()
+        self._in_flight: set[int] = set()
+        """Sequence ids of a step paused in `between_layers` (other steps refuse them)."""
         self._masks = ThreadPoolExecutor(1, thread_name_prefix="loraplex-masks")
         """Fills constrained rows' bitmasks while the forward pass runs."""
         self.decode_graphs: DecodeGraphs | None = None
@@ -227,7 +229,8 @@ class Engine:
     # -- the step --------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self, batch: Sequence[tuple[SequenceState, int]]) -> list[TokenEvent]:
+    def step(self, batch: Sequence[tuple[SequenceState, int]],
+             between_layers: Callable[[], None] | None = None) -> list[TokenEvent]:
         """Run `count` pending tokens of each (sequence, count) through the model in one forward pass.
 
         A sequence whose pending tokens are all computed by this step gets its next token sampled and
@@ -235,9 +238,17 @@ class Engine:
         mask thread during the forward pass. Prompt positions of sequences that ask for prompt logprobs get
         their logits computed too (only theirs). Blocks this step fills are offered to the prefix cache;
         finished sequences release their KV blocks.
+
+        `between_layers`, when given, is called after each decoder layer but the last, and may run other steps
+        in the meantime, over other sequences (a light tenant's prompt need not wait for a long prefill): what
+        this step has computed so far lives in its own sequences' blocks and its hidden states, so its results
+        are bit-identical to an uninterrupted step's. Its sequences must not be released until it returns, and
+        a step over any of them is refused (ValueError) meanwhile.
         Raises OutOfBlocks (changing nothing) when the cache cannot hold the step. With CUDA graphs, a plain
-        decode step replays its bucket's graph instead (cuda_graphs.py).
+        decode step replays its bucket's graph instead (cuda_graphs.py), without pausing.
         """
+        if any(seq.seq_id in self._in_flight for seq, _ in batch):
+            raise ValueError("a sequence of this batch is in a step that has not returned")
         self._reserve_blocks(batch)
         if self.decode_graphs is not None and self.decode_graphs.serves(batch):
             sampled = [seq for seq, _ in batch]
@@ -279,10 +290,30 @@ class Engine:
             lora=LoraBatch.build(slot_ids, self.slot_ranks, device),
             logits_index=torch.tensor(logits_index + prompt_index, dtype=torch.long, device=device),
         )
-        logits = self.model(torch.tensor(token_ids, device=device), meta, self.cache)  # [outputs, vocab]
+        if between_layers is None:
+            logits = self.model(torch.tensor(token_ids, device=device), meta, self.cache)  # [outputs, vocab]
+        else:
+            logits = self._pausable_forward(torch.tensor(token_ids, device=device), meta, between_layers,
+                                            {seq.seq_id for seq, _ in batch})
         self._record_prompt_logprobs(prompt_rows, logits[len(sampled):])
         self._advance(batch)
         return self._sample_events(sampled, logits, masks)
+
+    def _pausable_forward(self, token_ids: torch.Tensor, meta: StepMetadata, between_layers: Callable[[], None],
+                          seq_ids: set[int]) -> torch.Tensor:
+        """The model's forward pass (token_ids [num_tokens] -> logits [outputs, vocab]) one layer at a time, calling
+        `between_layers` after each but the last while `seq_ids` are refused by other steps (`step`)."""
+        model, last = self.model, self.spec.num_layers - 1
+        self._in_flight |= seq_ids
+        try:
+            hidden = torch.nn.functional.embedding(token_ids, model.embed)  # [num_tokens, hidden]
+            for layer in range(last):
+                hidden = model.run_layers(hidden, meta, self.cache, layer, layer + 1)
+                between_layers()
+            hidden = model.run_layers(hidden, meta, self.cache, last, last + 1)
+        finally:
+            self._in_flight -= seq_ids
+        return model.logits(hidden, meta)
 
     def _advance(self, batch: Sequence[tuple[SequenceState, int]]) -> None:
         """Mark the step's tokens computed, offering the blocks they fill to the prefix cache."""

@@ -8,6 +8,7 @@ layers.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -169,9 +170,20 @@ class DecoderModel(torch.nn.Module):
 
     def forward(self, token_ids: torch.Tensor, meta: StepMetadata, cache: PagedKVCache) -> torch.Tensor:
         """token_ids: [num_tokens] -> logits [num_outputs, vocab] (float32) at `meta.logits_index`."""
-        hidden = F.embedding(token_ids, self.embed)  # [num_tokens, hidden]
-        for layer in self.layers:
+        hidden = self.run_layers(F.embedding(token_ids, self.embed), meta, cache, 0, len(self.layers))
+        return self.logits(hidden, meta)
+
+    def run_layers(self, hidden: torch.Tensor, meta: StepMetadata, cache: PagedKVCache, start: int,
+                   stop: int) -> torch.Tensor:
+        """Decoder layers [start, stop) over hidden [num_tokens, hidden_size] (the embedded tokens when start is
+        0) -> same shape. A forward pass may go in several calls over consecutive ranges (a pausable step)."""
+        for layer in itertools.islice(self.layers, start, stop):  # a ModuleList slice would build a new one
             hidden = layer.forward(hidden, meta, cache, self.lora_op)  # no hooks (see DecoderLayer.forward)
+        return hidden
+
+    def logits(self, hidden: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
+        """The last layer's hidden [num_tokens, hidden_size] -> logits [num_outputs, vocab] (float32) at
+        `meta.logits_index`."""
         hidden = rms_norm(hidden.index_select(0, meta.logits_index), self.final_norm, self.spec.rms_norm_eps)
         if self.head_on_kernel and hidden.shape[0] <= nf4_cpu.DENSE_MAX_TOKENS:
             return nf4_cpu.dense_linear(hidden, self.lm_head)  # [num_outputs, vocab]

@@ -581,9 +581,11 @@ std::string bf16_path() {
   return kHasAvx512Bf16 ? "avx512_bf16" : "float32";
 }
 
+// The kernels run without the GIL: the server's other threads (transports, tokenizers) go on meanwhile.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
   m.def("bf16_path", &bf16_path);
-  m.def("dense_linear", &dense_linear);
-  m.def("nf4_linear", &nf4_linear);
-  m.def("nf4_dequantize", &nf4_dequantize);
+  m.def("dense_linear", &dense_linear, no_gil);
+  m.def("nf4_linear", &nf4_linear, no_gil);
+  m.def("nf4_dequantize", &nf4_dequantize, no_gil);
 }

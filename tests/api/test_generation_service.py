@@ -31,6 +31,7 @@ from serving_support import (
     blocks_back,
     drain,
     expect_status,
+    fail_next_step,
     generate_alone,
     make_engine,
     slow_steps,
@@ -262,15 +263,9 @@ async def test_deadline_exceeded_frees_kv_blocks(serving_model, rpc):
 
 async def test_engine_failure_is_internal_and_the_server_keeps_serving(serving_model):
     async with running(serving_model) as (app, client):
-        step = app.scheduler.engine.step
-
-        def failing_step(batch):
-            app.scheduler.engine.step = step  # fail once
-            raise RuntimeError("injected failure")
-
-        app.scheduler.engine.step = failing_step
+        fail_next_step(app)
         details = await expect_status(grpc.StatusCode.INTERNAL, client.generate([1, 2, 3], max_new_tokens=3))
-        assert "injected" not in details
+        assert "simulated" not in details
         assert len((await client.generate([1, 2, 3], max_new_tokens=3)).token_ids) == 3
         assert await blocks_back(app)
 

@@ -428,9 +428,10 @@ def poison(app, first_token: int) -> None:
     with `first_token` (as a broken adapter would), test instrumentation like slow_steps."""
     step = app.scheduler.engine.step
 
-    def poisoned_step(batch):
+    def poisoned_step(batch, between_layers=None):
         bad = {seq.seq_id for seq, _ in batch if seq.prompt_ids[0] == first_token and len(seq.output_ids) >= 2}
-        return [replace(event, logprob=math.nan) if event.seq_id in bad else event for event in step(batch)]
+        return [replace(event, logprob=math.nan) if event.seq_id in bad else event
+                for event in step(batch, between_layers)]
 
     app.scheduler.engine.step = poisoned_step
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -190,7 +191,7 @@ async def test_kv_pressure_preempts_the_tenant_most_over_its_share_first(serving
     scheduler = build(serving_model, engine_overrides=dict(kv_cache_bytes=8 * BLOCK_BYTES), max_running=2,
                       fairness=fairness)
     step, preempt, preempted = scheduler.engine.step, scheduler._preempt, []
-    scheduler.engine.step = lambda batch: (time.sleep(0.01), step(batch))[1]  # heavy runs while light arrives
+    scheduler.engine.step = lambda batch, *pause: (time.sleep(0.01), step(batch, *pause))[1]  # light arrives meanwhile
     scheduler._preempt = lambda entry: (preempted.append(entry.tenant), preempt(entry))
     sampling = SamplingParams(max_new_tokens=16, ignore_eos=True)  # 24 positions: 6 of the 8 blocks each
     scheduler.start()
@@ -208,21 +209,21 @@ async def test_kv_pressure_preempts_the_tenant_most_over_its_share_first(serving
 
 
 @pytest.mark.parametrize("case", ["two tenants", "one tenant", "fairness off"])
-async def test_a_tenant_over_its_share_has_its_prompts_chunked_while_the_least_served_one_is_prefilled_whole(
+async def test_a_tenant_over_its_share_has_its_prompt_held_back_in_the_step_that_prefills_the_least_served_one(
         serving_model, reference_engine, case):
     """Heavy (far over its share) and light both decode; then both send a 30-token prompt. With fairness on, light's
-    prompt goes whole into one step (heavy's prompt has no part in it) and heavy's in chunks of
-    over_share_prefill_tokens; with heavy alone, or
-    fairness off, heavy's goes whole too. Outputs equal each request run alone either way."""
-    scheduler = build(serving_model, max_running=8, max_step_tokens=64, over_share_prefill_tokens=8,
+    prompt goes whole into one step, where heavy's prompt gets only what light's leaves of over_share_prefill_tokens
+    (36 - 30), and the rest of heavy's goes whole in the next step (light only decodes there); with heavy alone, or
+    fairness off, heavy's goes whole at once. Outputs equal each request run alone either way."""
+    scheduler = build(serving_model, max_running=8, max_step_tokens=64, over_share_prefill_tokens=36,
                       fairness=case != "fairness off")
     step, chunks, steps = scheduler.engine.step, {}, []  # seq_id -> token counts of its steps; each step's counts
 
-    def recording_step(batch):
+    def recording_step(batch, between_layers=None):
         for seq, count in batch:
             chunks.setdefault(seq.seq_id, []).append(count)
         steps.append({seq.seq_id: count for seq, count in batch})
-        return step(batch)
+        return step(batch, between_layers)
 
     scheduler.engine.step = recording_step
     tenants = ["heavy"] if case == "one tenant" else ["heavy", "light"]
@@ -247,14 +248,73 @@ async def test_a_tenant_over_its_share_has_its_prompts_chunked_while_the_least_s
         scheduler.close()
     prefill = {t: [c for c in chunks[seq_ids[t]] if c > 1] for t in tenants}
     if case == "two tenants":
-        assert prefill["light"] == [30]
-        assert sum(prefill["heavy"]) == 30 and max(prefill["heavy"]) == 8, prefill
+        assert prefill == {"light": [30], "heavy": [6, 24]}, prefill
         light_step = next(counts for counts in steps if counts.get(seq_ids["light"]) == 30)
-        assert light_step.get(seq_ids["heavy"], 0) <= 1, "light's prefill used up the held-back budget"
+        assert light_step[seq_ids["heavy"]] == 6, "light's prefill takes the held-back budget first"
     else:
         assert all(prefill[t] == [30] for t in tenants), prefill
     for request, output in zip(second.values(), outputs, strict=False):
         assert output == generate_alone(reference_engine, serving_model[1], request.prompt_ids, "", request.sampling)
+
+
+@pytest.mark.parametrize("fairness", [True, False])
+async def test_a_prompt_of_another_tenant_pauses_a_prefill_step_between_layers_and_gets_its_first_token_first(
+        serving_model, reference_engine, fairness):
+    """Light's request arrives while heavy's prompt is in its prefill step. With fairness on, that step pauses after a
+    layer while light's prompt runs whole in a step of its own, so light's first token comes before heavy's; with
+    fairness off light waits for the step after. Both outputs equal each request run alone either way."""
+    scheduler = build(serving_model, max_running=8, fairness=fairness)
+    loop, step = asyncio.get_running_loop(), scheduler.engine.step
+    generator = torch.Generator().manual_seed(9)
+    heavy = Request(AdapterReference(""), torch.randint(0, 96, (60,), generator=generator).tolist(),
+                    SamplingParams(max_new_tokens=6, ignore_eos=True), tenant="heavy")
+    light = Request(AdapterReference("a_r4_qv"), torch.randint(0, 96, (9,), generator=generator).tolist(),
+                    SamplingParams(max_new_tokens=6, ignore_eos=True), tenant="light")
+    streams, submitted, nested, depth = {}, threading.Event(), [], [0]
+
+    def submit_light() -> None:
+        streams["light"] = scheduler.submit(light)
+        submitted.set()
+
+    def recording_step(batch, between_layers=None):
+        ids = {seq.seq_id for seq, _ in batch}
+        if depth[0]:
+            nested.append(ids)
+        if streams["heavy"]._entry.seq.seq_id in ids and not submitted.is_set():  # heavy's prefill: light arrives
+            loop.call_soon_threadsafe(submit_light)
+            assert submitted.wait(10)
+        depth[0] += 1
+        try:
+            return step(batch, between_layers)
+        finally:
+            depth[0] -= 1
+
+    scheduler.engine.step = recording_step
+    streams["heavy"] = scheduler.submit(heavy)
+    scheduler.start()
+
+    async def timed_tokens(name: str) -> tuple[float, list[int]]:
+        while name not in streams:
+            await asyncio.sleep(0.001)
+        stream = aiter(streams[name])
+        first = [(await anext(stream)).token_id]
+        arrived = time.monotonic()
+        return arrived, first + await tokens(stream)
+
+    try:
+        (heavy_first, heavy_out), (light_first, light_out) = await asyncio.gather(timed_tokens("heavy"),
+                                                                                  timed_tokens("light"))
+    finally:
+        scheduler.close()
+    light_id = streams["light"]._entry.seq.seq_id
+    if fairness:
+        assert nested and nested[0] == {light_id}, nested  # light's prompt alone, inside heavy's prefill step
+        assert light_first < heavy_first
+    else:
+        assert not nested and heavy_first < light_first
+    assert heavy_out == generate_alone(reference_engine, serving_model[1], heavy.prompt_ids, "", heavy.sampling)
+    assert light_out == generate_alone(reference_engine, serving_model[1], light.prompt_ids, "a_r4_qv",
+                                       light.sampling)
 
 
 class DeadEndAfter:
@@ -302,9 +362,9 @@ async def test_distinct_adapters_per_step_are_capped(serving_model, reference_en
     assert build(serving_model).max_step_adapters == scheduler.engine.num_slots  # the default: device slots
     step, per_step = scheduler.engine.step, []
 
-    def recording_step(batch):
+    def recording_step(batch, between_layers=None):
         per_step.append({seq.slot for seq, _ in batch} - {NO_ADAPTER})
-        return step(batch)
+        return step(batch, between_layers)
 
     scheduler.engine.step = recording_step
     requests = mixed_requests(serving_model, 10, max_new_tokens=6)  # the base and 4 adapters, 2 requests each
@@ -397,9 +457,9 @@ async def test_shared_blocks_are_counted_once_at_admission(serving_model):
     engine.generate([[*SYSTEM, 1]], sampling, versions=[""])  # before the loop starts: caches SYSTEM's 4 blocks
     step = engine.step
 
-    def recording_step(batch):
+    def recording_step(batch, between_layers=None):
         batches.append([count for _, count in batch])
-        return step(batch)
+        return step(batch, between_layers)
 
     engine.step = recording_step
     readers = [Request(AdapterReference(""), [*SYSTEM, 2 + i], sampling) for i in range(3)]

@@ -4,6 +4,7 @@ prefix-cache reuse), against solo runs and transformers' own logits."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -94,3 +95,47 @@ def test_prompt_logprobs_match_transformers_and_skip_the_prefix_cache(tmp_path):
     assert all(e.prompt_logprobs is None for e in events if e.seq_id == free.seq_id)
     later = engine.step([(seq, 1)])
     assert later[0].prompt_logprobs is None
+
+
+def test_a_step_paused_between_layers_for_another_step_gives_the_uninterrupted_tokens(tmp_path):
+    """A long prefill (plus a decode) pauses after layer 0 while a second step prefills and decodes other sequences
+    to the end; then it resumes. Every sequence gets the tokens it gets in steps that never pause, and while the
+    first step is paused a step over one of its sequences is refused."""
+    base = write_tiny_model("llama", tmp_path / "base")
+    adapters = {s.name: write_adapter(base, s, tmp_path / s.name, seed=20 + i) for i, s in enumerate(MIXED_ADAPTERS)}
+    engine = make_engine(base, adapters, prefix_cache=False)
+    long_prompt, short_prompts = [(5 * j + 1) % 96 for j in range(40)], [[3, 9, 27, 81], [11, 22, 33]]
+    greedy, seeded = SamplingParams(max_new_tokens=6, ignore_eos=True), SamplingParams(
+        max_new_tokens=6, ignore_eos=True, temperature=0.8, seed=4)
+
+    def run(pause: bool) -> list[list[int]]:
+        decoding = engine.add_sequence([1, 2, 3], seeded, 0)
+        engine.step([(decoding, 3)])
+        long = engine.add_sequence(long_prompt, greedy, 1)
+        shorts = [engine.add_sequence(p, greedy, slot) for p, slot in zip(short_prompts, (NO_ADAPTER, 2),
+                                                                        strict=True)]
+        calls = []
+
+        def between_layers() -> None:
+            calls.append(len(calls))
+            if len(calls) == 1:
+                with pytest.raises(ValueError, match="not returned"):
+                    engine.step([(decoding, 1)])
+                engine.step([(s, s.num_pending) for s in shorts])
+                while not all(s.finished for s in shorts):
+                    engine.step([(s, 1) for s in shorts if not s.finished])
+
+        engine.step([(long, long.num_pending), (decoding, 1)], between_layers if pause else None)
+        assert len(calls) == (engine.spec.num_layers - 1 if pause else 0)
+        if not pause:
+            for seq in shorts:
+                engine.step([(seq, seq.num_pending)])
+                while not seq.finished:
+                    engine.step([(seq, 1)])
+        while not (long.finished and decoding.finished):
+            engine.step([(s, 1) for s in (long, decoding) if not s.finished])
+        return [seq.output_ids for seq in (long, decoding, *shorts)]
+
+    assert engine.spec.num_layers >= 2
+    assert run(pause=True) == run(pause=False)
+    assert engine.cache.free_blocks == engine.cache.num_blocks
