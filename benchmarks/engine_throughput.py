@@ -227,7 +227,7 @@ def median_time(fn, reps: int = 15) -> float:
 
 def projection_microbenchmark(spec, token_counts: Sequence[int] = (1, 8, 32, 48, 64, 128, 512)) -> dict:
     """Median time of one projection of every distinct shape of `spec`, per token count: the fused
-    kernel (its own loop below BLAS_MIN_TOKENS, else dequantize + BLAS), its loop and its BLAS path
+    kernel (its own loop below calibrated_blas_min_tokens(), else dequantize + BLAS), its loop and its BLAS path
     forced, bitsandbytes' matmul_4bit, and the dense float32 weight by F.linear and by the kernel's tiles;
     then the same with bfloat16 x (the kernel's bf16 path, see nf4_cpu.bf16_path, and F.linear on the
     dense bf16 weight)."""
@@ -446,7 +446,8 @@ def main() -> None:
         "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
         "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
                       if f in cpu_extension.cpu_flags().split()],
-        "nf4_blas_min_tokens": nf4_cpu.BLAS_MIN_TOKENS, "nf4_bf16_blas_min_tokens": nf4_cpu.BF16_BLAS_MIN_TOKENS,
+        "nf4_blas_min_tokens": nf4_cpu.calibrated_blas_min_tokens(),
+        "nf4_bf16_blas_min_tokens": nf4_cpu.BF16_BLAS_MIN_TOKENS,
         "nf4_bf16_path": nf4_cpu.bf16_path(),
         "tokens_per_s": tps, "ratios": ratios, "modes": results, "floor": floor, "profile": profile,
         "decode_op_profile_percent": op_profile, "projection_microbenchmark_s": micro,

@@ -387,10 +387,15 @@ class Scheduler:
         return _PauseCeiling(max(map(self._share_order, prefills)), frozenset(entry.tenant for entry in prefills))
 
     def _owed_before(self, entry: _Entry, ceiling: _PauseCeiling) -> bool:
-        """Whether `entry` is owed service before the paused step's prefills: another tenant than theirs, no further
-        over its share than the furthest of them (fair queuing would have admitted it first; a tenant becoming
-        backlogged starts level with the others, core/fairness.py)."""
-        return entry.tenant not in ceiling.tenants and self._share_order(entry) <= ceiling.share_order
+        """Whether `entry` is owed service before the paused step's prefills: another tenant than theirs, of their
+        priority class or above, whose counter is at most one step's tokens (max_step_tokens over its weight) above
+        theirs. Fair queuing keeps backlogged tenants' counters within about one request of each other, but a
+        step's admissions charge a tenant up to a step's tokens at once: within that, the tenant is not ahead in
+        the long run (the shares stay the weights'), so its first token need not wait for the long step (a tenant
+        becoming backlogged starts level with the others, core/fairness.py)."""
+        batch, counter = self._share_order(entry)
+        slack = self.config.max_step_tokens / self._quotas.settings.limits_of(entry.tenant).weight
+        return entry.tenant not in ceiling.tenants and (batch, counter - slack) <= ceiling.share_order
 
     def _leader(self) -> tuple[bool, float] | None:
         """The share order (`_share_order`) of the request furthest below its share among those running or

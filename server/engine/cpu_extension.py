@@ -67,6 +67,16 @@ def build_folder(name: str, source: str, cflags: list[str]) -> Path:
     return build_root() / f"{name}_{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
 
 
+def _cflags(extra_cflags: tuple[str, ...]) -> list[str]:
+    return ["-O3", "-march=native", "-fopenmp", *extra_cflags]
+
+
+def folder_of(name: str, source: str, extra_cflags: tuple[str, ...] = ()) -> Path:
+    """The folder `build(name, source, extra_cflags)` caches its build in (where facts measured on that build,
+    for this CPU, may be kept too)."""
+    return build_folder(name, source, _cflags(extra_cflags))
+
+
 def build(name: str, source: str, extra_cflags: tuple[str, ...] = ()) -> ModuleType | None:
     """The compiled extension `name` built from C++ `source`, or None (logged) when it cannot be built.
 
@@ -76,7 +86,7 @@ def build(name: str, source: str, extra_cflags: tuple[str, ...] = ()) -> ModuleT
     such a leftover before building."""
     if os.environ.get(DISABLE_ENV):
         return None
-    cflags = ["-O3", "-march=native", "-fopenmp", *extra_cflags]
+    cflags = _cflags(extra_cflags)
     folder = build_folder(name, source, cflags)
     try:
         from torch.utils.cpp_extension import load_inline

@@ -20,8 +20,8 @@ Prefill chunks are attended by torch on every device.
 
 Decode steps replay CUDA graphs (cuda_graphs.py, `engine.cuda_graphs`, off by default until measured
 on a GPU) only where every kernel of the step is a CUDA one that reads device-side bounds: the triton
-LoRA op and the triton decode attention (`decode_graphs`). nf4_cpu
-switches to dequantize + BLAS inside itself from its own threshold (`nf4_cpu.BLAS_MIN_TOKENS`); the
+LoRA op and the triton decode attention (`decode_graphs`). nf4_cpu switches to dequantize + BLAS
+inside itself from its own threshold, measured on the CPU (`nf4_cpu.calibrated_blas_min_tokens()`); the
 CUDA path switches kernels here, per call, in `BaseLinear.forward`. Every choice computes the same
 dequantized weights and `lora_reference`'s op (tests/engine/test_kernel_choice.py asserts the table).
 

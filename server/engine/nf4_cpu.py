@@ -28,7 +28,8 @@ Multiplying, by token count:
   runs it: the decoding is amortized over many tokens and BLAS outruns the hand loop.
 Threads split the output rows. Below `blas_min_tokens` every (row, token) sum accumulates over k
 in the same lane order with explicit FMAs, so a token's result has the same bits whatever batch
-it is in. Both thresholds are measured by `benchmarks/engine_throughput.py` (microbenchmark).
+it is in. The BLAS threshold is measured on the CPU at hand (once, kept beside the build);
+`benchmarks/engine_throughput.py` shows both paths per token count (microbenchmark).
 
 bfloat16 compute (`compute_dtype bfloat16`). Weights are rounded to bfloat16 after decoding, as
 bitsandbytes does, and x is bfloat16, so every product is exact in float32; the paths differ in how
@@ -39,7 +40,7 @@ buffer (each group just before its products, up to 32 tokens), and AMX multiplie
 tokens x 32 k per instruction, four sums tiles at a time (two row tiles x two token tiles).
 The bits of a token's result do not depend on its batch there either. From `BF16_BLAS_MIN_TOKENS`
 (prefill) the weight is decoded into a bfloat16 buffer and oneDNN's bf16 matmul (AMX) runs it; with
-AVX512-BF16 but no AMX that BLAS path is used above `BLAS_MIN_TOKENS`, the float32 loop below it.
+AVX512-BF16 but no AMX that BLAS path is used from `calibrated_blas_min_tokens()`, the float32 loop below it.
 
 The same tiles, without decoding, multiply a dense float32 weight read in place (`dense_linear`): the
 model's lm_head [vocab, hidden] stays float32 in both engines, and for a decode step's few rows
@@ -55,6 +56,10 @@ handled (`supports` says False): they keep bitsandbytes' path.
 from __future__ import annotations
 
 import functools
+import json
+import os
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,11 +70,11 @@ from loraplex.server.engine import cpu_extension
 
 #: Token counts up to which the kernel decodes weights into registers and uses them at once (at most 4).
 DIRECT_MAX_TOKENS = 4
-#: Token counts from which the kernel dequantizes the whole weight and calls BLAS instead of its own loop. With
-#: AVX-512 the loop keeps up longer: over a decoder layer's projections (benchmarks/engine_throughput.py
-#: "projections" rows) it is ahead by 6% at 48 tokens and 9% at 64, BLAS by 30% at 128 (Xeon SPR); the
-#: AVX2 loop falls behind from 48 (EPYC).
-BLAS_MIN_TOKENS = 80 if "avx512f" in cpu_extension.cpu_flags().split() else 48
+#: Token counts tried as the float32 BLAS threshold (`calibrated_blas_min_tokens`), and the [out, in] weight
+#: timed (an MLP projection of SmolLM2: the largest share of a step's weights).
+CALIBRATION_TOKENS = (48, 64, 96, 128, 192, 256, 384, 512)
+CALIBRATION_SHAPE = (1536, 576)
+_CALIBRATION_FILE = "blas_min_tokens.json"
 #: The same for bfloat16 activations on AMX, whose own loop keeps up with oneDNN's bf16 matmul longer
 #: (benchmarks/engine_throughput.py "projections" rows: loop ahead at 64 tokens, BLAS at 128; Xeon SPR).
 BF16_BLAS_MIN_TOKENS = 96
@@ -79,14 +84,65 @@ DENSE_MAX_TOKENS = 64
 
 _SOURCE = Path(__file__).with_suffix(".cpp").read_text()
 """The kernel's C++ source (nf4_cpu.cpp beside this file), compiled on first use."""
+# No contraction: the tile loops' FMAs are explicit (`fmadd`), every other product and sum is rounded as
+# written (the absmax's two roundings, the dequantized values).
+_CFLAGS = ("-ffp-contract=off",)
 
 
 @functools.cache
 def _extension():
     """The compiled kernel module, or None when it cannot be built here."""
-    # No contraction: the tile loops' FMAs are explicit (`fmadd`), every other product and sum is
-    # rounded as written (the absmax's two roundings, the dequantized values).
-    return cpu_extension.build("nf4_linear", _SOURCE, ("-ffp-contract=off",))
+    return cpu_extension.build("nf4_linear", _SOURCE, _CFLAGS)
+
+
+@functools.cache
+def calibrated_blas_min_tokens() -> int:
+    """Token counts from which `nf4_linear` (float32, and bfloat16 without AMX) dequantizes the whole weight and
+    calls BLAS instead of its own loop: measured on this CPU once per build of the kernel (`measure_blas_min_tokens`)
+    and kept beside the build, so every later process, and every run, uses the same value (a token's bits depend
+    on which path computed it). Which is faster differs by CPU: on an AVX-512 Xeon (SPR) BLAS from about 80
+    tokens, on an AVX-512 EPYC the loop up to about 500 (MKL takes a slow path there), on an AVX2 EPYC BLAS from
+    about 48 (benchmarks/engine_throughput.py "projections" rows)."""
+    path = cpu_extension.folder_of("nf4_linear", _SOURCE, _CFLAGS) / _CALIBRATION_FILE
+    try:
+        return int(json.loads(path.read_text())["blas_min_tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    tokens = measure_blas_min_tokens()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps({"blas_min_tokens": tokens, "threads": torch.get_num_threads()}) + "\n")
+    partial.replace(path)  # whole or not at all, whoever measured last
+    return tokens
+
+
+def measure_blas_min_tokens(reps: int = 5) -> int:
+    """The smallest of CALIBRATION_TOKENS from which BLAS is faster than the loop at every count tried (median of
+    `reps` calls each on a random CALIBRATION_SHAPE weight), else one past the largest (the loop throughout)."""
+    out_features, in_features = CALIBRATION_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    packed, state = bnbf.quantize_4bit(torch.randn(out_features, in_features, generator=generator), blocksize=64,
+                                       compress_statistics=True, quant_type="nf4")
+    weight = Nf4Weight.from_quant_state(packed, state)
+
+    def median_s(x: torch.Tensor, threshold: int) -> float:
+        times = []
+        for _ in range(reps + 1):  # the first call warms the path: discarded
+            began = time.perf_counter()
+            nf4_linear(x, weight, blas_min_tokens=threshold)
+            times.append(time.perf_counter() - began)
+        return statistics.median(times[1:])
+
+    blas_faster = []
+    for tokens in CALIBRATION_TOKENS:
+        x = torch.randn(tokens, in_features, generator=generator)  # [tokens, in]
+        blas_faster.append(median_s(x, 0) < median_s(x, tokens + 1))
+    threshold = CALIBRATION_TOKENS[-1] + 1
+    for tokens, faster in zip(reversed(CALIBRATION_TOKENS), reversed(blas_faster), strict=True):
+        if not faster:
+            break
+        threshold = tokens
+    return threshold
 
 
 def available() -> bool:
@@ -137,12 +193,12 @@ def nf4_linear(x: torch.Tensor, weight: Nf4Weight, bias: torch.Tensor | None = N
                direct_max_tokens: int = DIRECT_MAX_TOKENS, blas_min_tokens: int | None = None) -> torch.Tensor:
     """x: [num_tokens, in] -> [num_tokens, out] = x @ dequant(W).T (+ bias), in x's dtype.
 
-    `blas_min_tokens` defaults to BLAS_MIN_TOKENS (BF16_BLAS_MIN_TOKENS for bfloat16 x on AMX). Below
+    `blas_min_tokens` defaults to `calibrated_blas_min_tokens()` (BF16_BLAS_MIN_TOKENS for bfloat16 x on AMX). Below
     it every (row, token) product is summed in the same order whatever the token count, so a token's
     result does not depend on the batch it is in."""
     if blas_min_tokens is None:
         on_amx = x.dtype == torch.bfloat16 and bf16_path() == "amx"
-        blas_min_tokens = BF16_BLAS_MIN_TOKENS if on_amx else BLAS_MIN_TOKENS
+        blas_min_tokens = BF16_BLAS_MIN_TOKENS if on_amx else calibrated_blas_min_tokens()
     return _extension().nf4_linear(x, *weight._state_args(), bias, direct_max_tokens, blas_min_tokens)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -114,6 +115,23 @@ def test_both_paths_agree_and_rows_do_not_depend_on_their_neighbours() -> None:
     assert ((loop - blas).abs().max() / blas.abs().max()).item() < 1e-6
     for row in (0, 7, 39):  # the loop computes each token alone: same bits at any position of any batch
         assert torch.equal(nf4_cpu.nf4_linear(x[row:row + 1], weight, blas_min_tokens=10**6)[0], loop[row])
+
+
+def test_the_blas_threshold_is_measured_once_and_kept_beside_the_build(tmp_path, monkeypatch) -> None:
+    """No value kept: measured on this CPU (one of the counts tried, or past them all) and written beside the build
+    (where cpu_extension would cache it); a value kept there is read back as it is, not measured again."""
+    monkeypatch.setattr(cpu_extension, "_build_root", tmp_path)
+    nf4_cpu.calibrated_blas_min_tokens.cache_clear()
+    try:
+        measured = nf4_cpu.calibrated_blas_min_tokens()
+        assert measured in (*nf4_cpu.CALIBRATION_TOKENS, nf4_cpu.CALIBRATION_TOKENS[-1] + 1)
+        kept = cpu_extension.folder_of("nf4_linear", nf4_cpu._SOURCE, nf4_cpu._CFLAGS) / "blas_min_tokens.json"
+        assert json.loads(kept.read_text())["blas_min_tokens"] == measured
+        kept.write_text(json.dumps({"blas_min_tokens": 77}))
+        nf4_cpu.calibrated_blas_min_tokens.cache_clear()
+        assert nf4_cpu.calibrated_blas_min_tokens() == 77
+    finally:
+        nf4_cpu.calibrated_blas_min_tokens.cache_clear()  # later tests: this machine's own kept value
 
 
 def test_bfloat16_activations_give_bfloat16_products_of_bf16_rounded_weights(shapes) -> None:
