@@ -261,15 +261,18 @@ def projection_microbenchmark(spec, token_counts: Sequence[int] = (1, 8, 32, 48,
 
 def lm_head_microbenchmark(spec, token_counts: Sequence[int] = (1, 8, 32, 64, 128)) -> dict:
     """Median time of the float32 lm_head [vocab, hidden] per row count: F.linear (BLAS) vs the
-    kernel's tiles (`nf4_cpu.dense_linear`, which the model uses up to DENSE_MAX_TOKENS rows)."""
+    kernel's tiles (`nf4_cpu.dense_linear`, which the model uses up to DENSE_MAX_TOKENS rows), reading the
+    weight as float32 and as bfloat16 (the model's way when its values are all bf16, as SmolLM2's: same bits)."""
     generator = torch.Generator().manual_seed(0)
-    head = torch.randn(spec.vocab_size, spec.hidden_size, generator=generator)  # [vocab, hidden]
+    head = torch.randn(spec.vocab_size, spec.hidden_size, generator=generator).bfloat16()  # [vocab, hidden]
+    head, head_bf16 = head.float(), head
     results = {}
     for tokens in token_counts:
         x = torch.randn(tokens, spec.hidden_size, generator=generator)
         results[f"{spec.vocab_size}x{spec.hidden_size}@{tokens}"] = {
             "F.linear": median_time(lambda: torch.nn.functional.linear(x, head)),  # noqa: B023
             "tiles": median_time(lambda: nf4_cpu.dense_linear(x, head)),  # noqa: B023
+            "tiles_bf16": median_time(lambda: nf4_cpu.dense_linear(x, head_bf16)),  # noqa: B023
         }
     return results
 

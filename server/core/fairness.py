@@ -5,9 +5,11 @@ Weighted fair queuing is the Virtual Token Counter (Sheng et al., "Fairness in S
 OSDI 2024): each tenant has a counter advanced by the tokens it is served (prompt tokens when a request is
 first admitted, one per generated token) divided by its weight, and the backlogged tenant (one with waiting
 requests) of the smallest counter goes first, so backlogged tenants are served tokens in proportion to their
-weights. A tenant that becomes backlogged has its counter lifted to the smallest counter of the tenants
-already backlogged (or, when none is, to that of the last one to leave the backlog): time spent idle banks
-no credit to spend later at the others' expense. Ties go to the tenant admitted least recently.
+weights. A tenant that becomes backlogged has its counter lifted to just below the smallest counter of the
+tenants already backlogged (the next float down; or, when none is, to that of the last one to leave the
+backlog): time spent idle banks no credit to spend later at the others' expense, and its request goes first,
+so a light tenant's request is never queued behind a flooding one's (nor counted level with it, see
+scheduler.py). Ties go to the tenant admitted least recently.
 
 Inside one tenant, its adapters take turns (weighted round-robin, FIFO per adapter), so a busy adapter cannot
 starve a cold one: each adapter's turn counter grows by 1/weight per request admitted, the adapter of the
@@ -20,6 +22,7 @@ round-robin across adapters alone.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, NamedTuple, TypeVar
@@ -54,7 +57,8 @@ class VirtualTokenCounters:
 
     def lift(self, tenant: str, backlogged: Iterable[str]) -> None:
         """`tenant` becomes backlogged next to `backlogged` (the tenants already waiting): no banked credit."""
-        floor = min((self.value(other) for other in backlogged), default=self._last_left)
+        others = [self.value(other) for other in backlogged]
+        floor = math.nextafter(min(others), -math.inf) if others else self._last_left
         self._counters[tenant] = max(self.value(tenant), floor)
 
     def left(self, tenant: str) -> None:

@@ -112,6 +112,11 @@ class DecoderModel(torch.nn.Module):
                                and spec.hidden_size % 16 == 0 and nf4_cpu.available())
         """Whether logits of up to DENSE_MAX_TOKENS rows come from the compiled kernel's tiles (on this
         CPU they outrun BLAS on the [vocab, hidden] lm_head by 1.4-2.4x), else from F.linear."""
+        self.kernel_head = lm_head
+        """The lm_head the kernel reads: stored as bfloat16 when every value is one (a bf16 checkpoint computed in
+        float32, as SmolLM2's), so it reads half the bytes for the same bits; else lm_head itself."""
+        if self.head_on_kernel and torch.equal(lm_head, lm_head.bfloat16().float()):
+            self.kernel_head = lm_head.bfloat16()  # [vocab, hidden]
 
     @classmethod
     def from_weights(cls, spec: ModelSpec, weights: Iterator[tuple[str, torch.Tensor]], *, dtype: torch.dtype,
@@ -186,7 +191,7 @@ class DecoderModel(torch.nn.Module):
         `meta.logits_index`."""
         hidden = rms_norm(hidden.index_select(0, meta.logits_index), self.final_norm, self.spec.rms_norm_eps)
         if self.head_on_kernel and hidden.shape[0] <= nf4_cpu.DENSE_MAX_TOKENS:
-            return nf4_cpu.dense_linear(hidden, self.lm_head)  # [num_outputs, vocab]
+            return nf4_cpu.dense_linear(hidden, self.kernel_head)  # [num_outputs, vocab]
         return F.linear(hidden, self.lm_head).float()  # [num_outputs, vocab]
 
     def projections(self) -> Iterator[tuple[int, str, MultiLoraLinear]]:

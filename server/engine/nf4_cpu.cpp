@@ -212,16 +212,33 @@ static torch::Tensor to_lane_order(const torch::Tensor& x) {
   return out;
 }
 
+// kLanes weights as float32: float32 ones as they are, bfloat16 ones (their bits, uint16_t) widened exactly.
+static inline vf loadw(const float* p) { return loadv(p); }
+static inline vf loadw(const uint16_t* p) {
+#if defined(__AVX512F__)
+  const __m512i words = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return static_cast<vf>(_mm512_castsi512_ps(_mm512_slli_epi32(words, 16)));
+#elif defined(__AVX2__)
+  const __m256i words = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return static_cast<vf>(_mm256_castsi256_ps(_mm256_slli_epi32(words, 16)));
+#else
+  vu bits;
+  for (int i = 0; i < kLanes; ++i) bits[i] = static_cast<uint32_t>(p[i]) << 16;
+  return reinterpret_cast<vf>(bits);
+#endif
+}
+
 // y[t, r] = w[r] . x[t] for R decoded rows of w (stride K) and T tokens of x (stride K), both in lane
-// order; y has stride N. Every (row, token) sum runs over k in the same order as in `direct_tile`.
-template <int R, int T>
-static inline void dot_tile(const float* w, const float* x, int64_t K, float* y, int64_t N) {
+// order; y has stride N. Every (row, token) sum runs over k in the same order as in `direct_tile`, and
+// bfloat16 rows (W = uint16_t) give the bits float32 rows of the same values give.
+template <int R, int T, class W>
+static inline void dot_tile(const W* w, const float* x, int64_t K, float* y, int64_t N) {
   vf acc[R][T] = {};
   for (int64_t k = 0; k < K; k += kLanes) {
     vf xv[T];
     for (int t = 0; t < T; ++t) xv[t] = loadv(x + t * K + k);
     for (int r = 0; r < R; ++r) {
-      const vf wv = loadv(w + r * K + k);
+      const vf wv = loadw(w + r * K + k);
       for (int t = 0; t < T; ++t) acc[r][t] = fmadd(wv, xv[t], acc[r][t]);
     }
   }
@@ -420,8 +437,8 @@ static inline void dispatch(int64_t n, F&& f) {
 }
 
 // y [M, N] (stride N, from row o's column) = R decoded rows (stride K) times all M tokens, in token tiles.
-template <int R>
-static void rows_times_tokens(const float* w, const float* x, int64_t M, int64_t K, float* y, int64_t N) {
+template <int R, class W>
+static void rows_times_tokens(const W* w, const float* x, int64_t M, int64_t K, float* y, int64_t N) {
   int64_t t = 0;
   for (; t + kTokenTile <= M; t += kTokenTile) dot_tile<R, kTokenTile>(w, x + t * K, K, y + t * N, N);
   if (M > t) dispatch<kTokenTile - 1>(M - t, [&](auto T) { dot_tile<R, T.value>(w, x + t * K, K, y + t * N, N); });
@@ -549,26 +566,31 @@ torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor qa
   return dtype == at::kFloat ? y : y.to(dtype);
 }
 
-// y [M, N] = x [M, K] @ w.T for a dense float32 w [N, K] (K % kLanes == 0): the same tiles, rows read
-// in place, so a token's result does not depend on its batch here either.
+// y [M, N] = x [M, K] @ w.T for a dense w [N, K] (K % kLanes == 0), float32 or bfloat16 (widened exactly,
+// so the same values give the same bits either way): the same tiles, rows read in place, so a token's
+// result does not depend on its batch here either.
 torch::Tensor dense_linear(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x [M, K] and w [N, K]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && w.is_contiguous(),
-              "float32 x and contiguous float32 w");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16) &&
+              w.is_contiguous(), "float32 x and contiguous float32 or bfloat16 w");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   TORCH_CHECK(K % kLanes == 0, "in_features must be a multiple of the vector width");
   const torch::Tensor xc = x.contiguous();
   torch::Tensor y = torch::empty({M, N}, torch::kFloat);
-  const float *xp = xc.data_ptr<float>(), *wp = w.data_ptr<float>();
+  const float* xp = xc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, (N + kRowTile - 1) / kRowTile, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t o = tile * kRowTile;
-      dispatch<kRowTile>(std::min<int64_t>(kRowTile, N - o), [&](auto R) {
-        rows_times_tokens<R.value>(wp + o * K, xp, M, K, yp + o, N);
-      });
-    }
-  });
+  auto run = [&](const auto* wp) {
+    at::parallel_for(0, (N + kRowTile - 1) / kRowTile, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t o = tile * kRowTile;
+        dispatch<kRowTile>(std::min<int64_t>(kRowTile, N - o), [&](auto R) {
+          rows_times_tokens<R.value>(wp + o * K, xp, M, K, yp + o, N);
+        });
+      }
+    });
+  };
+  if (w.scalar_type() == at::kFloat) run(w.data_ptr<float>());
+  else run(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()));
   return y;
 }
 

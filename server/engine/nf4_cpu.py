@@ -42,9 +42,9 @@ The bits of a token's result do not depend on its batch there either. From `BF16
 (prefill) the weight is decoded into a bfloat16 buffer and oneDNN's bf16 matmul (AMX) runs it; with
 AVX512-BF16 but no AMX that BLAS path is used from `calibrated_blas_min_tokens()`, the float32 loop below it.
 
-The same tiles, without decoding, multiply a dense float32 weight read in place (`dense_linear`): the
-model's lm_head [vocab, hidden] stays float32 in both engines, and for a decode step's few rows
-they outrun BLAS on it.
+The same tiles, without decoding, multiply a dense weight read in place (`dense_linear`): the
+model's lm_head [vocab, hidden] is not quantized in either engine, and for a decode step's few rows
+they outrun BLAS on it; it is read as bfloat16 when its values all are (widened exactly: same bits).
 
 The kernel is compiled on first use for the host CPU (`cpu_extension`, `-march=native`): AMX +
 AVX512-BF16, AVX-512, AVX2 + FMA, or plain C++ elsewhere; AMX is used only once Linux has granted the
@@ -216,6 +216,7 @@ def nf4_dequantize(weight: Nf4Weight, bf16: bool = False) -> torch.Tensor:
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x: [num_tokens, in] float32 -> [num_tokens, out] = x @ weight.T for a dense float32 weight
-    [out, in], on the kernel's tiles (rows read in place; a token's bits do not depend on its batch)."""
+    """x: [num_tokens, in] float32 -> [num_tokens, out] = x @ weight.T for a dense float32 or bfloat16 weight
+    [out, in], on the kernel's tiles (rows read in place; a token's bits do not depend on its batch). A bfloat16
+    weight is widened exactly: the same values give the same bits as their float32 copy, from half the bytes."""
     return _extension().dense_linear(x, weight)

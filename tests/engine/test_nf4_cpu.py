@@ -229,7 +229,7 @@ def test_the_other_cpu_paths_give_the_same_values(flags: tuple[str, ...]) -> Non
         pytest.skip("this CPU has no AVX2")
     portable = cpu_extension.build("nf4_linear_" + "_".join(f.strip("-").replace("-", "_") for f in flags),
                                    nf4_cpu._SOURCE,
-                                   ("-ffp-contract=off", *flags))
+                                   (*nf4_cpu._CFLAGS, *flags))
     assert portable is not None
     packed, state = quantized(96, 96, seed=4)
     weight = nf4_cpu.Nf4Weight.from_quant_state(packed, state)
@@ -241,3 +241,23 @@ def test_the_other_cpu_paths_give_the_same_values(flags: tuple[str, ...]) -> Non
     bound = 1e-6 * 96 * (x.abs().double() @ dense.abs().double().T + 1)
     assert ((batch.double() - x.double() @ dense.double().T).abs() <= bound).all()
     assert torch.equal(portable.nf4_linear(x[4:5], *args, None, 4, 48)[0], batch[4])
+    head = dense.bfloat16()  # [96, 96]: read as bfloat16, the bits of its float32 copy
+    assert torch.equal(portable.dense_linear(x, head), portable.dense_linear(x, head.float()))
+
+
+def test_a_bfloat16_lm_head_gives_the_bits_of_its_float32_copy(tiny_llama: Path) -> None:
+    """dense_linear reads a bf16 weight widened exactly: the same bits as the float32 copy at every row count the
+    model uses it for; the model keeps its lm_head for the kernel as bf16 only when every value is one."""
+    generator = torch.Generator().manual_seed(8)
+    head = torch.randn(1000, 576, generator=generator).bfloat16()  # [vocab, hidden]
+    for tokens in (1, 3, 4, 5, 17, nf4_cpu.DENSE_MAX_TOKENS):
+        x = torch.randn(tokens, 576, generator=generator)
+        assert torch.equal(nf4_cpu.dense_linear(x, head), nf4_cpu.dense_linear(x, head.float())), tokens
+    spec = model_spec(tiny_llama)
+    engine = Engine(spec, iter_weights(tiny_llama), EngineConfig(num_slots=1, max_rank=8))
+    model = engine.model
+    assert model.head_on_kernel and model.kernel_head.dtype == torch.float32  # random float32 values: kept
+    bf16_exact = ((name, tensor.bfloat16().float()) for name, tensor in iter_weights(tiny_llama))
+    rounded = Engine(spec, bf16_exact, EngineConfig(num_slots=1, max_rank=8)).model
+    assert rounded.kernel_head.dtype == torch.bfloat16
+    assert torch.equal(rounded.kernel_head.float(), rounded.lm_head)
