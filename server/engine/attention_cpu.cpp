@@ -11,18 +11,33 @@ constexpr int kMaxGroup = 16;  // query heads sharing one kv head that one pass 
 // 16 floats (one AVX-512 register, two AVX2 ones): explicit, because float sums are not reassociated
 // (vectorized) by the compiler on its own.
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
+
+#if defined(__clang__)
+#define LORAPLEX_SHUFFLE(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#else
+#define LORAPLEX_SHUFFLE(v, ...) __builtin_shuffle(v, v16i{__VA_ARGS__})
+#endif
+
+// The 16 lanes' sum as a tree (lanes i and i + 8, then + 4, + 2, + 1): four dependent adds, not sixteen; a
+// decode step sums one per (context row, query head), so the chain's latency was most of the kernel's time.
+static inline float hsum(v16 v) {
+  v += LORAPLEX_SHUFFLE(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += LORAPLEX_SHUFFLE(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += LORAPLEX_SHUFFLE(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v += LORAPLEX_SHUFFLE(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
+}
+#undef LORAPLEX_SHUFFLE
 
 static inline float dot(const float* a, const float* b, int64_t D) {
   v16 acc = {};
   int64_t d = 0;
   for (; d + 16 <= D; d += 16) acc += *reinterpret_cast<const v16*>(a + d) * *reinterpret_cast<const v16*>(b + d);
-  float sum = 0;
-  for (int i = 0; i < 16; ++i) sum += acc[i];
+  float sum = hsum(acc);
   for (; d < D; ++d) sum += a[d] * b[d];
   return sum;
 }
-
-typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
 
 // e^x for x <= 0 (scores minus their maximum), 16 at a time: x = n ln2 + r with r in [0, ln2), e^r by
 // its degree-7 Taylor polynomial (relative error < 3e-7 there), times 2^n through the exponent bits;
