@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import statistics
 import time
@@ -67,6 +68,8 @@ import bitsandbytes.functional as bnbf
 import torch
 
 from loraplex.server.engine import cpu_extension
+
+log = logging.getLogger(__name__)
 
 #: Token counts up to which the kernel decodes weights into registers and uses them at once (at most 4).
 DIRECT_MAX_TOKENS = 4
@@ -109,10 +112,13 @@ def calibrated_blas_min_tokens() -> int:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     tokens = measure_blas_min_tokens()
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}")
-    partial.write_text(json.dumps({"blas_min_tokens": tokens, "threads": torch.get_num_threads()}) + "\n")
-    partial.replace(path)  # whole or not at all, whoever measured last
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"blas_min_tokens": tokens, "threads": torch.get_num_threads()}) + "\n")
+        partial.replace(path)  # whole or not at all, whoever measured last
+    except OSError as error:  # a read-only build folder (a baked image): this process keeps its own value
+        log.warning("could not keep the measured BLAS threshold in %s (%s): measured again next start", path, error)
     return tokens
 
 

@@ -119,7 +119,8 @@ def test_both_paths_agree_and_rows_do_not_depend_on_their_neighbours() -> None:
 
 def test_the_blas_threshold_is_measured_once_and_kept_beside_the_build(tmp_path, monkeypatch) -> None:
     """No value kept: measured on this CPU (one of the counts tried, or past them all) and written beside the build
-    (where cpu_extension would cache it); a value kept there is read back as it is, not measured again."""
+    (where cpu_extension would cache it); a value kept there is read back as it is, not measured again; a folder
+    that cannot be written to (a baked image) only means the value is not kept."""
     monkeypatch.setattr(cpu_extension, "_build_root", tmp_path)
     nf4_cpu.calibrated_blas_min_tokens.cache_clear()
     try:
@@ -130,6 +131,11 @@ def test_the_blas_threshold_is_measured_once_and_kept_beside_the_build(tmp_path,
         kept.write_text(json.dumps({"blas_min_tokens": 77}))
         nf4_cpu.calibrated_blas_min_tokens.cache_clear()
         assert nf4_cpu.calibrated_blas_min_tokens() == 77
+        blocked = tmp_path / "a-file"  # builds "under" a file: no folder can be made there, even by root
+        blocked.write_text("")
+        monkeypatch.setattr(cpu_extension, "_build_root", blocked)
+        nf4_cpu.calibrated_blas_min_tokens.cache_clear()
+        assert nf4_cpu.calibrated_blas_min_tokens() in (*nf4_cpu.CALIBRATION_TOKENS, nf4_cpu.CALIBRATION_TOKENS[-1] + 1)
     finally:
         nf4_cpu.calibrated_blas_min_tokens.cache_clear()  # later tests: this machine's own kept value
 
