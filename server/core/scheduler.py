@@ -300,18 +300,15 @@ class Scheduler:
             if not batch:
                 continue
             try:
-                events = self._run_pausable(batch)
-            except Exception as exc:  # a failed step fails its requests, not the server
-                self._fail(batch, exc)
-                continue
+                self._execute(batch, pausable=self._pause_below is not None)
             finally:
                 with self._cond:
                     self._pause_below = None
-            with self._cond:
-                self._route(batch, events)
 
-    def _run_pausable(self, batch: list[tuple[_Entry, int]]) -> list[TokenEvent]:
-        """Run the planned step, pausing it between layers for requests owed service first (`_serve_owed`)."""
+    def _execute(self, batch: list[tuple[_Entry, int]], pausable: bool) -> None:
+        """Run one step over `batch` and route its events; a failed step fails its requests, not the server.
+        `pausable`: the step pauses between layers for requests owed service first (`_serve_owed`), whose time
+        `on_step` does not count in this step's."""
         began, paused = time.perf_counter(), [0.0]
 
         def between_layers() -> None:
@@ -320,11 +317,16 @@ class Scheduler:
                 self._serve_owed()
                 paused[0] += time.perf_counter() - pause_began
 
-        events = self.engine.step([(entry.seq, count) for entry, count in batch],
-                                  between_layers if self._pause_below is not None else None)
+        try:
+            events = self.engine.step([(entry.seq, count) for entry, count in batch],
+                                      between_layers if pausable else None)
+        except Exception as exc:
+            self._fail(batch, exc)
+            return
         if self._on_step is not None:
             self._on_step(len(batch), time.perf_counter() - began - paused[0])
-        return events
+        with self._cond:
+            self._route(batch, events)
 
     def _serve_owed(self) -> None:
         """While a step is paused: admit the waiting requests below its pause ceiling (`_pause_ceiling`) and run
@@ -334,19 +336,8 @@ class Scheduler:
             plan = _StepPlan(self.config.max_step_tokens, self.config.max_step_tokens, self._busy_slots())
             ceiling = self._pause_below
             self._admit(plan, None, leading_only=False, stop=lambda entry: not self._owed_before(entry, ceiling))
-            batch = plan.batch
-        if not batch:
-            return
-        try:
-            began = time.perf_counter()
-            events = self.engine.step([(entry.seq, count) for entry, count in batch])
-            if self._on_step is not None:
-                self._on_step(len(batch), time.perf_counter() - began)
-        except Exception as exc:
-            self._fail(batch, exc)
-            return
-        with self._cond:
-            self._route(batch, events)
+        if plan.batch:
+            self._execute(plan.batch, pausable=False)
 
     def _fail(self, batch: list[tuple[_Entry, int]], exc: Exception) -> None:
         """A failed step fails its own requests, not the server."""

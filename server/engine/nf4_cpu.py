@@ -87,15 +87,15 @@ DENSE_MAX_TOKENS = 64
 
 _SOURCE = Path(__file__).with_suffix(".cpp").read_text()
 """The kernel's C++ source (nf4_cpu.cpp beside this file), compiled on first use."""
-# No contraction: the tile loops' FMAs are explicit (`fmadd`), every other product and sum is rounded as
-# written (the absmax's two roundings, the dequantized values).
-_CFLAGS = ("-ffp-contract=off",)
+CFLAGS = ("-ffp-contract=off",)
+"""No contraction: the tile loops' FMAs are explicit (`fmadd`), every other product and sum is rounded as
+written (the absmax's two roundings, the dequantized values)."""
 
 
 @functools.cache
 def _extension():
     """The compiled kernel module, or None when it cannot be built here."""
-    return cpu_extension.build("nf4_linear", _SOURCE, _CFLAGS)
+    return cpu_extension.build("nf4_linear", _SOURCE, CFLAGS)
 
 
 @functools.cache
@@ -106,7 +106,7 @@ def calibrated_blas_min_tokens() -> int:
     on which path computed it). Which is faster differs by CPU: on an AVX-512 Xeon (SPR) BLAS from about 80
     tokens, on an AVX-512 EPYC the loop up to about 500 (MKL takes a slow path there), on an AVX2 EPYC BLAS from
     about 48 (benchmarks/engine_throughput.py "projections" rows)."""
-    path = cpu_extension.folder_of("nf4_linear", _SOURCE, _CFLAGS) / _CALIBRATION_FILE
+    path = cpu_extension.folder_of("nf4_linear", _SOURCE, CFLAGS) / _CALIBRATION_FILE
     try:
         return int(json.loads(path.read_text())["blas_min_tokens"])
     except (OSError, ValueError, KeyError, TypeError):

@@ -126,7 +126,7 @@ def test_the_blas_threshold_is_measured_once_and_kept_beside_the_build(tmp_path,
     try:
         measured = nf4_cpu.calibrated_blas_min_tokens()
         assert measured in (*nf4_cpu.CALIBRATION_TOKENS, nf4_cpu.CALIBRATION_TOKENS[-1] + 1)
-        kept = cpu_extension.folder_of("nf4_linear", nf4_cpu._SOURCE, nf4_cpu._CFLAGS) / "blas_min_tokens.json"
+        kept = cpu_extension.folder_of("nf4_linear", nf4_cpu._SOURCE, nf4_cpu.CFLAGS) / "blas_min_tokens.json"
         assert json.loads(kept.read_text())["blas_min_tokens"] == measured
         kept.write_text(json.dumps({"blas_min_tokens": 77}))
         nf4_cpu.calibrated_blas_min_tokens.cache_clear()
@@ -235,7 +235,7 @@ def test_the_other_cpu_paths_give_the_same_values(flags: tuple[str, ...]) -> Non
         pytest.skip("this CPU has no AVX2")
     portable = cpu_extension.build("nf4_linear_" + "_".join(f.strip("-").replace("-", "_") for f in flags),
                                    nf4_cpu._SOURCE,
-                                   (*nf4_cpu._CFLAGS, *flags))
+                                   (*nf4_cpu.CFLAGS, *flags))
     assert portable is not None
     packed, state = quantized(96, 96, seed=4)
     weight = nf4_cpu.Nf4Weight.from_quant_state(packed, state)
