@@ -1,14 +1,15 @@
 """Multi-tenant fairness: a flooding tenant next to a light one, token shares under weights, and what fairness costs.
 
-Two in-process servers (`loraplex.server.app.start`) on loopback, identical but for `scheduler.fairness` (on /
-off), serve two tenants, API keys "a" and "b", each on its own PEFT adapter (r=8 on q_proj and v_proj). Every
-request has a prompt of PROMPT_LENS tokens (uniform) and generates OUTPUT_LEN tokens (ignore_eos). The clients
-run in a second process (as remote users would, so their parsing does not hold the server's GIL) and stream
-over gRPC, timing every token (run lengths: FULL, or TINY with --tiny):
+In-process servers (`loraplex.server.app.start`, one at a time: server/core/engine_thread.py says why) on
+loopback, identical but for `scheduler.fairness` (on / off), serve two tenants, API keys "a" and "b", each on its
+own PEFT adapter (r=8 on q_proj and v_proj). Every request has a prompt of PROMPT_LENS tokens (uniform) and
+generates OUTPUT_LEN tokens (ignore_eos). The clients run in a second process (as remote users would, so their
+parsing does not hold the server's GIL) and stream over gRPC, timing every token (run lengths: FULL, or TINY with
+--tiny):
   - alone: tenant b sends one request per second (open loop) for `alone_s` seconds, nothing else runs;
   - flood: tenant a runs FLOOD_CLIENTS clients back to back (closed loop) for `flood_s` seconds while b sends one
-    request per second, weights 1:1; `flood_repeats` runs on each server (fairness on, off), alternating, the
-    first server of each pair alternating too (after a WARMUP_S flood on each);
+    request per second, weights 1:1; `flood_repeats` runs with fairness on and off, alternating, the first of
+    each pair alternating too (every server started for a run is warmed by a WARMUP_S flood first);
   - share 1:1 and share 3:1: both tenants run SHARE_CLIENTS clients back to back for `share_s` seconds on the
     fairness-on server, with weights 1:1 and then a:b = 3:1 (put in force while the server runs), and at 3:1 on
     the fairness-off server for comparison (weights unused there: round-robin across the adapters). Both are
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import json
@@ -36,7 +38,7 @@ import multiprocessing
 import platform
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,51 +162,58 @@ async def benchmark(base_folder: Path, adapters: dict[str, Path], device: str, w
                              scheduler={"max_running": MAX_RUNNING, "max_step_tokens": MAX_STEP_TOKENS,
                                         "fairness": fairness})
 
-    servers = {"on": await start(settings(True)), "off": await start(settings(False))}
     loop = asyncio.get_running_loop()
-    vocab = servers["on"].scheduler.engine.spec.vocab_size
     seeds = itertools.count()
+    flood = [Load("a", "adapter-a", clients=FLOOD_CLIENTS), Load("b", "adapter-b", rate=B_RATE)]
 
     async def run(app: App, loads: list[Load], duration_s: float, drain: bool = True) -> list[dict]:
+        vocab = app.scheduler.engine.spec.vocab_size
         return await loop.run_in_executor(clients, run_loads, f"127.0.0.1:{app.port}", loads, duration_s, vocab,
                                           next(seeds), drain)
 
-    flood = [Load("a", "adapter-a", clients=FLOOD_CLIENTS), Load("b", "adapter-b", rate=B_RATE)]
-    try:
-        for app in servers.values():  # kernels, allocator, batch shapes, both adapters into their slots
+    @contextlib.asynccontextmanager
+    async def server(fairness: bool):
+        """One server at a time, warmed (kernels, allocator, batch shapes, both adapters into their slots): each
+        holds torch's thread team while it lives (server/core/engine_thread.py), and two would slow both."""
+        app = await start(settings(fairness))
+        try:
             await run(app, flood, WARMUP_S)
-        alone = await run(servers["on"], [Load("b", "adapter-b", rate=B_RATE)], sizes["alone_s"])
-        print(f"alone: b TTFT p99 {ttft_p99(alone, 'b') * 1e3:.0f} ms", flush=True)
-        floods: dict[str, list[dict]] = {"on": [], "off": []}
-        for repeat in range(sizes["flood_repeats"]):
-            order = list(servers.items())
-            for label, app in order if repeat % 2 == 0 else reversed(order):  # neither always runs first
-                records = await run(app, flood, sizes["flood_s"])
-                rate = throughput(records, FLOOD_WINDOW * sizes["flood_s"], sizes["flood_s"])
-                floods[label].append({"b_ttft_p99_s": ttft_p99(records, "b"), "tokens_per_s": rate,
-                                      "a_requests": sum(r["tenant"] == "a" for r in records),
-                                      "b_requests": sum(r["tenant"] == "b" for r in records)})
-                print(f"flood fairness {label}: b TTFT p99 {floods[label][-1]['b_ttft_p99_s'] * 1e3:.0f} ms, "
-                      f"{floods[label][-1]['tokens_per_s']:.1f} tokens/s", flush=True)
-        shares = {}
-        for label, server, weight_a in (("1to1", "on", 1.0), ("3to1", "on", 3.0), ("3to1_fairness_off", "off", 3.0)):
-            app = servers[server]
-            app.scheduler.set_quotas(QuotaSettings.model_validate({"tenants": {"a": {"weight": weight_a}}}))
-            records = await run(app, [Load("a", "adapter-a", clients=SHARE_CLIENTS),
-                                      Load("b", "adapter-b", clients=SHARE_CLIENTS)], sizes["share_s"],
-                                drain=False)  # the window ends before: cancel what still runs
-            window = [fraction * sizes["share_s"] for fraction in SHARE_WINDOW]
-            served = served_in(records, *window)
-            b_share = served["b"] / sum(served.values())
-            shares[label] = {"weight_a": weight_a, "window_s": window, "served_tokens": served, "b_share": b_share,
-                             "b_share_vs_weight": b_share / (1.0 / (1.0 + weight_a)),
-                             "a_share_vs_weight": (1.0 - b_share) / (weight_a / (1.0 + weight_a))}
-            print(f"share {label}: served {served}, b's share {b_share:.3f}", flush=True)
-        return {"alone": {"b_ttft_p99_s": ttft_p99(alone, "b"), "b_requests": len(alone)}, "flood": floods,
-                "share": shares}
-    finally:
-        for app in servers.values():
+            yield app
+        finally:
             await app.stop(0)
+
+    async with server(True) as app:
+        alone = await run(app, [Load("b", "adapter-b", rate=B_RATE)], sizes["alone_s"])
+    print(f"alone: b TTFT p99 {ttft_p99(alone, 'b') * 1e3:.0f} ms", flush=True)
+    floods: dict[str, list[dict]] = {"on": [], "off": []}
+    for repeat in range(sizes["flood_repeats"]):
+        order = ["on", "off"]
+        for label in order if repeat % 2 == 0 else reversed(order):  # neither always runs first
+            async with server(label == "on") as app:
+                records = await run(app, flood, sizes["flood_s"])
+            rate = throughput(records, FLOOD_WINDOW * sizes["flood_s"], sizes["flood_s"])
+            floods[label].append({"b_ttft_p99_s": ttft_p99(records, "b"), "tokens_per_s": rate,
+                                  "a_requests": sum(r["tenant"] == "a" for r in records),
+                                  "b_requests": sum(r["tenant"] == "b" for r in records)})
+            print(f"flood fairness {label}: b TTFT p99 {floods[label][-1]['b_ttft_p99_s'] * 1e3:.0f} ms, "
+                  f"{floods[label][-1]['tokens_per_s']:.1f} tokens/s", flush=True)
+    shares = {}
+    for fairness, runs in ((True, (("1to1", 1.0), ("3to1", 3.0))), (False, (("3to1_fairness_off", 3.0),))):
+        async with server(fairness) as app:
+            for label, weight_a in runs:
+                app.scheduler.set_quotas(QuotaSettings.model_validate({"tenants": {"a": {"weight": weight_a}}}))
+                records = await run(app, [Load("a", "adapter-a", clients=SHARE_CLIENTS),
+                                          Load("b", "adapter-b", clients=SHARE_CLIENTS)], sizes["share_s"],
+                                    drain=False)  # the window ends before: cancel what still runs
+                window = [fraction * sizes["share_s"] for fraction in SHARE_WINDOW]
+                served = served_in(records, *window)
+                b_share = served["b"] / sum(served.values())
+                shares[label] = {"weight_a": weight_a, "window_s": window, "served_tokens": served,
+                                 "b_share": b_share, "b_share_vs_weight": b_share / (1.0 / (1.0 + weight_a)),
+                                 "a_share_vs_weight": (1.0 - b_share) / (weight_a / (1.0 + weight_a))}
+                print(f"share {label}: served {served}, b's share {b_share:.3f}", flush=True)
+    return {"alone": {"b_ttft_p99_s": ttft_p99(alone, "b"), "b_requests": len(alone)}, "flood": floods,
+            "share": shares}
 
 
 def ratios_of(result: dict) -> dict[str, float]:
@@ -227,8 +236,12 @@ def main() -> None:
 
     began = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="loraplex-fairness-bench-"))
-    base_folder = tiny_model(workdir / "base") if args.tiny else default_model_path()
-    folders = write_adapters(base_folder, workdir / "adapters", [RANK] * len(TENANTS), TARGETS)
+    with ThreadPoolExecutor(1) as preparing:  # torch's thread team of this thread ends with it (engine_thread.py)
+        base_folder = preparing.submit(tiny_model, workdir / "base") if args.tiny else preparing.submit(
+            default_model_path)
+        base_folder = base_folder.result()
+        folders = preparing.submit(write_adapters, base_folder, workdir / "adapters", [RANK] * len(TENANTS),
+                                   TARGETS).result()
     adapters = {f"adapter-{tenant}": folder for tenant, folder in zip(TENANTS, folders, strict=True)}
     sizes = TINY if args.tiny else FULL
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:

@@ -10,7 +10,7 @@ the scheduler and adapter management). One trace of NUM_REQUESTS requests (seede
 Each N runs three times on the same engine: (grpc) an asyncio client streams every request at its arrival
 time; (http) the same through the HTTP API with the official openai SDK (streamed completions, one
 server-sent event per token) -- both clients run in a second process, as remote users would, so their
-own parsing does not hold the server's GIL; (direct) `Engine.step` driven in this thread, admitting the same
+own parsing does not hold the server's GIL; (direct) `Engine.step` driven on the engine thread, admitting the same
 requests at the same times under the same caps (MAX_RUNNING sequences, MAX_STEP_TOKENS per step, decodes first), with no
 transport and no scheduler thread. Reported per run: tokens/s and requests/s over the makespan
 (first arrival to last token), time to first token and inter-token latency p50/p99.
@@ -46,7 +46,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Awaitable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +59,7 @@ from loraplex.adapters.reference import AdapterReference
 from loraplex.client.client import AsyncClient
 from loraplex.server.app import App, start
 from loraplex.server.core.adapter_runtime.manager import AdapterManager
+from loraplex.server.core.engine_thread import EngineThread
 from loraplex.server.default_model import default_model_path
 from loraplex.server.engine import Engine, EngineConfig, SamplingParams, SequenceState
 from loraplex.server.engine.lora import NO_ADAPTER
@@ -291,25 +292,31 @@ async def benchmark(base_folder: Path, adapters: dict[str, Path], device: str, n
 
 async def adapter_counts(clients: ProcessPoolExecutor, app: App, names: list[str], trace: list[TraceRequest]
                          ) -> dict[str, dict]:
-    """The trace for every N of ADAPTER_COUNTS over gRPC, HTTP and the engine driven directly."""
+    """The trace for every N of ADAPTER_COUNTS over gRPC, HTTP and the engine driven directly (on the engine
+    thread, where the server's steps run: core/engine_thread.py)."""
     engine, target = app.scheduler.engine, f"127.0.0.1:{app.port}"
     url = f"http://127.0.0.1:{app.http.port}/v1"
     slot_of = await resident_slots(app.scheduler.adapters, names)
     warm = [TraceRequest(0.0, r.prompt, 4) for r in trace[:16]]  # kernels, allocator, BLAS shapes
     for path, address in (("grpc", target), ("http", url)):
         await replay(clients, path, address, warm, [names[i % len(names)] for i in range(len(warm))])
-    run_direct(engine, warm, list(range(len(warm))))
-    timer, runs = StepTimer(engine), {}
-    for n in ADAPTER_COUNTS:
-        indices = zipf_adapters(n, len(trace))
-        adapters = [names[i] if i != NO_ADAPTER else "" for i in indices]
-        slots = [slot_of[name] if name else NO_ADAPTER for name in adapters]
-        grpc_run = timer.measured(await replay(clients, "grpc", target, trace, adapters))
-        http_run = timer.measured(await replay(clients, "http", url, trace, adapters))
-        runs[f"n{n}"] = {"distinct_adapters": len(set(slots) - {NO_ADAPTER}), "grpc": grpc_run,
-                         "http": http_run, "direct": timer.measured(run_direct(engine, trace, slots))}
-        print(f"N={n}: " + ", ".join(f"{path} {runs[f'n{n}'][path]['tokens_per_s']:.1f} tokens/s"
-                                     for path in PATHS), flush=True)
+    engine_thread = EngineThread.acquire()
+    try:
+        await engine_thread.run(run_direct, engine, warm, list(range(len(warm))))
+        timer, runs = StepTimer(engine), {}
+        for n in ADAPTER_COUNTS:
+            indices = zipf_adapters(n, len(trace))
+            adapters = [names[i] if i != NO_ADAPTER else "" for i in indices]
+            slots = [slot_of[name] if name else NO_ADAPTER for name in adapters]
+            grpc_run = timer.measured(await replay(clients, "grpc", target, trace, adapters))
+            http_run = timer.measured(await replay(clients, "http", url, trace, adapters))
+            direct_run = timer.measured(await engine_thread.run(run_direct, engine, trace, slots))
+            runs[f"n{n}"] = {"distinct_adapters": len(set(slots) - {NO_ADAPTER}), "grpc": grpc_run,
+                             "http": http_run, "direct": direct_run}
+            print(f"N={n}: " + ", ".join(f"{path} {runs[f'n{n}'][path]['tokens_per_s']:.1f} tokens/s"
+                                         for path in PATHS), flush=True)
+    finally:
+        engine_thread.release()
     return runs
 
 
@@ -357,8 +364,12 @@ def main() -> None:
 
     began = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="loraplex-serving-bench-"))
-    base_folder = tiny_model(workdir / "base") if args.tiny else default_model_path()
-    folders = write_adapters(base_folder, workdir / "adapters", [RANK] * max(ADAPTER_COUNTS), TARGETS)
+    with ThreadPoolExecutor(1) as preparing:  # torch's thread team of this thread ends with it (engine_thread.py)
+        base_folder = preparing.submit(tiny_model, workdir / "base") if args.tiny else preparing.submit(
+            default_model_path)
+        base_folder = base_folder.result()
+        folders = preparing.submit(write_adapters, base_folder, workdir / "adapters", [RANK] * max(ADAPTER_COUNTS),
+                                   TARGETS).result()
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
         result = asyncio.run(benchmark(base_folder, {f.name: f for f in folders}, args.device, args.requests,
                                        workdir / "store", clients, args.only_kernels))

@@ -36,6 +36,7 @@ from loraplex.server.api.tenant_service import TenantService
 from loraplex.server.core.adapter_runtime.manager import AdapterManager
 from loraplex.server.core.adapter_runtime.watcher import AdapterWatcher, PromotionWatcher
 from loraplex.server.core.auth import Authenticator
+from loraplex.server.core.engine_thread import EngineThread
 from loraplex.server.core.generation import GenerationCore
 from loraplex.server.core.metrics import ServerMetrics
 from loraplex.server.core.quota_config import QuotaSettings
@@ -133,10 +134,14 @@ async def start(settings: Settings, interceptors: Sequence[grpc.aio.ServerInterc
                if settings.metrics.enabled else None)
     cpu_extension.set_build_root(loraplex_home() / "torch_extensions")
     digest = base_digest(folder)
-    engine = Engine(model_spec(folder), iter_weights(folder), settings.engine, digest)
-    adapters = adapter_manager(engine, settings, digest, metrics.observe_load if metrics else None)
-    scheduler = Scheduler(engine, adapters, settings.scheduler, metrics.observe_step if metrics else None,
-                          metrics.observe_prefix if metrics else None, settings.read_quotas())
+    engine_thread = EngineThread.acquire()  # the engine is built where its steps run (core/engine_thread.py)
+    try:
+        engine = await engine_thread.run(Engine, model_spec(folder), iter_weights(folder), settings.engine, digest)
+        adapters = adapter_manager(engine, settings, digest, metrics.observe_load if metrics else None)
+        scheduler = Scheduler(engine, adapters, settings.scheduler, metrics.observe_step if metrics else None,
+                              metrics.observe_prefix if metrics else None, settings.read_quotas())
+    finally:
+        engine_thread.release()  # the scheduler holds it from now on
     auth = Authenticator(settings.api_keys)
     tokenizer = load_tokenizer(folder)
     limits = RequestLimits(settings.default_max_new_tokens, settings.max_new_tokens_limit)

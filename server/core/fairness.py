@@ -1,14 +1,14 @@
 """Which waiting request the scheduler admits next: priority classes, then weighted fair queuing over tenants,
 then round-robin over each tenant's adapters, then FIFO.
 
-Weighted fair queuing is the Virtual Token Counter (Sheng et al., "Fairness in Serving Large Language Models",
-OSDI 2024): each tenant has a counter advanced by the tokens it is served (prompt tokens when a request is
-first admitted, one per generated token) divided by its weight, and the backlogged tenant (one with waiting
-requests) of the smallest counter goes first, so backlogged tenants are served tokens in proportion to their
-weights. A tenant that becomes backlogged has its counter lifted to just below the smallest counter of the
-tenants already backlogged (the next float down; or, when none is, to that of the last one to leave the
-backlog): time spent idle banks no credit to spend later at the others' expense, and its request goes first,
-so a light tenant's request is never queued behind a flooding one's (nor counted level with it, see
+Weighted fair queuing is the Virtual Token Counter (Sheng et al., "Fairness in Serving Large Language Models", OSDI
+2024): each tenant has a counter advanced by the tokens it is served (prompt tokens as the steps compute them, one
+per generated token; the scheduler counts a prompt from its admission while it plans) divided by its weight, and the
+backlogged tenant (one with waiting requests) of the smallest counter goes first, so backlogged tenants are served
+tokens in proportion to their weights. A tenant that becomes backlogged has its counter lifted to just below the
+smallest counter of the tenants already backlogged (the next float down; or, when none is, to that of the last one
+to leave the backlog): time spent idle banks no credit to spend later at the others' expense, and its request goes
+first, so a light tenant's request is never queued behind a flooding one's (nor counted level with it, see
 scheduler.py). Ties go to the tenant admitted least recently.
 
 Inside one tenant, its adapters take turns (weighted round-robin, FIFO per adapter), so a busy adapter cannot
@@ -166,6 +166,10 @@ class AdmissionQueue(Generic[E]):
                 del self._queues[key.priority][key.tenant]
         self._left(key.tenant)
         return True
+
+    def backlogged(self, tenant: str) -> bool:
+        """Whether `tenant` has waiting requests."""
+        return bool(self._waiting.get(tenant))
 
     def charge(self, tenant: str, tokens: int) -> None:
         """`tenant` was served `tokens` tokens (a no-op when not fair)."""

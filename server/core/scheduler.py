@@ -1,22 +1,26 @@
-"""The scheduler: single owner of the engine; continuous batching on a dedicated thread.
+"""The scheduler: single owner of the engine; continuous batching on the process's engine thread.
 
 Transports call `submit(Request)` on the asyncio event loop and iterate the returned
-`RequestStream`; the engine runs on the scheduler's own thread, so no handler ever waits on torch.
+`RequestStream`; the engine runs on the engine thread (core/engine_thread.py: the one thread that runs torch's
+parallel work, one plan and step per task), so no handler ever waits on torch.
 Events cross back with one `loop.call_soon_threadsafe` per step.
 
 Policy, each step (`_plan`):
   1. Running sequences are scheduled first: decodes (one token each), then unfinished prefills in
      chunks, in admission order, all within `max_step_tokens`.
-     With fairness on, a request owed service first never waits on another tenant's long prompt:
-     - submitted while a step with prompt chunks runs, a request of another tenant no further over its
-       share than theirs (`_owed_before`) pauses that step at its next decoder layer; it is admitted and
-       its prompt prefilled whole in a step of its own, its first token sent, and the paused step resumes
-       (`Engine.step`'s `between_layers`; results bit-identical to an uninterrupted step);
+     With fairness on, a request owed service first never waits on another tenant's step:
+     - submitted while a step runs, a request of a tenant with none waiting and no further over its share than
+       any other tenant of that step's sequences (`_owed_before`) pauses the step at its next decoder layer; it
+       is admitted and its prompt prefilled whole in a step of its own, its first token sent, and the paused
+       step resumes (`Engine.step`'s `between_layers`; results bit-identical to an uninterrupted step);
      - in a step that prefills the prompt of a request furthest below its share (the least-served tenant's,
        interactive ones' while batch ones run; see `_share_order`), the requests above it are held back:
        their prompt tokens are at most what those prefills and admissions (3.), taken first, leave of
        `over_share_prefill_tokens`, so its first token waits behind a short step at most.
-     With one tenant active nothing is held back or paused.
+     A prompt is charged to its tenant's share as its tokens are computed (`_charge_prompt`), so a request's
+     own prompt does not count against it while it is prefilled; within one plan, each admission counts its
+     prompt at once (`_admit`), so admissions take turns. With one tenant active nothing is held back or
+     paused.
   2. When the KV pool cannot hold a running sequence's next tokens, running sequences are preempted
      (blocks let go, recomputed later from what the prefix cache still holds; the oldest always progress):
      batch ones before interactive ones, then those of the tenant most over its fair share, then the most
@@ -49,11 +53,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from loraplex.server.core.adapter_runtime.leases import AdapterLease
 from loraplex.server.core.adapter_runtime.manager import AdapterManager
 from loraplex.server.core.calls import EngineFacts
+from loraplex.server.core.engine_thread import EngineThread
 from loraplex.server.core.errors import FailedPrecondition, InvalidRequest, Overloaded, ShuttingDown
 from loraplex.server.core.fairness import AdmissionQueue, QueueKey
 from loraplex.server.core.quota_config import QuotaSettings
@@ -81,6 +87,8 @@ class _Entry:
     """In the admission queue (not running): at submit, and again after a preemption."""
     cached_tokens: int | None = None
     """Prompt tokens its first admission found in the prefix cache (None until admitted)."""
+    computed_prompt: int = 0
+    """Prompt tokens it has held (computed, or taken from the prefix cache) so far (`Scheduler._served_order`)."""
     admitted_at: float | None = None
     """time.monotonic() of its first admission (None until then)."""
 
@@ -104,16 +112,18 @@ class _StepPlan:
     """Adapters still loading: their requests keep their turn."""
     admission_closed: bool = False
     """A request could not be admitted (slots, KV): later ones do not overtake it this step."""
+    provisional: list[tuple[str, int]] = field(default_factory=list)
+    """(tenant, prompt tokens) of the plan's first admissions, counted in the tenants' shares while it admits
+    (`Scheduler._admit`), taken back when it ends (`Scheduler._settle`): the steps charge what they compute."""
 
 
 @dataclass(frozen=True)
 class _PauseCeiling:
     """What a request submitted during a step must be below to pause it (`Scheduler._owed_before`)."""
 
-    share_order: tuple[bool, float]
-    """The largest share order (`Scheduler._share_order`) among the step's prefill chunks."""
-    tenants: frozenset[str]
-    """Their tenants."""
+    share_orders: dict[str, tuple[bool, float]]
+    """Each tenant of the step's sequences: the smallest share order (`Scheduler._share_order`) of its sequences
+    there as it will be once the step has served them (its counter plus the step's tokens of that tenant)."""
 
 
 @dataclass
@@ -135,7 +145,8 @@ class Scheduler:
                  quotas: QuotaSettings = NO_QUOTAS) -> None:
         """Called on the scheduler thread (metrics): `on_step(sequences, seconds)` after each engine step,
         `on_prefix(adapter name, prompt tokens, cached tokens)` when a request is first admitted and the
-        prefix cache was looked up. `quotas`: the tenants' and adapters' limits at start (`set_quotas`)."""
+        prefix cache was looked up. `quotas`: the tenants' and adapters' limits at start (`set_quotas`).
+        The loop runs on the process's engine thread (core/engine_thread.py), where the engine is built too."""
         self.engine = engine
         self.adapters = adapters
         self.config = config
@@ -143,7 +154,7 @@ class Scheduler:
         self._on_prefix = on_prefix
         self.stats = SchedulerStats()
         self.max_step_adapters = min(config.max_step_adapters or engine.num_slots, engine.num_slots)
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()
         self._idle = False
         """Nothing runs and the last plan admitted nothing: sleep until `wake` (a submit, a cancel, a load)."""
         adapters.on_ready(self.wake)
@@ -158,7 +169,12 @@ class Scheduler:
         """A request below the pause ceiling was submitted: the step pauses at its next layer."""
         self._accepting = True
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="loraplex-scheduler", daemon=True)
+        self._thread = EngineThread.acquire()
+        self._started = False
+        self._iteration_queued = False
+        """An iteration (`_iterate`) is queued on the engine thread, or runs."""
+        self._stopped = threading.Event()
+        """The loop has seen `close`: no iteration runs or will."""
 
     # -- event-loop side -------------------------------------------------------------------------
 
@@ -168,7 +184,7 @@ class Scheduler:
         Raises AdapterNotFound, InvalidRequest (an ambiguous adapter version), Overloaded, ShuttingDown.
         """
         loop = asyncio.get_running_loop()
-        with self._cond:
+        with self._lock:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down and takes no new requests")
             if self.num_waiting >= self.config.max_waiting:
@@ -187,11 +203,12 @@ class Scheduler:
             key = self._waiting.key("batch" if batch else "interactive", tenant, adapter)
             entry = _Entry(seq, lease, stream, tenant, key, time.monotonic())
             stream._entry = entry
+            was_backlogged = self._waiting.backlogged(tenant)
             self._waiting.push(entry, key)
-            if self._pause_below is not None and self._owed_before(entry, self._pause_below):
+            if self._pause_below is not None and not was_backlogged and self._owed_before(entry, self._pause_below):
                 self._owed = True  # the step in progress pauses at its next layer (_serve_owed)
             self._idle = False
-            self._cond.notify()
+            self._kick()
         return stream
 
     def engine_facts(self) -> EngineFacts:
@@ -212,7 +229,7 @@ class Scheduler:
 
     def queues(self) -> Queues:
         """The adapter reference of each running and each waiting request, now (any thread)."""
-        with self._cond:
+        with self._lock:
             return Queues([entry.lease.name for entry in self._running], [entry.lease.name for entry in self._waiting])
 
     def tenant_of(self, key_name: str) -> str:
@@ -221,19 +238,19 @@ class Scheduler:
 
     def set_quotas(self, quotas: QuotaSettings) -> None:
         """Put new tenant and adapter limits in force now (any thread); accepted requests go on."""
-        with self._cond:
+        with self._lock:
             self._quotas.replace(quotas)
             self._idle = False
-            self._cond.notify()
+            self._kick()
 
     def tenant_status(self, tenant: str) -> QuotaStatus:
         """`tenant`'s limits and usage now (any thread)."""
-        with self._cond:
+        with self._lock:
             return self._quotas.tenant_status(tenant)
 
     def quota_statuses(self) -> tuple[list[QuotaStatus], list[QuotaStatus]]:
         """(tenants, adapters): each one's limits and usage now (QuotaBook.statuses; any thread)."""
-        with self._cond:
+        with self._lock:
             return self._quotas.statuses()
 
     @property
@@ -246,64 +263,79 @@ class Scheduler:
         return len(self._waiting)
 
     def _cancel(self, entry: _Entry) -> None:
-        with self._cond:
+        with self._lock:
             if entry.cancelled or entry.seq.finished:
                 return
             entry.cancelled = True
             if self._waiting.remove(entry, entry.key):  # waiting entries hold no KV blocks
                 self._retire(entry, None)
             self._idle = False
-            self._cond.notify()
+            self._kick()
 
     def wake(self) -> None:
         """Run the loop again (any thread): something it waits for may have changed, such as a load ending."""
-        with self._cond:
+        with self._lock:
             self._idle = False
-            self._cond.notify()
+            self._kick()
 
     def start(self) -> None:
-        self._thread.start()
+        with self._lock:
+            self._started = True
+            self._kick()
 
     def stop_accepting(self) -> None:
         """Refuse new submits (ShuttingDown); requests already queued or running go on."""
-        with self._cond:
+        with self._lock:
             self._accepting = False
 
     def close(self) -> None:
-        """Stop the loop thread; requests still queued or running end with ShuttingDown."""
-        with self._cond:
+        """Stop the loop; requests still queued or running end with ShuttingDown."""
+        with self._lock:
             self._accepting = False
             self._stopping = True
-            self._cond.notify()
-        if self._thread.is_alive():
-            self._thread.join()
-        with self._cond:
+            started = self._started
+            self._kick()
+        if started:
+            self._stopped.wait()  # the step in progress, if any, has ended
+        self._thread.release()
+        with self._lock:
             for entry in [*self._running, *self._waiting]:
                 self.engine.release(entry.seq)
                 self._retire(entry, ShuttingDown("the server stopped before the request finished"))
             self._running.clear()
             self._waiting.clear()
 
-    # -- scheduler thread ------------------------------------------------------------------------
+    # -- engine thread ---------------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._stopping or self._running or not self._idle)
-                if self._stopping:
-                    return
-                self._reap_cancelled()
-                self.adapters.install_warm(self._busy_slots())
-                batch = self._plan()
-                self._idle = not batch and not self._running
-                self._pause_below, self._owed = self._pause_ceiling(batch), False
-            if not batch:
-                continue
-            try:
+    def _kick(self) -> None:
+        """Queue the loop's next iteration on the engine thread unless one is queued (under the lock)."""
+        if self._started and not self._iteration_queued and not self._stopped.is_set():
+            self._iteration_queued = True
+            self._thread.submit(self._iterate).add_done_callback(_log_failure)
+
+    def _iterate(self) -> None:
+        """One turn of the loop, on the engine thread: plan a step and run it; queue the next turn while there is
+        work (running sequences, or something changed since the last plan), else wait for a `_kick`."""
+        with self._lock:
+            self._iteration_queued = False
+            if self._stopping:
+                self._stopped.set()
+                return
+            if not self._running and self._idle:
+                return
+            self._reap_cancelled()
+            self.adapters.install_warm(self._busy_slots())
+            batch = self._plan()
+            self._idle = not batch and not self._running
+            self._pause_below, self._owed = self._pause_ceiling(batch), False
+        try:
+            if batch:
                 self._execute(batch, pausable=self._pause_below is not None)
-            finally:
-                with self._cond:
-                    self._pause_below = None
+        finally:
+            with self._lock:
+                self._pause_below = None
+                if self._running or not self._idle or self._stopping:
+                    self._kick()
 
     def _execute(self, batch: list[tuple[_Entry, int]], pausable: bool) -> None:
         """Run one step over `batch` and route its events; a failed step fails its requests, not the server.
@@ -325,24 +357,25 @@ class Scheduler:
             return
         if self._on_step is not None:
             self._on_step(len(batch), time.perf_counter() - began - paused[0])
-        with self._cond:
+        with self._lock:
             self._route(batch, events)
 
     def _serve_owed(self) -> None:
         """While a step is paused: admit the waiting requests below its pause ceiling (`_pause_ceiling`) and run
         their prompts whole in a step of their own; their first tokens go out before the paused step resumes."""
-        with self._cond:
+        with self._lock:
             self._owed = False
             plan = _StepPlan(self.config.max_step_tokens, self.config.max_step_tokens, self._busy_slots())
             ceiling = self._pause_below
             self._admit(plan, None, leading_only=False, stop=lambda entry: not self._owed_before(entry, ceiling))
+            self._settle(plan)
         if plan.batch:
             self._execute(plan.batch, pausable=False)
 
     def _fail(self, batch: list[tuple[_Entry, int]], exc: Exception) -> None:
         """A failed step fails its own requests, not the server."""
         log.exception("engine step failed")
-        with self._cond:
+        with self._lock:
             for entry, _ in batch:
                 self._running.remove(entry)
                 self.engine.release(entry.seq)
@@ -367,26 +400,39 @@ class Scheduler:
             plan.over_share_budget = plan.budget  # and one that comes during it pauses it (`_pause_ceiling`)
         self._schedule_running(plan, held_back, leader)
         self._admit(plan, leader, leading_only=False)
+        self._settle(plan)
         return plan.batch
 
+    def _settle(self, plan: _StepPlan) -> None:
+        """Take back the plan's provisional charges (`_StepPlan.provisional`)."""
+        for tenant, tokens in plan.provisional:
+            self._waiting.charge(tenant, -tokens)
+
     def _pause_ceiling(self, batch: list[tuple[_Entry, int]]) -> _PauseCeiling | None:
-        """With fairness on, what a request must be below to pause the step: the step's prefill chunks (None
-        when it has none, or fairness is off: nothing pauses it)."""
-        prefills = [entry for entry, count in batch if count > 1]
-        if not self._waiting.fair or not prefills:
+        """With fairness on, what a request must be below to pause the step (None when fairness is off: nothing
+        pauses it): each tenant of the step at its share order once the step has served it."""
+        if not self._waiting.fair:
             return None
-        return _PauseCeiling(max(map(self._share_order, prefills)), frozenset(entry.tenant for entry in prefills))
+        tokens: dict[str, int] = {}
+        for entry, count in batch:
+            tokens[entry.tenant] = tokens.get(entry.tenant, 0) + count
+        share_orders: dict[str, tuple[bool, float]] = {}
+        for entry, _ in batch:
+            batch_class, counter = self._share_order(entry)
+            order = batch_class, counter + tokens[entry.tenant] / self._quotas.settings.limits_of(entry.tenant).weight
+            share_orders[entry.tenant] = min(order, share_orders.get(entry.tenant, order))
+        return _PauseCeiling(share_orders)
 
     def _owed_before(self, entry: _Entry, ceiling: _PauseCeiling) -> bool:
-        """Whether `entry` is owed service before the paused step's prefills: another tenant than theirs, of their
-        priority class or above, whose counter is at most one step's tokens (max_step_tokens over its weight) above
-        theirs. Fair queuing keeps backlogged tenants' counters within about one request of each other, but a
-        step's admissions charge a tenant up to a step's tokens at once: within that, the tenant is not ahead in
-        the long run (the shares stay the weights'), so its first token need not wait for the long step (a tenant
-        becoming backlogged starts level with the others, core/fairness.py)."""
-        batch, counter = self._share_order(entry)
-        slack = self.config.max_step_tokens / self._quotas.settings.limits_of(entry.tenant).weight
-        return entry.tenant not in ceiling.tenants and (batch, counter - slack) <= ceiling.share_order
+        """Whether `entry` is owed service before the step in progress: its tenant is no further over its share (its
+        priority class, then its counter: `_share_order`) than any other tenant of the step's sequences will be once
+        the step has served them (`_pause_ceiling`), when there is one: the step is not to put them further ahead
+        while it waits. Its own tenant's sequences in the step do not count: a light tenant's next request does not
+        wait on its previous ones' decodes. With one tenant active nothing pauses; a request arriving while its tenant
+        already has some waiting does not pause a step either (`submit`): they are admitted in their turn."""
+        order = self._share_order(entry)
+        others = [share for tenant, share in ceiling.share_orders.items() if tenant != entry.tenant]
+        return bool(others) and order <= min(others)
 
     def _leader(self) -> tuple[bool, float] | None:
         """The share order (`_share_order`) of the request furthest below its share among those running or
@@ -475,6 +521,9 @@ class Scheduler:
                 plan.admission_closed = True
                 return
             self._waiting.pop(key)
+            if entry.cached_tokens is None:  # its first admission: the next ones see its prompt in its share
+                plan.provisional.append((entry.tenant, len(entry.seq.prompt_ids)))
+                self._waiting.charge(entry.tenant, len(entry.seq.prompt_ids))
             self._admitted(entry, cached)
             if resident:
                 self.adapters.count_device_hit()
@@ -485,18 +534,28 @@ class Scheduler:
             self._take(plan, entry, count, need, held_back)
 
     def _admitted(self, entry: _Entry, cached: int) -> None:
-        """Account an admission; the first one (not after a preemption) also charges its prompt tokens to its
-        tenant's share and records what the prefix cache gave it."""
+        """Account an admission; the first one (not after a preemption) also records what the prefix cache gave
+        it."""
         entry.waiting = False
         first = entry.cached_tokens is None
         prompt_tokens = len(entry.seq.prompt_ids)
         self._quotas.admitted(entry.tenant, entry.key.adapter, prompt_tokens if first else None)
         if not first:
             return
-        self._waiting.charge(entry.tenant, prompt_tokens)
         entry.cached_tokens, entry.admitted_at = cached, time.monotonic()
         if self._on_prefix is not None and entry.seq.chain is not None:
             self._on_prefix(entry.lease.name, prompt_tokens, cached)
+
+    def _charge_prompt(self, entry: _Entry) -> None:
+        """After a step over `entry`: charge its tenant's share the prompt tokens it now holds (computed, or taken
+        from the prefix cache) that were not charged yet. A prompt is charged as it is served and never twice (not
+        when recomputed after a preemption): while its request is prefilled its tenant's counter is where it was,
+        so neither its own pausing (`_owed_before`) nor its prompt's place in the step (`_leader`) is taken away
+        by the service it is being given."""
+        held = min(entry.seq.num_computed, len(entry.seq.prompt_ids))
+        if held > entry.computed_prompt:
+            self._waiting.charge(entry.tenant, held - entry.computed_prompt)
+            entry.computed_prompt = held
 
     def _share_order(self, entry: _Entry) -> tuple[bool, float]:
         """How far `entry` is over its share: batch above interactive, then its tenant's virtual token counter.
@@ -517,6 +576,8 @@ class Scheduler:
 
     def _route(self, batch: list[tuple[_Entry, int]], events: list[TokenEvent]) -> None:
         by_seq = {entry.seq.seq_id: entry for entry, _ in batch}
+        for entry, _ in batch:
+            self._charge_prompt(entry)
         deliveries: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, TokenEvent]]] = {}
         for event in events:
             entry = by_seq[event.seq_id]
@@ -544,6 +605,11 @@ class Scheduler:
         if entry.cancelled:
             self.stats.cancelled += 1
         _post(entry.stream._loop, entry.stream._put, error)
+
+
+def _log_failure(loop_done: Future[None]) -> None:
+    if not loop_done.cancelled() and loop_done.exception() is not None:
+        log.error("a scheduler iteration failed (the next one runs when there is work)", exc_info=loop_done.exception())
 
 
 def _post(loop: asyncio.AbstractEventLoop, callback, *args) -> None:

@@ -198,7 +198,7 @@ async def test_kv_pressure_preempts_the_tenant_most_over_its_share_first(serving
     try:
         heavy = aiter(scheduler.submit(Request(AdapterReference(""), list(range(1, 9)), sampling, tenant="heavy")))
         await anext(heavy)
-        with scheduler._cond:
+        with scheduler._lock:
             scheduler._waiting.charge("heavy", 10_000)  # heavy was served far more than its share before
         light = scheduler.submit(Request(AdapterReference(""), list(range(11, 19)), sampling, tenant="light"))
         outputs = await asyncio.gather(tokens(light), tokens(heavy))
@@ -238,10 +238,11 @@ async def test_a_tenant_over_its_share_has_its_prompt_held_back_in_the_step_that
         running = {t: aiter(scheduler.submit(first[t])) for t in tenants}
         for stream in running.values():
             await anext(stream)  # both decoding
-        with scheduler._cond:  # no plan in between: both wait, then heavy is charged far over its share
+        with scheduler._lock:  # no plan in between: both wait, then heavy is charged far over its share
             streams = {t: scheduler.submit(second[t]) for t in tenants}
             seq_ids = {t: streams[t]._entry.seq.seq_id for t in tenants}
             scheduler._waiting.charge("heavy", 10_000)
+            scheduler._owed = False  # the decode step in progress goes on unpaused: the next plan takes them
         outputs = await asyncio.gather(*(tokens(streams[t]) for t in tenants),
                                        *(tokens(stream) for stream in running.values()))
     finally:
@@ -312,6 +313,60 @@ async def test_a_prompt_of_another_tenant_pauses_a_prefill_step_between_layers_a
         assert light_first < heavy_first
     else:
         assert not nested and heavy_first < light_first
+    assert heavy_out == generate_alone(reference_engine, serving_model[1], heavy.prompt_ids, "", heavy.sampling)
+    assert light_out == generate_alone(reference_engine, serving_model[1], light.prompt_ids, "a_r4_qv",
+                                       light.sampling)
+
+
+async def test_a_less_served_tenants_request_pauses_a_decode_step_and_its_prompt_is_charged_once_computed(
+        serving_model, reference_engine):
+    """Heavy decodes; light's first request arrives during one of heavy's decode steps. Light has been served less,
+    so that step pauses after a layer while light's prompt runs whole in a step of its own. Light's prompt is not
+    charged to its share while that step computes it, and is charged once (9 prompt + 4 generated tokens in the
+    end); both outputs equal each request run alone."""
+    scheduler = build(serving_model, max_running=8, fairness=True)
+    loop, step = asyncio.get_running_loop(), scheduler.engine.step
+    generator = torch.Generator().manual_seed(11)
+    heavy = Request(AdapterReference(""), torch.randint(0, 96, (8,), generator=generator).tolist(),
+                    SamplingParams(max_new_tokens=12, ignore_eos=True), tenant="heavy")
+    light = Request(AdapterReference("a_r4_qv"), torch.randint(0, 96, (9,), generator=generator).tolist(),
+                    SamplingParams(max_new_tokens=4, ignore_eos=True), tenant="light")
+    streams, submitted, nested, light_counter_then, depth = {}, threading.Event(), [], [], [0]
+
+    def submit_light() -> None:
+        streams["light"] = scheduler.submit(light)
+        submitted.set()
+
+    def recording_step(batch, between_layers=None):
+        counts = {seq.seq_id: count for seq, count in batch}
+        if depth[0]:
+            nested.append(counts)
+            light_counter_then.append(scheduler._waiting.counters.value("light"))
+        heavy_seq = streams["heavy"]._entry.seq
+        if counts == {heavy_seq.seq_id: 1} and heavy_seq.num_computed >= 11 and not submitted.is_set():
+            loop.call_soon_threadsafe(submit_light)  # during heavy's fourth decode step
+            assert submitted.wait(10)
+        depth[0] += 1
+        try:
+            return step(batch, between_layers)
+        finally:
+            depth[0] -= 1
+
+    scheduler.engine.step = recording_step
+    streams["heavy"] = scheduler.submit(heavy)
+    scheduler.start()
+    try:
+        heavy_out = await tokens(streams["heavy"])
+        while "light" not in streams:
+            await asyncio.sleep(0.001)
+        light_out = await tokens(streams["light"])
+    finally:
+        scheduler.close()
+    light_id = streams["light"]._entry.seq.seq_id
+    assert nested[:1] == [{light_id: 9}], nested  # light's prompt alone, inside heavy's decode step
+    assert light_counter_then[:1] == [0.0]  # not charged while its prompt is computed
+    assert scheduler._waiting.counters.value("light") == 9 + 4
+    assert scheduler._waiting.counters.value("heavy") == 8 + 12
     assert heavy_out == generate_alone(reference_engine, serving_model[1], heavy.prompt_ids, "", heavy.sampling)
     assert light_out == generate_alone(reference_engine, serving_model[1], light.prompt_ids, "a_r4_qv",
                                        light.sampling)
