@@ -45,6 +45,7 @@ class EngineThread:
         self.threads = threads or torch.get_num_threads()
         self._caller_threads = torch.get_num_threads()
         self._tasks: queue.SimpleQueue[tuple[Future, Callable, tuple] | None] = queue.SimpleQueue()
+        self._closed = False
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
@@ -59,7 +60,9 @@ class EngineThread:
                     future.set_exception(error)
 
     def submit(self, function: Callable[..., T], *args) -> Future[T]:
-        """Run `function(*args)` on the thread after what was submitted before."""
+        """Run `function(*args)` on the thread after what was submitted before (RuntimeError once closed)."""
+        if self._closed:
+            raise RuntimeError("the engine thread is closed")
         future: Future[T] = Future()
         self._tasks.put((future, function, args))
         return future
@@ -76,6 +79,7 @@ class EngineThread:
 
     def close(self) -> None:
         """Wait for what was submitted to end, end the thread (its team with it), restore the caller's count."""
+        self._closed = True
         self._tasks.put(None)
         self._thread.join()
         torch.set_num_threads(self._caller_threads)
@@ -95,6 +99,8 @@ class EngineThread:
         """One user of `acquire` is done with it; the last one ends the thread (`close`)."""
         global _shared, _users
         with _shared_lock:
+            if self is not _shared or _users == 0:
+                raise RuntimeError("release without a matching acquire")
             _users -= 1
             if _users:
                 return

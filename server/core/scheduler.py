@@ -289,8 +289,10 @@ class Scheduler:
             self._accepting = False
 
     def close(self) -> None:
-        """Stop the loop; requests still queued or running end with ShuttingDown."""
+        """Stop the loop; requests still queued or running end with ShuttingDown. Closing again does nothing."""
         with self._lock:
+            if self._stopping:
+                return
             self._accepting = False
             self._stopping = True
             started = self._started

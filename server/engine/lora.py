@@ -218,4 +218,8 @@ class MultiLoraLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor, lora: LoraBatch, lora_op=lora_grouped) -> torch.Tensor:
         """x: [num_tokens, in] -> [num_tokens, out]."""
         y = self.base.forward(x)  # no hooks: the module call's overhead saved (model.DecoderLayer.forward)
+        return self.add_lora(y, x, lora, lora_op)
+
+    def add_lora(self, y: torch.Tensor, x: torch.Tensor, lora: LoraBatch, lora_op=lora_grouped) -> torch.Tensor:
+        """y: the base projection of x [num_tokens, out] -> y plus the adapters' deltas (in place where it can)."""
         return lora_op(y, x, self.slots, lora) if lora.has_adapters else y

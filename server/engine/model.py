@@ -78,9 +78,9 @@ class DecoderLayer(torch.nn.Module):
         spec, eps = self.spec, self.spec.rms_norm_eps
         proj = {name: module.forward for name, module in self.proj.items()}
         x = rms_norm(hidden, self.norms["input_layernorm"], eps)
-        q = proj["q_proj"](x, meta.lora, lora_op).view(-1, spec.num_heads, spec.head_dim)
-        k = proj["k_proj"](x, meta.lora, lora_op).view(-1, spec.num_kv_heads, spec.head_dim)
-        v = proj["v_proj"](x, meta.lora, lora_op).view(-1, spec.num_kv_heads, spec.head_dim)
+        q, k, v = self._project(("q_proj", "k_proj", "v_proj"), x, meta.lora, lora_op)
+        q = q.view(-1, spec.num_heads, spec.head_dim)
+        k, v = k.view(-1, spec.num_kv_heads, spec.head_dim), v.view(-1, spec.num_kv_heads, spec.head_dim)
         if spec.qk_norm:
             q = rms_norm(q, self.norms["q_norm"], eps)
             k = rms_norm(k, self.norms["k_norm"], eps)
@@ -91,8 +91,16 @@ class DecoderLayer(torch.nn.Module):
         attended = paged_attention(q, keys, values, meta.attention, self.window)  # [num_tokens, heads, head_dim]
         hidden = hidden + proj["o_proj"](attended.flatten(1), meta.lora, lora_op)
         x = rms_norm(hidden, self.norms["post_attention_layernorm"], eps)
-        gated = F.silu(proj["gate_proj"](x, meta.lora, lora_op)) * proj["up_proj"](x, meta.lora, lora_op)
-        return hidden + proj["down_proj"](gated, meta.lora, lora_op)
+        gate, up = self._project(("gate_proj", "up_proj"), x, meta.lora, lora_op)
+        return hidden + proj["down_proj"](F.silu(gate) * up, meta.lora, lora_op)
+
+    def _project(self, names: tuple[str, ...], x: torch.Tensor, lora: LoraBatch, lora_op: LoraOp
+                 ) -> list[torch.Tensor]:
+        """The named projections of the same x [num_tokens, in], each [num_tokens, out]: their base matmuls in one
+        kernel call where the kernel serves them all (`BaseLinear.forward_group`), then each one's adapters."""
+        projections = [self.proj[name] for name in names]
+        bases = BaseLinear.forward_group([projection.base for projection in projections], x)
+        return [projection.add_lora(y, x, lora, lora_op) for projection, y in zip(projections, bases, strict=True)]
 
 
 class DecoderModel(torch.nn.Module):

@@ -444,18 +444,36 @@ static void rows_times_tokens(const W* w, const float* x, int64_t M, int64_t K, 
   if (M > t) dispatch<kTokenTile - 1>(M - t, [&](auto T) { dot_tile<R, T.value>(w, x + t * K, K, y + t * N, N); });
 }
 
-// The fused loop: y [M, N] = x [M, K] (lane order) times the weight, threads over tiles of
-// rows. Up to direct_max_tokens tokens each group of weights is decoded into registers and used at once;
-// above, each tile of rows is decoded into L1 and reused by every token. Both sum each (row, token)
-// product over k in the same order, so a token's result does not depend on its batch.
+// One weight of a fused loop's group and the output it writes, y [M, N].
+struct Target {
+  Nf4 w;
+  float* y;
+};
+
+// The fused loop: y_i [M, N_i] = x [M, K] (lane order) times weight i for every weight of `group` (all [N_i, K]),
+// threads over the tiles of rows of all of them, weight after weight: one pass of the threads for the group (the
+// q, k and v projections of a layer, say). Up to direct_max_tokens tokens each group of weights is decoded into
+// registers and used at once; above, each tile of rows is decoded into L1 and reused by every token. Both sum each
+// (row, token) product over k in the same order, so a token's result depends neither on its batch nor on the
+// group its weight is in.
 template <bool BF16>
-static void fused_loop(const Nf4& w, const float* x, int64_t M, int64_t direct_max_tokens, float* y) {
-  const Decoder dec(w.code);
-  const int64_t K = w.K, N = w.N;
-  at::parallel_for(0, (N + kRowTile - 1) / kRowTile, 8, [&](int64_t begin, int64_t end) {
+static void fused_loop(const std::vector<Target>& group, const float* x, int64_t M, int64_t direct_max_tokens) {
+  const int64_t K = group.front().w.K;
+  std::vector<int64_t> first_tile{0};  // weight i's tiles: [first_tile[i], first_tile[i + 1])
+  std::vector<Decoder> decoders;
+  for (const Target& target : group) {
+    first_tile.push_back(first_tile.back() + (target.w.N + kRowTile - 1) / kRowTile);
+    decoders.emplace_back(target.w.code);
+  }
+  at::parallel_for(0, first_tile.back(), 8, [&](int64_t begin, int64_t end) {
     std::vector<float> rows(M > direct_max_tokens ? kRowTile * K : 0);
+    size_t i = std::upper_bound(first_tile.begin(), first_tile.end(), begin) - first_tile.begin() - 1;
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t o = tile * kRowTile, count = std::min<int64_t>(kRowTile, N - o);
+      while (tile >= first_tile[i + 1]) ++i;
+      const Nf4& w = group[i].w;
+      const Decoder& dec = decoders[i];
+      float* y = group[i].y;
+      const int64_t o = (tile - first_tile[i]) * kRowTile, count = std::min<int64_t>(kRowTile, w.N - o);
       if (M <= direct_max_tokens) {
         dispatch<kRowTile>(count, [&](auto R) {
           dispatch<4>(M, [&](auto T) { direct_tile<R.value, T.value, BF16>(w, dec, o, x, y); });
@@ -463,7 +481,7 @@ static void fused_loop(const Nf4& w, const float* x, int64_t M, int64_t direct_m
         continue;
       }
       for (int64_t r = 0; r < count; ++r) decode_range<BF16, false>(w, dec, o + r, 0, K, rows.data() + r * K);
-      dispatch<kRowTile>(count, [&](auto R) { rows_times_tokens<R.value>(rows.data(), x, M, K, y + o, N); });
+      dispatch<kRowTile>(count, [&](auto R) { rows_times_tokens<R.value>(rows.data(), x, M, K, y + o, w.N); });
     }
   });
 }
@@ -557,13 +575,39 @@ torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor qa
 #endif
     {
       const torch::Tensor xl = to_lane_order(xf);
-      const float* xp = xl.data_ptr<float>();
-      bf16 ? fused_loop<true>(w, xp, M, direct_max_tokens, y.data_ptr<float>())
-           : fused_loop<false>(w, xp, M, direct_max_tokens, y.data_ptr<float>());
+      const std::vector<Target> group{{w, y.data_ptr<float>()}};
+      bf16 ? fused_loop<true>(group, xl.data_ptr<float>(), M, direct_max_tokens)
+           : fused_loop<false>(group, xl.data_ptr<float>(), M, direct_max_tokens);
     }
     if (bias.has_value()) y.add_(bias->to(torch::kFloat));
   }
   return dtype == at::kFloat ? y : y.to(dtype);
+}
+
+// [x @ dequant(W_i).T for each weight i] for float32 x [M, K] below the BLAS threshold: the fused loop over all the
+// weights at once (x put in lane order once), each y_i bit-identical to nf4_linear's for weight i alone.
+std::vector<torch::Tensor> nf4_linear_group(torch::Tensor x, std::vector<torch::Tensor> packed,
+                                            std::vector<torch::Tensor> qabsmax, std::vector<torch::Tensor> absmax2,
+                                            std::vector<torch::Tensor> code2, std::vector<torch::Tensor> code,
+                                            std::vector<double> offset, std::vector<int64_t> blocksize2,
+                                            std::vector<int64_t> N, int64_t direct_max_tokens) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be float32 [tokens, in_features]");
+  TORCH_CHECK(direct_max_tokens <= 4, "direct_max_tokens is at most 4");
+  const size_t count = packed.size();
+  TORCH_CHECK(count > 0 && qabsmax.size() == count && absmax2.size() == count && code2.size() == count &&
+              code.size() == count && offset.size() == count && blocksize2.size() == count && N.size() == count,
+              "one state per weight");
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<torch::Tensor> ys;
+  std::vector<Target> group;
+  for (size_t i = 0; i < count; ++i) {
+    ys.push_back(torch::empty({M, N[i]}, torch::kFloat));
+    group.push_back({describe(packed[i], qabsmax[i], absmax2[i], code2[i], code[i], offset[i], blocksize2[i], N[i], K),
+                     ys.back().data_ptr<float>()});
+  }
+  const torch::Tensor xl = to_lane_order(x.contiguous());
+  fused_loop<false>(group, xl.data_ptr<float>(), M, direct_max_tokens);
+  return ys;
 }
 
 // y [M, N] = x [M, K] @ w.T for a dense w [N, K] (K % kLanes == 0), float32 or bfloat16 (widened exactly,
@@ -609,5 +653,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_path", &bf16_path);
   m.def("dense_linear", &dense_linear, no_gil);
   m.def("nf4_linear", &nf4_linear, no_gil);
+  m.def("nf4_linear_group", &nf4_linear_group, no_gil);
   m.def("nf4_dequantize", &nf4_dequantize, no_gil);
 }

@@ -117,6 +117,24 @@ def test_both_paths_agree_and_rows_do_not_depend_on_their_neighbours() -> None:
         assert torch.equal(nf4_cpu.nf4_linear(x[row:row + 1], weight, blas_min_tokens=10**6)[0], loop[row])
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_a_group_of_weights_gives_the_bits_of_each_weight_alone(shapes, with_bias: bool) -> None:
+    """The weights of each in_features of the families and SmolLM2 together (as a layer's q, k, v or gate, up are
+    called), every token count 1..67 and 512: each output has the bits of `nf4_linear` on its weight alone."""
+    generator = torch.Generator().manual_seed(8)
+    for in_features in sorted({k for _, k in shapes}):
+        group = [out for out, k in shapes if k == in_features] + [in_features + 8]  # + a tile count not a multiple
+        weights = [nf4_cpu.Nf4Weight.from_quant_state(*quantized(out, in_features, seed))
+                   for seed, out in enumerate(group)]
+        biases = [torch.randn(out, generator=generator) if with_bias and i % 2 == 0 else None
+                  for i, out in enumerate(group)]
+        for tokens in TOKEN_COUNTS:
+            x = torch.randn(tokens, in_features, generator=generator)
+            together = nf4_cpu.nf4_linear_group(x, weights, biases)
+            for weight, bias, y in zip(weights, biases, together, strict=True):
+                assert torch.equal(y, nf4_cpu.nf4_linear(x, weight, bias)), (in_features, weight.out_features, tokens)
+
+
 def test_the_blas_threshold_is_measured_once_and_kept_beside_the_build(tmp_path, monkeypatch) -> None:
     """No value kept: measured on this CPU (one of the counts tried, or past them all) and written beside the build
     (where cpu_extension would cache it); a value kept there is read back as it is, not measured again; a folder
