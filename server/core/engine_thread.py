@@ -1,15 +1,16 @@
-"""The one thread of a server that runs torch's parallel CPU work: the engine is built on it, then the scheduler's
-loop runs on it; every other thread of the server runs torch ops on itself alone.
+"""The one thread of a process that runs torch's parallel CPU work: engines are built on it, then the schedulers'
+loops run on it; every other thread of the process runs torch ops on itself alone.
 
 Why. torch runs the parallel part of a CPU op on an OpenMP team of the calling thread (libgomp on Linux), and a
-thread that ever ran one keeps its team's workers until it exits. Once a process holds more such threads than it
-has CPUs, libgomp lets an idle worker spin only 100 rounds (instead of 300,000) before it sleeps, and every later
-parallel op waits for a sleeping worker to be woken. On a 2-CPU VM that made a small op (`index_add_` of
-[76, 576]) take 490 us instead of 12 once a second thread had run one parallel op, and a server's prefill step
-2.5x as long as the same step of the engine alone (the engine built on the main thread, its steps run on the
-scheduler's). So a server keeps one team: this thread's, of `threads` threads; the thread that starts the server
-and every thread started after it run torch with one thread (torch's default for new threads is the last count
-set), which starts no team.
+thread that ever ran one keeps its team's workers until it exits. Once a process holds more such threads than it has
+CPUs, libgomp lets an idle worker spin only 100 rounds (instead of 300,000: its GOMP_SPINCOUNT documentation) before
+it sleeps, and every later parallel op waits for a sleeping worker to be woken. On a 2-CPU VM that made a small op
+(`index_add_` of [76, 576]) take 490 us instead of 12 once a second thread had run one parallel op, and a server's
+prefill step 2.5x as long as the same step of the engine alone (the engine built on the main thread, its steps run
+on the scheduler's). So a server keeps one team: this thread's, of `threads` threads. The thread that starts the
+server and the server's helper threads (adapter loaders, tokenizers, constraint masks) run torch ops on one thread
+(`cpu_threads.single_threaded`: the calling thread's count alone, not torch's default for new threads, which every
+library built against torch, our kernels too, reads when a thread first runs one of its parallel ops).
 
 The thread is shared by every server of the process (`acquire`, `release`; tests and benchmarks run several):
 each scheduler runs its loop as a series of tasks on it (one plan and step each), and work such as a benchmark
@@ -29,12 +30,11 @@ from typing import TypeVar
 
 import torch
 
+from loraplex.server.engine.cpu_threads import single_threaded, use_threads_here
+
 T = TypeVar("T")
 
 
-def _use_threads(threads: int) -> None:
-    torch.set_num_threads(threads)
-    torch.get_num_threads()  # fixes this thread's count now: else its first parallel op takes torch's default then
 
 
 class EngineThread:
@@ -50,7 +50,7 @@ class EngineThread:
         self._thread.start()
 
     def _serve(self) -> None:
-        _use_threads(self.threads)
+        use_threads_here(self.threads)
         while (task := self._tasks.get()) is not None:
             future, function, args = task
             if future.set_running_or_notify_cancel():
@@ -72,17 +72,16 @@ class EngineThread:
         return await asyncio.wrap_future(self.submit(function, *args))
 
     def others_single_threaded(self) -> None:
-        """From the thread that starts the server: the caller, and every thread started from now on, run torch ops
-        on one thread (`close` gives the caller its count back). This thread keeps its own."""
-        self.submit(torch.get_num_threads).result()  # it has fixed its count before the default changes
-        torch.set_num_threads(1)
+        """From the thread that starts the server: the caller runs torch ops on one thread from now on (`close` gives
+        it its count back); the server's helper threads do so from their start (`cpu_threads.single_threaded`)."""
+        single_threaded()
 
     def close(self) -> None:
         """Wait for what was submitted to end, end the thread (its team with it), restore the caller's count."""
         self._closed = True
         self._tasks.put(None)
         self._thread.join()
-        torch.set_num_threads(self._caller_threads)
+        use_threads_here(self._caller_threads)
 
     @classmethod
     def acquire(cls) -> EngineThread:

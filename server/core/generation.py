@@ -50,6 +50,7 @@ from loraplex.server.core.scheduler import Scheduler
 from loraplex.server.core.tools import conversation, function_spec, template_knows_tools
 from loraplex.server.core.validation import Prompt, RequestChecks
 from loraplex.server.engine import PromptLogprob, TokenEvent
+from loraplex.server.engine.cpu_threads import single_threaded
 
 log = logging.getLogger("loraplex.requests")
 
@@ -85,7 +86,8 @@ class GenerationCore:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._tokenizing = ThreadPoolExecutor(TOKENIZE_WORKERS, thread_name_prefix="loraplex-tokenize")
+        self._tokenizing = ThreadPoolExecutor(TOKENIZE_WORKERS, thread_name_prefix="loraplex-tokenize",
+                                              initializer=single_threaded)
 
     def authorize(self, authorization: str | None, scope: Scope = "inference") -> Principal:
         """The caller, if it has `scope` (Authenticator.authorize)."""

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from loraplex.server.engine import kernel_choice
 from loraplex.server.engine.attention import AttentionBatch
+from loraplex.server.engine.cpu_threads import single_threaded
 from loraplex.server.engine.kv_cache import OutOfBlocks, PagedKVCache
 from loraplex.server.engine.lora import NO_ADAPTER, LoraBatch
 from loraplex.server.engine.model import DecoderModel, LoraWeights, StepMetadata
@@ -143,7 +144,7 @@ class Engine:
         self._seq_ids: Iterator[int] = itertools.count()
         self._in_flight: set[int] = set()
         """Sequence ids of a step paused in `between_layers` (other steps refuse them)."""
-        self._masks = ThreadPoolExecutor(1, thread_name_prefix="loraplex-masks")
+        self._masks = ThreadPoolExecutor(1, thread_name_prefix="loraplex-masks", initializer=single_threaded)
         """Fills constrained rows' bitmasks while the forward pass runs."""
         self.decode_graphs: DecodeGraphs | None = None
         """The captured decode steps, with config.cuda_graphs (kernel_choice.decode_graphs)."""

@@ -28,6 +28,7 @@ from loraplex.adapters.validation import AdapterSummary
 from loraplex.server.core.adapter_runtime.slots import DeviceSlots
 from loraplex.server.core.errors import AdapterNotFound, FailedPrecondition, InvalidRequest
 from loraplex.server.engine import Engine
+from loraplex.server.engine.cpu_threads import single_threaded
 
 T = TypeVar("T")
 
@@ -160,6 +161,8 @@ def checked_reference(reference: str) -> AdapterReference:
 
 def lower_thread_priority() -> None:
     """Thread initializer: run this thread at BACKGROUND_NICE (Linux keeps a niceness per thread), so loads
-    and admin work take the CPU only when the scheduler and the engine's threads leave it free."""
+    and admin work take the CPU only when the scheduler and the engine's threads leave it free; and its torch ops
+    on itself alone (no OpenMP team beside the engine thread's: core/engine_thread.py)."""
+    single_threaded()
     with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
