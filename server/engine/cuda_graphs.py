@@ -72,7 +72,8 @@ class StaticDecodeStep:
         no_groups = GroupLayout.build({}, [], device)  # here, not in metadata(): no host copies while capturing
         self.lora = LoraBatch(
             slot_ids=self.slot_ids, groups=dataclasses.replace(no_groups, rank=max_rank), large_groups=no_groups,
-            small_tokens=self.every_token, small_slots=self.slot_ids, slot_ranks=self.slot_ranks, has_adapters=True,
+            small_tokens=self.every_token, small_slots=self.slot_ids,
+            grouped_slots=no_groups.token_index, slot_ranks=self.slot_ranks, has_adapters=True,
         )
         """Every token through BGMV (slot -1 adds zero), rank tile max_rank: the same launches whatever the slots."""
 

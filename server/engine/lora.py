@@ -142,6 +142,8 @@ class LoraBatch:
     """[n] tokens of the other groups, adjacent by slot (per-token kernels' input)."""
     small_slots: torch.Tensor
     """[n] slot of each of `small_tokens`."""
+    grouped_slots: torch.Tensor
+    """[num_grouped_tokens] slot of each of `groups.token_index` (every adapter token, adjacent by slot)."""
     slot_ranks: torch.Tensor
     """[num_slots] rank of each slot's adapter."""
     has_adapters: bool
@@ -162,6 +164,7 @@ class LoraBatch:
             large_groups=GroupLayout.build(large, slot_ranks, device),
             small_tokens=_index([t for _, tokens in small for t in tokens], device),
             small_slots=_index([slot for slot, tokens in small for _ in tokens], device),
+            grouped_slots=_index([slot for slot, tokens in tokens_by_slot.items() for _ in tokens], device),
             slot_ranks=_index(slot_ranks, device),
             has_adapters=bool(tokens_by_slot),
         )
