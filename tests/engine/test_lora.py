@@ -320,7 +320,7 @@ def test_empty_batch_returns_y_untouched(op_slots) -> None:
 def test_the_cpu_kernel_on_every_vector_path_matches_the_reference_whatever_the_batch(op_slots, flags) -> None:
     """lora_cpu's kernel built as for this CPU, for one with AVX2 but no AVX-512, and for one with neither
     (`-march=native` minus those, so each path runs on the CPUs that have them): the reference's result on a
-    mixed batch (ranks 1..16, tiles of 1..4 tokens, tails of 24 inputs and 40 outputs past the vector width),
+    mixed batch (ranks 1..16, tiles of 1..8 tokens, tails of 24 inputs and 40 outputs past the vector width),
     and each token's bits the same alone as in that batch."""
     if "-mno-avx2" not in flags and flags and "avx2" not in cpu_extension.cpu_flags().split():
         pytest.skip("this CPU has no AVX2")
@@ -329,7 +329,7 @@ def test_the_cpu_kernel_on_every_vector_path_matches_the_reference_whatever_the_
                                  ) if flags else lora_cpu_module._extension()
     assert kernel is not None
     slots, _, ranks = op_slots
-    slot_ids = CASES["mixed_padded"]
+    slot_ids = CASES["mixed_padded"] + [1] * 11  # slot 1: 14 tokens, tiles of 8 and 6 (4, 4, 4, 2 on AVX2)
     generator = torch.Generator().manual_seed(11)
     x = torch.randn(len(slot_ids), IN_FEATURES, generator=generator)
     y = torch.randn(len(slot_ids), OUT_FEATURES, generator=generator)
@@ -338,7 +338,7 @@ def test_the_cpu_kernel_on_every_vector_path_matches_the_reference_whatever_the_
         batch = LoraBatch.build([slot_ids[row] for row in rows], ranks, torch.device("cpu"))
         out = y[rows].clone()
         kernel.lora_bgmv(out, x[rows].contiguous(), slots.A, slots.B, slots.scale, batch.slot_ranks,
-                         batch.small_tokens, batch.small_slots)
+                         batch.groups.token_index, batch.grouped_slots)
         return out
 
     whole = run(list(range(len(slot_ids))))
