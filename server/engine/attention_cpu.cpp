@@ -5,75 +5,161 @@
 #include <cmath>
 #include <cstdint>
 #include <vector>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 constexpr int kMaxGroup = 16;  // query heads sharing one kv head that one pass handles (GQA group size)
 
-// 16 floats (one AVX-512 register, two AVX2 ones): explicit, because float sums are not reassociated
-// (vectorized) by the compiler on its own.
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
-
-#if defined(__clang__)
-#define LORAPLEX_SHUFFLE(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+// One register of floats: 16 lanes with AVX-512, 8 elsewhere (AVX2). Explicit vectors, because float sums
+// are not reassociated (vectorized) by the compiler on its own.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16, kRegisters = 32;
 #else
-#define LORAPLEX_SHUFFLE(v, ...) __builtin_shuffle(v, v16i{__VA_ARGS__})
+constexpr int kLanes = 8, kRegisters = 16;
 #endif
-
-// The 16 lanes' sum as a tree (lanes i and i + 8, then + 4, + 2, + 1): four dependent adds, not sixteen; a
-// decode step sums one per (context row, query head), so the chain's latency was most of the kernel's time.
-static inline float hsum(v16 v) {
-  v += LORAPLEX_SHUFFLE(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  v += LORAPLEX_SHUFFLE(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  v += LORAPLEX_SHUFFLE(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  v += LORAPLEX_SHUFFLE(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-  return v[0];
+typedef float vf __attribute__((vector_size(kLanes * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(kLanes * 4), aligned(4)));
+static inline vf loadv(const float* p) { return *reinterpret_cast<const vf*>(p); }
+static inline void storev(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
+static inline vf splat(float s) { return vf{} + s; }
+static inline vf fmadd(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+  return static_cast<vf>(_mm512_fmadd_ps(static_cast<__m512>(a), static_cast<__m512>(b), static_cast<__m512>(c)));
+#elif defined(__AVX2__) && defined(__FMA__)
+  return static_cast<vf>(_mm256_fmadd_ps(static_cast<__m256>(a), static_cast<__m256>(b), static_cast<__m256>(c)));
+#else
+  return a * b + c;
+#endif
 }
-#undef LORAPLEX_SHUFFLE
+// Accumulators one pass of the value sums keeps in registers (half of them: the rest hold loads).
+constexpr int kAccVecs = kRegisters / 2;
 
-static inline float dot(const float* a, const float* b, int64_t D) {
-  v16 acc = {};
-  int64_t d = 0;
-  for (; d + 16 <= D; d += 16) acc += *reinterpret_cast<const v16*>(a + d) * *reinterpret_cast<const v16*>(b + d);
-  float sum = hsum(acc);
-  for (; d < D; ++d) sum += a[d] * b[d];
-  return sum;
+// out[n] = the lanes of v[n] summed (n < kLanes): one butterfly of shuffles and adds for all kLanes vectors
+// (kLanes - 1 adds, not kLanes x log2(kLanes) dependent ones), the same tree for every vector.
+static inline void sum_lanes(const vf* v, float* out) {
+#if defined(__AVX512F__)
+  __m512 u[8], w[4], z[2];
+  for (int m = 0; m < 8; ++m) {  // 256-bit halves of v[2m] and v[2m + 1]
+    const __m512 a = static_cast<__m512>(v[2 * m]), b = static_cast<__m512>(v[2 * m + 1]);
+    u[m] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  }
+  for (int m = 0; m < 4; ++m)  // each 128-bit quarter now holds one vector's partial sums
+    w[m] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * m], u[2 * m + 1], 0x88),
+                         _mm512_shuffle_f32x4(u[2 * m], u[2 * m + 1], 0xDD));
+  for (int m = 0; m < 2; ++m)
+    z[m] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * m], w[2 * m + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(w[2 * m], w[2 * m + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_ps(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, sums);
+  for (int n = 0; n < 16; ++n) out[n] = lanes[(n % 4) * 4 + n / 4];  // lane p holds vector (p % 4) * 4 + p / 4
+#elif defined(__AVX2__)
+  __m256 u[4], z[2];
+  for (int m = 0; m < 4; ++m) {  // 128-bit halves of v[2m] and v[2m + 1]
+    const __m256 a = static_cast<__m256>(v[2 * m]), b = static_cast<__m256>(v[2 * m + 1]);
+    u[m] = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+  }
+  for (int m = 0; m < 2; ++m)
+    z[m] = _mm256_add_ps(_mm256_shuffle_ps(u[2 * m], u[2 * m + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm256_shuffle_ps(u[2 * m], u[2 * m + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m256 sums = _mm256_add_ps(_mm256_shuffle_ps(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm256_shuffle_ps(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, sums);
+  for (int n = 0; n < 8; ++n) out[n] = lanes[(n % 2) * 4 + n / 2];  // lane p holds vector (p % 4) * 2 + p / 4
+#else
+  for (int n = 0; n < kLanes; ++n) {
+    float t[kLanes];
+    for (int i = 0; i < kLanes; ++i) t[i] = v[n][i];
+    for (int w = kLanes / 2; w >= 1; w /= 2)
+      for (int i = 0; i < w; ++i) t[i] = t[i] + t[i + w];
+    out[n] = t[0];
+  }
+#endif
 }
 
-// e^x for x <= 0 (scores minus their maximum), 16 at a time: x = n ln2 + r with r in [0, ln2), e^r by
+// e^x for x <= 0 (scores minus their maximum), kLanes at a time: x = n ln2 + r with r in [0, ln2), e^r by
 // its degree-7 Taylor polynomial (relative error < 3e-7 there), times 2^n through the exponent bits;
 // below -87 the result is 0 (as e^x is, next to the maximum's 1).
-static inline v16 exp_nonpositive(v16 x) {
-  const v16 t = x * 1.44269504088896341f;       // x / ln 2
-  v16i n = __builtin_convertvector(t, v16i);     // truncated toward 0 ...
-  n += __builtin_convertvector(n, v16) > t;  // ... floored (t <= 0): a true lane compares as -1
-  const v16 nf = __builtin_convertvector(n, v16);
-  const v16 r = (x - nf * 0.693145751953125f) - nf * 1.428606765330187e-06f;  // ln 2 in two parts
-  v16 p = v16{} + 1.0f / 5040;
+static inline vf exp_nonpositive(vf x) {
+  const vf t = x * 1.44269504088896341f;  // x / ln 2
+  vi n = __builtin_convertvector(t, vi);  // truncated toward 0 ...
+  n += __builtin_convertvector(n, vf) > t;  // ... floored (t <= 0): a true lane compares as -1
+  const vf nf = __builtin_convertvector(n, vf);
+  const vf r = (x - nf * 0.693145751953125f) - nf * 1.428606765330187e-06f;  // ln 2 in two parts
+  vf p = splat(1.0f / 5040);
   p = p * r + 1.0f / 720; p = p * r + 1.0f / 120; p = p * r + 1.0f / 24;
   p = p * r + 1.0f / 6; p = p * r + 0.5f; p = p * r + 1.0f; p = p * r + 1.0f;
-  const v16i low = v16i{} - 126;
-  const v16i bits = reinterpret_cast<v16i>(p) + ((n < low ? low : n) << 23);
-  return x < -87.0f ? v16{} : reinterpret_cast<v16>(bits);
+  const vi low = vi{} - 126;
+  const vi bits = reinterpret_cast<vi>(p) + ((n < low ? low : n) << 23);
+  return x < -87.0f ? vf{} : reinterpret_cast<vf>(bits);
 }
 
 // s[0..count) = e^(s - top), returning their sum (in lane order, then the tail).
 static inline float exp_shifted(float* s, int64_t count, float top) {
-  v16 total = {};
+  vf total = {};
   int64_t j = 0;
-  for (; j + 16 <= count; j += 16) {
-    v16* chunk = reinterpret_cast<v16*>(s + j);
-    *chunk = exp_nonpositive(*chunk - top);
-    total += *chunk;
+  for (; j + kLanes <= count; j += kLanes) {
+    const vf e = exp_nonpositive(loadv(s + j) - top);
+    storev(s + j, e);
+    total += e;
   }
   float sum = 0;
-  for (int i = 0; i < 16; ++i) sum += total[i];
+  for (int i = 0; i < kLanes; ++i) sum += total[i];
   if (j < count) {
-    v16 tail = {};
+    vf tail = {};
     for (int64_t i = j; i < count; ++i) tail[i - j] = s[i] - top;
     tail = exp_nonpositive(tail);
     for (int64_t i = j; i < count; ++i) sum += (s[i] = tail[i - j]);
   }
   return sum;
+}
+
+// Calls f(std::integral_constant<int, n>) for a run-time n in [1, Max]: pass sizes are template arguments.
+template <int Max, class F>
+static inline void dispatch(int64_t n, F&& f) {
+  if constexpr (Max > 1) {
+    if (n < Max) return dispatch<Max - 1>(n, f);
+  }
+  f(std::integral_constant<int, Max>{});
+}
+
+// s[j] = (q . k[j]) * scale for the count rows k[j] (D floats each, D % kLanes == 0): kLanes rows at a time, each
+// row's products summed lane-wise over d in order, then across lanes by `sum_lanes`. A partial last block repeats
+// its first row (those sums are dropped), so every row's bits depend on that row alone.
+static void scores(const float* q, const float* const* k, int64_t count, int64_t D, float scale, float* s) {
+  for (int64_t j0 = 0; j0 < count; j0 += kLanes) {
+    const float* rows[kLanes];
+    for (int r = 0; r < kLanes; ++r) rows[r] = k[j0 + r < count ? j0 + r : j0];
+    vf acc[kLanes] = {};
+    for (int64_t d = 0; d < D; d += kLanes) {
+      const vf qv = loadv(q + d);
+      for (int r = 0; r < kLanes; ++r) acc[r] = fmadd(qv, loadv(rows[r] + d), acc[r]);
+    }
+    float sums[kLanes];
+    sum_lanes(acc, sums);
+    for (int64_t r = 0; r < std::min<int64_t>(kLanes, count - j0); ++r) s[j0 + r] = sums[r] * scale;
+  }
+}
+
+// acc[u] = sum_j w[head_u][j] * v[j][offset_u ...] for NV output vectors u of the [group, D] result (vector u0 + u:
+// head (u0 + u) / (D / kLanes)), over the count rows in order, kept in registers; then written to out.
+template <int NV>
+static inline void value_pass(const float* const* v, const float* w, int64_t context, int64_t count, int64_t D,
+                              int64_t u0, float* out) {
+  const int64_t per_head = D / kLanes;
+  const float* weights[NV];
+  int64_t offsets[NV];
+  for (int u = 0; u < NV; ++u) {
+    weights[u] = w + ((u0 + u) / per_head) * context;
+    offsets[u] = ((u0 + u) % per_head) * kLanes;
+  }
+  vf acc[NV] = {};
+  for (int64_t j = 0; j < count; ++j)
+    for (int u = 0; u < NV; ++u) acc[u] = fmadd(splat(weights[u][j]), loadv(v[j] + offsets[u]), acc[u]);
+  for (int u = 0; u < NV; ++u) storev(out + (u0 + u) * kLanes, acc[u]);
 }
 
 // The D values at p as float32: p itself, or widened into buffer.
@@ -92,32 +178,32 @@ static void attend(const T* q, const T* keys, const T* values, const int64_t* qu
                    int64_t kv_heads, int64_t D, T* out) {
   const int64_t group = heads / kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  constexpr bool kWiden = !std::is_same<T, float>::value;
   at::parallel_for(0, num_seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(group * context), query(group * D), acc(group * D), row(D);
+    std::vector<float> weights(group * context), query(group * D), acc(group * D);
+    std::vector<float> widened(kWiden ? 2 * context * D : 0);  // bfloat16 rows as float32: [2, context, D]
+    std::vector<const float*> k(context), v(context);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / kv_heads, c = item % kv_heads, length = lengths[g];
       const int64_t first = window > 0 ? std::max<int64_t>(0, length - window) : 0, count = length - first;
       const T* qg = q + (query_index[g] * heads + c * group) * D;  // [group, D]
       for (int64_t i = 0; i < group * D; ++i) query[i] = static_cast<float>(qg[i]);
       for (int64_t j = 0; j < count; ++j) {
-        const float* k = widen(keys + (rows[g * context + first + j] * kv_heads + c) * D, row.data(), D);
-        for (int64_t h = 0; h < group; ++h) scores[h * context + j] = dot(query.data() + h * D, k, D) * scale;
+        const int64_t at = (rows[g * context + first + j] * kv_heads + c) * D;
+        k[j] = widen(keys + at, widened.data() + j * D, D);
+        v[j] = widen(values + at, widened.data() + (context + j) * D, D);
       }
-      std::fill(acc.begin(), acc.end(), 0.0f);
       float total[kMaxGroup];
       for (int64_t h = 0; h < group; ++h) {
-        float* s = scores.data() + h * context;
-        const float top = *std::max_element(s, s + count);
-        total[h] = exp_shifted(s, count, top);
+        float* s = weights.data() + h * context;
+        scores(query.data() + h * D, k.data(), count, D, scale, s);
+        total[h] = exp_shifted(s, count, *std::max_element(s, s + count));
       }
-      for (int64_t j = 0; j < count; ++j) {
-        const float* v = widen(values + (rows[g * context + first + j] * kv_heads + c) * D, row.data(), D);
-        for (int64_t h = 0; h < group; ++h) {
-          const float w = scores[h * context + j];
-          float* a = acc.data() + h * D;
-          for (int64_t d = 0; d < D; ++d) a[d] += w * v[d];
-        }
-      }
+      const int64_t vectors = group * D / kLanes;
+      for (int64_t u0 = 0; u0 < vectors; u0 += kAccVecs)
+        dispatch<kAccVecs>(std::min<int64_t>(kAccVecs, vectors - u0), [&](auto nv) {
+          value_pass<nv.value>(v.data(), weights.data(), context, count, D, u0, acc.data());
+        });
       T* o = out + (query_index[g] * heads + c * group) * D;
       for (int64_t h = 0; h < group; ++h)
         for (int64_t d = 0; d < D; ++d) o[h * D + d] = static_cast<T>(acc[h * D + d] / total[h]);
@@ -139,6 +225,7 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor keys, to
               lengths.scalar_type() == at::kLong && context_rows.is_contiguous(), "int64 indices");
   const int64_t heads = q.size(1), kv_heads = keys.size(1), D = q.size(2);
   TORCH_CHECK(keys.size(2) == D && heads % kv_heads == 0 && heads / kv_heads <= kMaxGroup, "GQA shapes");
+  TORCH_CHECK(D % 16 == 0, "head_dim must be a multiple of 16");
   const int64_t num_seqs = context_rows.size(0), context = context_rows.size(1);
   const torch::Tensor qi = query_index.contiguous(), len = lengths.contiguous();
 #define LORAPLEX_ATTEND(T)                                                                                  \

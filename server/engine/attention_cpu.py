@@ -11,7 +11,10 @@ g and query head h (kv head h // (heads / kv_heads)),
 over the visible context rows (the first `length_g`, the last `window` of them with a sliding
 window), reading the rows where they are, float32 sums, one (sequence, kv head) per work item, each
 computed alone in the same order: a sequence's result does not depend on the others in its step.
-bfloat16 inputs are widened to float32 as read and the result rounded once.
+Scores come a register's width of rows at a time (16 with AVX-512, 8 with AVX2), their lanes summed
+by one butterfly of shuffles; the weighted sum of values keeps up to half the registers of
+accumulators over every row. bfloat16 inputs are widened to float32 as read and the result rounded
+once. head_dim must be a multiple of 16 (every shape loraplex serves; others take the portable path).
 
 Compiled on first use for the host CPU (`cpu_extension`); without a compiler `available()` is False
 and attention keeps its portable path.
@@ -37,9 +40,10 @@ def _extension():
 
 
 def supports(q: torch.Tensor, heads: int, kv_heads: int) -> bool:
-    """Whether the kernel serves queries like `q` (device, dtype, GQA group of at most 16) here."""
+    """Whether the kernel serves queries like `q` (device, dtype, GQA group of at most 16, head_dim a multiple
+    of 16) here."""
     return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and heads // kv_heads <= 16
-            and _extension() is not None)
+            and q.shape[-1] % 16 == 0 and _extension() is not None)
 
 
 def decode_attention(out: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
