@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraplex.server.engine import attention_cpu
+from loraplex.server.engine import attention_cpu, cpu_extension
 from loraplex.server.engine.attention import AttentionBatch, batch_invariant_attention
 
 pytestmark = pytest.mark.skipif(attention_cpu._extension() is None, reason="no C++ compiler here")
@@ -32,23 +32,56 @@ def portable(q, keys, values, batch: AttentionBatch, window: int | None) -> torc
     return batch_invariant_attention(q[:, None].transpose(1, 2), k, v, group.masks[window])[:, :, 0]
 
 
+def check_against_the_portable_path(decode_attention, heads: int, kv_heads: int, window: int | None, dtype,
+                                    head_dim: int = HEAD_DIM) -> None:
+    """`decode_attention` (a build of the kernel) on contexts of 1..64 rows (partial blocks of rows included)
+    within float32 (bfloat16) rounding of the portable path computed in float64."""
+    generator = torch.Generator().manual_seed(heads + kv_heads)
+    lengths = [1, 7, 33, 2, 64, 18]
+    keys = torch.randn(ROWS, kv_heads, head_dim, generator=generator).to(dtype)  # [rows, kv_heads, D]
+    values = torch.randn(ROWS, kv_heads, head_dim, generator=generator).to(dtype)
+    q = torch.randn(len(lengths), heads, head_dim, generator=generator).to(dtype)  # one decode token each
+    batch = decode_batch(lengths, {window}, seed=1)
+    group = batch.groups[0]
+    out = torch.full_like(q, float("nan"))
+    decode_attention(out, q, keys, values, group.query_index, group.context_rows, group.lengths, window or 0)
+    expected = portable(q.double(), keys.double(), values.double(), batch, window)
+    tolerance = 1e-5 if dtype == torch.float32 else 2 ** -7
+    assert (out.double() - expected).abs().max().item() < tolerance
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 2)], ids=["gqa3", "mha", "gqa4"])
 @pytest.mark.parametrize("window", [None, 5], ids=["causal", "window5"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_kernel_matches_the_portable_path(heads: int, kv_heads: int, window: int | None, dtype) -> None:
-    generator = torch.Generator().manual_seed(heads + kv_heads)
-    lengths = [1, 7, 33, 2, 64, 18]
-    keys = torch.randn(ROWS, kv_heads, HEAD_DIM, generator=generator).to(dtype)  # [rows, kv_heads, D]
-    values = torch.randn(ROWS, kv_heads, HEAD_DIM, generator=generator).to(dtype)
-    q = torch.randn(len(lengths), heads, HEAD_DIM, generator=generator).to(dtype)  # one decode token each
-    batch = decode_batch(lengths, {window}, seed=1)
-    group = batch.groups[0]
-    out = torch.full_like(q, float("nan"))
-    attention_cpu.decode_attention(out, q, keys, values, group.query_index, group.context_rows, group.lengths,
-                                   window)
-    expected = portable(q.double(), keys.double(), values.double(), batch, window)
-    tolerance = 1e-5 if dtype == torch.float32 else 2 ** -7
-    assert (out.double() - expected).abs().max().item() < tolerance
+    check_against_the_portable_path(attention_cpu.decode_attention, heads, kv_heads, window, dtype)
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 128])
+def test_other_head_dims(head_dim: int) -> None:
+    """Head sizes of the tiny families (16, 32) and of 8B-class models (128): fewer or more vectors per row."""
+    check_against_the_portable_path(attention_cpu.decode_attention, 8, 2, None, torch.float32, head_dim)
+
+
+def test_a_head_dim_the_kernel_does_not_take_goes_the_portable_way() -> None:
+    q = torch.zeros(1, 4, 24)  # [tokens, heads, 24]: not a multiple of 16
+    assert not attention_cpu.supports(q, 4, 2)
+    assert attention_cpu.supports(torch.zeros(1, 4, 32), 4, 2)
+
+
+@pytest.mark.parametrize("flags", [("-mno-avx2", "-mno-fma", "-mno-avx512f"), ("-mno-avx512f",)],
+                         ids=["plain_cpp", "avx2_only"])
+def test_the_other_cpu_paths_match_the_portable_path(flags: tuple[str, ...]) -> None:
+    """The kernel built as for a CPU without AVX2/FMA/AVX-512, or with AVX2 but no AVX-512 (`-march=native` minus
+    those: on the CPUs that have them each path runs here too), within the same bound."""
+    if "-mno-avx2" not in flags and "avx2" not in cpu_extension.cpu_flags().split():
+        pytest.skip("this CPU has no AVX2")
+    name = "decode_attention_" + "_".join(f.strip("-").replace("-", "_") for f in flags)
+    build = cpu_extension.build(name, attention_cpu._SOURCE, flags)
+    assert build is not None
+    for dtype in (torch.float32, torch.bfloat16):
+        check_against_the_portable_path(build.decode_attention, 9, 3, None, dtype)
+        check_against_the_portable_path(build.decode_attention, 8, 2, 5, dtype)
 
 
 def test_a_sequence_gets_the_same_bits_alone_and_in_a_batch() -> None:
