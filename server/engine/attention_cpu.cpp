@@ -1,4 +1,5 @@
-// Decode attention over the paged KV cache, read in place: see attention_cpu.py for what it computes.
+// The attention step's CPU kernels: rotary embedding with the cache write, and decode attention over the paged KV
+// cache read in place. See attention_cpu.py for what they compute.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -238,7 +239,52 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor keys, to
 #undef LORAPLEX_ATTEND
 }
 
+// out[t, h] = x[t, h] * cos[t] + roll(x[t, h], D / 2) * sin[t] for H heads of D values: each product rounded, then
+// their sum (built with -ffp-contract=off: the bits of torch's mul, mul and add).
+static inline void rotate_row(const float* x, const float* cos, const float* sin, int64_t D, float* out) {
+  const int64_t half = D / 2;
+  for (int64_t d = 0; d < half; ++d) out[d] = x[d] * cos[d] + x[d + half] * sin[d];
+  for (int64_t d = half; d < D; ++d) out[d] = x[d] * cos[d] + x[d - half] * sin[d];
+}
+
+// Returns q rotated [T, heads, D]; writes k rotated and v into keys/values [rows, kv_heads, D] at write_rows [T].
+// q [T, heads * D], k/v [T, kv_heads * D] (row-contiguous), cos/sin [T, D], all float32.
+torch::Tensor rotate_and_store(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos, torch::Tensor sin,
+                               torch::Tensor keys, torch::Tensor values, torch::Tensor write_rows) {
+  TORCH_CHECK(keys.dim() == 3 && keys.sizes() == values.sizes() && keys.is_contiguous() && values.is_contiguous(),
+              "keys/values [rows, kv_heads, D], contiguous");
+  const int64_t T = q.size(0), kv_heads = keys.size(1), D = keys.size(2), rows = keys.size(0);
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 2 && v.dim() == 2 && k.size(0) == T && v.size(0) == T &&
+              q.size(1) % D == 0 && k.size(1) == kv_heads * D && v.size(1) == kv_heads * D && D % 2 == 0,
+              "q [T, heads * D], k/v [T, kv_heads * D]");
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.dim() == 2 && cos.size(0) == T && cos.size(1) == D, "cos/sin [T, D]");
+  for (const torch::Tensor* t : {&q, &k, &v, &cos, &sin, &keys, &values})
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "float32 tensors");
+  TORCH_CHECK(write_rows.scalar_type() == at::kLong && write_rows.numel() == T, "int64 write_rows [T]");
+  const torch::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), cc = cos.contiguous(),
+                      sc = sin.contiguous(), wr = write_rows.contiguous();
+  const int64_t heads = q.size(1) / D;
+  const int64_t* at_rows = wr.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(at_rows[t] >= 0 && at_rows[t] < rows, "write row out of range");
+  torch::Tensor out = torch::empty({T, heads, D}, torch::kFloat);
+  const float *qp = qc.data_ptr<float>(), *kp = kc.data_ptr<float>(), *vp = vc.data_ptr<float>();
+  const float *cp = cc.data_ptr<float>(), *sp = sc.data_ptr<float>();
+  float *op = out.data_ptr<float>(), *keys_p = keys.data_ptr<float>(), *values_p = values.data_ptr<float>();
+  at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t h = 0; h < heads; ++h) rotate_row(qp + (t * heads + h) * D, cp + t * D, sp + t * D, D,
+                                                     op + (t * heads + h) * D);
+      for (int64_t h = 0; h < kv_heads; ++h) rotate_row(kp + (t * kv_heads + h) * D, cp + t * D, sp + t * D, D,
+                                                        keys_p + (at_rows[t] * kv_heads + h) * D);
+      std::copy(vp + t * kv_heads * D, vp + (t + 1) * kv_heads * D, values_p + at_rows[t] * kv_heads * D);
+    }
+  });
+  return out;
+}
+
 // Without the GIL, as torch's own ops: the server's other threads go on meanwhile.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, py::call_guard<py::gil_scoped_release>());
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("decode_attention", &decode_attention, no_gil);
+  m.def("rotate_and_store", &rotate_and_store, no_gil);
 }

@@ -1,4 +1,9 @@
-"""Decode attention on the CPU, reading the paged KV cache in place.
+"""The attention step's CPU kernels: rotary embedding fused with the cache write, and decode attention
+reading the paged KV cache in place.
+
+`rotate_and_store` does what the model's portable code does in fourteen torch calls per layer
+(`model.rotate` of q and of k, then two `index_copy_` into the cache), in one, with the same bits:
+float32, each product and sum rounded as torch rounds them (built with -ffp-contract=off).
 
 For the decode group of a step (one new token per sequence), `attention.paged_attention`'s portable
 path gathers every sequence's context rows out of the cache (`index_select`), lays them out padded
@@ -30,13 +35,15 @@ import torch
 from loraplex.server.engine import cpu_extension
 
 _SOURCE = Path(__file__).with_suffix(".cpp").read_text()
-"""The kernel's C++ source (attention_cpu.cpp beside this file), compiled on first use."""
+"""The kernels' C++ source (attention_cpu.cpp beside this file), compiled on first use."""
+CFLAGS = ("-ffp-contract=off",)
+"""No contraction: the rotary products and sums are rounded as torch's separate ops round them."""
 
 
 @functools.cache
 def _extension():
     """The compiled kernel module, or None when it cannot be built here."""
-    return cpu_extension.build("decode_attention", _SOURCE)
+    return cpu_extension.build("decode_attention", _SOURCE, CFLAGS)
 
 
 def supports(q: torch.Tensor, heads: int, kv_heads: int) -> bool:
@@ -55,3 +62,17 @@ def decode_attention(out: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, val
     query_index [G]; context_rows [G, K] storage rows of each context (padding repeats a valid row);
     lengths [G] visible context length (1..K)."""
     _extension().decode_attention(out, q, keys, values, query_index, context_rows, lengths, window or 0)
+
+
+def rotates_here(q: torch.Tensor) -> bool:
+    """Whether `rotate_and_store` serves q here (CPU, float32, the kernel built)."""
+    return q.device.type == "cpu" and q.dtype == torch.float32 and _extension() is not None
+
+
+def rotate_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
+                     keys: torch.Tensor, values: torch.Tensor, write_rows: torch.Tensor) -> torch.Tensor:
+    """q rotated ([num_tokens, heads, head_dim]), with k rotated and v written into one layer's cache storage
+    keys/values ([rows, kv_heads, head_dim]) at `write_rows` [num_tokens]: the bits of `model.rotate` (q, k) and
+    `index_copy_`. q: [num_tokens, heads * head_dim], k/v: [num_tokens, kv_heads * head_dim]; cos/signed_sin
+    [num_tokens, head_dim] as `model.rotate` takes them."""
+    return _extension().rotate_and_store(q, k, v, cos, signed_sin, keys, values, write_rows)

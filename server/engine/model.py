@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from loraplex.server.engine import nf4_cpu
+from loraplex.server.engine import attention_cpu, nf4_cpu
 from loraplex.server.engine.attention import AttentionBatch, paged_attention
 from loraplex.server.engine.kernel_choice import BITSANDBYTES, Nf4Plan
 from loraplex.server.engine.kv_cache import PagedKVCache
@@ -84,10 +84,14 @@ class DecoderLayer(torch.nn.Module):
         if spec.qk_norm:
             q = rms_norm(q, self.norms["q_norm"], eps)
             k = rms_norm(k, self.norms["k_norm"], eps)
-        q, k = rotate(q, meta.cos, meta.sin), rotate(k, meta.cos, meta.sin)
         keys, values = cache.keys[self.layer], cache.values[self.layer]  # [rows, kv_heads, head_dim]
-        keys.index_copy_(0, meta.attention.write_rows, k)
-        values.index_copy_(0, meta.attention.write_rows, v)
+        if attention_cpu.rotates_here(q):  # the same bits in one call
+            q = attention_cpu.rotate_and_store(q.flatten(1), k.flatten(1), v.flatten(1), meta.cos, meta.sin, keys,
+                                               values, meta.attention.write_rows)
+        else:
+            q, k = rotate(q, meta.cos, meta.sin), rotate(k, meta.cos, meta.sin)
+            keys.index_copy_(0, meta.attention.write_rows, k)
+            values.index_copy_(0, meta.attention.write_rows, v)
         attended = paged_attention(q, keys, values, meta.attention, self.window)  # [num_tokens, heads, head_dim]
         hidden = hidden + proj["o_proj"](attended.flatten(1), meta.lora, lora_op)
         x = rms_norm(hidden, self.norms["post_attention_layernorm"], eps)

@@ -1,4 +1,4 @@
-"""The CPU decode attention kernel (server/engine/attention_cpu.py) against the portable path."""
+"""The attention step's CPU kernels (server/engine/attention_cpu.py) against the portable path."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 
 from loraplex.server.engine import attention_cpu, cpu_extension
 from loraplex.server.engine.attention import AttentionBatch, batch_invariant_attention
+from loraplex.server.engine.model import rotate
 
 pytestmark = pytest.mark.skipif(attention_cpu._extension() is None, reason="no C++ compiler here")
 
@@ -77,7 +78,7 @@ def test_the_other_cpu_paths_match_the_portable_path(flags: tuple[str, ...]) -> 
     if "-mno-avx2" not in flags and "avx2" not in cpu_extension.cpu_flags().split():
         pytest.skip("this CPU has no AVX2")
     name = "decode_attention_" + "_".join(f.strip("-").replace("-", "_") for f in flags)
-    build = cpu_extension.build(name, attention_cpu._SOURCE, flags)
+    build = cpu_extension.build(name, attention_cpu._SOURCE, (*attention_cpu.CFLAGS, *flags))
     assert build is not None
     for dtype in (torch.float32, torch.bfloat16):
         check_against_the_portable_path(build.decode_attention, 9, 3, None, dtype)
@@ -117,3 +118,33 @@ def test_peaked_and_flat_scores() -> None:
                                        None)
         expected = portable(q.double(), keys.double(), values.double(), batch, None)
         assert (out.double() - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize(("tokens", "heads", "kv_heads", "head_dim"),
+                         [(1, 9, 3, 64), (32, 9, 3, 64), (67, 4, 2, 16), (130, 8, 8, 128)])
+def test_rotate_and_store_gives_the_bits_of_rotate_and_index_copy(tokens, heads, kv_heads, head_dim) -> None:
+    """q rotated, k rotated and v written at scattered cache rows (other rows untouched), as model.rotate and
+    index_copy_ compute them, bit for bit."""
+    generator = torch.Generator().manual_seed(tokens)
+    q = torch.randn(tokens, heads * head_dim, generator=generator)
+    k, v = (torch.randn(tokens, kv_heads * head_dim, generator=generator) for _ in range(2))
+    angles = torch.rand(tokens, head_dim, generator=generator) * 6
+    half = head_dim // 2
+    cos, signed_sin = angles.cos(), torch.cat((-angles.sin()[:, :half], angles.sin()[:, half:]), dim=-1)
+    write_rows = torch.randperm(ROWS, generator=generator)[:tokens]
+    keys, values = (torch.randn(ROWS, kv_heads, head_dim, generator=generator) for _ in range(2))
+    expected_keys, expected_values = keys.clone(), values.clone()
+    expected_keys.index_copy_(0, write_rows, rotate(k.view(tokens, kv_heads, head_dim), cos, signed_sin))
+    expected_values.index_copy_(0, write_rows, v.view(tokens, kv_heads, head_dim))
+    rotated = attention_cpu.rotate_and_store(q, k, v, cos, signed_sin, keys, values, write_rows)
+    assert torch.equal(rotated, rotate(q.view(tokens, heads, head_dim), cos, signed_sin))
+    assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+
+
+def test_rotate_and_store_refuses_a_row_outside_the_cache() -> None:
+    q, k = torch.zeros(1, 64), torch.zeros(1, 64)
+    cos = torch.ones(1, 64)
+    keys, values = torch.zeros(4, 1, 64), torch.zeros(4, 1, 64)
+    with pytest.raises(RuntimeError, match="out of range"):
+        attention_cpu.rotate_and_store(q, k, k, cos, cos, keys, values, torch.tensor([4]))
+    assert not keys.any() and not values.any()
