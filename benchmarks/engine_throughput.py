@@ -216,10 +216,10 @@ def profile_ops(engine: Engine, prompts: list[list[int]], slots: list[int], step
     seqs = [engine.add_sequence(p, SamplingParams(max_new_tokens=steps + 1, ignore_eos=True), s)
             for p, s in zip(prompts, slots, strict=False)]
     engine.step([(s, s.num_pending) for s in seqs])
-    fused, group = nf4_cpu.nf4_linear, nf4_cpu.nf4_linear_group
+    fused, group = nf4_cpu.nf4_linear, nf4_cpu.Nf4Group.__call__
     head, attend = nf4_cpu.dense_linear, attention_cpu.decode_attention
     nf4_cpu.nf4_linear = named("loraplex::nf4_linear", fused)  # BaseLinear and the model look them up per call
-    nf4_cpu.nf4_linear_group = named("loraplex::nf4_linear", group)  # (q, k, v and gate, up: one call each)
+    nf4_cpu.Nf4Group.__call__ = named("loraplex::nf4_linear", group)  # (q, k, v and gate, up: one call each)
     nf4_cpu.dense_linear = named("loraplex::dense_linear (lm_head)", head)
     attention_cpu.decode_attention = named("loraplex::decode_attention", attend)
     op, engine.model.lora_op = engine.model.lora_op, named(f"loraplex::lora_{engine.lora_impl}", engine.model.lora_op)
@@ -231,7 +231,7 @@ def profile_ops(engine: Engine, prompts: list[list[int]], slots: list[int], step
             total_us = (time.perf_counter() - start) * 1e6
     finally:
         engine.model.lora_op = op
-        nf4_cpu.nf4_linear, nf4_cpu.nf4_linear_group = fused, group
+        nf4_cpu.nf4_linear, nf4_cpu.Nf4Group.__call__ = fused, group
         nf4_cpu.dense_linear, attention_cpu.decode_attention = head, attend
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     rows = [(e.key, 100 * e.self_cpu_time_total / total_us) for e in events[:top]]

@@ -20,11 +20,14 @@ from loraplex.server.engine.attention import AttentionBatch, paged_attention
 from loraplex.server.engine.kernel_choice import BITSANDBYTES, Nf4Plan
 from loraplex.server.engine.kv_cache import PagedKVCache
 from loraplex.server.engine.lora import LoraBatch, LoraSlots, MultiLoraLinear, lora_grouped
-from loraplex.server.engine.nf4 import BaseLinear
+from loraplex.server.engine.nf4 import BaseGroup, BaseLinear
 from loraplex.server.engine.spec import PROJECTIONS, ModelSpec
 
 #: One adapter's weights as the engine takes them: (layer, projection) -> (A [r, in], B [out, r], scale).
 LoraWeights = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]
+
+_QKV, _GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
+"""The projections of a layer that read the same x."""
 
 LoraOp = Callable[[torch.Tensor, torch.Tensor, LoraSlots, LoraBatch], torch.Tensor]
 
@@ -69,6 +72,9 @@ class DecoderLayer(torch.nn.Module):
         self.layer = layer
         self.window = spec.sliding_windows[layer]
         self.proj = torch.nn.ModuleDict(projections)
+        self.base_groups = {names: BaseGroup([projections[name].base for name in names])
+                            for names in (_QKV, _GATE_UP)}
+        """The base projections that read the same x, each set multiplied in one kernel call where it can."""
         self.norms = norms  # input_layernorm, post_attention_layernorm[, q_norm, k_norm]: [dim]
 
     def forward(self, hidden: torch.Tensor, meta: StepMetadata, cache: PagedKVCache, lora_op: LoraOp) -> torch.Tensor:
@@ -78,7 +84,7 @@ class DecoderLayer(torch.nn.Module):
         spec, eps = self.spec, self.spec.rms_norm_eps
         proj = {name: module.forward for name, module in self.proj.items()}
         x = rms_norm(hidden, self.norms["input_layernorm"], eps)
-        q, k, v = self._project(("q_proj", "k_proj", "v_proj"), x, meta.lora, lora_op)
+        q, k, v = self._project(_QKV, x, meta.lora, lora_op)
         q = q.view(-1, spec.num_heads, spec.head_dim)
         k, v = k.view(-1, spec.num_kv_heads, spec.head_dim), v.view(-1, spec.num_kv_heads, spec.head_dim)
         if spec.qk_norm:
@@ -95,16 +101,15 @@ class DecoderLayer(torch.nn.Module):
         attended = paged_attention(q, keys, values, meta.attention, self.window)  # [num_tokens, heads, head_dim]
         hidden = hidden + proj["o_proj"](attended.flatten(1), meta.lora, lora_op)
         x = rms_norm(hidden, self.norms["post_attention_layernorm"], eps)
-        gate, up = self._project(("gate_proj", "up_proj"), x, meta.lora, lora_op)
+        gate, up = self._project(_GATE_UP, x, meta.lora, lora_op)
         return hidden + proj["down_proj"](F.silu(gate) * up, meta.lora, lora_op)
 
     def _project(self, names: tuple[str, ...], x: torch.Tensor, lora: LoraBatch, lora_op: LoraOp
                  ) -> list[torch.Tensor]:
         """The named projections of the same x [num_tokens, in], each [num_tokens, out]: their base matmuls in one
-        kernel call where the kernel serves them all (`BaseLinear.forward_group`), then each one's adapters."""
-        projections = [self.proj[name] for name in names]
-        bases = BaseLinear.forward_group([projection.base for projection in projections], x)
-        return [projection.add_lora(y, x, lora, lora_op) for projection, y in zip(projections, bases, strict=True)]
+        kernel call where the kernel serves them all (`BaseGroup`), then each one's adapters."""
+        bases = self.base_groups[names].forward(x)
+        return [self.proj[name].add_lora(y, x, lora, lora_op) for name, y in zip(names, bases, strict=True)]
 
 
 class DecoderModel(torch.nn.Module):

@@ -56,15 +56,6 @@ class BaseLinear(torch.nn.Module):
             return self.kernel.nf4_linear(x, self.kernel_weight, self.bias)
         return bnb.matmul_4bit(x, self.packed_weight.t(), quant_state=self.quant_state, bias=self.bias)
 
-    @staticmethod
-    def forward_group(bases: list[BaseLinear], x: torch.Tensor) -> list[torch.Tensor]:
-        """[base.forward(x) for base in bases], the same bits, in one call of the fused CPU kernel where every one
-        of them runs it at this token count (`nf4_cpu.nf4_linear_group`)."""
-        if all(base.kernel is nf4_cpu and base.kernel_weight is not None and x.shape[0] <= base.plan.max_tokens
-               for base in bases):
-            return nf4_cpu.nf4_linear_group(x, [base.kernel_weight for base in bases], [base.bias for base in bases])
-        return [base.forward(x) for base in bases]
-
     def resident_bytes(self) -> int:
         """Bytes this projection's weight keeps in memory (packed data plus quantization state)."""
         if self.dense_weight is not None:
@@ -77,3 +68,23 @@ class BaseLinear(torch.nn.Module):
             total += nested.absmax.numel() * nested.absmax.element_size()
             total += nested.code.numel() * nested.code.element_size()
         return total
+
+
+class BaseGroup:
+    """Base projections that read the same x (a layer's q, k and v; gate and up): `forward` gives each one's
+    `BaseLinear.forward(x)`, the same bits, from one call of the fused CPU kernel (`nf4_cpu.Nf4Group`, the weights
+    described to it once, here) where every one of them runs it at that token count, else one call each."""
+
+    def __init__(self, bases: list[BaseLinear]) -> None:
+        self.bases = bases
+        fused = all(base.kernel is nf4_cpu and base.kernel_weight is not None for base in bases)
+        self.kernel_group = nf4_cpu.Nf4Group([base.kernel_weight for base in bases],
+                                             [base.bias for base in bases]) if fused else None
+        self.max_tokens = min(base.plan.max_tokens for base in bases)
+        """Token counts up to which every base's plan runs the fused kernel."""
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x: [num_tokens, in] -> [num_tokens, out_i] for each base."""
+        if self.kernel_group is not None and x.shape[0] <= self.max_tokens:
+            return self.kernel_group(x)
+        return [base.forward(x) for base in self.bases]

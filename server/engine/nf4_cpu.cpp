@@ -585,31 +585,45 @@ torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor qa
   return dtype == at::kFloat ? y : y.to(dtype);
 }
 
-// [x @ dequant(W_i).T for each weight i] for float32 x [M, K] below the BLAS threshold: the fused loop over all the
+// Weights that read the same x [M, K] (a layer's q, k and v; gate and up), described once so that a call passes x
+// alone: [x @ dequant(W_i).T for each weight i] for float32 x below the BLAS threshold, by the fused loop over all the
 // weights at once (x put in lane order once), each y_i bit-identical to nf4_linear's for weight i alone.
-std::vector<torch::Tensor> nf4_linear_group(torch::Tensor x, std::vector<torch::Tensor> packed,
-                                            std::vector<torch::Tensor> qabsmax, std::vector<torch::Tensor> absmax2,
-                                            std::vector<torch::Tensor> code2, std::vector<torch::Tensor> code,
-                                            std::vector<double> offset, std::vector<int64_t> blocksize2,
-                                            std::vector<int64_t> N, int64_t direct_max_tokens) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be float32 [tokens, in_features]");
-  TORCH_CHECK(direct_max_tokens <= 4, "direct_max_tokens is at most 4");
-  const size_t count = packed.size();
-  TORCH_CHECK(count > 0 && qabsmax.size() == count && absmax2.size() == count && code2.size() == count &&
-              code.size() == count && offset.size() == count && blocksize2.size() == count && N.size() == count,
-              "one state per weight");
-  const int64_t M = x.size(0), K = x.size(1);
-  std::vector<torch::Tensor> ys;
-  std::vector<Target> group;
-  for (size_t i = 0; i < count; ++i) {
-    ys.push_back(torch::empty({M, N[i]}, torch::kFloat));
-    group.push_back({describe(packed[i], qabsmax[i], absmax2[i], code2[i], code[i], offset[i], blocksize2[i], N[i], K),
-                     ys.back().data_ptr<float>()});
+class Nf4Group {
+ public:
+  Nf4Group(std::vector<torch::Tensor> packed, std::vector<torch::Tensor> qabsmax, std::vector<torch::Tensor> absmax2,
+           std::vector<torch::Tensor> code2, std::vector<torch::Tensor> code, std::vector<double> offset,
+           std::vector<int64_t> blocksize2, std::vector<int64_t> N, int64_t K) {
+    const size_t count = packed.size();
+    TORCH_CHECK(count > 0 && qabsmax.size() == count && absmax2.size() == count && code2.size() == count &&
+                code.size() == count && offset.size() == count && blocksize2.size() == count && N.size() == count,
+                "one state per weight");
+    for (size_t i = 0; i < count; ++i) {
+      weights_.push_back(describe(packed[i], qabsmax[i], absmax2[i], code2[i], code[i], offset[i], blocksize2[i],
+                                  N[i], K));
+      for (const torch::Tensor& t : {packed[i], qabsmax[i], absmax2[i], code2[i], code[i]}) state_.push_back(t);
+    }
   }
-  const torch::Tensor xl = to_lane_order(x.contiguous());
-  fused_loop<false>(group, xl.data_ptr<float>(), M, direct_max_tokens);
-  return ys;
-}
+
+  std::vector<torch::Tensor> linear(torch::Tensor x, int64_t direct_max_tokens) const {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) == weights_.front().K,
+                "x must be float32 [tokens, in_features]");
+    TORCH_CHECK(direct_max_tokens <= 4, "direct_max_tokens is at most 4");
+    const int64_t M = x.size(0);
+    std::vector<torch::Tensor> ys;
+    std::vector<Target> group;
+    for (const Nf4& w : weights_) {
+      ys.push_back(torch::empty({M, w.N}, torch::kFloat));
+      group.push_back({w, ys.back().data_ptr<float>()});
+    }
+    const torch::Tensor xl = to_lane_order(x.contiguous());
+    fused_loop<false>(group, xl.data_ptr<float>(), M, direct_max_tokens);
+    return ys;
+  }
+
+ private:
+  std::vector<Nf4> weights_;
+  std::vector<torch::Tensor> state_;  // the tensors the descriptors point into, kept alive
+};
 
 // y [M, N] = x [M, K] @ w.T for a dense w [N, K] (K % kLanes == 0), float32 or bfloat16 (widened exactly,
 // so the same values give the same bits either way): the same tiles, rows read in place, so a token's
@@ -654,6 +668,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_path", &bf16_path);
   m.def("dense_linear", &dense_linear, no_gil);
   m.def("nf4_linear", &nf4_linear, no_gil);
-  m.def("nf4_linear_group", &nf4_linear_group, no_gil);
+  py::class_<Nf4Group>(m, "Nf4Group", py::module_local())  // local: each build (CPU path) registers its own
+      .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
+                    std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<double>, std::vector<int64_t>,
+                    std::vector<int64_t>, int64_t>())
+      .def("linear", &Nf4Group::linear, no_gil);
   m.def("nf4_dequantize", &nf4_dequantize, no_gil);
 }

@@ -29,7 +29,7 @@ Multiplying, by token count:
 Threads split the output rows. Below `blas_min_tokens` every (row, token) sum accumulates over k
 in the same lane order with explicit FMAs, so a token's result has the same bits whatever batch
 it is in. Projections that read the same x (a layer's q, k and v; gate and up) go through one call
-(`nf4_linear_group`): one pass of the threads over all their rows, each output with the bits of its
+(`Nf4Group`): one pass of the threads over all their rows, each output with the bits of its
 weight alone. The BLAS threshold is measured on the CPU at hand (once, kept beside the build);
 `benchmarks/engine_throughput.py` shows both paths per token count (microbenchmark).
 
@@ -210,18 +210,28 @@ def nf4_linear(x: torch.Tensor, weight: Nf4Weight, bias: torch.Tensor | None = N
     return _extension().nf4_linear(x, *weight._state_args(), bias, direct_max_tokens, blas_min_tokens)
 
 
-def nf4_linear_group(x: torch.Tensor, weights: list[Nf4Weight], biases: list[torch.Tensor | None],
-                     direct_max_tokens: int = DIRECT_MAX_TOKENS) -> list[torch.Tensor]:
-    """x: [num_tokens, in] -> [x @ dequant(W_i).T (+ bias_i) for each weight], each bit-identical to `nf4_linear(x,
-    W_i, bias_i)`. Weights that read the same x (a layer's q, k and v projections; gate and up) are multiplied in
-    one call and one pass of the threads over all their rows, x put in lane order once: at decode sizes a call's
-    fixed cost (threads woken and joined, x permuted) is a fifth of a small projection's time. float32 x below the
-    BLAS threshold; elsewhere one `nf4_linear` per weight."""
-    if x.dtype != torch.float32 or x.shape[0] >= calibrated_blas_min_tokens():
-        return [nf4_linear(x, weight, bias, direct_max_tokens) for weight, bias in zip(weights, biases, strict=True)]
-    ys = _extension().nf4_linear_group(x, *(list(field) for field in zip(*(w._state_args() for w in weights),
-                                                                          strict=True)), direct_max_tokens)
-    return [y if bias is None else y.add_(bias.float()) for y, bias in zip(ys, biases, strict=True)]
+class Nf4Group:
+    """Weights that read the same x (a layer's q, k and v projections; gate and up), multiplied in one call and one
+    pass of the threads over all their rows, x put in lane order once; the weights are described to the kernel once,
+    here, so a call passes x alone. At decode sizes a call's fixed cost (arguments converted, threads woken and
+    joined, x permuted) is a fifth of a small projection's time."""
+
+    def __init__(self, weights: list[Nf4Weight], biases: list[torch.Tensor | None]) -> None:
+        if len({weight.in_features for weight in weights}) != 1:
+            raise ValueError("the weights of a group read the same x: one in_features")
+        self.weights, self.biases = weights, biases
+        self._float_biases = [None if bias is None else bias.float() for bias in biases]
+        state = [list(field) for field in zip(*(weight._state_args() for weight in weights), strict=True)]
+        self._native = _extension().Nf4Group(*state, weights[0].in_features)
+
+    def __call__(self, x: torch.Tensor, direct_max_tokens: int = DIRECT_MAX_TOKENS) -> list[torch.Tensor]:
+        """x: [num_tokens, in] -> [x @ dequant(W_i).T (+ bias_i) for each weight], each bit-identical to
+        `nf4_linear(x, W_i, bias_i)`: float32 x below the BLAS threshold in one call, else one `nf4_linear` each."""
+        if x.dtype != torch.float32 or x.shape[0] >= calibrated_blas_min_tokens():
+            return [nf4_linear(x, weight, bias, direct_max_tokens)
+                    for weight, bias in zip(self.weights, self.biases, strict=True)]
+        ys = self._native.linear(x, direct_max_tokens)
+        return [y if bias is None else y.add_(bias) for y, bias in zip(ys, self._float_biases, strict=True)]
 
 
 @functools.cache

@@ -130,7 +130,7 @@ def test_a_group_of_weights_gives_the_bits_of_each_weight_alone(shapes, with_bia
                   for i, out in enumerate(group)]
         for tokens in TOKEN_COUNTS:
             x = torch.randn(tokens, in_features, generator=generator)
-            together = nf4_cpu.nf4_linear_group(x, weights, biases)
+            together = nf4_cpu.Nf4Group(weights, biases)(x)
             for weight, bias, y in zip(weights, biases, together, strict=True):
                 assert torch.equal(y, nf4_cpu.nf4_linear(x, weight, bias)), (in_features, weight.out_features, tokens)
 
@@ -285,3 +285,9 @@ def test_a_bfloat16_lm_head_gives_the_bits_of_its_float32_copy(tiny_llama: Path)
     rounded = Engine(spec, bf16_exact, EngineConfig(num_slots=1, max_rank=8)).model
     assert rounded.kernel_head.dtype == torch.bfloat16
     assert torch.equal(rounded.kernel_head.float(), rounded.lm_head)
+
+
+def test_a_group_refuses_weights_of_different_in_features() -> None:
+    weights = [nf4_cpu.Nf4Weight.from_quant_state(*quantized(64, k, seed)) for seed, k in enumerate((64, 96))]
+    with pytest.raises(ValueError, match="one in_features"):
+        nf4_cpu.Nf4Group(weights, [None, None])
