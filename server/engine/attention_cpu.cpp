@@ -2,84 +2,14 @@
 // cache read in place. See attention_cpu.py for what they compute.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <algorithm>
 #include <cmath>
-#include <cstdint>
 #include <vector>
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 constexpr int kMaxGroup = 16;  // query heads sharing one kv head that one pass handles (GQA group size)
 
-// One register of floats: 16 lanes with AVX-512, 8 elsewhere (AVX2). Explicit vectors, because float sums
-// are not reassociated (vectorized) by the compiler on its own.
-#if defined(__AVX512F__)
-constexpr int kLanes = 16, kRegisters = 32;
-#else
-constexpr int kLanes = 8, kRegisters = 16;
-#endif
-typedef float vf __attribute__((vector_size(kLanes * 4), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(kLanes * 4), aligned(4)));
-static inline vf loadv(const float* p) { return *reinterpret_cast<const vf*>(p); }
-static inline void storev(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
-static inline vf splat(float s) { return vf{} + s; }
-static inline vf fmadd(vf a, vf b, vf c) {
-#if defined(__AVX512F__)
-  return static_cast<vf>(_mm512_fmadd_ps(static_cast<__m512>(a), static_cast<__m512>(b), static_cast<__m512>(c)));
-#elif defined(__AVX2__) && defined(__FMA__)
-  return static_cast<vf>(_mm256_fmadd_ps(static_cast<__m256>(a), static_cast<__m256>(b), static_cast<__m256>(c)));
-#else
-  return a * b + c;
-#endif
-}
+typedef int32_t vi __attribute__((vector_size(kLanes * 4), aligned(4)));  // vf's lanes as integers
 // Accumulators one pass of the value sums keeps in registers (half of them: the rest hold loads).
 constexpr int kAccVecs = kRegisters / 2;
-
-// out[n] = the lanes of v[n] summed (n < kLanes): one butterfly of shuffles and adds for all kLanes vectors
-// (kLanes - 1 adds, not kLanes x log2(kLanes) dependent ones), the same tree for every vector.
-static inline void sum_lanes(const vf* v, float* out) {
-#if defined(__AVX512F__)
-  __m512 u[8], w[4], z[2];
-  for (int m = 0; m < 8; ++m) {  // 256-bit halves of v[2m] and v[2m + 1]
-    const __m512 a = static_cast<__m512>(v[2 * m]), b = static_cast<__m512>(v[2 * m + 1]);
-    u[m] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-  }
-  for (int m = 0; m < 4; ++m)  // each 128-bit quarter now holds one vector's partial sums
-    w[m] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * m], u[2 * m + 1], 0x88),
-                         _mm512_shuffle_f32x4(u[2 * m], u[2 * m + 1], 0xDD));
-  for (int m = 0; m < 2; ++m)
-    z[m] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * m], w[2 * m + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_ps(w[2 * m], w[2 * m + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-  const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                    _mm512_shuffle_ps(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  alignas(64) float lanes[16];
-  _mm512_store_ps(lanes, sums);
-  for (int n = 0; n < 16; ++n) out[n] = lanes[(n % 4) * 4 + n / 4];  // lane p holds vector (p % 4) * 4 + p / 4
-#elif defined(__AVX2__)
-  __m256 u[4], z[2];
-  for (int m = 0; m < 4; ++m) {  // 128-bit halves of v[2m] and v[2m + 1]
-    const __m256 a = static_cast<__m256>(v[2 * m]), b = static_cast<__m256>(v[2 * m + 1]);
-    u[m] = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
-  }
-  for (int m = 0; m < 2; ++m)
-    z[m] = _mm256_add_ps(_mm256_shuffle_ps(u[2 * m], u[2 * m + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm256_shuffle_ps(u[2 * m], u[2 * m + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-  const __m256 sums = _mm256_add_ps(_mm256_shuffle_ps(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                    _mm256_shuffle_ps(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, sums);
-  for (int n = 0; n < 8; ++n) out[n] = lanes[(n % 2) * 4 + n / 2];  // lane p holds vector (p % 4) * 2 + p / 4
-#else
-  for (int n = 0; n < kLanes; ++n) {
-    float t[kLanes];
-    for (int i = 0; i < kLanes; ++i) t[i] = v[n][i];
-    for (int w = kLanes / 2; w >= 1; w /= 2)
-      for (int i = 0; i < w; ++i) t[i] = t[i] + t[i + w];
-    out[n] = t[0];
-  }
-#endif
-}
 
 // e^x for x <= 0 (scores minus their maximum), kLanes at a time: x = n ln2 + r with r in [0, ln2), e^r by
 // its degree-7 Taylor polynomial (relative error < 3e-7 there), times 2^n through the exponent bits;
@@ -116,15 +46,6 @@ static inline float exp_shifted(float* s, int64_t count, float top) {
     for (int64_t i = j; i < count; ++i) sum += (s[i] = tail[i - j]);
   }
   return sum;
-}
-
-// Calls f(std::integral_constant<int, n>) for a run-time n in [1, Max]: pass sizes are template arguments.
-template <int Max, class F>
-static inline void dispatch(int64_t n, F&& f) {
-  if constexpr (Max > 1) {
-    if (n < Max) return dispatch<Max - 1>(n, f);
-  }
-  f(std::integral_constant<int, Max>{});
 }
 
 // s[j] = (q . k[j]) * scale for the count rows k[j] (D floats each, D % kLanes == 0): kLanes rows at a time, each

@@ -34,8 +34,8 @@ import torch
 
 from loraplex.server.engine import cpu_extension
 
-_SOURCE = Path(__file__).with_suffix(".cpp").read_text()
-"""The kernels' C++ source (attention_cpu.cpp beside this file), compiled on first use."""
+_SOURCE = cpu_extension.with_vectors(Path(__file__).with_suffix(".cpp").read_text())
+"""The kernels' C++ source (attention_cpu.cpp beside this file, after cpu_vectors.h), compiled on first use."""
 CFLAGS = ("-ffp-contract=off",)
 """No contraction: the rotary products and sums are rounded as torch's separate ops round them."""
 

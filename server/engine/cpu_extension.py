@@ -51,6 +51,16 @@ def build_root() -> Path:
     return Path(get_default_build_root())
 
 
+VECTORS_HEADER = Path(__file__).with_name("cpu_vectors.h")
+"""The vector type and operations every kernel shares (`with_vectors`)."""
+
+
+def with_vectors(source: str) -> str:
+    """A kernel's C++ `source` with cpu_vectors.h's text ahead of it: one copy of the helpers the kernels share,
+    compiled with each (and part of each build's key, so a change to it rebuilds them all)."""
+    return VECTORS_HEADER.read_text() + source
+
+
 def cpu_flags() -> str:
     """The host CPU's feature flags as /proc/cpuinfo lists them ("" where there is no such file)."""
     cpuinfo = Path("/proc/cpuinfo")

@@ -1,15 +1,9 @@
 // The fused NF4 matmul's C++ source: see nf4_cpu.py for what it computes and how it is built.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <algorithm>
-#include <cstdint>
 #include <cstring>
 #include <string>
-#include <type_traits>
 #include <vector>
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 #if defined(__AMX_TILE__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -18,28 +12,14 @@
 // A tile of kRowTile weight rows times kTokenTile tokens keeps its accumulators, the tokens' vectors
 // and one weight vector in registers (16 with AVX2, 32 with AVX-512); larger tiles spill.
 #if defined(__AVX512F__)
-constexpr int kLanes = 16, kRowTile = 4, kTokenTile = 4;
+constexpr int kRowTile = 4, kTokenTile = 4;
 #else
-constexpr int kLanes = 8, kRowTile = 3, kTokenTile = 3;
+constexpr int kRowTile = 3, kTokenTile = 3;
 #endif
 constexpr int kGroup = 32;      // weights decoded together: 16 packed bytes, always inside one NF4 block
 constexpr int kVecs = kGroup / kLanes;
 constexpr int64_t kBlock = 64;  // NF4 blocksize
-typedef float vf __attribute__((vector_size(kLanes * 4), aligned(4)));
-typedef uint32_t vu __attribute__((vector_size(kLanes * 4), aligned(4)));
-static inline vf loadv(const float* p) { return *reinterpret_cast<const vf*>(p); }
-static inline void storev(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
-// a * b + c rounded once, in every instantiation alike (the sums must not depend on the tile shape).
-static inline vf fmadd(vf a, vf b, vf c) {
-#if defined(__AVX512F__)
-  return static_cast<vf>(_mm512_fmadd_ps(static_cast<__m512>(a), static_cast<__m512>(b), static_cast<__m512>(c)));
-#elif defined(__AVX2__) && defined(__FMA__)
-  return static_cast<vf>(_mm256_fmadd_ps(static_cast<__m256>(a), static_cast<__m256>(b), static_cast<__m256>(c)));
-#else
-  for (int i = 0; i < kLanes; ++i) c[i] = __builtin_fmaf(a[i], b[i], c[i]);
-  return c;
-#endif
-}
+typedef uint32_t vu __attribute__((vector_size(kLanes * 4), aligned(4)));  // vf's lanes as bits
 
 static inline float hsum(vf v) {
 #if defined(__AVX512F__)
@@ -427,15 +407,6 @@ static void amx_loop(const Nf4& w, const uint16_t* xt, int64_t M, float* y) {
   });
 }
 #endif
-
-// Calls f(std::integral_constant<int, n>) for a run-time n in [1, Max]: tile sizes are template arguments.
-template <int Max, class F>
-static inline void dispatch(int64_t n, F&& f) {
-  if constexpr (Max > 1) {
-    if (n < Max) return dispatch<Max - 1>(n, f);
-  }
-  f(std::integral_constant<int, Max>{});
-}
 
 // y [M, N] (stride N, from row o's column) = R decoded rows (stride K) times all M tokens, in token tiles.
 template <int R, class W>

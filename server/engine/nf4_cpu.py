@@ -87,8 +87,8 @@ BF16_BLAS_MIN_TOKENS = 96
 #: [49152, 576] at 1..64 rows on an AVX2 EPYC: benchmarks/engine_throughput.py, "lm_head" rows).
 DENSE_MAX_TOKENS = 64
 
-_SOURCE = Path(__file__).with_suffix(".cpp").read_text()
-"""The kernel's C++ source (nf4_cpu.cpp beside this file), compiled on first use."""
+_SOURCE = cpu_extension.with_vectors(Path(__file__).with_suffix(".cpp").read_text())
+"""The kernel's C++ source (nf4_cpu.cpp beside this file, after cpu_vectors.h), compiled on first use."""
 CFLAGS = ("-ffp-contract=off",)
 """No contraction: the tile loops' FMAs are explicit (`fmadd`), every other product and sum is rounded as
 written (the absmax's two roundings, the dequantized values)."""
