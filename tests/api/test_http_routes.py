@@ -258,7 +258,10 @@ async def test_n_choices_sample_with_consecutive_seeds(serving_model):
 
 async def test_logprobs_and_penalties_match_grpc(serving_model):
     options = dict(max_new_tokens=10, temperature=0.0, frequency_penalty=1.5, presence_penalty=0.5)
-    async with serving(serving_model) as (app, url):
+    # the same prompt three times: without the prefix cache each one is prefilled alone (a reused prefix computes the
+    # last prompt token as a decode row, through the CPU decode-attention kernel: its logprob moves in the last bits)
+    no_prefix_cache = EngineConfig(**TEST_ENGINE, prefix_cache=False)
+    async with serving(serving_model, engine=no_prefix_cache) as (app, url):
         async with AsyncClient(f"127.0.0.1:{app.port}") as grpc_client:
             by_grpc = await grpc_client.generate(TOKENIZER_CORPUS[1], "a_r4_qv", logprobs=True, top_logprobs=3,
                                                  **options)
