@@ -11,11 +11,7 @@
 
 // A tile of kRowTile weight rows times kTokenTile tokens keeps its accumulators, the tokens' vectors
 // and one weight vector in registers (16 with AVX2, 32 with AVX-512); larger tiles spill.
-#if defined(__AVX512F__)
-constexpr int kRowTile = 4, kTokenTile = 4;
-#else
-constexpr int kRowTile = 3, kTokenTile = 3;
-#endif
+constexpr int kRowTile = kRegisters == 32 ? 4 : 3, kTokenTile = kRowTile;
 constexpr int kGroup = 32;      // weights decoded together: 16 packed bytes, always inside one NF4 block
 constexpr int kVecs = kGroup / kLanes;
 constexpr int64_t kBlock = 64;  // NF4 blocksize

@@ -220,7 +220,6 @@ class Nf4Group:
         if len({weight.in_features for weight in weights}) != 1:
             raise ValueError("the weights of a group read the same x: one in_features")
         self.weights, self.biases = weights, biases
-        self._float_biases = [None if bias is None else bias.float() for bias in biases]
         state = [list(field) for field in zip(*(weight._state_args() for weight in weights), strict=True)]
         self._native = _extension().Nf4Group(*state, weights[0].in_features)
 
@@ -231,7 +230,7 @@ class Nf4Group:
             return [nf4_linear(x, weight, bias, direct_max_tokens)
                     for weight, bias in zip(self.weights, self.biases, strict=True)]
         ys = self._native.linear(x, direct_max_tokens)
-        return [y if bias is None else y.add_(bias) for y, bias in zip(ys, self._float_biases, strict=True)]
+        return [y if bias is None else y.add_(bias) for y, bias in zip(ys, self.biases, strict=True)]
 
 
 @functools.cache
