@@ -211,17 +211,13 @@ def lora_grouped(y: torch.Tensor, x: torch.Tensor, slots: LoraSlots, batch: Lora
 
 
 class MultiLoraLinear(torch.nn.Module):
-    """One projection of the served model: `y = base_nf4(x) + lora(x, slot_ids)`."""
+    """One projection of the served model: `y = base_nf4(x) + lora(x, slot_ids)`. The layer computes the base part
+    (with the other projections that read the same x: `model.DecoderLayer`), then `add_lora`."""
 
     def __init__(self, base: torch.nn.Module, slots: LoraSlots) -> None:
         super().__init__()
         self.base = base
         self.slots = slots
-
-    def forward(self, x: torch.Tensor, lora: LoraBatch, lora_op=lora_grouped) -> torch.Tensor:
-        """x: [num_tokens, in] -> [num_tokens, out]."""
-        y = self.base.forward(x)  # no hooks: the module call's overhead saved (model.DecoderLayer.forward)
-        return self.add_lora(y, x, lora, lora_op)
 
     def add_lora(self, y: torch.Tensor, x: torch.Tensor, lora: LoraBatch, lora_op=lora_grouped) -> torch.Tensor:
         """y: the base projection of x [num_tokens, out] -> y plus the adapters' deltas (in place where it can)."""

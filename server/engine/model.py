@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from loraplex.server.engine import attention_cpu, nf4_cpu
+from loraplex.server.engine import attention_cpu, nf4_cpu, norm_cpu
 from loraplex.server.engine.attention import AttentionBatch, paged_attention
 from loraplex.server.engine.kernel_choice import BITSANDBYTES, Nf4Plan
 from loraplex.server.engine.kv_cache import PagedKVCache
@@ -26,8 +26,8 @@ from loraplex.server.engine.spec import PROJECTIONS, ModelSpec
 #: One adapter's weights as the engine takes them: (layer, projection) -> (A [r, in], B [out, r], scale).
 LoraWeights = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]
 
-_QKV, _GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
-"""The projections of a layer that read the same x."""
+_QKV, _O, _GATE_UP, _DOWN = ("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)
+"""A layer's projections by the x they read (q, k and v the same; gate and up the same)."""
 
 LoraOp = Callable[[torch.Tensor, torch.Tensor, LoraSlots, LoraBatch], torch.Tensor]
 
@@ -47,13 +47,26 @@ class StepMetadata:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32, as the reference implementation does. On float32 input that is torch's
-    fused F.rms_norm (bit-identical to the reference formula below, in one op instead of six: tests/engine/
-    test_engine.py checks it)."""
+    """RMSNorm over the last dimension, computed in float32, as the reference implementation does
+    (`norm_cpu.reference_rms_norm`). On float32 input the bits of that formula come from one compiled call on the
+    CPU (`norm_cpu`, which checks that they are the same) or from torch's fused F.rms_norm (one op instead of six;
+    tests/engine/test_model_ops.py checks both)."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        if x.device.type == "cpu" and x.is_contiguous() and norm_cpu.serves(x.shape[-1]):
+            return norm_cpu.rms_norm(x.view(-1, x.shape[-1]), weight, eps).view(x.shape)
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    variance = x.float().pow(2).mean(-1, keepdim=True)
-    return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
+    return norm_cpu.reference_rms_norm(x, weight, eps)
+
+
+def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the norm after it: (hidden + delta, rms_norm(hidden + delta)), hidden and delta
+    [num_tokens, hidden_size]; in one compiled call where `norm_cpu` serves them (the same bits)."""
+    if (hidden.device.type == "cpu" and hidden.dtype == delta.dtype == weight.dtype == torch.float32
+            and hidden.is_contiguous() and delta.is_contiguous() and norm_cpu.serves(hidden.shape[-1])):
+        return norm_cpu.add_rms_norm(hidden, delta, weight, eps)
+    hidden = hidden + delta
+    return hidden, rms_norm(hidden, weight, eps)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -73,16 +86,18 @@ class DecoderLayer(torch.nn.Module):
         self.window = spec.sliding_windows[layer]
         self.proj = torch.nn.ModuleDict(projections)
         self.base_groups = {names: BaseGroup([projections[name].base for name in names])
-                            for names in (_QKV, _GATE_UP)}
-        """The base projections that read the same x, each set multiplied in one kernel call where it can."""
+                            for names in (_QKV, _O, _GATE_UP, _DOWN)}
+        """The base projections by the x they read, each set multiplied in one kernel call where it can (a single
+        projection too: its weight described to the kernel once, a call passes x alone)."""
+        self.lora_adders = {names: [projections[name].add_lora for name in names] for names in self.base_groups}
+        """Each set's `MultiLoraLinear.add_lora`, in the set's order."""
         self.norms = norms  # input_layernorm, post_attention_layernorm[, q_norm, k_norm]: [dim]
 
     def forward(self, hidden: torch.Tensor, meta: StepMetadata, cache: PagedKVCache, lora_op: LoraOp) -> torch.Tensor:
         """hidden: [num_tokens, hidden_size] -> same shape."""
-        # Modules here are called through .forward: no hooks are used, and torch's __call__ costs ~3 us a call
-        # (450 calls a step), a twentieth of a one-token decode step on 2 CPU cores.
+        # No module is called here: no hooks are used, and torch's __call__ costs ~3 us a call (450 calls a step),
+        # a twentieth of a one-token decode step on 2 CPU cores; the projections' adders are bound once (__init__).
         spec, eps = self.spec, self.spec.rms_norm_eps
-        proj = {name: module.forward for name, module in self.proj.items()}
         x = rms_norm(hidden, self.norms["input_layernorm"], eps)
         q, k, v = self._project(_QKV, x, meta.lora, lora_op)
         q = q.view(-1, spec.num_heads, spec.head_dim)
@@ -99,17 +114,18 @@ class DecoderLayer(torch.nn.Module):
             keys.index_copy_(0, meta.attention.write_rows, k)
             values.index_copy_(0, meta.attention.write_rows, v)
         attended = paged_attention(q, keys, values, meta.attention, self.window)  # [num_tokens, heads, head_dim]
-        hidden = hidden + proj["o_proj"](attended.flatten(1), meta.lora, lora_op)
-        x = rms_norm(hidden, self.norms["post_attention_layernorm"], eps)
+        (out,) = self._project(_O, attended.flatten(1), meta.lora, lora_op)
+        hidden, x = add_rms_norm(hidden, out, self.norms["post_attention_layernorm"], eps)
         gate, up = self._project(_GATE_UP, x, meta.lora, lora_op)
-        return hidden + proj["down_proj"](F.silu(gate) * up, meta.lora, lora_op)
+        (down,) = self._project(_DOWN, F.silu(gate) * up, meta.lora, lora_op)
+        return hidden + down
 
     def _project(self, names: tuple[str, ...], x: torch.Tensor, lora: LoraBatch, lora_op: LoraOp
                  ) -> list[torch.Tensor]:
         """The named projections of the same x [num_tokens, in], each [num_tokens, out]: their base matmuls in one
         kernel call where the kernel serves them all (`BaseGroup`), then each one's adapters."""
         bases = self.base_groups[names].forward(x)
-        return [self.proj[name].add_lora(y, x, lora, lora_op) for name, y in zip(names, bases, strict=True)]
+        return [add(y, x, lora, lora_op) for add, y in zip(self.lora_adders[names], bases, strict=True)]
 
 
 class DecoderModel(torch.nn.Module):
