@@ -182,9 +182,9 @@ def profile_decode(engine: Engine, prompts: list[list[int]], slots: list[int], s
     lora_time = [0.0]
     op = engine.model.lora_op
 
-    def timed_op(y, x, lora_slots, batch):
+    def timed_op(ys, x, lora_slots, batch):
         start = time.perf_counter()
-        result = op(y, x, lora_slots, batch)
+        result = op(ys, x, lora_slots, batch)
         lora_time[0] += time.perf_counter() - start
         return result
 

@@ -129,7 +129,7 @@ class Engine:
             spec, iter(weights), dtype=self.dtype, device=self.device, quantize=config.quantize,
             num_slots=self.num_slots, max_rank=config.max_rank, nf4_plan=self.nf4_plan,
         )
-        self.model.lora_op = kernel_choice.lora_op(self.lora_impl)
+        self.model.lora_op = kernel_choice.lora_group_op(self.lora_impl)
         self.decode_attention = kernel_choice.decode_attention(self.device, spec.num_heads, spec.num_kv_heads,
                                                                spec.head_dim, tools)
         """Who attends decode sequences: "triton" or "torch" (kernel_choice's table)."""

@@ -30,19 +30,16 @@ Asking for a kernel that cannot run (`nf4_kernel="fused"` on CUDA, say) is a Val
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 import torch
 
 from loraplex.server.engine import lora_cpu, nf4_cpu
-from loraplex.server.engine.lora import lora_grouped, lora_reference
-
-if TYPE_CHECKING:
-    from loraplex.server.engine.model import LoraOp
+from loraplex.server.engine.lora import LoraGroupOp, LoraOp, each_projection, lora_grouped, lora_reference
 
 #: Token counts up to which CUDA projections run the Triton NF4 kernel (bitsandbytes + cuBLAS above): one
 #: tl.dot tile of tokens. Not yet measured on a GPU: benchmarks/engine_throughput.py's projection rows
@@ -138,6 +135,14 @@ def lora_op(name: str) -> LoraOp:
 
         return lora_triton.lora_triton
     return {"grouped": lora_grouped, "reference": lora_reference, "cpu_kernel": lora_cpu.lora_cpu}[name]
+
+
+def lora_group_op(name: str) -> LoraGroupOp:
+    """LoRA op `name` for projections that read the same x: the CPU kernel's one call for all of them, else the op on
+    each in turn."""
+    if name == "cpu_kernel":
+        return lora_cpu.lora_cpu_group
+    return functools.partial(each_projection, lora_op(name))
 
 
 def triton_attention_fits(heads: int, kv_heads: int, head_dim: int) -> bool:

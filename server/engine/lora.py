@@ -20,6 +20,7 @@ many distinct adapters and must match it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -210,15 +211,24 @@ def lora_grouped(y: torch.Tensor, x: torch.Tensor, slots: LoraSlots, batch: Lora
     return grouped_matmul(y, x, slots, batch.groups)
 
 
+LoraOp = Callable[[torch.Tensor, torch.Tensor, "LoraSlots", "LoraBatch"], torch.Tensor]
+"""One projection's LoRA op: (y, x, slots, batch) -> y plus the adapters' deltas (in place where it can)."""
+LoraGroupOp = Callable[[list[torch.Tensor], torch.Tensor, list["LoraSlots"], "LoraBatch"], list[torch.Tensor]]
+"""The op for projections that read the same x: (ys, x, each one's slots, batch) -> ys, each as the LoraOp gives it."""
+
+
+def each_projection(op: LoraOp, ys: list[torch.Tensor], x: torch.Tensor, slots: list[LoraSlots], batch: LoraBatch
+                    ) -> list[torch.Tensor]:
+    """`op` on each projection of a group in turn: the group form of any LoraOp (bind `op` with functools.partial)."""
+    return [op(y, x, projection_slots, batch) for y, projection_slots in zip(ys, slots, strict=True)]
+
+
 class MultiLoraLinear(torch.nn.Module):
-    """One projection of the served model: `y = base_nf4(x) + lora(x, slot_ids)`. The layer computes the base part
-    (with the other projections that read the same x: `model.DecoderLayer`), then `add_lora`."""
+    """One projection of the served model: `y = base_nf4(x) + lora(x, slot_ids)`, its base weight and its slot
+    buffers. The layer computes the base part and the adapters' of the projections that read the same x together
+    (`model.DecoderLayer`)."""
 
     def __init__(self, base: torch.nn.Module, slots: LoraSlots) -> None:
         super().__init__()
         self.base = base
         self.slots = slots
-
-    def add_lora(self, y: torch.Tensor, x: torch.Tensor, lora: LoraBatch, lora_op=lora_grouped) -> torch.Tensor:
-        """y: the base projection of x [num_tokens, out] -> y plus the adapters' deltas (in place where it can)."""
-        return lora_op(y, x, self.slots, lora) if lora.has_adapters else y

@@ -8,8 +8,9 @@ layers.
 
 from __future__ import annotations
 
+import functools
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,14 @@ from loraplex.server.engine import attention_cpu, nf4_cpu, norm_cpu
 from loraplex.server.engine.attention import AttentionBatch, paged_attention
 from loraplex.server.engine.kernel_choice import BITSANDBYTES, Nf4Plan
 from loraplex.server.engine.kv_cache import PagedKVCache
-from loraplex.server.engine.lora import LoraBatch, LoraSlots, MultiLoraLinear, lora_grouped
+from loraplex.server.engine.lora import (
+    LoraBatch,
+    LoraGroupOp,
+    LoraSlots,
+    MultiLoraLinear,
+    each_projection,
+    lora_grouped,
+)
 from loraplex.server.engine.nf4 import BaseGroup, BaseLinear
 from loraplex.server.engine.spec import PROJECTIONS, ModelSpec
 
@@ -29,7 +37,6 @@ LoraWeights = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]
 _QKV, _O, _GATE_UP, _DOWN = ("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)
 """A layer's projections by the x they read (q, k and v the same; gate and up the same)."""
 
-LoraOp = Callable[[torch.Tensor, torch.Tensor, LoraSlots, LoraBatch], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -89,14 +96,15 @@ class DecoderLayer(torch.nn.Module):
                             for names in (_QKV, _O, _GATE_UP, _DOWN)}
         """The base projections by the x they read, each set multiplied in one kernel call where it can (a single
         projection too: its weight described to the kernel once, a call passes x alone)."""
-        self.lora_adders = {names: [projections[name].add_lora for name in names] for names in self.base_groups}
-        """Each set's `MultiLoraLinear.add_lora`, in the set's order."""
+        self.slot_sets = {names: [projections[name].slots for name in names] for names in self.base_groups}
+        """Each set's slot buffers, in the set's order."""
         self.norms = norms  # input_layernorm, post_attention_layernorm[, q_norm, k_norm]: [dim]
 
-    def forward(self, hidden: torch.Tensor, meta: StepMetadata, cache: PagedKVCache, lora_op: LoraOp) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, meta: StepMetadata, cache: PagedKVCache, lora_op: LoraGroupOp
+                ) -> torch.Tensor:
         """hidden: [num_tokens, hidden_size] -> same shape."""
-        # No module is called here: no hooks are used, and torch's __call__ costs ~3 us a call (450 calls a step),
-        # a twentieth of a one-token decode step on 2 CPU cores; the projections' adders are bound once (__init__).
+        # No module is called here: no hooks are used, and torch's __call__ costs ~3 us a call (450 calls a
+        # step), a twentieth of a one-token decode step on 2 CPU cores.
         spec, eps = self.spec, self.spec.rms_norm_eps
         x = rms_norm(hidden, self.norms["input_layernorm"], eps)
         q, k, v = self._project(_QKV, x, meta.lora, lora_op)
@@ -120,12 +128,12 @@ class DecoderLayer(torch.nn.Module):
         (down,) = self._project(_DOWN, F.silu(gate) * up, meta.lora, lora_op)
         return hidden + down
 
-    def _project(self, names: tuple[str, ...], x: torch.Tensor, lora: LoraBatch, lora_op: LoraOp
+    def _project(self, names: tuple[str, ...], x: torch.Tensor, lora: LoraBatch, lora_op: LoraGroupOp
                  ) -> list[torch.Tensor]:
-        """The named projections of the same x [num_tokens, in], each [num_tokens, out]: their base matmuls in one
-        kernel call where the kernel serves them all (`BaseGroup`), then each one's adapters."""
+        """The named projections of the same x [num_tokens, in], each [num_tokens, out] = base(x) + lora(x): their base
+        matmuls in one kernel call where the kernel serves them all (`BaseGroup`), then their adapters in one op."""
         bases = self.base_groups[names].forward(x)
-        return [add(y, x, lora, lora_op) for add, y in zip(self.lora_adders[names], bases, strict=True)]
+        return lora_op(bases, x, self.slot_sets[names], lora) if lora.has_adapters else bases
 
 
 class DecoderModel(torch.nn.Module):
@@ -140,7 +148,7 @@ class DecoderModel(torch.nn.Module):
         self.final_norm = final_norm  # [hidden]
         self.lm_head = lm_head  # [vocab, hidden]; the same tensor as embed when tied
         self.inv_freq = inv_freq  # [head_dim // 2] float32
-        self.lora_op: LoraOp = lora_grouped
+        self.lora_op: LoraGroupOp = functools.partial(each_projection, lora_grouped)
         self.head_on_kernel = (lm_head.device.type == "cpu" and lm_head.dtype == torch.float32
                                and spec.hidden_size % 16 == 0 and nf4_cpu.available())
         """Whether logits of up to DENSE_MAX_TOKENS rows come from the compiled kernel's tiles (on this

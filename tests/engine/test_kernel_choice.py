@@ -95,6 +95,8 @@ def test_each_plan_names_the_module_that_runs_it() -> None:
     assert kernel_choice.BITSANDBYTES.kernel_module() is None
     assert kernel_choice.lora_op("triton").__module__ == "loraplex.server.engine.lora_triton"
     assert kernel_choice.lora_op("grouped") is lora_grouped
+    assert kernel_choice.lora_group_op("cpu_kernel") is lora_cpu.lora_cpu_group  # one call for q, k and v
+    assert kernel_choice.lora_group_op("grouped").args == (lora_grouped,)  # each projection in turn
 
 
 @pytest.mark.parametrize(("device", "lora", "attention", "requested", "expected"), [
@@ -128,7 +130,7 @@ def test_a_cpu_engine_is_built_by_the_table(tiny_llama: Path) -> None:
     assert engine.lora_impl == lora_impl(CPU, F32, tools)
     assert engine.decode_attention == "torch"
     assert all(p.base.plan == engine.nf4_plan for _, _, p in engine.model.projections())
-    assert engine.lora_impl == "cpu_kernel" and engine.model.lora_op is lora_cpu.lora_cpu  # CI has a C++ compiler
+    assert engine.lora_impl == "cpu_kernel" and engine.model.lora_op is lora_cpu.lora_cpu_group  # CI has a C++ compiler
 
 
 def test_a_cpu_engine_runs_where_triton_is_not_installed(tiny_llama: Path) -> None:

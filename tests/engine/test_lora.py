@@ -17,10 +17,11 @@ from loraplex.server.engine.lora import (
     NO_ADAPTER,
     LoraBatch,
     LoraSlots,
+    each_projection,
     lora_grouped,
     lora_reference,
 )
-from loraplex.server.engine.lora_cpu import lora_cpu
+from loraplex.server.engine.lora_cpu import lora_cpu, lora_cpu_group
 from loraplex.server.engine.model import LoraWeights
 from loraplex.server.model_files import iter_weights, model_spec
 from support import ALL_LINEAR, MIXED_ADAPTERS, write_adapter, write_tiny_model
@@ -337,7 +338,7 @@ def test_the_cpu_kernel_on_every_vector_path_matches_the_reference_whatever_the_
     def run(rows: list[int]) -> torch.Tensor:
         batch = LoraBatch.build([slot_ids[row] for row in rows], ranks, torch.device("cpu"))
         out = y[rows].clone()
-        kernel.lora_bgmv(out, x[rows].contiguous(), slots.A, slots.B, slots.scale, batch.slot_ranks,
+        kernel.lora_bgmv([out], x[rows].contiguous(), [slots.A], [slots.B], [slots.scale], batch.slot_ranks,
                          batch.groups.token_index, batch.grouped_slots)
         return out
 
@@ -346,3 +347,28 @@ def test_the_cpu_kernel_on_every_vector_path_matches_the_reference_whatever_the_
     torch.testing.assert_close(whole, reference, rtol=1e-5, atol=1e-5)
     for row in range(len(slot_ids)):
         assert torch.equal(run([row])[0], whole[row]), f"token {row} alone differs from its batch"
+
+
+@pytest.mark.parametrize("case", ["mixed_padded", "one_slot", "prefill_and_decode"])
+def test_a_group_of_projections_in_one_call_has_each_ones_bits(op_slots, case: str) -> None:
+    """lora_cpu_group over projections that read the same x (here: three with 40, 8 and 64 outputs, each with its
+    own adapters) gives each projection the bits of a lora_cpu call for it alone, and the group form of any other
+    op (each_projection) its own results."""
+    slots, _, ranks = op_slots
+    generator = torch.Generator().manual_seed(5)
+    group = [slots]
+    for out_features in (8, 64):
+        other = LoraSlots(NUM_SLOTS, MAX_RANK, IN_FEATURES, out_features, torch.float32, torch.device("cpu"))
+        for slot, (rank, scale) in ADAPTERS.items():
+            other.set_slot(slot, torch.randn(rank, IN_FEATURES, generator=generator),
+                           torch.randn(out_features, rank, generator=generator), scale)
+        group.append(other)
+    batch = LoraBatch.build(CASES[case], ranks, torch.device("cpu"))
+    x = torch.randn(len(CASES[case]), IN_FEATURES, generator=generator)
+    ys = [torch.randn(len(CASES[case]), s.B.shape[2], generator=generator) for s in group]
+    together = lora_cpu_group([y.clone() for y in ys], x, group, batch)
+    for y, projection_slots, result in zip(ys, group, together, strict=True):
+        assert torch.equal(result, lora_cpu(y.clone(), x, projection_slots, batch))
+    each = each_projection(lora_reference, [y.clone() for y in ys], x, group, batch)
+    for y, projection_slots, result in zip(ys, group, each, strict=True):
+        assert torch.equal(result, lora_reference(y.clone(), x, projection_slots, batch))
