@@ -53,13 +53,31 @@ constexpr int kTile = kRegisters == 32 ? 8 : 4;
 template <int T> constexpr int kShrinkRows = std::max(1, kRegisters / 2 / T);
 template <int T> constexpr int kExpandVecs = kRegisters == 32 ? (T <= 2 ? 8 / T : 2) : (T == 1 ? 4 : 2);
 
+// Weights a tile reads next, fetched a cache line per step while it computes: a decode step reads each adapter from
+// memory (one tile each), and the expand's 16 rows of B at once are more streams than the hardware prefetcher follows.
+struct Prefetch {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  Prefetch() = default;
+  Prefetch(const float* begin, int64_t floats)
+      : next(reinterpret_cast<const char*>(begin)), end(reinterpret_cast<const char*>(begin + floats)) {}
+  inline void step() {
+    if (next < end) {
+      __builtin_prefetch(next);
+      next += 64;
+    }
+  }
+};
+
 // partial[(j - j0) * T + t] = lanes of the sums A[j] . x[t] over the vector part of k, for R rows j0.. of A and
 // T tokens. Each lane sums its k in the same order whatever R and T are.
 template <int R, int T>
-static inline void shrink_rows(const float* a, const float* const* xs, int64_t in, int64_t j0, vf* partial) {
+static inline void shrink_rows(const float* a, const float* const* xs, int64_t in, int64_t j0, vf* partial,
+                               Prefetch& ahead) {
   const int64_t inv = in - in % kLanes;
   vf acc[R][T] = {};
   for (int64_t i = 0; i < inv; i += kLanes) {
+    ahead.step();
     vf xv[T];
     for (int t = 0; t < T; ++t) xv[t] = loadv(xs[t] + i);
     for (int j = 0; j < R; ++j) {
@@ -75,11 +93,11 @@ static inline void shrink_rows(const float* a, const float* const* xs, int64_t i
 // (`sum_lanes`), then the tail of k in order. A token's result does not depend on its batch.
 template <int T>
 static inline void shrink(const float* a, const float* const* xs, int64_t in, int64_t r, float scale, float* h,
-                          vf* partial) {
+                          vf* partial, Prefetch& ahead) {
   constexpr int R = kShrinkRows<T>;
   for (int64_t j = 0; j < r; j += R)  // each row of A read once for the tile's tokens
     dispatch<R>(std::min<int64_t>(R, r - j),
-                [&](auto rows) { shrink_rows<rows.value, T>(a, xs, in, j, partial + j * T); });
+                [&](auto rows) { shrink_rows<rows.value, T>(a, xs, in, j, partial + j * T, ahead); });
   const int64_t n = r * T, inv = in - in % kLanes;
   for (int64_t p = n; p % kLanes; ++p) partial[p] = vf{};
   float sums[kLanes];
@@ -96,11 +114,13 @@ static inline void shrink(const float* a, const float* const* xs, int64_t in, in
 
 // ys[t][o0 + v * kLanes ...] += h[t] @ B[:r] for V output vectors from o0 and T tokens.
 template <int V, int T>
-static inline void expand_vecs(const float* b, const float* h, float* const* ys, int64_t r, int64_t out, int64_t o0) {
+static inline void expand_vecs(const float* b, const float* h, float* const* ys, int64_t r, int64_t out, int64_t o0,
+                               Prefetch& ahead) {
   vf acc[V][T];
   for (int v = 0; v < V; ++v)
     for (int t = 0; t < T; ++t) acc[v][t] = loadv(ys[t] + o0 + v * kLanes);
   for (int64_t k = 0; k < r; ++k) {
+    ahead.step();
     const float* brow = b + k * out + o0;
     for (int v = 0; v < V; ++v) {
       const vf bv = loadv(brow + v * kLanes);
@@ -111,19 +131,21 @@ static inline void expand_vecs(const float* b, const float* h, float* const* ys,
     for (int t = 0; t < T; ++t) storev(ys[t] + o0 + v * kLanes, acc[v][t]);
 }
 
-// One tile: T tokens sharing a slot. h[t][j] = scale * A[s, j] . x[t]; y[t] += h[t] @ B[s, :r].
+// One tile: T tokens sharing a slot. h[t][j] = scale * A[s, j] . x[t]; y[t] += h[t] @ B[s, :r]. While the shrink
+// runs, `own_b` (this tile's B) is fetched; while the expand runs, `next_a` (the next tile's A).
 template <int T>
 static void tile(float* y, const float* x, const float* a, const float* b, float scale, int64_t r,
-                 int64_t in, int64_t out, const int64_t* tokens, float* h, vf* partial) {
+                 int64_t in, int64_t out, const int64_t* tokens, float* h, vf* partial, Prefetch own_b,
+                 Prefetch next_a) {
   const float* xs[T];
   float* ys[T];
   for (int t = 0; t < T; ++t) { xs[t] = x + tokens[t] * in; ys[t] = y + tokens[t] * out; }
-  shrink<T>(a, xs, in, r, scale, h, partial);
+  shrink<T>(a, xs, in, r, scale, h, partial, own_b);
   constexpr int V = kExpandVecs<T>;
   const int64_t outv = out - out % kLanes;
   for (int64_t o = 0; o < outv; o += V * kLanes)  // expand: outputs of T tokens stay in registers over r rows of B
     dispatch<V>(std::min<int64_t>(V, (outv - o) / kLanes),
-                [&](auto vecs) { expand_vecs<vecs.value, T>(b, h, ys, r, out, o); });
+                [&](auto vecs) { expand_vecs<vecs.value, T>(b, h, ys, r, out, o, next_a); });
   for (int64_t o = outv; o < out; ++o)
     for (int t = 0; t < T; ++t)
       for (int64_t k = 0; k < r; ++k) ys[t][o] += h[t * r + k] * b[k * out + o];
@@ -174,13 +196,33 @@ void lora_bgmv(std::vector<torch::Tensor> ys, torch::Tensor x, std::vector<torch
   at::parallel_for(0, tiles * projections, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> h(kTile * max_rank);
     std::vector<vf> partial(kTile * max_rank + kLanes);  // shrink's vector sums before their lanes are summed
+    // item -> its slot's A and B blocks, rows [:r]
+    auto blocks = [&](int64_t item, const float*& a, const float*& b, int64_t& r) {
+      const Projection& p = group[item % projections];
+      const int64_t s = slp[starts[item / projections]];
+      a = p.a + s * max_rank * in;
+      b = p.b + s * max_rank * p.out;
+      r = rp[s];
+    };
+    const float* previous_b = nullptr;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t i = item / projections;
       const Projection& p = group[item % projections];
-      const int64_t first = starts[i], count = starts[i + 1] - first, s = slp[first], r = rp[s];
+      const int64_t first = starts[i], count = starts[i + 1] - first;
+      const float *a, *b;
+      int64_t r;
+      blocks(item, a, b, r);
+      Prefetch own_b = b == previous_b ? Prefetch() : Prefetch(b, r * p.out), next_a;
+      if (item + 1 < end) {
+        const float *next, *next_b;
+        int64_t next_r;
+        blocks(item + 1, next, next_b, next_r);
+        if (next != a) next_a = Prefetch(next, next_r * in);
+      }
+      previous_b = b;
       dispatch<kTile>(count, [&](auto T) {
-        tile<T.value>(p.y, xp, p.a + s * max_rank * in, p.b + s * max_rank * p.out, p.scale[s], r, in, p.out,
-                      tp + first, h.data(), partial.data());
+        tile<T.value>(p.y, xp, a, b, p.scale[slp[first]], r, in, p.out, tp + first, h.data(), partial.data(), own_b,
+                      next_a);
       });
     }
   });
