@@ -198,16 +198,22 @@ def supports(weight_shape: tuple[int, int], device: torch.device, dtype: torch.d
     return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and weight_shape[1] % 32 == 0
 
 
+def blas_min_tokens_for(dtype: torch.dtype) -> int:
+    """The token count from which `nf4_linear` takes its BLAS path for x of this dtype by default:
+    BF16_BLAS_MIN_TOKENS for bfloat16 on AMX, else `calibrated_blas_min_tokens()`."""
+    if dtype == torch.bfloat16 and bf16_path() == "amx":
+        return BF16_BLAS_MIN_TOKENS
+    return calibrated_blas_min_tokens()
+
+
 def nf4_linear(x: torch.Tensor, weight: Nf4Weight, bias: torch.Tensor | None = None,
                direct_max_tokens: int = DIRECT_MAX_TOKENS, blas_min_tokens: int | None = None) -> torch.Tensor:
     """x: [num_tokens, in] -> [num_tokens, out] = x @ dequant(W).T (+ bias), in x's dtype.
 
-    `blas_min_tokens` defaults to `calibrated_blas_min_tokens()` (BF16_BLAS_MIN_TOKENS for bfloat16 x on AMX). Below
-    it every (row, token) product is summed in the same order whatever the token count, so a token's
-    result does not depend on the batch it is in."""
+    `blas_min_tokens` defaults to `blas_min_tokens_for(x.dtype)`. Below it every (row, token) product is
+    summed in the same order whatever the token count, so a token's result does not depend on the batch it is in."""
     if blas_min_tokens is None:
-        on_amx = x.dtype == torch.bfloat16 and bf16_path() == "amx"
-        blas_min_tokens = BF16_BLAS_MIN_TOKENS if on_amx else calibrated_blas_min_tokens()
+        blas_min_tokens = blas_min_tokens_for(x.dtype)
     return _extension().nf4_linear(x, *weight._state_args(), bias, direct_max_tokens, blas_min_tokens)
 
 
