@@ -82,6 +82,19 @@ class LoraSlots(torch.nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.A, self.B, self.scale))
 
 
+class SlotSet:
+    """The slot buffers of projections that read the same x (a layer's q, k and v; gate and up), in the order of
+    their outputs, with each kind of buffer listed once: a kernel call takes them as lists, and building the lists
+    from the modules on every call costs more than a one-token call's work (~10 us on a CPU core). The buffers are
+    written in place (`LoraSlots.set_slot`), never replaced, so the lists stay valid."""
+
+    def __init__(self, slots: list[LoraSlots]) -> None:
+        self.slots = slots
+        self.As = [projection.A for projection in slots]
+        self.Bs = [projection.B for projection in slots]
+        self.scales = [projection.scale for projection in slots]
+
+
 def _index(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=device)
 
@@ -213,14 +226,14 @@ def lora_grouped(y: torch.Tensor, x: torch.Tensor, slots: LoraSlots, batch: Lora
 
 LoraOp = Callable[[torch.Tensor, torch.Tensor, "LoraSlots", "LoraBatch"], torch.Tensor]
 """One projection's LoRA op: (y, x, slots, batch) -> y plus the adapters' deltas (in place where it can)."""
-LoraGroupOp = Callable[[list[torch.Tensor], torch.Tensor, list["LoraSlots"], "LoraBatch"], list[torch.Tensor]]
-"""The op for projections that read the same x: (ys, x, each one's slots, batch) -> ys, each as the LoraOp gives it."""
+LoraGroupOp = Callable[[list[torch.Tensor], torch.Tensor, SlotSet, "LoraBatch"], list[torch.Tensor]]
+"""The op for projections that read the same x: (ys, x, their slot set, batch) -> ys, each as the LoraOp gives it."""
 
 
-def each_projection(op: LoraOp, ys: list[torch.Tensor], x: torch.Tensor, slots: list[LoraSlots], batch: LoraBatch
+def each_projection(op: LoraOp, ys: list[torch.Tensor], x: torch.Tensor, slot_set: SlotSet, batch: LoraBatch
                     ) -> list[torch.Tensor]:
     """`op` on each projection of a group in turn: the group form of any LoraOp (bind `op` with functools.partial)."""
-    return [op(y, x, projection_slots, batch) for y, projection_slots in zip(ys, slots, strict=True)]
+    return [op(y, x, projection_slots, batch) for y, projection_slots in zip(ys, slot_set.slots, strict=True)]
 
 
 class MultiLoraLinear(torch.nn.Module):

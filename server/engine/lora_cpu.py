@@ -38,7 +38,7 @@ import functools
 import torch
 
 from loraplex.server.engine import cpu_extension
-from loraplex.server.engine.lora import LoraBatch, LoraSlots
+from loraplex.server.engine.lora import LoraBatch, LoraSlots, SlotSet
 
 _SOURCE = cpu_extension.with_vectors(r"""
 #include <torch/extension.h>
@@ -252,16 +252,15 @@ def available() -> bool:
 
 def lora_cpu(y: torch.Tensor, x: torch.Tensor, slots: LoraSlots, batch: LoraBatch) -> torch.Tensor:
     """Same result as `lora_reference` for float32 tensors on the CPU; returns y (updated in place)."""
-    return lora_cpu_group([y], x, [slots], batch)[0]
+    return lora_cpu_group([y], x, SlotSet([slots]), batch)[0]
 
 
-def lora_cpu_group(ys: list[torch.Tensor], x: torch.Tensor, slots: list[LoraSlots], batch: LoraBatch
+def lora_cpu_group(ys: list[torch.Tensor], x: torch.Tensor, slot_set: SlotSet, batch: LoraBatch
                    ) -> list[torch.Tensor]:
-    """`lora_cpu(ys[i], x, slots[i], batch)` for every projection i of a group that reads the same x (a layer's q, k
-    and v; gate and up), the same bits, in one kernel call: one pass of the threads instead of one per projection.
-    Returns ys (updated in place)."""
+    """`lora_cpu(ys[i], x, slot_set.slots[i], batch)` for every projection i of a group that reads the same x (a
+    layer's q, k and v; gate and up), the same bits, in one kernel call: one pass of the threads instead of one per
+    projection. Returns ys (updated in place)."""
     if batch.has_adapters:
-        _extension().lora_bgmv(ys, x.contiguous(), [s.A for s in slots], [s.B for s in slots],
-                               [s.scale for s in slots], batch.slot_ranks, batch.groups.token_index,
-                               batch.grouped_slots)
+        _extension().lora_bgmv(ys, x.contiguous(), slot_set.As, slot_set.Bs, slot_set.scales, batch.slot_ranks,
+                               batch.groups.token_index, batch.grouped_slots)
     return ys

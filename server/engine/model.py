@@ -25,6 +25,7 @@ from loraplex.server.engine.lora import (
     LoraGroupOp,
     LoraSlots,
     MultiLoraLinear,
+    SlotSet,
     each_projection,
     lora_grouped,
 )
@@ -96,7 +97,7 @@ class DecoderLayer(torch.nn.Module):
                             for names in (_QKV, _O, _GATE_UP, _DOWN)}
         """The base projections by the x they read, each set multiplied in one kernel call where it can (a single
         projection too: its weight described to the kernel once, a call passes x alone)."""
-        self.slot_sets = {names: [projections[name].slots for name in names] for names in self.base_groups}
+        self.slot_sets = {names: SlotSet([projections[name].slots for name in names]) for names in self.base_groups}
         """Each set's slot buffers, in the set's order."""
         self.norms = norms  # input_layernorm, post_attention_layernorm[, q_norm, k_norm]: [dim]
 

@@ -17,6 +17,7 @@ from loraplex.server.engine.lora import (
     NO_ADAPTER,
     LoraBatch,
     LoraSlots,
+    SlotSet,
     each_projection,
     lora_grouped,
     lora_reference,
@@ -356,19 +357,20 @@ def test_a_group_of_projections_in_one_call_has_each_ones_bits(op_slots, case: s
     op (each_projection) its own results."""
     slots, _, ranks = op_slots
     generator = torch.Generator().manual_seed(5)
-    group = [slots]
+    projections = [slots]
     for out_features in (8, 64):
         other = LoraSlots(NUM_SLOTS, MAX_RANK, IN_FEATURES, out_features, torch.float32, torch.device("cpu"))
         for slot, (rank, scale) in ADAPTERS.items():
             other.set_slot(slot, torch.randn(rank, IN_FEATURES, generator=generator),
                            torch.randn(out_features, rank, generator=generator), scale)
-        group.append(other)
+        projections.append(other)
+    group = SlotSet(projections)
     batch = LoraBatch.build(CASES[case], ranks, torch.device("cpu"))
     x = torch.randn(len(CASES[case]), IN_FEATURES, generator=generator)
-    ys = [torch.randn(len(CASES[case]), s.B.shape[2], generator=generator) for s in group]
+    ys = [torch.randn(len(CASES[case]), s.B.shape[2], generator=generator) for s in projections]
     together = lora_cpu_group([y.clone() for y in ys], x, group, batch)
-    for y, projection_slots, result in zip(ys, group, together, strict=True):
+    for y, projection_slots, result in zip(ys, projections, together, strict=True):
         assert torch.equal(result, lora_cpu(y.clone(), x, projection_slots, batch))
     each = each_projection(lora_reference, [y.clone() for y in ys], x, group, batch)
-    for y, projection_slots, result in zip(ys, group, each, strict=True):
+    for y, projection_slots, result in zip(ys, projections, each, strict=True):
         assert torch.equal(result, lora_reference(y.clone(), x, projection_slots, batch))
