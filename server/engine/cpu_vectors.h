@@ -17,7 +17,32 @@ constexpr int kLanes = 8, kRegisters = 16;
 typedef float vf __attribute__((vector_size(kLanes * 4), aligned(4)));
 static inline vf loadv(const float* p) { return *reinterpret_cast<const vf*>(p); }
 static inline void storev(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
-static inline vf splat(float s) { return vf{} + s; }  // s in every lane
+// s in every lane: one broadcast (from memory where s is there). `vf{} + s` would also add 0.0 to s, an add (and
+// with AVX2 a register broadcast) in each inner loop that splats.
+static inline vf splat(float s) {
+#if defined(__AVX512F__)
+  return static_cast<vf>(_mm512_set1_ps(s));
+#elif defined(__AVX2__)
+  return static_cast<vf>(_mm256_set1_ps(s));
+#else
+  vf v;
+  for (int i = 0; i < kLanes; ++i) v[i] = s;
+  return v;
+#endif
+}
+
+// Keeps v in a register from here: the compiler may no longer fold its load into each instruction that reads it. It
+// does fold a value read by a few FMAs (each FMA then loads it again), which makes a tile loop load-bound: with
+// AVX2 a 4 x 2 tile would load 10 vectors for 8 FMAs instead of 6.
+static inline void in_register(vf& v) {
+#if defined(__AVX512F__)
+  asm("" : "+v"(v));
+#elif defined(__AVX2__)
+  asm("" : "+x"(v));
+#else
+  (void)v;
+#endif
+}
 
 // a * b + c rounded once, in every instantiation alike (kernels are built with -ffp-contract=off: the compiler
 // fusing some products and not others would make a token's bits depend on its tile).

@@ -79,9 +79,13 @@ static inline void shrink_rows(const float* a, const float* const* xs, int64_t i
   for (int64_t i = 0; i < inv; i += kLanes) {
     ahead.step();
     vf xv[T];
-    for (int t = 0; t < T; ++t) xv[t] = loadv(xs[t] + i);
+    for (int t = 0; t < T; ++t) {
+      xv[t] = loadv(xs[t] + i);
+      if constexpr (R > 1) in_register(xv[t]);  // loaded once for the R rows
+    }
     for (int j = 0; j < R; ++j) {
-      const vf av = loadv(a + (j0 + j) * in + i);
+      vf av = loadv(a + (j0 + j) * in + i);
+      if constexpr (T > 1) in_register(av);  // and each row once for the T tokens
       for (int t = 0; t < T; ++t) acc[j][t] = fmadd(av, xv[t], acc[j][t]);
     }
   }
@@ -123,7 +127,8 @@ static inline void expand_vecs(const float* b, const float* h, float* const* ys,
     ahead.step();
     const float* brow = b + k * out + o0;
     for (int v = 0; v < V; ++v) {
-      const vf bv = loadv(brow + v * kLanes);
+      vf bv = loadv(brow + v * kLanes);
+      if constexpr (T > 1) in_register(bv);  // loaded once for the T tokens
       for (int t = 0; t < T; ++t) acc[v][t] = fmadd(splat(h[t * r + k]), bv, acc[v][t]);
     }
   }

@@ -23,7 +23,7 @@ Multiplying, by token count:
 - up to `direct_max_tokens` (decode of a few sequences) each decoded group is used at once from
   registers by every token, tiles of 3 (AVX2) or 4 (AVX-512) rows;
 - up to `blas_min_tokens - 1` each tile of rows is decoded into an L1 buffer and multiplied by
-  tiles of tokens sharing each weight load (3 rows x 4 tokens with AVX2's 16 registers, 4 x 4
+  tiles of tokens sharing each weight load (3 rows x 3 tokens with AVX2's 16 registers, 4 x 4
   with AVX-512);
 - from `blas_min_tokens` (prefill) the whole weight is decoded into a reused buffer and `addmm`
   runs it: the decoding is amortized over many tokens and BLAS outruns the hand loop.
