@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from loraplex.server.engine import kernel_choice
+from loraplex.server.engine import cpu_memory, kernel_choice
 from loraplex.server.engine.attention import AttentionBatch
 from loraplex.server.engine.cpu_threads import single_threaded
 from loraplex.server.engine.kv_cache import OutOfBlocks, PagedKVCache
@@ -116,6 +116,8 @@ class Engine:
         self.config = config
         self.base_digest = base_digest
         self.device = torch.device(config.device)
+        if self.device.type == "cpu":
+            cpu_memory.keep_freed_memory()  # a prefill's activations come back without page faults
         self.dtype = config.torch_dtype()
         self.num_slots = slots_within_budget(spec, config, self.dtype)
         tools = kernel_choice.Toolchain.detect(self.device)
