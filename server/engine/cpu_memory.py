@@ -14,7 +14,6 @@ activation memory, as a caching allocator would.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import logging
 
@@ -31,8 +30,7 @@ TRIM_THRESHOLD = 2**30
 def keep_freed_memory() -> bool:
     """Set this process's malloc to keep freed blocks (see the module docstring), once; False (and nothing
     changed) where the C library has no glibc `mallopt` or refuses the values."""
-    name = ctypes.util.find_library("c")
-    mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the process's own C library (as cpu_threads finds OpenMP)
     if mallopt is None:
         return False
     kept = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
