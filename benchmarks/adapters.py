@@ -51,6 +51,7 @@ from serving import (
     MAX_RUNNING,
     MAX_STEP_TOKENS,
     ZIPF_ALPHA,
+    FreshPrompts,
     StepTimer,
     TraceRequest,
     make_trace,
@@ -293,9 +294,10 @@ async def throughput(scheduler: Scheduler, timer: StepTimer, calls: ManagerTimer
     Zipf seed per round; the adapters differ only in how many there are."""
     manager, configs = scheduler.adapters, {"few": FEW, "many": sizes.many}
     trace = make_trace(scheduler.engine.spec.vocab_size, sizes.requests)
+    fresh = FreshPrompts(scheduler.engine.spec.vocab_size)  # every run its own prompts: no prefix-cache hits
     warm = [TraceRequest(0.0, r.prompt, 4) for r in trace[:16]]  # kernels, allocator, BLAS shapes
     for n in configs.values():  # Zipf seed 0 here, 1, 2, ... in the rounds
-        await run_trace(scheduler, warm, [names[i] for i in zipf_adapters(n, len(warm), seed=0)])
+        await run_trace(scheduler, fresh(warm), [names[i] for i in zipf_adapters(n, len(warm), seed=0)])
     timer.reset()
     calls.reset()
     runs: dict[str, list[dict]] = {key: [] for key in configs}
@@ -303,7 +305,7 @@ async def throughput(scheduler: Scheduler, timer: StepTimer, calls: ManagerTimer
         for key in (("few", "many") if round_ % 2 == 0 else ("many", "few")):
             picks = zipf_adapters(configs[key], sizes.requests, seed=1 + round_)
             before = counters(manager)
-            run = timer.measured(await run_trace(scheduler, trace, [names[i] for i in picks]))
+            run = timer.measured(await run_trace(scheduler, fresh(trace), [names[i] for i in picks]))
             run = calls.measured(run, run["makespan_s"])
             runs[key].append({**run, "distinct_adapters": len(set(picks)), **since(manager, before)})
             print(f"  (2) round {round_} {key:<4}: {run['tokens_per_s']:.1f} tokens/s, "

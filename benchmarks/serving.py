@@ -3,7 +3,8 @@ the OpenAI-style HTTP API vs gRPC, and the gRPC path vs the engine driven direct
 
 One process, one engine. An in-process server (`loraplex.server.app.start`) on loopback holds 100
 PEFT adapters (r=8 on q_proj and v_proj: the LoRA arithmetic is small, so the comparison measures
-the scheduler and adapter management). One trace of NUM_REQUESTS requests (seeded) is replayed per N:
+the scheduler and adapter management). One trace of NUM_REQUESTS requests (seeded) is replayed per N, each replay
+with prompts of its own (same lengths: `FreshPrompts`, or the prefix cache would serve the repeats):
   - arrivals: a Poisson process of ARRIVAL_RATE requests/s;
   - prompt and output lengths: uniform over PROMPT_LENS and OUTPUT_LENS (output forced, ignore_eos);
   - adapters: Zipf(ZIPF_ALPHA) popularity over N adapters (N = 0: every request on the base model).
@@ -95,6 +96,20 @@ def make_trace(vocab_size: int, num_requests: int, seed: int = 0) -> list[TraceR
     output_lens = rng.integers(OUTPUT_LENS[0], OUTPUT_LENS[1] + 1, num_requests)
     return [TraceRequest(float(t), rng.integers(100, vocab_size, int(p)).tolist(), int(o))
             for t, p, o in zip(arrivals, prompt_lens, output_lens, strict=True)]
+
+
+class FreshPrompts:
+    """Each call: the trace with prompts no earlier call gave (same arrivals, lengths and outputs). The servers keep a
+    prefix cache (engine.prefix_cache, on by default), so a second replay of the same prompts would measure its
+    hits instead of the prefill: every replay and warm-up takes its prompts from here."""
+
+    def __init__(self, vocab_size: int, seed: int = 1_000) -> None:
+        self._vocab_size = vocab_size
+        self._rng = np.random.default_rng(seed)
+
+    def __call__(self, trace: list[TraceRequest]) -> list[TraceRequest]:
+        return [TraceRequest(r.arrival_s, self._rng.integers(100, self._vocab_size, len(r.prompt)).tolist(),
+                             r.output_len) for r in trace]
 
 
 def zipf_adapters(num_adapters: int, num_requests: int, seed: int = 1) -> list[int]:
@@ -270,17 +285,18 @@ async def benchmark(base_folder: Path, adapters: dict[str, Path], device: str, n
     others = {label: await start(config) for label, config in side.items()}
     try:
         engine, target, names = app.scheduler.engine, f"127.0.0.1:{app.port}", list(adapters)
-        trace = make_trace(engine.spec.vocab_size, num_requests)
+        trace, fresh = make_trace(engine.spec.vocab_size, num_requests), FreshPrompts(engine.spec.vocab_size)
         n8 = [names[i] if i != NO_ADAPTER else "" for i in zipf_adapters(8, num_requests)]
         result = {"lora_impl": engine.lora_impl, "dtype": str(engine.dtype)}
         if not only_kernels:
-            result["runs"] = await adapter_counts(clients, app, names, trace)
+            result["runs"] = await adapter_counts(clients, app, names, trace, fresh)
             metrics = await alternating(clients, {"off": (f"127.0.0.1:{others['unmetered'].port}", others["unmetered"]),
-                                                  "on": (target, app)}, trace, n8, names, METRICS_REPEATS)
+                                                  "on": (target, app)}, trace, n8, names, METRICS_REPEATS, fresh)
             result["metrics"] = {"on_tokens_per_s": metrics["on"], "off_tokens_per_s": metrics["off"]}
             print(f"metrics on {metrics['on']}, off {metrics['off']} tokens/s", flush=True)
-        kernels = await alternating(clients, {"fused": (target, app), "bitsandbytes": (
-            f"127.0.0.1:{others['bitsandbytes'].port}", others["bitsandbytes"])}, trace, n8, names, KERNEL_REPEATS)
+        bnb = (f"127.0.0.1:{others['bitsandbytes'].port}", others["bitsandbytes"])
+        kernels = await alternating(clients, {"fused": (target, app), "bitsandbytes": bnb}, trace, n8, names,
+                                    KERNEL_REPEATS, fresh)
         result["nf4_kernels_n8"] = {f"{label}_tokens_per_s": values for label, values in kernels.items()}
         print(f"N=8 nf4_kernel fused {kernels['fused']}, bitsandbytes {kernels['bitsandbytes']} tokens/s", flush=True)
         return result
@@ -290,8 +306,8 @@ async def benchmark(base_folder: Path, adapters: dict[str, Path], device: str, n
             await other.stop(0)
 
 
-async def adapter_counts(clients: ProcessPoolExecutor, app: App, names: list[str], trace: list[TraceRequest]
-                         ) -> dict[str, dict]:
+async def adapter_counts(clients: ProcessPoolExecutor, app: App, names: list[str], trace: list[TraceRequest],
+                         fresh: FreshPrompts) -> dict[str, dict]:
     """The trace for every N of ADAPTER_COUNTS over gRPC, HTTP and the engine driven directly (on the engine
     thread, where the server's steps run: core/engine_thread.py)."""
     engine, target = app.scheduler.engine, f"127.0.0.1:{app.port}"
@@ -299,18 +315,18 @@ async def adapter_counts(clients: ProcessPoolExecutor, app: App, names: list[str
     slot_of = await resident_slots(app.scheduler.adapters, names)
     warm = [TraceRequest(0.0, r.prompt, 4) for r in trace[:16]]  # kernels, allocator, BLAS shapes
     for path, address in (("grpc", target), ("http", url)):
-        await replay(clients, path, address, warm, [names[i % len(names)] for i in range(len(warm))])
+        await replay(clients, path, address, fresh(warm), [names[i % len(names)] for i in range(len(warm))])
     engine_thread = EngineThread.acquire()
     try:
-        await engine_thread.run(run_direct, engine, warm, list(range(len(warm))))
+        await engine_thread.run(run_direct, engine, fresh(warm), list(range(len(warm))))
         timer, runs = StepTimer(engine), {}
         for n in ADAPTER_COUNTS:
             indices = zipf_adapters(n, len(trace))
             adapters = [names[i] if i != NO_ADAPTER else "" for i in indices]
             slots = [slot_of[name] if name else NO_ADAPTER for name in adapters]
-            grpc_run = timer.measured(await replay(clients, "grpc", target, trace, adapters))
-            http_run = timer.measured(await replay(clients, "http", url, trace, adapters))
-            direct_run = timer.measured(await engine_thread.run(run_direct, engine, trace, slots))
+            grpc_run = timer.measured(await replay(clients, "grpc", target, fresh(trace), adapters))
+            http_run = timer.measured(await replay(clients, "http", url, fresh(trace), adapters))
+            direct_run = timer.measured(await engine_thread.run(run_direct, engine, fresh(trace), slots))
             runs[f"n{n}"] = {"distinct_adapters": len(set(slots) - {NO_ADAPTER}), "grpc": grpc_run,
                              "http": http_run, "direct": direct_run}
             print(f"N={n}: " + ", ".join(f"{path} {runs[f'n{n}'][path]['tokens_per_s']:.1f} tokens/s"
@@ -321,17 +337,18 @@ async def adapter_counts(clients: ProcessPoolExecutor, app: App, names: list[str
 
 
 async def alternating(clients: ProcessPoolExecutor, servers: dict[str, tuple[str, App]], trace: list[TraceRequest],
-                      adapters: list[str], names: list[str], repeats: int) -> dict[str, list[float]]:
+                      adapters: list[str], names: list[str], repeats: int, fresh: FreshPrompts
+                      ) -> dict[str, list[float]]:
     """gRPC tokens/s of the trace on each server (label -> (address, app)), the servers taking turns
     `repeats` times, so slow drifts of the machine hit all of them alike. Each server is warmed first."""
     warm = [TraceRequest(0.0, r.prompt, 4) for r in trace[:16]]
     for address, app in servers.values():
         await resident_slots(app.scheduler.adapters, names)
-        await replay(clients, "grpc", address, warm, adapters[:16])
+        await replay(clients, "grpc", address, fresh(warm), adapters[:16])
     results: dict[str, list[float]] = {label: [] for label in servers}
     for _ in range(repeats):
         for label, (address, _) in servers.items():
-            results[label].append((await replay(clients, "grpc", address, trace, adapters))["tokens_per_s"])
+            results[label].append((await replay(clients, "grpc", address, fresh(trace), adapters))["tokens_per_s"])
     return results
 
 
