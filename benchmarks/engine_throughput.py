@@ -178,7 +178,9 @@ def run_engine_modes(prompts: list[list[int]], modes: dict[str, Mode], sampled: 
 
 
 def profile_decode(engine: Engine, prompts: list[list[int]], slots: list[int], steps: int = 12) -> dict:
-    """Where one decode step's time goes: the LoRA op (all 7 projections x layers) vs the rest."""
+    """Where one decode step's time goes: the LoRA op (all 7 projections x layers) vs the rest. The op is timed
+    through a wrapper, so it runs as its own calls here (the model fuses only the unwrapped CPU op into the NF4
+    kernel's call: DecoderLayer._project): this step is the unfused one."""
     lora_time = [0.0]
     op = engine.model.lora_op
 

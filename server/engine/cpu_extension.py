@@ -55,10 +55,15 @@ VECTORS_HEADER = Path(__file__).with_name("cpu_vectors.h")
 """The vector type and operations every kernel shares (`with_vectors`)."""
 
 
-def with_vectors(source: str) -> str:
-    """A kernel's C++ `source` with cpu_vectors.h's text ahead of it: one copy of the helpers the kernels share,
-    compiled with each (and part of each build's key, so a change to it rebuilds them all)."""
-    return VECTORS_HEADER.read_text() + source
+LORA_TILES = Path(__file__).with_name("lora_tiles.h")
+"""The multi-LoRA op's tiles, which the LoRA kernel and the fused NF4 kernel share."""
+
+
+def with_vectors(source: str, *headers: Path) -> str:
+    """A kernel's C++ `source` with cpu_vectors.h's text ahead of it, then the texts of `headers`: one copy of the
+    helpers the kernels share, compiled with each (and part of each build's key, so a change to one rebuilds the
+    kernels that include it)."""
+    return "".join(header.read_text() for header in (VECTORS_HEADER, *headers)) + source
 
 
 def cpu_flags() -> str:

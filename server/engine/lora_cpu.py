@@ -27,6 +27,10 @@ measured on SmolLM2's 576x576 projection with 2048 tokens of one adapter, 641 us
 684 against 4017 us for 32 adapters x 64 tokens (the batched path also gathers x and scatter-adds y, and
 r=16 is too thin for BLAS to reach its peak).
 
+The tiles live in lora_tiles.h, which the fused NF4 kernel includes too: below its BLAS threshold the model runs
+this op inside the NF4 call of the same projections (`nf4_cpu.Nf4Group.with_lora`, the same bits), the expand
+on the thread that computed the base outputs it adds to.
+
 The kernel is compiled on first use for the host CPU (`cpu_extension`); when no compiler is
 available `available()` is False and the engine uses `lora_grouped` instead.
 """
@@ -44,118 +48,6 @@ _SOURCE = cpu_extension.with_vectors(r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <vector>
-// Tokens of one slot computed together: each weight load feeds kTile FMAs (8 where 32 registers hold their
-// accumulators, 4 with AVX2's 16).
-constexpr int kTile = kRegisters == 32 ? 8 : 4;
-// Rows of A (shrink) or vectors of outputs (expand) computed together for T tokens: enough independent
-// accumulators to keep both FMA pipes busy (half the registers), few enough to stay in registers with the
-// tokens' vectors.
-template <int T> constexpr int kShrinkRows = std::max(1, kRegisters / 2 / T);
-template <int T> constexpr int kExpandVecs = kRegisters == 32 ? (T <= 2 ? 8 / T : 2) : (T == 1 ? 4 : 2);
-
-// Weights a tile reads next, fetched a cache line per step while it computes: a decode step reads each adapter from
-// memory (one tile each), and the expand's 16 rows of B at once are more streams than the hardware prefetcher follows.
-struct Prefetch {
-  const char* next = nullptr;
-  const char* end = nullptr;
-  Prefetch() = default;
-  Prefetch(const float* begin, int64_t floats)
-      : next(reinterpret_cast<const char*>(begin)), end(reinterpret_cast<const char*>(begin + floats)) {}
-  inline void step() {
-    if (next < end) {
-      __builtin_prefetch(next);
-      next += 64;
-    }
-  }
-};
-
-// partial[(j - j0) * T + t] = lanes of the sums A[j] . x[t] over the vector part of k, for R rows j0.. of A and
-// T tokens. Each lane sums its k in the same order whatever R and T are.
-template <int R, int T>
-static inline void shrink_rows(const float* a, const float* const* xs, int64_t in, int64_t j0, vf* partial,
-                               Prefetch& ahead) {
-  const int64_t inv = in - in % kLanes;
-  vf acc[R][T] = {};
-  for (int64_t i = 0; i < inv; i += kLanes) {
-    ahead.step();
-    vf xv[T];
-    for (int t = 0; t < T; ++t) {
-      xv[t] = loadv(xs[t] + i);
-      if constexpr (R > 1) in_register(xv[t]);  // loaded once for the R rows
-    }
-    for (int j = 0; j < R; ++j) {
-      vf av = loadv(a + (j0 + j) * in + i);
-      if constexpr (T > 1) in_register(av);  // and each row once for the T tokens
-      for (int t = 0; t < T; ++t) acc[j][t] = fmadd(av, xv[t], acc[j][t]);
-    }
-  }
-  for (int j = 0; j < R; ++j)
-    for (int t = 0; t < T; ++t) partial[j * T + t] = acc[j][t];
-}
-
-// h[t * r + j] = scale * A[j] . x[t] for the r rows of A and T tokens: vector lanes summed kLanes sums at a time
-// (`sum_lanes`), then the tail of k in order. A token's result does not depend on its batch.
-template <int T>
-static inline void shrink(const float* a, const float* const* xs, int64_t in, int64_t r, float scale, float* h,
-                          vf* partial, Prefetch& ahead) {
-  constexpr int R = kShrinkRows<T>;
-  for (int64_t j = 0; j < r; j += R)  // each row of A read once for the tile's tokens
-    dispatch<R>(std::min<int64_t>(R, r - j),
-                [&](auto rows) { shrink_rows<rows.value, T>(a, xs, in, j, partial + j * T, ahead); });
-  const int64_t n = r * T, inv = in - in % kLanes;
-  for (int64_t p = n; p % kLanes; ++p) partial[p] = vf{};
-  float sums[kLanes];
-  for (int64_t p0 = 0; p0 < n; p0 += kLanes) {
-    sum_lanes(partial + p0, sums);
-    for (int64_t p = p0; p < std::min(n, p0 + kLanes); ++p) {
-      const int64_t j = p / T, t = p % T;
-      float dot = sums[p - p0];
-      for (int64_t i = inv; i < in; ++i) dot += a[j * in + i] * xs[t][i];
-      h[t * r + j] = dot * scale;
-    }
-  }
-}
-
-// ys[t][o0 + v * kLanes ...] += h[t] @ B[:r] for V output vectors from o0 and T tokens.
-template <int V, int T>
-static inline void expand_vecs(const float* b, const float* h, float* const* ys, int64_t r, int64_t out, int64_t o0,
-                               Prefetch& ahead) {
-  vf acc[V][T];
-  for (int v = 0; v < V; ++v)
-    for (int t = 0; t < T; ++t) acc[v][t] = loadv(ys[t] + o0 + v * kLanes);
-  for (int64_t k = 0; k < r; ++k) {
-    ahead.step();
-    const float* brow = b + k * out + o0;
-    for (int v = 0; v < V; ++v) {
-      vf bv = loadv(brow + v * kLanes);
-      if constexpr (T > 1) in_register(bv);  // loaded once for the T tokens
-      for (int t = 0; t < T; ++t) acc[v][t] = fmadd(splat(h[t * r + k]), bv, acc[v][t]);
-    }
-  }
-  for (int v = 0; v < V; ++v)
-    for (int t = 0; t < T; ++t) storev(ys[t] + o0 + v * kLanes, acc[v][t]);
-}
-
-// One tile: T tokens sharing a slot. h[t][j] = scale * A[s, j] . x[t]; y[t] += h[t] @ B[s, :r]. While the shrink
-// runs, `own_b` (this tile's B) is fetched; while the expand runs, `next_a` (the next tile's A).
-template <int T>
-static void tile(float* y, const float* x, const float* a, const float* b, float scale, int64_t r,
-                 int64_t in, int64_t out, const int64_t* tokens, float* h, vf* partial, Prefetch own_b,
-                 Prefetch next_a) {
-  const float* xs[T];
-  float* ys[T];
-  for (int t = 0; t < T; ++t) { xs[t] = x + tokens[t] * in; ys[t] = y + tokens[t] * out; }
-  shrink<T>(a, xs, in, r, scale, h, partial, own_b);
-  constexpr int V = kExpandVecs<T>;
-  const int64_t outv = out - out % kLanes;
-  for (int64_t o = 0; o < outv; o += V * kLanes)  // expand: outputs of T tokens stay in registers over r rows of B
-    dispatch<V>(std::min<int64_t>(V, (outv - o) / kLanes),
-                [&](auto vecs) { expand_vecs<vecs.value, T>(b, h, ys, r, out, o, next_a); });
-  for (int64_t o = outv; o < out; ++o)
-    for (int t = 0; t < T; ++t)
-      for (int64_t k = 0; k < r; ++k) ys[t][o] += h[t * r + k] * b[k * out + o];
-}
-
 // One projection of a group that reads the same x: its output y [tokens, out] and slot buffers A [slots, R, in],
 // B [slots, R, out] (transposed LoRA B), scale [slots].
 struct Projection {
@@ -189,14 +81,7 @@ void lora_bgmv(std::vector<torch::Tensor> ys, torch::Tensor x, std::vector<torch
   const int64_t* rp = ranks.data_ptr<int64_t>();
   const int64_t* tp = tokens.data_ptr<int64_t>();
   const int64_t* slp = slots.data_ptr<int64_t>();
-  std::vector<int64_t> starts;  // tiles: up to kTile adjacent tokens of the same slot
-  for (int64_t k = 0; k < n;) {
-    starts.push_back(k);
-    const int64_t limit = std::min(n, k + kTile);
-    const int64_t slot = slp[k];
-    while (++k < limit && slp[k] == slot) {}
-  }
-  starts.push_back(n);
+  const std::vector<int64_t> starts = slot_tiles(slp, n);
   const int64_t tiles = static_cast<int64_t>(starts.size()) - 1, projections = static_cast<int64_t>(group.size());
   at::parallel_for(0, tiles * projections, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> h(kTile * max_rank);
@@ -237,7 +122,7 @@ void lora_bgmv(std::vector<torch::Tensor> ys, torch::Tensor x, std::vector<torch
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_bgmv", &lora_bgmv, py::call_guard<py::gil_scoped_release>());
 }
-""")
+""", cpu_extension.LORA_TILES)
 """The kernel's C++ source (after cpu_vectors.h), compiled on first use."""
 
 

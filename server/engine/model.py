@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from loraplex.server.engine import attention_cpu, nf4_cpu, norm_cpu
+from loraplex.server.engine import attention_cpu, lora_cpu, nf4_cpu, norm_cpu
 from loraplex.server.engine.attention import AttentionBatch, paged_attention
 from loraplex.server.engine.kernel_choice import BITSANDBYTES, Nf4Plan
 from loraplex.server.engine.kv_cache import PagedKVCache
@@ -93,12 +93,13 @@ class DecoderLayer(torch.nn.Module):
         self.layer = layer
         self.window = spec.sliding_windows[layer]
         self.proj = torch.nn.ModuleDict(projections)
-        self.base_groups = {names: BaseGroup([projections[name].base for name in names])
-                            for names in (_QKV, _O, _GATE_UP, _DOWN)}
-        """The base projections by the x they read, each set multiplied in one kernel call where it can (a single
-        projection too: its weight described to the kernel once, a call passes x alone)."""
-        self.slot_sets = {names: SlotSet([projections[name].slots for name in names]) for names in self.base_groups}
-        """Each set's slot buffers, in the set's order."""
+        self.slot_sets = {names: SlotSet([projections[name].slots for name in names])
+                          for names in (_QKV, _O, _GATE_UP, _DOWN)}
+        """The projections' slot buffers by the x they read, each set in its order."""
+        self.base_groups = {names: BaseGroup([projections[name].base for name in names], slot_set)
+                            for names, slot_set in self.slot_sets.items()}
+        """The base projections of each set, multiplied in one kernel call where it can (a single projection too: its
+        weight described to the kernel once, a call passes x alone), with their adapters' terms where it can."""
         self.norms = norms  # input_layernorm, post_attention_layernorm[, q_norm, k_norm]: [dim]
 
     def forward(self, hidden: torch.Tensor, delta: torch.Tensor | None, meta: StepMetadata, cache: PagedKVCache,
@@ -137,9 +138,15 @@ class DecoderLayer(torch.nn.Module):
     def _project(self, names: tuple[str, ...], x: torch.Tensor, lora: LoraBatch, lora_op: LoraGroupOp
                  ) -> list[torch.Tensor]:
         """The named projections of the same x [num_tokens, in], each [num_tokens, out] = base(x) + lora(x): their base
-        matmuls in one kernel call where the kernel serves them all (`BaseGroup`), then their adapters in one op."""
-        bases = self.base_groups[names].forward(x)
-        return lora_op(bases, x, self.slot_sets[names], lora) if lora.has_adapters else bases
+        matmuls in one kernel call where the kernel serves them all (`BaseGroup`), then their adapters in one op. With
+        the CPU LoRA kernel as the op, the fused NF4 kernel adds its terms in the same call where it serves x (the
+        same bits: `nf4_cpu.Nf4Group.with_lora`); any other op (or a wrapper of it) runs as given."""
+        group = self.base_groups[names]
+        if not lora.has_adapters:
+            return group.forward(x)
+        if lora_op is lora_cpu.lora_cpu_group and (ys := group.forward_with_lora(x, lora)) is not None:
+            return ys
+        return lora_op(group.forward(x), x, self.slot_sets[names], lora)
 
 
 class DecoderModel(torch.nn.Module):

@@ -8,6 +8,7 @@ import torch
 
 from loraplex.server.engine import nf4_cpu
 from loraplex.server.engine.kernel_choice import BITSANDBYTES, Nf4Plan
+from loraplex.server.engine.lora import LoraBatch, SlotSet
 
 #: NF4 quantization settings; the training sidecar and the parity tests' references use the same.
 NF4_BLOCKSIZE = 64
@@ -75,11 +76,12 @@ class BaseGroup:
     `BaseLinear.forward(x)`, the same bits, from one call of the fused CPU kernel (`nf4_cpu.Nf4Group`, the weights
     described to it once, here) where every one of them runs it at that token count, else one call each."""
 
-    def __init__(self, bases: list[BaseLinear]) -> None:
+    def __init__(self, bases: list[BaseLinear], lora: SlotSet | None = None) -> None:
+        """`lora`: the bases' LoRA slot buffers, in their order, for `forward_with_lora`."""
         self.bases = bases
         fused = all(base.kernel is nf4_cpu and base.kernel_weight is not None for base in bases)
         self.kernel_group = nf4_cpu.Nf4Group([base.kernel_weight for base in bases],
-                                             [base.bias for base in bases]) if fused else None
+                                             [base.bias for base in bases], lora) if fused else None
         self.max_tokens = min(base.plan.max_tokens for base in bases)
         """Token counts up to which every base's plan runs the fused kernel."""
 
@@ -88,3 +90,10 @@ class BaseGroup:
         if self.kernel_group is not None and x.shape[0] <= self.max_tokens:
             return self.kernel_group(x)
         return [base.forward(x) for base in self.bases]
+
+    def forward_with_lora(self, x: torch.Tensor, batch: LoraBatch) -> list[torch.Tensor] | None:
+        """x: [num_tokens, in] -> [num_tokens, out_i] for each base, its adapters' terms added (the bits of `forward`
+        then `lora_cpu.lora_cpu_group`), in one call of the fused kernel; None where that kernel does not serve x."""
+        if self.kernel_group is not None and x.shape[0] <= self.max_tokens:
+            return self.kernel_group.with_lora(x, batch)
+        return None

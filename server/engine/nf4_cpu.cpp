@@ -435,8 +435,11 @@ struct Target {
 // registers and used at once; above, each tile of rows is decoded into L1 and reused by every token. Both sum each
 // (row, token) product over k in the same order, so a token's result depends neither on its batch nor on the
 // group its weight is in.
-template <bool BF16>
-static void fused_loop(const std::vector<Target>& group, const float* x, int64_t M, int64_t direct_max_tokens) {
+// `after(i, o0, o1)` is called on the thread that computed them, once rows [o0, o1) of weight i have their values in
+// y_i for every token (each thread's share: a range of tiles), so that it can add to them while they are in its cache.
+template <bool BF16, class After>
+static void fused_loop(const std::vector<Target>& group, const float* x, int64_t M, int64_t direct_max_tokens,
+                       const After& after) {
   const int64_t K = group.front().w.K;
   std::vector<int64_t> first_tile{0};  // weight i's tiles: [first_tile[i], first_tile[i + 1])
   std::vector<Decoder> decoders;
@@ -462,7 +465,17 @@ static void fused_loop(const std::vector<Target>& group, const float* x, int64_t
       for (int64_t r = 0; r < count; ++r) decode_range<BF16, false>(w, dec, o + r, 0, K, rows.data() + r * K);
       dispatch<kRowTile>(count, [&](auto R) { rows_times_tokens<R.value>(rows.data(), x, M, K, y + o, w.N); });
     }
+    for (size_t j = 0; j < group.size(); ++j) {
+      const int64_t lo = std::max(begin, first_tile[j]), hi = std::min(end, first_tile[j + 1]);
+      if (lo < hi)
+        after(j, (lo - first_tile[j]) * kRowTile, std::min((hi - first_tile[j]) * kRowTile, group[j].w.N));
+    }
   });
+}
+
+template <bool BF16>
+static void fused_loop(const std::vector<Target>& group, const float* x, int64_t M, int64_t direct_max_tokens) {
+  fused_loop<BF16>(group, x, M, direct_max_tokens, [](size_t, int64_t, int64_t) {});
 }
 
 // The whole weight into dst [N, K] in natural order, threads over rows.
@@ -568,17 +581,40 @@ torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor qa
 // weights at once (x put in lane order once), each y_i bit-identical to nf4_linear's for weight i alone.
 class Nf4Group {
  public:
+  // lora_a, lora_b, lora_scale: each weight's LoRA slot buffers (float32 A [slots, R, K], B [slots, R, N_i], the
+  // transposed LoRA B, scale [slots]), read in place by `linear_lora`; biases: each weight's bias [N_i] or None.
+  // Both may be empty (no `linear_lora`).
   Nf4Group(std::vector<torch::Tensor> packed, std::vector<torch::Tensor> qabsmax, std::vector<torch::Tensor> absmax2,
            std::vector<torch::Tensor> code2, std::vector<torch::Tensor> code, std::vector<double> offset,
-           std::vector<int64_t> blocksize2, std::vector<int64_t> N, int64_t K) {
+           std::vector<int64_t> blocksize2, std::vector<int64_t> N, int64_t K, std::vector<torch::Tensor> lora_a,
+           std::vector<torch::Tensor> lora_b, std::vector<torch::Tensor> lora_scale,
+           std::vector<c10::optional<torch::Tensor>> biases) {
     const size_t count = packed.size();
     TORCH_CHECK(count > 0 && qabsmax.size() == count && absmax2.size() == count && code2.size() == count &&
                 code.size() == count && offset.size() == count && blocksize2.size() == count && N.size() == count,
                 "one state per weight");
+    TORCH_CHECK(lora_a.empty() || (lora_a.size() == count && lora_b.size() == count && lora_scale.size() == count &&
+                                   biases.size() == count), "one LoRA slot set and bias per weight, or none");
     for (size_t i = 0; i < count; ++i) {
       weights_.push_back(describe(packed[i], qabsmax[i], absmax2[i], code2[i], code[i], offset[i], blocksize2[i],
                                   N[i], K));
       for (const torch::Tensor& t : {packed[i], qabsmax[i], absmax2[i], code2[i], code[i]}) state_.push_back(t);
+      if (lora_a.empty()) continue;
+      const torch::Tensor &A = lora_a[i], &B = lora_b[i], &scale = lora_scale[i];
+      TORCH_CHECK(A.scalar_type() == at::kFloat && B.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat &&
+                  A.is_contiguous() && B.is_contiguous() && scale.is_contiguous(), "contiguous float32 slot buffers");
+      TORCH_CHECK(A.dim() == 3 && A.size(2) == K && B.dim() == 3 && B.size(2) == N[i] && B.size(0) == A.size(0) &&
+                  B.size(1) == A.size(1) && A.size(1) == lora_a.front().size(1), "A [slots, R, K], B [slots, R, N]");
+      const float* bias = nullptr;
+      if (biases[i].has_value()) {
+        TORCH_CHECK(biases[i]->scalar_type() == at::kFloat && biases[i]->is_contiguous() &&
+                    biases[i]->numel() == N[i], "float32 bias [N]");
+        bias = biases[i]->data_ptr<float>();
+        state_.push_back(*biases[i]);
+      }
+      lora_.push_back({A.data_ptr<float>(), B.data_ptr<float>(), scale.data_ptr<float>(), bias});
+      for (const torch::Tensor& t : {A, B, scale}) state_.push_back(t);
+      max_rank_ = A.size(1);
     }
   }
 
@@ -598,8 +634,81 @@ class Nf4Group {
     return ys;
   }
 
+  // [x @ dequant(W_i).T (+ bias_i) + lora_i(x)] for each weight i, float32 x [M, K] below the BLAS threshold, where
+  // lora_i(x)[t] = (A_i[s, :r] @ x[t] * scale_i[s]) @ B_i[s, :r] for t = tokens[k], s = slots[k], r = ranks[s] (tokens
+  // of a slot adjacent, as for lora_bgmv; other tokens get no LoRA term): the bits of `linear`, the bias added, then
+  // lora_bgmv. Two passes of the threads: the shrinks over (tile of tokens, weight) items, then the fused loop, each
+  // thread adding the bias and the expand to the outputs it has just computed (in its cache, not another core's).
+  std::vector<torch::Tensor> linear_lora(torch::Tensor x, int64_t direct_max_tokens, torch::Tensor ranks,
+                                         torch::Tensor tokens, torch::Tensor slots) const {
+    TORCH_CHECK(!lora_.empty(), "this group was built without LoRA slot buffers");
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) == weights_.front().K,
+                "x must be float32 [tokens, in_features]");
+    TORCH_CHECK(direct_max_tokens <= 4, "direct_max_tokens is at most 4");
+    TORCH_CHECK(ranks.scalar_type() == at::kLong && tokens.scalar_type() == at::kLong &&
+                slots.scalar_type() == at::kLong && tokens.numel() == slots.numel() && ranks.is_contiguous() &&
+                tokens.is_contiguous() && slots.is_contiguous(), "int64 ranks, and tokens and slots of one length");
+    const int64_t M = x.size(0), K = x.size(1), n = tokens.numel(), weights = static_cast<int64_t>(weights_.size());
+    const torch::Tensor xc = x.contiguous();
+    const float* xp = xc.data_ptr<float>();
+    const int64_t* rp = ranks.data_ptr<int64_t>();
+    const int64_t* tp = tokens.data_ptr<int64_t>();
+    const int64_t* slp = slots.data_ptr<int64_t>();
+    const std::vector<int64_t> starts = slot_tiles(slp, n);
+    const int64_t tiles = static_cast<int64_t>(starts.size()) - 1;
+    std::vector<float> h(weights * n * max_rank_);  // weight i's h of grouped token k: h[(i * n + k) * max_rank_]
+    at::parallel_for(0, tiles * weights, 1, [&](int64_t begin, int64_t end) {
+      std::vector<vf> partial(kTile * max_rank_ + kLanes);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t tile = item / weights, i = item % weights, first = starts[tile], s = slp[first];
+        const Lora& lora = lora_[i];
+        dispatch<kTile>(starts[tile + 1] - first, [&](auto T) {
+          const float* xs[decltype(T)::value];
+          for (int t = 0; t < T.value; ++t) xs[t] = xp + tp[first + t] * K;
+          Prefetch none;
+          shrink<T.value>(lora.a + s * max_rank_ * K, xs, K, rp[s], lora.scale[s], &h[(i * n + first) * max_rank_],
+                          max_rank_, partial.data(), none);
+        });
+      }
+    });
+    std::vector<torch::Tensor> ys;
+    std::vector<Target> group;
+    for (const Nf4& w : weights_) {
+      ys.push_back(torch::empty({M, w.N}, torch::kFloat));
+      group.push_back({w, ys.back().data_ptr<float>()});
+    }
+    const torch::Tensor xl = to_lane_order(xc);
+    fused_loop<false>(group, xl.data_ptr<float>(), M, direct_max_tokens, [&](size_t i, int64_t o0, int64_t o1) {
+      const Lora& lora = lora_[i];
+      const int64_t N = weights_[i].N;
+      float* y = group[i].y;
+      if (lora.bias != nullptr)
+        for (int64_t t = 0; t < M; ++t)
+          for (int64_t o = o0; o < o1; ++o) y[t * N + o] += lora.bias[o];
+      for (int64_t tile = 0; tile < tiles; ++tile) {
+        const int64_t first = starts[tile], s = slp[first];
+        dispatch<kTile>(starts[tile + 1] - first, [&](auto T) {
+          float* yt[decltype(T)::value];
+          for (int t = 0; t < T.value; ++t) yt[t] = y + tp[first + t] * N;
+          Prefetch none;
+          expand_range<T.value>(lora.b + s * max_rank_ * N, &h[(i * n + first) * max_rank_], max_rank_, yt, rp[s], N,
+                                o0, o1, none);
+        });
+      }
+    });
+    return ys;
+  }
+
  private:
+  struct Lora {  // a weight's LoRA slot buffers and bias (nullptr: none)
+    const float* a;
+    const float* b;
+    const float* scale;
+    const float* bias;
+  };
   std::vector<Nf4> weights_;
+  std::vector<Lora> lora_;
+  int64_t max_rank_ = 0;
   std::vector<torch::Tensor> state_;  // the tensors the descriptors point into, kept alive
 };
 
@@ -649,7 +758,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Nf4Group>(m, "Nf4Group", py::module_local())  // local: each build (CPU path) registers its own
       .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
                     std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<double>, std::vector<int64_t>,
-                    std::vector<int64_t>, int64_t>())
-      .def("linear", &Nf4Group::linear, no_gil);
+                    std::vector<int64_t>, int64_t, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
+                    std::vector<torch::Tensor>, std::vector<c10::optional<torch::Tensor>>>())
+      .def("linear", &Nf4Group::linear, no_gil)
+      .def("linear_lora", &Nf4Group::linear_lora, no_gil);
   m.def("nf4_dequantize", &nf4_dequantize, no_gil);
 }

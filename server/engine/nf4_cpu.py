@@ -31,7 +31,9 @@ Threads split the output rows. Below `blas_min_tokens` every (row, token) sum ac
 in the same lane order with explicit FMAs, so a token's result has the same bits whatever batch
 it is in. Projections that read the same x (a layer's q, k and v; gate and up) go through one call
 (`Nf4Group`): one pass of the threads over all their rows, each output with the bits of its
-weight alone. The BLAS threshold is measured on the CPU at hand (once, kept beside the build);
+weight alone; with their adapters' terms too (`Nf4Group.with_lora`: the LoRA kernel's tiles, lora_tiles.h,
+each thread adding the expand to the outputs it computed). The BLAS threshold is measured on the CPU at hand
+(once, kept beside the build);
 `benchmarks/engine_throughput.py` shows both paths per token count (microbenchmark).
 
 bfloat16 compute (`compute_dtype bfloat16`). Weights are rounded to bfloat16 after decoding, as
@@ -71,6 +73,7 @@ import bitsandbytes.functional as bnbf
 import torch
 
 from loraplex.server.engine import cpu_extension
+from loraplex.server.engine.lora import LoraBatch, SlotSet
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +91,9 @@ BF16_BLAS_MIN_TOKENS = 96
 #: [49152, 576] at 1..64 rows on an AVX2 EPYC: benchmarks/engine_throughput.py, "lm_head" rows).
 DENSE_MAX_TOKENS = 64
 
-_SOURCE = cpu_extension.with_vectors(Path(__file__).with_suffix(".cpp").read_text())
-"""The kernel's C++ source (nf4_cpu.cpp beside this file, after cpu_vectors.h), compiled on first use."""
+_SOURCE = cpu_extension.with_vectors(Path(__file__).with_suffix(".cpp").read_text(), cpu_extension.LORA_TILES)
+"""The kernel's C++ source (nf4_cpu.cpp beside this file, after cpu_vectors.h and lora_tiles.h), compiled on first
+use."""
 CFLAGS = ("-ffp-contract=off",)
 """No contraction: the tile loops' FMAs are explicit (`fmadd`), every other product and sum is rounded as
 written (the absmax's two roundings, the dequantized values)."""
@@ -223,12 +227,19 @@ class Nf4Group:
     here, so a call passes x alone. At decode sizes a call's fixed cost (arguments converted, threads woken and
     joined, x permuted) is a fifth of a small projection's time."""
 
-    def __init__(self, weights: list[Nf4Weight], biases: list[torch.Tensor | None]) -> None:
+    def __init__(self, weights: list[Nf4Weight], biases: list[torch.Tensor | None], lora: SlotSet | None = None
+                 ) -> None:
+        """`lora`: the weights' LoRA slot buffers, in their order, for `with_lora` (float32 ones only)."""
         if len({weight.in_features for weight in weights}) != 1:
             raise ValueError("the weights of a group read the same x: one in_features")
         self.weights, self.biases = weights, biases
+        self.adds_lora = lora is not None and all(
+            a.dtype == torch.float32 and a.device.type == "cpu" for a in lora.As) and all(
+            bias is None or bias.dtype == torch.float32 for bias in biases)
+        """Whether `with_lora` serves this group (float32 slot buffers and biases on the CPU)."""
         state = [list(field) for field in zip(*(weight._state_args() for weight in weights), strict=True)]
-        self._native = _extension().Nf4Group(*state, weights[0].in_features)
+        slot_buffers = (lora.As, lora.Bs, lora.scales, biases) if self.adds_lora else ([], [], [], [])
+        self._native = _extension().Nf4Group(*state, weights[0].in_features, *slot_buffers)
 
     def __call__(self, x: torch.Tensor, direct_max_tokens: int = DIRECT_MAX_TOKENS) -> list[torch.Tensor]:
         """x: [num_tokens, in] -> [x @ dequant(W_i).T (+ bias_i) for each weight], each bit-identical to
@@ -238,6 +249,18 @@ class Nf4Group:
                     for weight, bias in zip(self.weights, self.biases, strict=True)]
         ys = self._native.linear(x, direct_max_tokens)
         return [y if bias is None else y.add_(bias) for y, bias in zip(ys, self.biases, strict=True)]
+
+    def with_lora(self, x: torch.Tensor, batch: LoraBatch, direct_max_tokens: int = DIRECT_MAX_TOKENS
+                  ) -> list[torch.Tensor] | None:
+        """x: [num_tokens, in] -> [x @ dequant(W_i).T (+ bias_i) + lora_i(x) for each weight], the bits of this group's
+        call followed by `lora_cpu.lora_cpu_group` on its outputs, in one kernel call: the shrinks in one pass of the
+        threads, then the fused loop, each thread adding the expand to the outputs it has just computed (a decode
+        step's outputs otherwise move from the core that computed them to the one that adds their LoRA term). None
+        where the call does not serve (not `adds_lora`, x not float32, or at the BLAS threshold or above)."""
+        if not self.adds_lora or x.dtype != torch.float32 or x.shape[0] >= calibrated_blas_min_tokens():
+            return None
+        return self._native.linear_lora(x, direct_max_tokens, batch.slot_ranks, batch.groups.token_index,
+                                        batch.grouped_slots)
 
 
 @functools.cache

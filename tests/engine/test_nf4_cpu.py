@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from loraplex.server.default_model import default_model_path
-from loraplex.server.engine import Engine, EngineConfig, SamplingParams, cpu_extension, nf4_cpu
+from loraplex.server.engine import Engine, EngineConfig, SamplingParams, cpu_extension, lora_cpu, nf4_cpu
+from loraplex.server.engine.lora import LoraBatch, LoraSlots, SlotSet
 from loraplex.server.engine.nf4 import NF4_BLOCKSIZE, NF4_DOUBLE_QUANT
 from loraplex.server.engine.spec import PROJECTIONS
 from loraplex.server.model_files import iter_weights, model_spec
@@ -133,6 +134,43 @@ def test_a_group_of_weights_gives_the_bits_of_each_weight_alone(shapes, with_bia
             together = nf4_cpu.Nf4Group(weights, biases)(x)
             for weight, bias, y in zip(weights, biases, together, strict=True):
                 assert torch.equal(y, nf4_cpu.nf4_linear(x, weight, bias)), (in_features, weight.out_features, tokens)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_a_group_with_lora_gives_the_bits_of_the_group_then_the_lora_kernel(shapes, with_bias: bool) -> None:
+    """`Nf4Group.with_lora` (base, bias and adapters' terms in one call; each thread adds the expand to the rows it
+    computed, so ranges of outputs begin and end anywhere) gives the bits of the group's call followed by
+    `lora_cpu_group`, for the weights of each in_features of the families and SmolLM2, every token count below the
+    BLAS threshold, tokens of several adapters (ranks 16, 5 and 1, and an empty slot) mixed with base-only ones."""
+    generator = torch.Generator().manual_seed(9)
+    ranks = [16, 5, 1, 0]
+    for in_features in sorted({k for _, k in shapes}):
+        group = [out for out, k in shapes if k == in_features] + [in_features + 8]
+        weights = [nf4_cpu.Nf4Weight.from_quant_state(*quantized(out, in_features, seed))
+                   for seed, out in enumerate(group)]
+        biases = [torch.randn(out, generator=generator) if with_bias and i % 2 == 0 else None
+                  for i, out in enumerate(group)]
+        slots = [LoraSlots(len(ranks), 16, in_features, out, torch.float32, torch.device("cpu")) for out in group]
+        for projection in slots:
+            for slot, rank in enumerate(ranks[:-1]):
+                projection.set_slot(slot, torch.randn(rank, in_features, generator=generator),
+                                    torch.randn(projection.B.shape[2], rank, generator=generator), 0.5 + slot)
+        slot_set = SlotSet(slots)
+        fused = nf4_cpu.Nf4Group(weights, biases, slot_set)
+        plain = nf4_cpu.Nf4Group(weights, biases)
+        assert fused.adds_lora and not plain.adds_lora
+        for tokens in range(1, nf4_cpu.calibrated_blas_min_tokens()):
+            x = torch.randn(tokens, in_features, generator=generator)
+            slot_ids = torch.randint(-1, len(ranks), (tokens,), generator=generator).tolist()
+            slot_ids[0] = 0  # at least one adapter token
+            batch = LoraBatch.build(slot_ids, ranks, torch.device("cpu"))
+            together = fused.with_lora(x, batch)
+            expected = lora_cpu.lora_cpu_group(plain(x), x, slot_set, batch)
+            for y, reference in zip(together, expected, strict=True):
+                assert torch.equal(y, reference), (in_features, y.shape[1], tokens)
+        at_threshold = torch.randn(nf4_cpu.calibrated_blas_min_tokens(), in_features, generator=generator)
+        assert fused.with_lora(at_threshold, LoraBatch.build([0] * len(at_threshold), ranks, torch.device("cpu"))) \
+            is None  # BLAS sizes: the caller runs the group, then the LoRA op
 
 
 def test_the_blas_threshold_is_measured_once_and_kept_beside_the_build(tmp_path, monkeypatch) -> None:
