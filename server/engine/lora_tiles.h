@@ -16,14 +16,17 @@ template <int T> constexpr int kExpandVecs = kRegisters == 32 ? (T <= 2 ? 8 / T 
 
 // Weights a tile reads next, fetched a cache line per step while it computes: a decode step reads each adapter from
 // memory (one tile each), and the expand's 16 rows of B at once are more streams than the hardware prefetcher follows.
+// `steps`: the steps the fetches are spread over (lines / steps a step, at least one), 0: one line a step.
 struct Prefetch {
   const char* next = nullptr;
   const char* end = nullptr;
+  int64_t per_step = 1;
   Prefetch() = default;
-  Prefetch(const float* begin, int64_t floats)
-      : next(reinterpret_cast<const char*>(begin)), end(reinterpret_cast<const char*>(begin + floats)) {}
+  Prefetch(const float* begin, int64_t floats, int64_t steps = 0)
+      : next(reinterpret_cast<const char*>(begin)), end(reinterpret_cast<const char*>(begin + floats)),
+        per_step(steps > 0 ? std::max<int64_t>(1, (floats * 4 / 64 + steps - 1) / steps) : 1) {}
   inline void step() {
-    if (next < end) {
+    for (int64_t i = 0; i < per_step && next < end; ++i) {
       __builtin_prefetch(next);
       next += 64;
     }

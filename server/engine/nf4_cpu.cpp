@@ -665,9 +665,15 @@ class Nf4Group {
         dispatch<kTile>(starts[tile + 1] - first, [&](auto T) {
           const float* xs[decltype(T)::value];
           for (int t = 0; t < T.value; ++t) xs[t] = xp + tp[first + t] * K;
-          Prefetch none;
+          constexpr int64_t R = kShrinkRows<T.value>;
+          Prefetch next_a;  // the next item's rows of A, spread over this shrink's steps
+          if (item + 1 < end) {
+            const int64_t next_s = slp[starts[(item + 1) / weights]];
+            const float* a = lora_[(item + 1) % weights].a + next_s * max_rank_ * K;
+            next_a = Prefetch(a, rp[next_s] * K, (rp[s] + R - 1) / R * (K / kLanes));
+          }
           shrink<T.value>(lora.a + s * max_rank_ * K, xs, K, rp[s], lora.scale[s], &h[(i * n + first) * max_rank_],
-                          max_rank_, partial.data(), none);
+                          max_rank_, partial.data(), next_a);
         });
       }
     });
@@ -690,9 +696,16 @@ class Nf4Group {
         dispatch<kTile>(starts[tile + 1] - first, [&](auto T) {
           float* yt[decltype(T)::value];
           for (int t = 0; t < T.value; ++t) yt[t] = y + tp[first + t] * N;
-          Prefetch none;
+          Prefetch next_b;  // the next tile's rows of B over [o0, o1), spread over this expand's steps
+          if (tile + 1 < tiles && slp[starts[tile + 1]] != s) {
+            const int64_t next_s = slp[starts[tile + 1]], next_r = rp[next_s];
+            constexpr int64_t V = kExpandVecs<T.value>;
+            const int64_t chunks = ((o1 - o0) / kLanes + V - 1) / V;
+            if (next_r > 0)
+              next_b = Prefetch(lora.b + next_s * max_rank_ * N + o0, (next_r - 1) * N + (o1 - o0), rp[s] * chunks);
+          }
           expand_range<T.value>(lora.b + s * max_rank_ * N, &h[(i * n + first) * max_rank_], max_rank_, yt, rp[s], N,
-                                o0, o1, none);
+                                o0, o1, next_b);
         });
       }
     });
