@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from loraplex.server.engine import FinishReason, SamplingParams
+from loraplex.server.engine import FinishReason, SamplingParams, lora_cpu, nf4_cpu
 from loraplex.server.engine.lora import NO_ADAPTER
 from loraplex.server.engine.sampling import allowed_tokens
 from serving_support import generate_alone, make_engine
@@ -139,3 +139,45 @@ def test_a_step_paused_between_layers_for_another_step_gives_the_uninterrupted_t
     assert engine.spec.num_layers >= 2
     assert run(pause=True) == run(pause=False)
     assert engine.cache.free_blocks == engine.cache.num_blocks
+
+
+def test_adapter_terms_added_in_the_nf4_call_give_the_bits_of_the_lora_op_after_it(tmp_path, monkeypatch):
+    """With the CPU LoRA kernel as the op, steps below the BLAS threshold add the adapters' terms inside the fused NF4
+    call (`Nf4Group.with_lora`); the same requests with the op wrapped (the model then calls it after the base
+    matmuls, as for any other op) get the same tokens and the same logprobs, bit for bit."""
+    if not (nf4_cpu.available() and lora_cpu.available()):
+        pytest.skip("no C++ compiler: neither kernel can be built here")
+    base = write_tiny_model("llama", tmp_path / "base")
+    adapters = {s.name: write_adapter(base, s, tmp_path / s.name, seed=30 + i) for i, s in enumerate(MIXED_ADAPTERS)}
+    engine = make_engine(base, adapters, prefix_cache=False)
+    assert engine.lora_impl == "cpu_kernel"
+    fused_calls = []
+    with_lora = nf4_cpu.Nf4Group.with_lora
+
+    def counted(group, x, batch, *args):
+        ys = with_lora(group, x, batch, *args)
+        fused_calls.append(ys is not None)
+        return ys
+
+    monkeypatch.setattr(nf4_cpu.Nf4Group, "with_lora", counted)
+    prompts = [[(7 * j + i) % 96 for j in range(5 + 3 * i)] for i in range(5)]
+    slots = [0, 1, NO_ADAPTER, 2, 0]
+
+    def run() -> list[list[tuple[int, float]]]:
+        seqs = [engine.add_sequence(p, SamplingParams(max_new_tokens=5, ignore_eos=True), s)
+                for p, s in zip(prompts, slots, strict=True)]
+        emitted = [[] for _ in seqs]
+        by_id = {seq.seq_id: i for i, seq in enumerate(seqs)}
+        for event in engine.step([(s, s.num_pending) for s in seqs]):
+            emitted[by_id[event.seq_id]].append((event.token_id, event.logprob))
+        while not all(s.finished for s in seqs):
+            for event in engine.step([(s, 1) for s in seqs if not s.finished]):
+                emitted[by_id[event.seq_id]].append((event.token_id, event.logprob))
+        return emitted
+
+    fused = run()
+    assert fused_calls and all(fused_calls)  # every projection group of every step, in the NF4 call
+    op = engine.model.lora_op
+    engine.model.lora_op = lambda ys, x, slot_set, batch: op(ys, x, slot_set, batch)
+    fused_calls.clear()
+    assert run() == fused and not fused_calls
