@@ -48,6 +48,19 @@ _SOURCE = cpu_extension.with_vectors(r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <vector>
+// One tile: T tokens sharing a slot. h[t][j] = scale * A[s, j] . x[t]; y[t] += h[t] @ B[s, :r]. While the shrink
+// runs, `own_b` (this tile's B) is fetched; while the expand runs, `next_a` (the next tile's A).
+template <int T>
+static void tile(float* y, const float* x, const float* a, const float* b, float scale, int64_t r,
+                 int64_t in, int64_t out, const int64_t* tokens, float* h, vf* partial, Prefetch own_b,
+                 Prefetch next_a) {
+  const float* xs[T];
+  float* ys[T];
+  for (int t = 0; t < T; ++t) { xs[t] = x + tokens[t] * in; ys[t] = y + tokens[t] * out; }
+  shrink<T>(a, xs, in, r, scale, h, r, partial, own_b);
+  expand_range<T>(b, h, r, ys, r, out, 0, out, next_a);
+}
+
 // One projection of a group that reads the same x: its output y [tokens, out] and slot buffers A [slots, R, in],
 // B [slots, R, out] (transposed LoRA B), scale [slots].
 struct Projection {

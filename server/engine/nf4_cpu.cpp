@@ -622,15 +622,10 @@ class Nf4Group {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) == weights_.front().K,
                 "x must be float32 [tokens, in_features]");
     TORCH_CHECK(direct_max_tokens <= 4, "direct_max_tokens is at most 4");
-    const int64_t M = x.size(0);
     std::vector<torch::Tensor> ys;
-    std::vector<Target> group;
-    for (const Nf4& w : weights_) {
-      ys.push_back(torch::empty({M, w.N}, torch::kFloat));
-      group.push_back({w, ys.back().data_ptr<float>()});
-    }
+    const std::vector<Target> group = outputs(x.size(0), ys);
     const torch::Tensor xl = to_lane_order(x.contiguous());
-    fused_loop<false>(group, xl.data_ptr<float>(), M, direct_max_tokens);
+    fused_loop<false>(group, xl.data_ptr<float>(), x.size(0), direct_max_tokens);
     return ys;
   }
 
@@ -678,11 +673,7 @@ class Nf4Group {
       }
     });
     std::vector<torch::Tensor> ys;
-    std::vector<Target> group;
-    for (const Nf4& w : weights_) {
-      ys.push_back(torch::empty({M, w.N}, torch::kFloat));
-      group.push_back({w, ys.back().data_ptr<float>()});
-    }
+    const std::vector<Target> group = outputs(M, ys);
     const torch::Tensor xl = to_lane_order(xc);
     fused_loop<false>(group, xl.data_ptr<float>(), M, direct_max_tokens, [&](size_t i, int64_t o0, int64_t o1) {
       const Lora& lora = lora_[i];
@@ -713,6 +704,16 @@ class Nf4Group {
   }
 
  private:
+  // ys: a new float32 [M, N_i] output per weight; returns the fused loop's targets writing them.
+  std::vector<Target> outputs(int64_t M, std::vector<torch::Tensor>& ys) const {
+    std::vector<Target> group;
+    for (const Nf4& w : weights_) {
+      ys.push_back(torch::empty({M, w.N}, torch::kFloat));
+      group.push_back({w, ys.back().data_ptr<float>()});
+    }
+    return group;
+  }
+
   struct Lora {  // a weight's LoRA slot buffers and bias (nullptr: none)
     const float* a;
     const float* b;
